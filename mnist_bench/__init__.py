@@ -1,0 +1,1 @@
+"""mnist-bench: measured answers about small MNIST classifiers."""

@@ -1,0 +1,47 @@
+"""What every command shares: the common flags and the error boundary.
+
+Bad input ends with one line on stderr and a non-zero exit, never a traceback: 2 for usage errors
+(argparse's convention), 1 for data problems.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from .data import DEFAULT_DATA_DIR, DataError, DeviceError
+
+RESULTS_DIR = Path("results")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_common(parser: argparse.ArgumentParser, out_help: str) -> None:
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help=f"folder with the four MNIST files, gzip or raw (default: {DEFAULT_DATA_DIR})")
+    parser.add_argument("--device", default="cpu", help="auto, cpu or cuda (default: cpu)")
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="CPU threads for PyTorch (default: 1; see README on OpenMP contention)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"{out_help} (default: results/)")
+
+
+def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+    """Call `main`, turning the project's user-facing errors into one line and an exit code."""
+    try:
+        code = main(argv)
+    except (DeviceError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        print("interrupted; results written so far are kept", file=sys.stderr)
+        code = 130
+    sys.exit(code or 0)

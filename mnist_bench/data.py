@@ -1,0 +1,179 @@
+"""Pinned MNIST: verified IDX files -> one normalised float32 tensor per split, on the device.
+
+The repository keeps its own copy of the four official files (``data/mnist``, gzip). Every load
+checks the SHA-256 of the *decompressed* bytes against the pinned values below, so a truncated,
+altered or missing file stops the program with one line before any training starts.
+
+Batches are drawn by indexing a per-epoch permutation of the on-device tensor (airbench style):
+no per-sample PIL/``ToTensor`` work and no DataLoader in the hot path.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# SHA-256 of the decompressed official files (same values as data/mnist/SHA256SUMS).
+SHA256 = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+FILES = tuple(SHA256)
+DEFAULT_DATA_DIR = Path(
+    os.environ.get("MNIST_BENCH_DATA", Path(__file__).resolve().parents[1] / "data" / "mnist")
+)
+VAL_SIZE = 10_000  # default hold-out carved from the 60k training images
+
+
+class DataError(RuntimeError):
+    """Missing, truncated or altered data. The message is one line, meant for the user."""
+
+
+class DeviceError(RuntimeError):
+    """A device that cannot be used here (a usage error). The message is one line."""
+
+
+@dataclass(frozen=True)
+class MNIST:
+    """The whole dataset on one device. Images are float32 in [0, 1], shape (n, 784)."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_x.device
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' picks CUDA when available; 'cuda' without CUDA is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"device '{device}' requested but CUDA is not available here (use --device cpu)")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise DeviceError(f"unknown device '{device}' (use auto, cpu or cuda)") from None
+
+
+def find_file(data_dir: Path, name: str) -> Path | None:
+    """The file `name` (raw or .gz) in `data_dir` or torchvision's `data_dir/MNIST/raw` layout."""
+    for folder in (data_dir, data_dir / "MNIST" / "raw"):
+        for candidate in (folder / name, folder / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def read_verified(path: Path, name: str) -> bytes:
+    """Decompressed bytes of `path`, after checking them against the pinned SHA-256."""
+    expected = SHA256[name]
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":  # gzip magic
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: unreadable ({e}); expected decompressed sha256 {expected}") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != expected:
+        raise DataError(f"{path}: sha256 {digest} does not match the pinned {expected}")
+    return raw
+
+
+def parse_idx(raw: bytes) -> torch.Tensor:
+    """IDX (LeCun's format): magic 0x0000 08 <ndim>, big-endian int32 dims, then uint8 data."""
+    if raw[:3] != b"\x00\x00\x08":
+        raise DataError("not an unsigned-byte IDX file")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    data = torch.frombuffer(bytearray(raw[4 + 4 * ndim :]), dtype=torch.uint8)
+    return data.reshape(dims)
+
+
+def download(data_dir: Path) -> None:
+    """Fetch the four files through torchvision's mirrors into `data_dir/MNIST/raw`."""
+    from torchvision.datasets import MNIST as TorchvisionMNIST
+
+    try:
+        TorchvisionMNIST(root=str(data_dir), train=True, download=True)
+        TorchvisionMNIST(root=str(data_dir), train=False, download=True)
+    except Exception as e:  # noqa: BLE001 - any network failure becomes one line
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(
+            f"MNIST files missing in {data_dir} and the download failed ({first}); copy the four "
+            f"files ({', '.join(FILES)}, .gz or raw) into that folder or pass --data-dir"
+        ) from None
+
+
+def load_raw(data_dir: str | Path | None = None, allow_download: bool = True) -> dict[str, torch.Tensor]:
+    """The four verified uint8 tensors, keyed by file name. Every file is checked before any is parsed."""
+    data_dir = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
+    paths = {name: find_file(data_dir, name) for name in FILES}
+    if all(p is None for p in paths.values()) and allow_download:
+        download(data_dir)
+        paths = {name: find_file(data_dir, name) for name in FILES}
+    missing = [name for name, p in paths.items() if p is None]
+    if missing:
+        raise DataError(
+            f"{data_dir / missing[0]}(.gz) is missing; expected decompressed sha256 {SHA256[missing[0]]}"
+        )
+    raws = {name: read_verified(path, name) for name, path in paths.items()}
+    return {name: parse_idx(raw) for name, raw in raws.items()}
+
+
+def split_indices(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) indices: a seeded permutation of range(n), the first `val_size` held out."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[val_size:], order[:val_size]
+
+
+def load_mnist(
+    data_dir: str | Path | None = None,
+    val_size: int = VAL_SIZE,
+    split_seed: int = 0,
+    device: str | torch.device = "cpu",
+    train_subset: int | None = None,
+) -> MNIST:
+    """Verified MNIST on `device`, split into train / validation / test.
+
+    The validation set is a fixed, seeded hold-out of `val_size` images from the 60k training
+    images (0 trains on all 60k). `train_subset` keeps only the first n of the remaining training
+    images (for quick runs and tests); validation and test are never cut.
+    """
+    raw = load_raw(data_dir)
+    device = resolve_device(device) if isinstance(device, str) else device
+    images = raw["train-images-idx3-ubyte"]
+    if not 0 <= val_size < len(images):
+        raise DataError(f"validation size {val_size} must be in [0, {len(images) - 1}]")
+    train_idx, val_idx = split_indices(len(images), val_size, split_seed)
+    if train_subset is not None:
+        if train_subset <= 0:
+            raise DataError(f"training subset {train_subset} must be positive")
+        train_idx = train_idx[:train_subset]
+
+    def images_to(x: torch.Tensor) -> torch.Tensor:  # uint8 (n, 28, 28) -> float32 (n, 784), once
+        return (x.reshape(len(x), 28 * 28).to(device=device, dtype=torch.float32) / 255.0).contiguous()
+
+    def labels_to(y: torch.Tensor) -> torch.Tensor:
+        return y.to(device=device, dtype=torch.long)
+
+    labels = raw["train-labels-idx1-ubyte"]
+    return MNIST(
+        train_x=images_to(images[train_idx]),
+        train_y=labels_to(labels[train_idx]),
+        val_x=images_to(images[val_idx]),
+        val_y=labels_to(labels[val_idx]),
+        test_x=images_to(raw["t10k-images-idx3-ubyte"]),
+        test_y=labels_to(raw["t10k-labels-idx1-ubyte"]),
+    )

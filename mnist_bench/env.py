@@ -1,0 +1,43 @@
+"""Provenance attached to every output row: versions, device, CPU/GPU name, threads, command."""
+from __future__ import annotations
+
+import platform
+import shlex
+import sys
+from functools import cache
+
+import torch
+
+
+@cache
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def environment(device: torch.device | str, threads: int) -> dict[str, object]:
+    """Columns appended to every table row."""
+    device = torch.device(device)
+    return {
+        "device": device.type,
+        "device_name": device_name(device),
+        "cpu": cpu_name(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "",
+        "threads": threads,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "command": " ".join(shlex.quote(a) for a in [sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+    }

@@ -1,0 +1,66 @@
+"""Softmax regression and ReLU MLPs of any depth, plus parameter and FLOP counts.
+
+Depth = number of Linear (weight) layers: softmax regression is depth 1, the source text's
+784-256-128-64-10 MLP is depth 4 (242,762 parameters).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+IN_FEATURES = 28 * 28
+N_CLASSES = 10
+SOURCE_WIDTHS = (256, 128, 64)  # the source text's depth-4 MLP
+FUNNEL = (256, 128, 64, 32)  # hidden widths cut to depth for the throughput sweep
+
+
+def mlp(hidden: Sequence[int] = SOURCE_WIDTHS) -> nn.Sequential:
+    """784 -> hidden[0] -> ... -> 10 with ReLU between Linear layers; `hidden=()` is softmax regression.
+
+    The model returns logits; the softmax lives in the cross-entropy loss.
+    """
+    if any(int(w) < 1 for w in hidden):
+        raise ValueError(f"hidden widths must be positive, got {list(hidden)}")
+    sizes = [IN_FEATURES, *map(int, hidden), N_CLASSES]
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        if i:
+            layers.append(nn.ReLU())
+        layers.append(nn.Linear(fan_in, fan_out))
+    return nn.Sequential(*layers)
+
+
+def softmax_regression() -> nn.Sequential:
+    return mlp(())
+
+
+def funnel_widths(depth: int) -> tuple[int, ...]:
+    """Hidden widths of the 256-128-64-32 funnel cut to `depth` Linear layers (depth 1 = softmax)."""
+    if not 1 <= depth <= len(FUNNEL) + 1:
+        raise ValueError(f"funnel depth must be in 1..{len(FUNNEL) + 1}, got {depth}")
+    return FUNNEL[: depth - 1]
+
+
+def linears(model: nn.Module) -> list[nn.Linear]:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def depth(model: nn.Module) -> int:
+    return len(linears(model))
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_flops(model: nn.Module) -> int:
+    """Multiply-adds x2 of the Linear layers for one sample (biases and ReLU ignored, < 1%)."""
+    return sum(2 * m.in_features * m.out_features for m in linears(model))
+
+
+def train_flops(model: nn.Module) -> int:
+    """FLOPs of one training sample: forward, weight gradients, and input gradients for every layer
+    but the first (nothing upstream of the input needs them). About 3x forward."""
+    per_layer = [2 * m.in_features * m.out_features for m in linears(model)]
+    return 2 * sum(per_layer) + sum(per_layer[1:])

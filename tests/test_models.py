@@ -1,0 +1,39 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mnist_bench.models import depth, forward_flops, funnel_widths, mlp, n_params, train_flops
+
+CASES = [(), (256,), (256, 128), (256, 128, 64), (256, 128, 64, 32), (7, 5, 3, 3, 3)]
+
+
+@pytest.mark.parametrize("hidden", CASES)
+def test_shapes_depth_and_gradients(hidden):
+    model = mlp(hidden)
+    assert depth(model) == len(hidden) + 1
+    x = torch.rand(8, 784)
+    logits = model(x)
+    assert logits.shape == (8, 10)
+    F.cross_entropy(logits, torch.arange(8) % 10).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_parameter_counts():
+    assert n_params(mlp((256, 128, 64))) == 242_762  # the source text's depth-4 MLP
+    assert n_params(mlp(())) == 7_850  # softmax regression
+
+
+def test_flops():
+    assert forward_flops(mlp(())) == 2 * 784 * 10
+    # depth 2: forward 2*(784*h + h*10), weight grads the same, input grads of layer 2 only.
+    h = 100
+    assert train_flops(mlp((h,))) == 2 * 2 * (784 * h + h * 10) + 2 * h * 10
+
+
+def test_funnel_and_bad_widths():
+    assert funnel_widths(1) == () and funnel_widths(4) == (256, 128, 64)
+    with pytest.raises(ValueError):
+        funnel_widths(0)
+    with pytest.raises(ValueError):
+        mlp((0, 5))

@@ -1,0 +1,66 @@
+import math
+
+import pytest
+import torch
+
+from mnist_bench.data import DeviceError, resolve_device
+from mnist_bench.models import mlp
+from mnist_bench.train import TrainConfig, train
+
+
+def test_end_to_end_small_subset_learns(small):
+    result = train(mlp((64,)), small, TrainConfig(lr=0.1, epochs=3, batch_size=32))
+    assert not result.diverged and len(result.epochs) == 3
+    assert result.test_accuracy > 0.85  # chance is 0.10
+    assert result.epochs[-1].train_loss < result.epochs[0].train_loss
+    assert result.samples_seen == 3 * 2000 and result.samples_per_s > 0
+
+
+def test_same_seed_same_result_different_seed_differs(small):
+    config = TrainConfig(epochs=1, seed=7)
+    a = train(mlp((32, 16)), small, config)
+    b = train(mlp((32, 16)), small, config)
+    assert a.test_loss == b.test_loss and a.epochs[0].train_loss == b.epochs[0].train_loss
+    c = train(mlp((32, 16)), small, TrainConfig(epochs=1, seed=8))
+    assert c.test_loss != a.test_loss
+
+
+def test_divergence_is_reported_not_raised(small):
+    result = train(mlp((64, 64)), small, TrainConfig(lr=1e6, epochs=3))
+    assert result.diverged
+    assert result.epochs == [] and result.test_accuracy is None
+
+
+def test_callback_can_stop_and_test_can_be_skipped(small):
+    seen = []
+    result = train(mlp(()), small, TrainConfig(epochs=5),
+                   on_epoch=lambda m: seen.append(m) or m.epoch == 2, evaluate_test=False)
+    assert result.stopped and [m.epoch for m in seen] == [1, 2]
+    assert result.test_accuracy is None
+    assert 0 <= seen[0].val_accuracy <= 1 and math.isfinite(seen[0].val_loss)
+
+
+@pytest.mark.parametrize("bad", [dict(lr=0), dict(lr=float("nan")), dict(batch_size=0), dict(epochs=0),
+                                 dict(optimizer="lbfgs"), dict(momentum=1.0), dict(threads=0)])
+def test_config_rejects_impossible_values(bad):
+    with pytest.raises(ValueError):
+        TrainConfig(**bad)
+
+
+def test_device_resolution():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            resolve_device("cuda")
+    with pytest.raises(DeviceError):
+        resolve_device("tpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_training_step(small):
+    from mnist_bench.data import MNIST
+    cuda = MNIST(*(t.cuda() for t in (small.train_x, small.train_y, small.val_x, small.val_y,
+                                      small.test_x, small.test_y)))
+    result = train(mlp((64,)), cuda, TrainConfig(lr=0.1, epochs=2))
+    assert result.test_accuracy > 0.8
