@@ -10,7 +10,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .data import DEFAULT_DATA_DIR, DataError, DeviceError
+from .data import DEFAULT_DATA_DIR
+from .errors import UserError
 
 RESULTS_DIR = Path("results")
 
@@ -35,12 +36,12 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     """Call `main`, turning the project's user-facing errors into one line and an exit code."""
     try:
         code = main(argv)
-    except (DeviceError, ValueError) as e:
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = e.exit_code
+    except ValueError as e:  # a config dataclass refusing an impossible value
         print(f"error: {e}", file=sys.stderr)
         code = 2
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 1
     except KeyboardInterrupt:
         print("interrupted; results written so far are kept", file=sys.stderr)
         code = 130

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import UsageError, UserError
+
 # SHA-256 of the decompressed official files (same values as data/mnist/SHA256SUMS).
 SHA256 = {
     "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
@@ -31,11 +33,11 @@ DEFAULT_DATA_DIR = Path(
 VAL_SIZE = 10_000  # default hold-out carved from the 60k training images
 
 
-class DataError(RuntimeError):
+class DataError(UserError):
     """Missing, truncated or altered data. The message is one line, meant for the user."""
 
 
-class DeviceError(RuntimeError):
+class DeviceError(UsageError):
     """A device that cannot be used here (a usage error). The message is one line."""
 
 

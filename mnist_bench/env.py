@@ -39,5 +39,12 @@ def environment(device: torch.device | str, threads: int) -> dict[str, object]:
         "threads": threads,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
-        "command": " ".join(shlex.quote(a) for a in [sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+        "command": command_line(),
     }
+
+
+def command_line() -> str:
+    """How this process was started, as a user would type it ("python -m mnist_bench.reproduce ...")."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    prog = ["python", "-m", spec.name.removesuffix(".__main__")] if spec else ["python", sys.argv[0]]
+    return " ".join(shlex.quote(a) for a in [*prog, *sys.argv[1:]])
