@@ -16,6 +16,16 @@ from .errors import UserError
 RESULTS_DIR = Path("results")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (the full usage is one --help away)."""
+
+    def __init__(self, prog: str, doc: str | None):
+        super().__init__(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:

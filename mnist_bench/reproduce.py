@@ -37,8 +37,7 @@ EXPERIMENTS = (
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m mnist_bench.reproduce", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser("python -m mnist_bench.reproduce", __doc__)
     parser.add_argument("--seeds", type=cli.positive_int, default=5, help="seeds per recipe (default: 5)")
     parser.add_argument("--train-subset", type=cli.positive_int, default=None,
                         help="train on the first N images only (for smoke tests; default: all 60k)")

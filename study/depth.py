@@ -25,8 +25,11 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-# fail_stale_trials is the documented heartbeat API but still tagged experimental.
+# fail_stale_trials and heartbeats are the documented fault-tolerance API but still tagged experimental.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# Our own progress bar and tables report trials; Optuna's per-trial log (with tracebacks of
+# interrupted trials) would bury them.
+optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 from mnist_bench import cli
 from mnist_bench.data import MNIST, load_mnist, resolve_device
@@ -51,7 +54,7 @@ class SearchSpace:
     lr: tuple[float, float] = (1e-3, 1.0)  # SGD step size, log scale
     width: tuple[int, int] = (32, 1024)  # first hidden width, log scale
     taper: tuple[float, float] = (0.25, 1.0)  # ratio of consecutive hidden widths
-    max_epochs: int = 12  # epochs tuned in 1..max_epochs
+    max_epochs: int = 10  # epochs tuned in 1..max_epochs
     min_width: int = 8  # no hidden layer narrower than this
 
 
@@ -326,7 +329,6 @@ def final_runs(final: optuna.Study, tuned: optuna.Study, cfg: StudyConfig, depth
 
 def worker(cfg: StudyConfig, run: RunConfig, index: int = 0) -> None:
     """One worker: tune every depth (never waiting on others while work is left), then retrain."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     data = load_mnist(run.data_dir, val_size=cfg.val_size, split_seed=cfg.split_seed, device=run.device,
                       train_subset=cfg.train_subset)
     env = environment(data.device, run.threads) | {"worker": f"{os.uname().nodename}:{os.getpid()}"}
@@ -391,8 +393,7 @@ def depth_arg(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m study.depth", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser("python -m study.depth", __doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                    help="study size (default: quick; full is the committed study)")
     p.add_argument("--depths", type=depth_arg, nargs="+", default=None,
