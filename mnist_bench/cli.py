@@ -49,9 +49,6 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         code = e.exit_code
-    except ValueError as e:  # a config dataclass refusing an impossible value
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
     except KeyboardInterrupt:
         print("interrupted; results written so far are kept", file=sys.stderr)
         code = 130

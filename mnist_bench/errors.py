@@ -7,7 +7,7 @@ class UserError(RuntimeError):
     exit_code = 1
 
 
-class UsageError(UserError):
+class UsageError(UserError, ValueError):
     """Impossible or unusable arguments (argparse's exit code)."""
 
     exit_code = 2

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from .errors import UsageError
+
 IN_FEATURES = 28 * 28
 N_CLASSES = 10
 SOURCE_WIDTHS = (256, 128, 64)  # the source text's depth-4 MLP
@@ -21,7 +23,7 @@ def mlp(hidden: Sequence[int] = SOURCE_WIDTHS) -> nn.Sequential:
     The model returns logits; the softmax lives in the cross-entropy loss.
     """
     if any(int(w) < 1 for w in hidden):
-        raise ValueError(f"hidden widths must be positive, got {list(hidden)}")
+        raise UsageError(f"hidden widths must be positive, got {list(hidden)}")
     sizes = [IN_FEATURES, *map(int, hidden), N_CLASSES]
     layers: list[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -38,7 +40,7 @@ def softmax_regression() -> nn.Sequential:
 def funnel_widths(depth: int) -> tuple[int, ...]:
     """Hidden widths of the 256-128-64-32 funnel cut to `depth` Linear layers (depth 1 = softmax)."""
     if not 1 <= depth <= len(FUNNEL) + 1:
-        raise ValueError(f"funnel depth must be in 1..{len(FUNNEL) + 1}, got {depth}")
+        raise UsageError(f"funnel depth must be in 1..{len(FUNNEL) + 1}, got {depth}")
     return FUNNEL[: depth - 1]
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import MNIST
+from .errors import UsageError
 
 OPTIMIZERS = ("sgd", "adam")
 DIVERGENCE_CHECK_EVERY = 50  # steps between finite-loss checks (each check syncs the device)
@@ -48,7 +49,7 @@ class TrainConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise UsageError(message)
 
 
 @dataclass(frozen=True)

@@ -94,10 +94,14 @@ def study_names(storage) -> dict[str, list[int]]:
 
 
 def write_tables(storage, name: str, depths, out: Path) -> dict[str, pd.DataFrame]:
+    """trials/epochs/final.csv plus config.json (the study's fixed settings and search space)."""
     out.mkdir(parents=True, exist_ok=True)
     tables = collect(storage, name, depths)
     for key, df in tables.items():
         df.to_csv(out / f"{key}.csv", index=False)
+    config = optuna.load_study(study_name=f"{name}-depth{depths[0]}", storage=storage).user_attrs["config"]
+    config = {k: v for k, v in config.items() if k != "depth"} | {"depths": list(depths)}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return tables
 
 

@@ -42,7 +42,9 @@ def budget_rows(out: Path, depth: int) -> pd.DataFrame:
 
 
 def test_tiny_study_end_to_end_writes_documented_tables(tmp_path: Path):
-    study_depth.main([*TINY, "--n-trials", "3", "--out", str(tmp_path)])
+    with_report = [a for a in TINY if a != "--no-report"]
+    study_depth.main([*with_report, "--n-trials", "3", "--out", str(tmp_path)])
+    assert (tmp_path / "report.md").read_text().startswith("# Why four layers?")
     trials, epochs, final = (pd.read_csv(tmp_path / f"{k}.csv") for k in ("trials", "epochs", "final"))
     assert TRIALS_COLUMNS <= set(trials.columns)
     assert EPOCHS_COLUMNS <= set(epochs.columns)
