@@ -90,6 +90,15 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     )
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One SGD step on a batch; returns the detached loss (no host sync). The benchmarks time exactly this."""
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def reset_parameters(model: nn.Module, seed: int) -> None:
     """Re-initialise every layer from `seed` (PyTorch's default init), so a run starts from scratch."""
     torch.manual_seed(seed)
@@ -150,11 +159,7 @@ def train(
         perm = torch.randperm(n, device=device, generator=order_gen)
         for step, i in enumerate(range(0, n, config.batch_size), 1):
             idx = perm[i : i + config.batch_size]
-            loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * len(idx)
+            loss_sum += train_step(model, optimizer, data.train_x[idx], data.train_y[idx]) * len(idx)
             if step % DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(loss_sum):
                 result.diverged = True
                 break

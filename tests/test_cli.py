@@ -5,7 +5,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-COMMANDS = ["mnist_bench.reproduce"]
+DATA_COMMANDS = ["mnist_bench.reproduce", "mnist_bench.throughput", "study.depth"]
+COMMANDS = [*DATA_COMMANDS, "study.report"]
 
 
 def run(*args, cwd=None):
@@ -15,7 +16,7 @@ def run(*args, cwd=None):
 @pytest.mark.parametrize("module", COMMANDS)
 def test_help(module):
     p = run(module, "--help")
-    assert p.returncode == 0 and "--data-dir" in p.stdout
+    assert p.returncode == 0 and "--out" in p.stdout and "usage:" in p.stdout
 
 
 @pytest.mark.parametrize("module", COMMANDS)
@@ -25,7 +26,7 @@ def test_bad_argument_exits_2_without_traceback(module, bad):
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("module", COMMANDS)
+@pytest.mark.parametrize("module", DATA_COMMANDS)
 def test_corrupted_data_fails_fast_with_one_line(module, data_copy: Path, tmp_path: Path):
     path = data_copy / "t10k-labels-idx1-ubyte.gz"
     path.write_bytes(path.read_bytes()[:-10])
@@ -50,3 +51,19 @@ def test_reproduce_writes_table(tmp_path: Path):
     assert {"experiment", "seed", "epochs", "test_accuracy", "test_loss", "claimed_accuracy",
             "train_seconds", "torch_version", "device", "device_name", "threads"} <= set(df.columns)
     assert len(df) == 3 and df["test_accuracy"].between(0, 1).all()
+
+
+def test_throughput_quick_writes_documented_columns(tmp_path: Path, monkeypatch):
+    from mnist_bench import throughput
+
+    # Structural check on a reduced grid (the real sweep is `python -m mnist_bench.throughput`).
+    monkeypatch.setattr(throughput, "BATCH_SIZES", (64, 256))
+    monkeypatch.setattr(throughput, "DEPTHS", (1, 4))
+    tiny = throughput.Timing(warmup_seconds=0.01, min_seconds=0.01, repeats=2)
+    df = throughput.sweep([throughput.torch.device("cpu")], [1], tiny, None, log=lambda s: None)
+    assert {"pipeline", "model", "depth", "batch_size", "device", "threads", "samples_per_s", "ms_per_step",
+            "gflops", "peak_gflops", "torch_version", "cpu", "gpu"} <= set(df.columns)
+    assert set(df.pipeline) == {"harness", "source-dataloader"}
+    assert len(df[df.pipeline == "harness"]) == 2 * 2 + 2  # grid plus two optimizer variants
+    assert (df.samples_per_s > 0).all() and (df.peak_gflops > 0).all()
+    assert "harness / source" in throughput.summary(df)

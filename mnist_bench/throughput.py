@@ -1,0 +1,257 @@
+"""Training-step throughput: the harness against the source text's input pipeline, against the peak.
+
+Times `train.train_step` (forward, loss, backward, SGD step) on a batch drawn by indexing the
+on-device dataset, for softmax and the 256-128-64-32 funnel cut to depth 3, 4 and 5, over batch
+sizes 64..4096, on every device (CPU with 1 thread and with all cores; CUDA where present). Each
+figure is the median of several repeats after warm-up, synchronised on CUDA. Beside it: achieved
+GFLOP/s (training FLOPs per sample x samples/s) and the peak GFLOP/s of a large float32 matrix
+product measured in the same run, device and thread count. The source pipeline (torchvision
+`datasets.MNIST` + `ToTensor` per item + `DataLoader(batch_size=64, shuffle=True)`) is timed on the
+same models in the same run, so every figure has a ratio beside it.
+
+    python -m mnist_bench.throughput            # full sweep, a few minutes on 2 cores
+    python -m mnist_bench.throughput --quick    # under two minutes on 2 cores
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from . import cli
+from .data import FILES, DEFAULT_DATA_DIR, MNIST, find_file, load_mnist, read_verified, resolve_device
+from .env import environment
+from .models import funnel_widths, mlp, train_flops
+from .train import train_step
+
+DEPTHS = (1, 3, 4, 5)  # softmax and the funnel cut to depth
+BATCH_SIZES = (64, 256, 1024, 4096)
+SOURCE_BATCH = 64  # the source text's DataLoader batch size
+LR = 0.03
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long to measure: warm-up excluded, then `repeats` timed blocks of at least `min_seconds`."""
+
+    warmup_seconds: float = 0.3
+    min_seconds: float = 0.5
+    repeats: int = 5
+
+
+QUICK = Timing(warmup_seconds=0.1, min_seconds=0.12, repeats=3)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds_per_call(fn: Callable[[], object], device: torch.device, timing: Timing) -> float:
+    """Median over repeats of wall time per call of `fn`, after warm-up, with device synchronisation."""
+    sync(device)
+    start = time.perf_counter()
+    calls = 0
+    while time.perf_counter() - start < timing.warmup_seconds or calls < 3:
+        fn()
+        calls += 1
+        sync(device)
+    per_call = (time.perf_counter() - start) / calls
+    n = max(1, int(timing.min_seconds / max(per_call, 1e-7)))
+    samples = []
+    for _ in range(timing.repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync(device)
+        samples.append((time.perf_counter() - t0) / n)
+    return statistics.median(samples)
+
+
+def peak_gflops(device: torch.device, timing: Timing, size: int | None = None) -> float:
+    """GFLOP/s of a large float32 matrix product (the roofline's compute ceiling for this setting)."""
+    size = size or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    seconds = median_seconds_per_call(lambda: torch.mm(a, b), device, timing)
+    return 2 * size**3 / seconds / 1e9
+
+
+def make_sgd(model: nn.Module, variant: str = "foreach") -> torch.optim.Optimizer:
+    """The trainer's SGD; other `variant`s exist to measure what the implementation choice is worth."""
+    kwargs = {"foreach": dict(foreach=True), "fused": dict(fused=True), "for-loop": dict(foreach=False)}[variant]
+    return torch.optim.SGD(model.parameters(), lr=LR, **kwargs)
+
+
+class HarnessStep:
+    """One training step as the trainer takes it: slice a per-epoch permutation, index the on-device tensor."""
+
+    def __init__(self, depth: int, batch_size: int, data: MNIST, variant: str = "foreach", seed: int = 0):
+        torch.manual_seed(seed)
+        self.model = mlp(funnel_widths(depth)).to(data.device)
+        self.optimizer = make_sgd(self.model, variant)
+        self.x, self.y = data.train_x, data.train_y
+        self.batch_size = batch_size
+        self.gen = torch.Generator(device=data.device).manual_seed(seed)
+        self.device = data.device
+        self.flops_per_sample = train_flops(self.model)
+        self.perm, self.pos = self.new_epoch(), 0
+
+    def new_epoch(self) -> torch.Tensor:
+        return torch.randperm(len(self.x), device=self.device, generator=self.gen)
+
+    def __call__(self) -> torch.Tensor:
+        if self.pos + self.batch_size > len(self.perm):
+            self.perm, self.pos = self.new_epoch(), 0
+        idx = self.perm[self.pos : self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return train_step(self.model, self.optimizer, self.x[idx], self.y[idx])
+
+    def steps(self, n: int) -> torch.Tensor:
+        """`n` steps then a device sync: the unit pytest-benchmark times."""
+        for _ in range(n):
+            loss = self()
+        sync(self.device)
+        return loss
+
+
+def torchvision_root(data_dir: Path | None, root: Path) -> Path:
+    """Lay the verified pinned files out as torchvision expects (`root/MNIST/raw`, decompressed)."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    src = Path(data_dir) if data_dir else DEFAULT_DATA_DIR
+    for name in FILES:
+        (raw / name).write_bytes(read_verified(find_file(src, name), name))
+    return root
+
+
+class SourceStep:
+    """The source text's loop: DataLoader over torchvision MNIST with ToTensor, batch 64, shuffled."""
+
+    def __init__(self, depth: int, root: Path, device: torch.device, seed: int = 0):
+        from torch.utils.data import DataLoader
+        from torchvision import datasets, transforms
+
+        torch.manual_seed(seed)
+        dataset = datasets.MNIST(str(root), train=True, download=False, transform=transforms.ToTensor())
+        self.loader = DataLoader(dataset, batch_size=SOURCE_BATCH, shuffle=True)
+        self.iterator = iter(self.loader)
+        self.model = mlp(funnel_widths(depth)).to(device)
+        self.optimizer = make_sgd(self.model)
+        self.device = device
+        self.flops_per_sample = train_flops(self.model)
+
+    def __call__(self) -> torch.Tensor:
+        try:
+            x, y = next(self.iterator)
+        except StopIteration:
+            self.iterator = iter(self.loader)
+            x, y = next(self.iterator)
+        x, y = x.view(-1, 28 * 28).to(self.device), y.to(self.device)
+        return train_step(self.model, self.optimizer, x, y)
+
+
+def row(pipeline: str, depth: int, batch_size: int, device: torch.device, threads: int, seconds: float,
+        flops_per_sample: int, peak: float, variant: str = "foreach") -> dict:
+    samples_per_s = batch_size / seconds
+    gflops = flops_per_sample * samples_per_s / 1e9
+    return {
+        "pipeline": pipeline, "variant": variant, "model": "softmax" if depth == 1 else f"mlp{depth}",
+        "depth": depth, "widths": "-".join(map(str, funnel_widths(depth))), "batch_size": batch_size,
+        "samples_per_s": samples_per_s, "ms_per_step": 1e3 * seconds, "train_flops_per_sample": flops_per_sample,
+        "gflops": gflops, "peak_gflops": peak, "fraction_of_peak": gflops / peak, **environment(device, threads),
+    }
+
+
+def sweep(devices: list[torch.device], thread_counts: list[int], timing: Timing, data_dir: Path | None,
+          variants: bool = True, log: Callable[[str], None] = print) -> pd.DataFrame:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = torchvision_root(data_dir, Path(tmp))
+        for device in devices:
+            data = load_mnist(data_dir, val_size=0, device=device)
+            for threads in thread_counts if device.type == "cpu" else [1]:
+                torch.set_num_threads(threads)
+                peak = peak_gflops(device, timing)
+                log(f"{device.type} {threads} thread(s): float32 matmul peak {peak:.1f} GFLOP/s")
+                for depth in DEPTHS:
+                    for batch in BATCH_SIZES:
+                        step = HarnessStep(depth, batch, data)
+                        seconds = median_seconds_per_call(step, device, timing)
+                        rows.append(row("harness", depth, batch, device, threads, seconds, step.flops_per_sample, peak))
+                    source = SourceStep(depth, root, device)
+                    seconds = median_seconds_per_call(source, device, timing)
+                    rows.append(row("source-dataloader", depth, SOURCE_BATCH, device, threads, seconds,
+                                    source.flops_per_sample, peak))
+                    log(f"  {rows[-1]['model']:8s} harness {rows[-len(BATCH_SIZES) - 1]['samples_per_s']:>10,.0f} "
+                        f"samples/s at batch 64 vs source {rows[-1]['samples_per_s']:>9,.0f}")
+                if variants:  # what the implementation choices are worth, at the overhead-bound point
+                    for variant in ("for-loop", "fused"):
+                        step = HarnessStep(4, SOURCE_BATCH, data, variant=variant)
+                        seconds = median_seconds_per_call(step, device, timing)
+                        rows.append(row("harness", 4, SOURCE_BATCH, device, threads, seconds,
+                                        step.flops_per_sample, peak, variant=variant))
+    return pd.DataFrame(rows)
+
+
+def summary(df: pd.DataFrame) -> str:
+    lines = []
+    base = df[df["variant"] == "foreach"]
+    for (device, threads), g in base.groupby(["device", "threads"]):
+        h = g[(g.pipeline == "harness") & (g.batch_size == SOURCE_BATCH)].set_index("model")["samples_per_s"]
+        s = g[g.pipeline == "source-dataloader"].set_index("model")["samples_per_s"]
+        ratio = (h / s).dropna()
+        best = g[g.pipeline == "harness"].sort_values("fraction_of_peak").iloc[-1]
+        lines.append(f"{device}, {threads} thread(s): harness / source at batch 64: "
+                     + ", ".join(f"{m} {r:.1f}x" for m, r in ratio.items())
+                     + f"; best fraction of matmul peak {best.fraction_of_peak:.0%} "
+                       f"({best.model}, batch {best.batch_size}, {best.gflops:.1f} of {best.peak_gflops:.1f} GFLOP/s)")
+        large = g[(g.pipeline == "harness") & (g.batch_size >= 1024) & (g.depth > 1)]
+        if not large.empty:
+            lines.append(f"  MLPs at batch >= 1024: {large.fraction_of_peak.min():.0%}-{large.fraction_of_peak.max():.0%} of peak")
+    v = df[(df.pipeline == "harness") & (df.depth == 4) & (df.batch_size == SOURCE_BATCH)]
+    for (device, threads), g in v.groupby(["device", "threads"]):
+        r = g.set_index("variant")["samples_per_s"]
+        if "foreach" in r:
+            lines.append(f"{device}, {threads} thread(s), mlp4 batch 64 optimizer step: "
+                         + ", ".join(f"{k} {r[k] / r['foreach']:.2f}x" for k in r.index if k != "foreach")
+                         + " of foreach")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = cli.Parser("python -m mnist_bench.throughput", __doc__)
+    p.add_argument("--quick", action="store_true", help="shorter timings (whole run under two minutes on 2 cores)")
+    p.add_argument("--data-dir", type=Path, default=None, help="folder with the four MNIST files (default: pinned copy)")
+    p.add_argument("--device", default="all", help="all (CPU, plus CUDA where present), cpu or cuda (default: all)")
+    p.add_argument("--threads", type=cli.positive_int, nargs="+", default=None,
+                   help=f"CPU thread counts to sweep (default: 1 and all cores = {os.cpu_count()})")
+    p.add_argument("--out", type=Path, default=cli.RESULTS_DIR, help="folder for throughput.csv (default: results/)")
+    p.add_argument("--name", default="throughput.csv", help="file name of the table (default: throughput.csv)")
+    args = p.parse_args(argv)
+    if args.device == "all":
+        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    else:
+        devices = [resolve_device(args.device)]
+    threads = args.threads or sorted({1, os.cpu_count() or 1})
+    load_mnist(args.data_dir, val_size=0)  # verify the data before timing anything
+    df = sweep(devices, threads, QUICK if args.quick else Timing(), args.data_dir)
+    args.out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(args.out / args.name, index=False)
+    print(summary(df))
+    print(f"wrote {args.out / args.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
