@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import multiprocessing
 import os
+import random
 import sys
 import time
 import warnings
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
 from optuna.trial import TrialState
 
 # fail_stale_trials and heartbeats are the documented fault-tolerance API but still tagged experimental.
@@ -158,11 +160,18 @@ def open_storage(url: str, run: RunConfig | None = None) -> optuna.storages.RDBS
     heartbeat = {} if run is None else dict(heartbeat_interval=run.heartbeat_interval,
                                             grace_period=run.grace_period)
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
-    except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors of every kind become one line
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StudyError(f"cannot open storage {url!r}: {reason}") from None
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # Workers started at once on an empty database race to create Optuna's tables; the
+            # loser sees "already exists" and simply opens what the winner made.
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + random.random())
+        except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors of every kind become one line
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise StudyError(f"cannot open storage {url!r}: {reason}") from None
 
 
 def open_studies(storage, cfg: StudyConfig, depth: int) -> tuple[optuna.Study, optuna.Study]:
@@ -354,11 +363,47 @@ def worker(cfg: StudyConfig, run: RunConfig, index: int = 0) -> None:
             final_runs(studies[d][1], studies[d][0], cfg, d, data, run, env, progress)
 
 
-def _worker_process(cfg: StudyConfig, run: RunConfig, index: int) -> None:
+def storage_problem(url: str) -> str | None:
+    """None when the storage answers a query now; otherwise why not, in one line."""
+    connect_args = {"timeout": 5} if url.startswith("sqlite") else {"connect_timeout": 5}
+    engine = None
     try:
-        worker(cfg, run, index)
+        engine = sqlalchemy.create_engine(url, connect_args=connect_args)
+        with engine.connect() as con:
+            con.execute(sqlalchemy.text("select 1"))
+        return None
+    except Exception as e:  # noqa: BLE001
+        lines = str(getattr(e, "orig", None) or e).strip().splitlines()
+        return lines[0] if lines else type(e).__name__
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
+def guarded(fn, url: str):
+    """Run `fn`; an error while the storage is unreachable becomes one line (resume by rerunning).
+    Optuna does not always surface a lost connection as a database error, so ask the storage."""
+    try:
+        return fn()
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        problem = storage_problem(url)
+        if problem is None and not isinstance(e, sqlalchemy.exc.OperationalError):
+            raise  # a genuine bug: keep the traceback
+        raise StudyError(f"lost the connection to the storage ({problem or str(e).splitlines()[0]}); "
+                         "run the same command again to continue") from None
+
+
+def _worker_process(cfg: StudyConfig, run: RunConfig, index: int) -> None:
+    """A spawned worker: the same one-line errors and exit codes as the command itself."""
+    try:
+        guarded(lambda: worker(cfg, run, index), run.storage)
     except KeyboardInterrupt:
         sys.exit(130)
+    except UserError as e:
+        print(f"error: worker {index}: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 def run_workers(cfg: StudyConfig, run: RunConfig) -> None:
@@ -407,6 +452,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=cli.positive_int, default=None,
                    help="worker processes on this machine, each with --threads threads "
                         "(default: 1 for quick, CPU count for full)")
+    p.add_argument("--study-name", default=None,
+                   help="prefix of the study names in the storage (default: the preset's name)")
     p.add_argument("--train-subset", type=cli.positive_int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--heartbeat", type=cli.positive_int, default=10,
                    help="seconds between worker heartbeats; a silent trial is failed after 3x (default: 10)")
@@ -419,7 +466,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[StudyConfig, RunConfig]
     preset = PRESETS[args.preset]
     overrides = {k: v for k, v in {"depths": tuple(args.depths) if args.depths else None,
                                     "n_trials": args.n_trials, "seeds": args.seeds,
-                                    "train_subset": args.train_subset}.items() if v is not None}
+                                    "train_subset": args.train_subset, "name": args.study_name}.items()
+                 if v is not None}
     cfg = dataclasses.replace(preset, **overrides)
     workers = args.workers or (1 if args.preset == "quick" else max(1, (os.cpu_count() or 1) // args.threads))
     storage = args.storage or f"sqlite:///{(args.out / 'study.db').resolve()}"
@@ -439,12 +487,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.storage is None:
         run.out.mkdir(parents=True, exist_ok=True)
     storage = open_storage(run.storage)
-    for d in cfg.depths:
-        open_studies(storage, cfg, d)  # refuse mismatched settings before any worker starts
-    print(f"study {cfg.name!r}: depths {list(cfg.depths)}, {cfg.n_trials} trials and {cfg.seeds} seeds per "
-          f"depth, {run.workers} worker(s) x {run.threads} thread(s), storage {run.storage}", flush=True)
-    run_workers(cfg, run)
-    written = tables.write_tables(storage, cfg.name, cfg.depths, run.out)
+
+    def study() -> dict:
+        for d in cfg.depths:
+            open_studies(storage, cfg, d)  # refuse mismatched settings before any worker starts
+        print(f"study {cfg.name!r}: depths {list(cfg.depths)}, {cfg.n_trials} trials and {cfg.seeds} seeds "
+              f"per depth, {run.workers} worker(s) x {run.threads} thread(s), storage {run.storage}", flush=True)
+        run_workers(cfg, run)
+        return tables.write_tables(storage, cfg.name, cfg.depths, run.out)
+
+    written = guarded(study, run.storage)
     print(tables.summary(written["final"]))
     if run.render_report:
         from study import report

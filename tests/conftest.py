@@ -35,3 +35,36 @@ def data_copy(tmp_path: Path) -> Path:
 
 def services_required() -> bool:
     return os.environ.get("MNIST_BENCH_REQUIRE_SERVICES") == "1"
+
+
+PG_ADMIN_URL = os.environ.get("MNIST_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh, uniquely named PostgreSQL database for one test, dropped after it.
+
+    Skips where no server answers (a user's laptop); fails where MNIST_BENCH_REQUIRE_SERVICES=1 (CI)."""
+    import uuid
+
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as con:
+            con.execute(sqlalchemy.text("select 1"))
+    except Exception as e:  # noqa: BLE001
+        engine.dispose()
+        reason = f"PostgreSQL not reachable at {PG_ADMIN_URL} ({str(e).splitlines()[0]})"
+        if services_required():
+            pytest.fail(reason + "; MNIST_BENCH_REQUIRE_SERVICES=1 makes this a failure")
+        pytest.skip(reason)
+    name = f"mnist_bench_test_{uuid.uuid4().hex[:12]}"
+    with engine.connect() as con:
+        con.execute(sqlalchemy.text(f'create database "{name}"'))
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with engine.connect() as con:
+            con.execute(sqlalchemy.text(f'drop database if exists "{name}" with (force)'))
+        engine.dispose()

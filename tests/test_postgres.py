@@ -1,0 +1,169 @@
+"""Several workers on one PostgreSQL-backed study: exact budgets, a killed worker, a lost connection,
+and the report read back from the storage. Needs the server on 127.0.0.1:5432 (see conftest.pg_url)."""
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+pytestmark = pytest.mark.postgres
+
+BASE = ["--preset", "quick", "--depths", "2", "3", "--seeds", "3", "--train-subset", "1500",
+        "--threads", "1", "--no-report"]
+
+
+def start_worker(url: str, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "study.depth", *BASE, "--storage", url, "--out", str(out),
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: int = 300) -> tuple[int, str]:
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+def budget_states(url: str, name: str) -> list[TrialState]:
+    study = optuna.load_study(study_name=name, storage=url)
+    return [t.state for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
+
+
+def assert_exact(url: str, n_trials: int, seeds: int, depths=(2, 3)):
+    for d in depths:
+        states = budget_states(url, f"quick-depth{d}")
+        assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == n_trials
+        assert TrialState.RUNNING not in states
+        final = optuna.load_study(study_name=f"quick-depth{d}-final", storage=url)
+        done = [t for t in final.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if not t.user_attrs.get("surplus")]
+        assert sorted(t.user_attrs["seed"] for t in done) == list(range(1, seeds + 1))
+
+
+def test_two_workers_meet_the_budget_exactly(pg_url: str, tmp_path: Path):
+    workers = [start_worker(pg_url, tmp_path / f"w{i}", "--n-trials", "6") for i in range(2)]
+    for w in workers:
+        code, err = finish(w)
+        assert code == 0, err
+    assert_exact(pg_url, n_trials=6, seeds=3)
+    # Both workers did tuning work (the budget was shared, not run twice).
+    trials = pd.read_csv(tmp_path / "w0" / "trials.csv")
+    assert trials["worker"].nunique() == 2
+    assert pd.read_csv(tmp_path / "w1" / "trials.csv").equals(trials) or len(trials) >= 12
+
+
+def test_worker_killed_mid_trial_and_the_study_still_completes(pg_url: str, tmp_path: Path):
+    victim = start_worker(pg_url, tmp_path / "victim", "--n-trials", "6", "--heartbeat", "1",
+                          "--train-subset", "6000")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.3)
+        try:
+            states = budget_states(pg_url, "quick-depth2")
+        except KeyError:
+            continue
+        if states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) >= 1 and TrialState.RUNNING in states:
+            break
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert TrialState.RUNNING in budget_states(pg_url, "quick-depth2")  # the killed worker's trial
+    survivor = start_worker(pg_url, tmp_path / "survivor", "--n-trials", "6", "--heartbeat", "1",
+                            "--train-subset", "6000")
+    code, err = finish(survivor)
+    assert code == 0, err
+    assert_exact(pg_url, n_trials=6, seeds=3)
+    study = optuna.load_study(study_name="quick-depth2", storage=pg_url)
+    assert any(t.state == TrialState.FAIL for t in study.get_trials(deepcopy=False))  # failed by heartbeat
+
+
+class Proxy:
+    """A TCP relay to PostgreSQL that the test can cut, like a network partition."""
+
+    def __init__(self, target=("127.0.0.1", 5432)):
+        self.target = target
+        self.server = socket.socket()
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen()
+        self.port = self.server.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.alive = True
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while self.alive:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if not self.alive:
+                client.close()
+                return
+            upstream = socket.create_connection(self.target)
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self.pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def pipe(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self):
+        self.alive = False
+        self.server.close()
+        for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+                c.close()
+            except OSError:
+                pass
+
+
+def test_lost_connection_is_one_line_and_a_restart_continues(pg_url: str, tmp_path: Path):
+    proxy = Proxy()
+    via_proxy = pg_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    w = start_worker(via_proxy, tmp_path / "w", "--n-trials", "6", "--train-subset", "6000")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.3)
+        try:
+            if len(budget_states(pg_url, "quick-depth2")) >= 2:
+                break
+        except KeyError:
+            continue
+    proxy.cut()
+    code, err = finish(w, timeout=120)
+    assert code == 1, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "lost the connection to the storage" in lines[0], err
+    assert "Traceback" not in err
+    code, err = finish(start_worker(pg_url, tmp_path / "w", "--n-trials", "6", "--heartbeat", "1",
+                                    "--train-subset", "6000"))
+    assert code == 0, err
+    assert_exact(pg_url, n_trials=6, seeds=3)
+
+
+def test_report_from_storage_alone(pg_url: str, tmp_path: Path):
+    code, err = finish(start_worker(pg_url, tmp_path / "w", "--n-trials", "3"))
+    assert code == 0, err
+    out = tmp_path / "report"
+    p = subprocess.run([sys.executable, "-m", "study.report", "--storage", pg_url, "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert (out / "report.md").read_text().startswith("# Why four layers?")
+    assert len(pd.read_csv(out / "final.csv")) == 2 * 3
