@@ -13,6 +13,7 @@ PostgreSQL for many machines), so an interrupted run resumes, and several worker
 from __future__ import annotations
 
 import argparse
+import hashlib
 import dataclasses
 import multiprocessing
 import os
@@ -67,7 +68,7 @@ class StudyConfig:
 
     name: str = "full"  # study names are f"{name}-depth{d}" and f"{name}-depth{d}-final"
     depths: tuple[int, ...] = (3, 4, 5)
-    n_trials: int = 30  # per depth, in total over all workers and runs
+    n_trials: int = 25  # per depth, in total over all workers and runs
     seeds: int = 5  # final retraining runs per depth
     space: SearchSpace = field(default_factory=SearchSpace)
     # Fixed hyperparameters (caveats on the conclusion):
@@ -174,9 +175,20 @@ def open_storage(url: str, run: RunConfig | None = None) -> optuna.storages.RDBS
             raise StudyError(f"cannot open storage {url!r}: {reason}") from None
 
 
-def open_studies(storage, cfg: StudyConfig, depth: int) -> tuple[optuna.Study, optuna.Study]:
+def sampler_seed(cfg: StudyConfig, run: RunConfig) -> int:
+    """The TPE seed of this worker. A lone worker on SQLite uses `cfg.sampler_seed` (reproducible);
+    workers sharing a storage each draw their own stream, or they would propose identical trials."""
+    shared = run.workers > 1 or not run.storage.startswith("sqlite")
+    if not shared:
+        return cfg.sampler_seed
+    salt = int.from_bytes(hashlib.sha256(f"{os.uname().nodename}:{os.getpid()}".encode()).digest()[:4], "big")
+    return (cfg.sampler_seed * 1_000_003 + salt) % 2**31
+
+
+def open_studies(storage, cfg: StudyConfig, depth: int, seed: int | None = None) -> tuple[optuna.Study, optuna.Study]:
     """(tuning study, final-runs study) for `depth`, created if new, checked if resumed."""
-    sampler = optuna.samplers.TPESampler(seed=cfg.sampler_seed, n_startup_trials=cfg.sampler_startup_trials)
+    seed = cfg.sampler_seed if seed is None else seed
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.sampler_startup_trials)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
                                          n_warmup_steps=cfg.pruner_warmup_epochs)
     tune = optuna.create_study(storage=storage, study_name=study_name(cfg, depth), direction="maximize",
@@ -342,7 +354,8 @@ def worker(cfg: StudyConfig, run: RunConfig, index: int = 0) -> None:
                       train_subset=cfg.train_subset)
     env = environment(data.device, run.threads) | {"worker": f"{os.uname().nodename}:{os.getpid()}"}
     storage = open_storage(run.storage, run)
-    studies = {d: open_studies(storage, cfg, d) for d in cfg.depths}
+    seed = sampler_seed(cfg, run)
+    studies = {d: open_studies(storage, cfg, d, seed) for d in cfg.depths}
     from tqdm import tqdm
 
     total = len(cfg.depths) * (cfg.n_trials + cfg.seeds)
