@@ -121,14 +121,16 @@ def pts(x: float) -> str:
 def describe(c: Comparison, by_depth: dict[int, DepthStats]) -> str:
     """One plain sentence per pair of depths."""
     a, b = by_depth[c.a], by_depth[c.b]
-    ci = f"95% CI [{pts(c.ci_low)}, {pts(c.ci_high)}] points, p = {c.p_value:.3g}"
     if not c.detectable:
+        ci = f"95% CI [{pts(c.ci_low)}, {pts(c.ci_high)}] points, p = {c.p_value:.3g}"
         cheap, dear = (a, b) if a.train_seconds <= b.train_seconds else (b, a)
         return (f"No detectable difference between depth {c.a} and depth {c.b} "
-                f"(difference {pts(c.diff)} points, {ci}); depth {cheap.depth} is cheaper "
+                f"(depth {c.b} minus depth {c.a}: {pts(c.diff)} points, {ci}); depth {cheap.depth} is cheaper "
                 f"({dear.train_seconds / cheap.train_seconds:.2f}x less training time, "
                 f"{cheap.n_params:,} vs {dear.n_params:,} parameters).")
     win, lose = (b, a) if c.diff > 0 else (a, b)
+    lo, hi = (c.ci_low, c.ci_high) if c.diff > 0 else (-c.ci_high, -c.ci_low)  # winner minus loser
+    ci = f"95% CI [{pts(lo)}, {pts(hi)}] points, p = {c.p_value:.3g}"
     return (f"Depth {win.depth} is better than depth {lose.depth} by {pts(abs(c.diff))} points ({ci}) "
             f"at {win.train_seconds / lose.train_seconds:.2f}x the training time and "
             f"{win.n_params / lose.n_params:.2f}x the parameters.")
@@ -230,9 +232,12 @@ def plots(out: Path, trials: pd.DataFrame, epochs: pd.DataFrame, final: pd.DataF
     sns.set_theme(style="whitegrid", context="notebook")
     written: dict[str, str] = {}
 
-    def save(fig, name: str, caption: str) -> None:
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
+    def save(fig, name: str, caption: str, title: str | None = None) -> None:
+        if title:  # a seaborn figure-level grid: title above all panels
+            fig.suptitle(title, y=1.02)
+        else:
+            fig.tight_layout()
+        fig.savefig(out / name, dpi=110, bbox_inches="tight")
         plt.close(fig)
         written[name] = caption
 
@@ -311,10 +316,8 @@ def plots(out: Path, trials: pd.DataFrame, epochs: pd.DataFrame, final: pd.DataF
         b = best[best["depth"] == depth]
         ax.scatter(b["param_lr"], b["val_accuracy"], s=160, facecolors="none", edgecolors="k", label="best")
     g.set_axis_labels("learning rate (log)", "validation accuracy")
-    g.figure.suptitle("Learning-rate axis per depth (dashed: search range)", y=1.02)
-    g.figure.savefig(out / "lr.png", dpi=110, bbox_inches="tight")
-    plt.close(g.figure)
-    written["lr.png"] = "Every trial's validation accuracy against its learning rate, per depth; the best circled."
+    save(g.figure, "lr.png", "Every trial's validation accuracy against its learning rate, per depth; the best circled.",
+         title="Learning-rate axis per depth (dashed: search range)")
 
     # 5. Throughput.
     if throughput is not None and not throughput.empty:
@@ -325,10 +328,8 @@ def plots(out: Path, trials: pd.DataFrame, epochs: pd.DataFrame, final: pd.DataF
         for ax in g.axes.flat:
             ax.set(xscale="log", yscale="log")
         g.set_axis_labels("batch size", "samples / s")
-        g.figure.suptitle("Training-step throughput", y=1.02)
-        g.figure.savefig(out / "throughput.png", dpi=110, bbox_inches="tight")
-        plt.close(g.figure)
-        written["throughput.png"] = "Training-step samples/s per model and batch size: harness vs source pipeline, per device and thread count."
+        save(g.figure, "throughput.png", "Training-step samples/s per model and batch size: harness vs source "
+             "pipeline, per device and thread count.", title="Training-step throughput")
 
     # 6. Reproduction of the source text.
     if reproduction is not None and not reproduction.empty:
@@ -393,7 +394,7 @@ def render(results: Path, out: Path | None = None) -> Path:
     if not comparisons:
         doc.append("- Fewer than two seeds per depth: no interval can be computed; rerun with --seeds 2 or more.")
     doc += ["", "Welch's t-test on the retrained test accuracies (each seed one observation); intervals are "
-            "95% intervals of the difference (deeper minus shallower), p-values are not corrected for the "
+            "95% intervals of the difference in the direction stated, p-values are not corrected for the "
             f"{len(comparisons)} comparisons.", ""]
     doc += ["![isolation](isolation.png)", "", "## Per depth", ""]
     best = trials[trials["state"] == "complete"].sort_values("val_accuracy").groupby("depth").tail(1).set_index("depth")

@@ -59,30 +59,24 @@ def _assert_one_line_naming(exc: pytest.ExceptionInfo, name: str):
     assert "\n" not in msg and name in msg and SHA256[name] in msg
 
 
-def test_truncated_file_is_rejected(data_copy: Path):
-    name = "t10k-labels-idx1-ubyte"
+def _flip_byte(raw: bytes) -> bytes:
+    altered = bytearray(gzip.decompress(raw))
+    altered[5000] ^= 0xFF
+    return gzip.compress(bytes(altered))
+
+
+CORRUPTIONS = {
+    "truncated-content": ("t10k-labels-idx1-ubyte", lambda raw: gzip.compress(gzip.decompress(raw)[:-100])),
+    "truncated-gzip-stream": ("train-labels-idx1-ubyte", lambda raw: raw[:1000]),
+    "altered-byte": ("t10k-images-idx3-ubyte", _flip_byte),
+}
+
+
+@pytest.mark.parametrize("kind", CORRUPTIONS)
+def test_corrupted_file_is_rejected_naming_it(data_copy: Path, kind: str):
+    name, corrupt = CORRUPTIONS[kind]
     path = data_copy / f"{name}.gz"
-    path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-100]))
-    with pytest.raises(DataError) as exc:
-        load_raw(data_copy)
-    _assert_one_line_naming(exc, name)
-
-
-def test_truncated_gzip_stream_is_rejected(data_copy: Path):
-    name = "train-labels-idx1-ubyte"
-    path = data_copy / f"{name}.gz"
-    path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(DataError) as exc:
-        load_raw(data_copy)
-    _assert_one_line_naming(exc, name)
-
-
-def test_altered_byte_is_rejected(data_copy: Path):
-    name = "t10k-images-idx3-ubyte"
-    path = data_copy / f"{name}.gz"
-    raw = bytearray(gzip.decompress(path.read_bytes()))
-    raw[5000] ^= 0xFF
-    path.write_bytes(gzip.compress(bytes(raw)))
+    path.write_bytes(corrupt(path.read_bytes()))
     with pytest.raises(DataError) as exc:
         load_raw(data_copy)
     _assert_one_line_naming(exc, name)
