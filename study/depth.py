@@ -55,7 +55,7 @@ class SearchSpace:
     """Nuisance hyperparameters, re-tuned for every depth. Widths taper: w[i] = w0 * taper**i."""
 
     lr: tuple[float, float] = (1e-3, 1.0)  # SGD step size, log scale
-    width: tuple[int, int] = (32, 1024)  # first hidden width, log scale
+    width: tuple[int, int] = (32, 2048)  # first hidden width, log scale (1024 was too narrow: best sat on the edge)
     taper: tuple[float, float] = (0.25, 1.0)  # ratio of consecutive hidden widths
     max_epochs: int = 10  # epochs tuned in 1..max_epochs
     min_width: int = 8  # no hidden layer narrower than this

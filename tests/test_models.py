@@ -4,11 +4,12 @@ import torch.nn.functional as F
 
 from mnist_bench.models import depth, forward_flops, funnel_widths, mlp, n_params, train_flops
 
-CASES = [(), (256,), (256, 128), (256, 128, 64), (256, 128, 64, 32), (7, 5, 3, 3, 3)]
+CASES = [(), (256,), (256, 128), (256, 128, 64), (256, 128, 64, 32), (32, 16, 16, 8, 8)]
 
 
 @pytest.mark.parametrize("hidden", CASES)
 def test_shapes_depth_and_gradients(hidden):
+    torch.manual_seed(0)  # narrow ReLU layers can start dead for some draws; fix the draw
     model = mlp(hidden)
     assert depth(model) == len(hidden) + 1
     x = torch.rand(8, 784)

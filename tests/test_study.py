@@ -79,8 +79,8 @@ def test_second_run_adds_only_missing_trials_and_reuses_final_runs(tmp_path: Pat
 def _interrupt_and_resume(tmp_path: Path, sig: int, extra: list[str]):
     out = tmp_path / "out"
     args = [*TINY, "--n-trials", "5", "--out", str(out), *extra]
-    # A larger subset so a trial is in flight when the signal lands.
-    args[args.index("--train-subset") + 1] = "4000"
+    # A larger subset (a trial takes seconds) so a trial is in flight when the signal lands.
+    args[args.index("--train-subset") + 1] = "20000"
     proc = subprocess.Popen([sys.executable, "-m", "study.depth", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     db = out / "study.db"
@@ -92,8 +92,11 @@ def _interrupt_and_resume(tmp_path: Path, sig: int, extra: list[str]):
                 states = trial_states(db)
             except sqlite3.OperationalError:
                 continue
-            if sum(s == "COMPLETE" for _, s in states) >= 2 and any(s == "RUNNING" for _, s in states):
+            if sum(s in ("COMPLETE", "PRUNED") for _, s in states) >= 1 and any(s == "RUNNING" for _, s in states):
                 break
+    else:
+        pytest.fail("never saw a finished trial and one in flight")
+    assert proc.poll() is None, "the study finished before it could be interrupted"
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
