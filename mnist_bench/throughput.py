@@ -229,6 +229,23 @@ def summary(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def profile(depth: int, batch_size: int, threads: int, data_dir: Path | None, steps: int = 300) -> str:
+    """Where one CPU training step's time goes: torch.profiler's op table, and the matrix products' share."""
+    torch.set_num_threads(threads)
+    step = HarnessStep(depth, batch_size, load_mnist(data_dir, val_size=0))
+    for _ in range(20):  # warm-up
+        step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm"))
+    return (events.table(sort_by="self_cpu_time_total", row_limit=12)
+            + f"\nmlp{depth}, batch {batch_size}, {threads} thread(s): {total / steps / 1e3:.3f} ms profiled per step, "
+              f"of which matrix products (aten::mm, aten::addmm) {matmul / steps / 1e3:.3f} ms = {matmul / total:.0%}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = cli.Parser("python -m mnist_bench.throughput", __doc__)
     p.add_argument("--quick", action="store_true", help="shorter timings (whole run under two minutes on 2 cores)")
@@ -238,7 +255,13 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"CPU thread counts to sweep (default: 1 and all cores = {os.cpu_count()})")
     p.add_argument("--out", type=Path, default=cli.RESULTS_DIR, help="folder for throughput.csv (default: results/)")
     p.add_argument("--name", default="throughput.csv", help="file name of the table (default: throughput.csv)")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of the sweep, profile the depth-4 step at batch 64 on the CPU and print where time goes")
     args = p.parse_args(argv)
+    if args.profile:
+        for threads in args.threads or [1]:
+            print(profile(4, SOURCE_BATCH, threads, args.data_dir))
+        return 0
     if args.device == "all":
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     else:

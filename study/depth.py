@@ -7,14 +7,14 @@ The best configuration per depth is then retrained from scratch with K seeds and
 test set, which nothing else touches. Everything lives in the Optuna storage (SQLite by default,
 PostgreSQL for many machines), so an interrupted run resumes, and several workers share the work.
 
-    python -m study.depth --preset quick            # ~2 minutes on 2 CPU cores
-    python -m study.depth --preset full --workers 2 # the committed study
+    python -m study.depth --preset quick   # about a minute on 2 CPU cores
+    python -m study.depth --preset full    # the committed study: two workers, under 30 minutes
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import dataclasses
+import hashlib
 import multiprocessing
 import os
 import random
