@@ -61,6 +61,17 @@ def test_clear_winner():
     assert "detectably better than every other depth" in v.text and "four layers is justified" in v.text
 
 
+def test_tie_won_by_depth_four_on_cost_is_not_called_a_depth_effect():
+    v = verdict_of({3: 0.9800, 4: 0.9795, 5: 0.9790}, noise=0.003)
+    assert v.best == 3 and v.tied == (3, 4, 5)
+    SECONDS[3], SECONDS[4] = 12.0, 10.0
+    try:
+        v = verdict_of({3: 0.9800, 4: 0.9795, 5: 0.9790}, noise=0.003)
+    finally:
+        SECONDS[3], SECONDS[4] = 10.0, 12.0
+    assert v.answer == 4 and "not because a fourth layer adds accuracy" in v.text
+
+
 def test_tie_within_noise_picks_the_cheaper_depth():
     v = verdict_of({3: 0.9790, 4: 0.9800, 5: 0.9795}, noise=0.003)
     assert v.tied == (3, 4, 5) and v.answer == 3  # cheapest of the tied depths
