@@ -514,7 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     if run.render_report:
         from study import report
 
-        report.render(run.out)
+        print(f"wrote {report.render(run.out)}")
+    else:
+        print(f"wrote tables to {run.out}")
     return 0
 
 
