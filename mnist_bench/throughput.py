@@ -31,7 +31,7 @@ from . import cli
 from .data import FILES, DEFAULT_DATA_DIR, MNIST, find_file, load_mnist, read_verified, resolve_device
 from .env import environment
 from .models import funnel_widths, mlp, train_flops
-from .train import train_step
+from .train import sync, train_step
 
 DEPTHS = (1, 3, 4, 5)  # softmax and the funnel cut to depth
 BATCH_SIZES = (64, 256, 1024, 4096)
@@ -49,11 +49,6 @@ class Timing:
 
 
 QUICK = Timing(warmup_seconds=0.1, min_seconds=0.12, repeats=3)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_seconds_per_call(fn: Callable[[], object], device: torch.device, timing: Timing) -> float:

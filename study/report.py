@@ -194,9 +194,8 @@ def edge_warnings(trials: pd.DataFrame, config: dict) -> list[str]:
     ranges = {"lr": (space.get("lr"), True), "width": (space.get("width"), True),
               "taper": (space.get("taper"), False), "epochs": ([1, space.get("max_epochs")], False)}
     warnings = []
-    complete = trials[trials["state"] == "complete"]
-    for depth, g in complete.groupby("depth"):
-        best = g.loc[g["val_accuracy"].idxmax()]
+    for _, best in best_trials(trials).iterrows():
+        depth = best["depth"]
         for name, (rng, log) in ranges.items():
             col = f"param_{name}"
             if rng is None or None in rng or col not in best or pd.isna(best[col]):
@@ -211,6 +210,12 @@ def edge_warnings(trials: pd.DataFrame, config: dict) -> list[str]:
                 warnings.append(f"depth {depth}: best {name} = {best[col]:.4g} sits on the {side} edge of "
                                 f"its range [{rng[0]}, {rng[1]}]; widen the range and rerun.")
     return warnings
+
+
+def best_trials(trials: pd.DataFrame) -> pd.DataFrame:
+    """The best completed tuning trial of each depth (the one that was retrained)."""
+    done = trials[trials["state"] == "complete"]  # ties go to the earliest trial, as in study.depth.best_trial
+    return done.sort_values(["val_accuracy", "trial"], ascending=[False, True]).groupby("depth").head(1)
 
 
 def state_counts(trials: pd.DataFrame) -> pd.DataFrame:
@@ -275,7 +280,7 @@ def plots(out: Path, trials: pd.DataFrame, epochs: pd.DataFrame, final: pd.DataF
     save(fig, "isolation.png", "Retrained test accuracy per depth: each seed a point, mean with 95% t-interval.")
 
     # 2. Learning curves of the best trial per depth.
-    best = trials[trials["state"] == "complete"].sort_values("val_accuracy").groupby("depth").tail(1)
+    best = best_trials(trials)
     curves = epochs.merge(best[["depth", "trial"]], on=["depth", "trial"])
     if not curves.empty:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -402,7 +407,7 @@ def render(results: Path, out: Path | None = None) -> Path:
             "95% intervals of the difference in the direction stated, p-values are not corrected for the "
             f"{len(comparisons)} comparisons.", ""]
     doc += ["![isolation](isolation.png)", "", "## Per depth", ""]
-    best = trials[trials["state"] == "complete"].sort_values("val_accuracy").groupby("depth").tail(1).set_index("depth")
+    best = best_trials(trials).set_index("depth")
     rows = []
     for s in depths:
         b = best.loc[s.depth] if s.depth in best.index else None
