@@ -14,7 +14,6 @@ same models in the same run, so every figure has a ratio beside it.
 """
 from __future__ import annotations
 
-import gzip
 import os
 import statistics
 import tempfile

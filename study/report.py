@@ -159,7 +159,7 @@ def verdict(depths: list[DepthStats], comparisons: list[Comparison]) -> Verdict:
     lines = [f"**Answer: depth {answer}** ({s.widths or 'no hidden layer'}, {s.n_params:,} parameters): "
              f"test accuracy {pts(s.mean)}% +- {pts(s.std)} (n={s.n}, 95% CI {pts(s.ci_low)}-{pts(s.ci_high)})."]
     if len(tied) == 1:
-        lines.append(f"It is detectably better than every other depth tested.")
+        lines.append("It is detectably better than every other depth tested.")
     elif answer == best:
         others = ", ".join(str(d) for d in tied if d != answer)
         lines.append(f"It has the best mean and is the cheapest of the depths within noise of it ({others}).")

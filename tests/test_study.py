@@ -1,5 +1,4 @@
 """The depth study end to end on a tiny budget: tables, resumption, interruption, bad input."""
-import os
 import signal
 import sqlite3
 import subprocess
@@ -7,7 +6,6 @@ import sys
 import time
 from pathlib import Path
 
-import optuna
 import pandas as pd
 import pytest
 
