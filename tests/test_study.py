@@ -165,8 +165,9 @@ def test_presets_share_the_documented_defaults():
 
 
 def test_workers_sharing_a_storage_do_not_propose_the_same_trials(tmp_path: Path):
-    study_depth.main([*TINY, "--depths", "2", "--n-trials", "4", "--seeds", "1", "--workers", "2",
-                      "--out", str(tmp_path)])
+    # Trials of a second or more each, so both spawned workers find work left when they are up.
+    study_depth.main([*TINY, "--depths", "2", "--n-trials", "6", "--seeds", "1", "--workers", "2",
+                      "--train-subset", "8000", "--out", str(tmp_path)])
     trials = pd.read_csv(tmp_path / "trials.csv")
-    assert len(budget_rows(tmp_path, 2)) == 4 and trials["worker"].nunique() == 2
+    assert len(budget_rows(tmp_path, 2)) == 6 and trials["worker"].nunique() == 2
     assert trials["param_lr"].is_unique  # same seed in both workers would repeat every proposal
