@@ -70,6 +70,7 @@ class TrainResult:
     samples_seen: int = 0
     diverged: bool = False  # a NaN/inf training loss stopped the run
     stopped: bool = False  # on_epoch asked to stop (a pruned trial)
+    interrupted: bool = False  # should_stop() asked to stop mid-epoch (Ctrl-C); nothing evaluated after it
 
     @property
     def samples_per_s(self) -> float:
@@ -135,11 +136,13 @@ def train(
     config: TrainConfig,
     on_epoch: Callable[[EpochMetrics], bool | None] | None = None,
     evaluate_test: bool = True,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train `model` on `data.train_*` with `config`; validate after each epoch; test at the end.
 
     `on_epoch(metrics)` returning True stops training (used for pruning). Set `evaluate_test=False`
-    while tuning so the test split is never even computed.
+    while tuning so the test split is never even computed. `should_stop()`, checked after every
+    step, ends the run at once with `interrupted` set (a clean Ctrl-C).
     """
     device = data.device
     if device.type == "cpu":
@@ -163,9 +166,14 @@ def train(
             if step % DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(loss_sum):
                 result.diverged = True
                 break
+            if should_stop is not None and should_stop():
+                result.interrupted = True
+                break
         train_loss = loss_sum.item() / n  # syncs the device
         result.train_seconds += time.perf_counter() - start
-        result.samples_seen += min(i + config.batch_size, n) if result.diverged else n
+        result.samples_seen += min(i + config.batch_size, n) if result.diverged or result.interrupted else n
+        if result.interrupted:
+            break
         if result.diverged or not math.isfinite(train_loss):
             result.diverged = True
             break
@@ -178,6 +186,6 @@ def train(
             result.stopped = True
             break
 
-    if evaluate_test and not result.diverged:
+    if evaluate_test and not (result.diverged or result.interrupted):
         result.test_loss, result.test_accuracy = evaluate(model, data.test_x, data.test_y, config.eval_batch_size)
     return result

@@ -13,12 +13,15 @@ PostgreSQL for many machines), so an interrupted run resumes, and several worker
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import multiprocessing
 import os
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -215,6 +218,41 @@ def counts(study: optuna.Study) -> tuple[int, int]:
     return finished, len(trials) - finished
 
 
+class Interrupted(UserError):
+    """Ctrl-C (or SIGTERM): the step in flight finished, its trial is recorded failed, nothing is lost."""
+
+    exit_code = 130
+
+
+STOP = threading.Event()  # set by the first Ctrl-C; checked after every training step and between trials
+
+
+def check_stop() -> None:
+    if STOP.is_set():
+        raise Interrupted("interrupted: the trial in flight is recorded as failed; "
+                          "run the same command again to continue")
+
+
+@contextlib.contextmanager
+def graceful_interrupts():
+    """First SIGINT/SIGTERM: finish the current training step, then stop at a safe point (never in
+    the middle of a storage write). A second Ctrl-C interrupts at once."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def request_stop(signum, frame):
+        STOP.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    STOP.clear()
+    for s in previous:
+        signal.signal(s, request_stop)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 class Surplus(Exception):
     """This trial lost a race for the last budget slot; it ran nothing and is marked failed."""
 
@@ -253,7 +291,9 @@ class Objective:
             trial.report(m.val_accuracy, m.epoch)
             return trial.should_prune()
 
-        result = train(model, self.data, config, on_epoch=on_epoch, evaluate_test=False)
+        result = train(model, self.data, config, on_epoch=on_epoch, evaluate_test=False,
+                       should_stop=STOP.is_set)
+        check_stop()  # Optuna records the trial as failed; the budget slot stays open
         record_curve(trial, result.epochs)
         trial.set_user_attr("train_seconds", result.train_seconds)
         trial.set_user_attr("samples_per_s", result.samples_per_s)
@@ -268,6 +308,7 @@ class Objective:
 def tune(study: optuna.Study, objective: Objective, n_trials: int, progress) -> None:
     """Run trials until the budget is finished or claimed by live trials (maybe other workers')."""
     while True:
+        check_stop()
         optuna.storages.fail_stale_trials(study)
         finished, active = counts(study)
         if finished + active >= n_trials:
@@ -280,6 +321,7 @@ def wait_finished(study: optuna.Study, n_trials: int) -> bool:
     """Wait for other workers' in-flight trials. True when the budget is finished; False when a slot
     was given back (a dead worker's trial, failed by its heartbeat) and must be tuned again."""
     while True:
+        check_stop()
         optuna.storages.fail_stale_trials(study)
         finished, active = counts(study)
         if finished >= n_trials:
@@ -330,13 +372,16 @@ def final_runs(final: optuna.Study, tuned: optuna.Study, cfg: StudyConfig, depth
             trial.set_user_attr(f"param_{k}", v)
         trial.set_user_attr("widths", list(widths))
         trial.set_user_attr("env", env)
-        result = train(mlp(widths), data, train_config(cfg, best.params, seed, run.threads))
+        result = train(mlp(widths), data, train_config(cfg, best.params, seed, run.threads),
+                       should_stop=STOP.is_set)
+        check_stop()
         record_curve(trial, result.epochs)
         for k in ("test_accuracy", "test_loss", "train_seconds", "samples_per_s", "diverged"):
             trial.set_user_attr(k, getattr(result, k))
         return result.test_accuracy if result.test_accuracy is not None else 0.0
 
     while True:
+        check_stop()
         optuna.storages.fail_stale_trials(final)
         taken = seeds_taken()
         if all(s in taken for s in range(1, cfg.seeds + 1)):
@@ -350,6 +395,11 @@ def final_runs(final: optuna.Study, tuned: optuna.Study, cfg: StudyConfig, depth
 
 def worker(cfg: StudyConfig, run: RunConfig, index: int = 0) -> None:
     """One worker: tune every depth (never waiting on others while work is left), then retrain."""
+    with graceful_interrupts():
+        _work(cfg, run, index)
+
+
+def _work(cfg: StudyConfig, run: RunConfig, index: int) -> None:
     data = load_mnist(run.data_dir, val_size=cfg.val_size, split_seed=cfg.split_seed, device=run.device,
                       train_subset=cfg.train_subset)
     env = environment(data.device, run.threads) | {"worker": f"{os.uname().nodename}:{os.getpid()}"}
@@ -412,8 +462,8 @@ def _worker_process(cfg: StudyConfig, run: RunConfig, index: int) -> None:
     """A spawned worker: the same one-line errors and exit codes as the command itself."""
     try:
         guarded(lambda: worker(cfg, run, index), run.storage)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except (KeyboardInterrupt, Interrupted):
+        sys.exit(130)  # the parent says it once
     except UserError as e:
         print(f"error: worker {index}: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
@@ -426,15 +476,14 @@ def run_workers(cfg: StudyConfig, run: RunConfig) -> None:
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_worker_process, args=(cfg, run, i), name=f"worker-{i}")
              for i in range(run.workers)]
-    for p in procs:
-        p.start()
-    try:
+    with graceful_interrupts():  # Ctrl-C reaches every worker; the parent waits for them to stop cleanly
+        for p in procs:
+            p.start()
         for p in procs:
             p.join()
-    except KeyboardInterrupt:
-        for p in procs:
-            p.join()
-        raise
+    if STOP.is_set() or any(p.exitcode == 130 for p in procs):
+        STOP.set()
+        check_stop()
     failed = [p.name for p in procs if p.exitcode != 0]
     if failed:
         raise StudyError(f"{', '.join(failed)} exited with an error (see above); run the same command to resume")

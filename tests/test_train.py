@@ -64,3 +64,11 @@ def test_cuda_training_step(small):
                                       small.test_x, small.test_y)))
     result = train(mlp((64,)), cuda, TrainConfig(lr=0.1, epochs=2))
     assert result.test_accuracy > 0.8
+
+
+def test_should_stop_ends_the_run_after_the_current_step(small):
+    calls = []
+    result = train(mlp((16,)), small, TrainConfig(epochs=3, batch_size=100),
+                   should_stop=lambda: calls.append(1) or len(calls) >= 5)
+    assert result.interrupted and result.epochs == [] and result.test_accuracy is None
+    assert len(calls) == 5 and result.samples_seen == 500
