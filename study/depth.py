@@ -210,10 +210,15 @@ def open_studies(storage, cfg: StudyConfig, depth: int, seed: int | None = None)
     return tune, final
 
 
+def live_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Trials that hold a budget slot: finished or in flight, surplus claims excluded."""
+    return [t for t in study.get_trials(deepcopy=False, states=FINISHED + ACTIVE)
+            if not t.user_attrs.get("surplus")]
+
+
 def counts(study: optuna.Study) -> tuple[int, int]:
-    """(finished, in flight) trials that count towards the budget (surplus claims excluded)."""
-    trials = [t for t in study.get_trials(deepcopy=False, states=FINISHED + ACTIVE)
-              if not t.user_attrs.get("surplus")]
+    """(finished, in flight) trials that count towards the budget."""
+    trials = live_trials(study)
     finished = sum(t.state in FINISHED for t in trials)
     return finished, len(trials) - finished
 
@@ -260,8 +265,7 @@ class Surplus(Exception):
 def claim_slot(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> None:
     """Exact budgets under concurrency: a trial runs only if fewer than `n_trials` live trials were
     created before it. The loser of a race is marked `surplus` (failed, ran nothing)."""
-    earlier = [t for t in study.get_trials(deepcopy=False, states=FINISHED + ACTIVE)
-               if t.number < trial.number and not t.user_attrs.get("surplus")]
+    earlier = [t for t in live_trials(study) if t.number < trial.number]
     if len(earlier) >= n_trials:
         trial.set_user_attr("surplus", True)
         raise Surplus(f"trial {trial.number}: budget already claimed")
@@ -350,7 +354,7 @@ def final_runs(final: optuna.Study, tuned: optuna.Study, cfg: StudyConfig, depth
 
     def seeds_taken() -> dict[int, int]:
         taken: dict[int, int] = {}  # seed -> lowest live trial number holding it
-        for t in final.get_trials(deepcopy=False, states=FINISHED + ACTIVE):
+        for t in live_trials(final):
             if t.user_attrs.get("source_trial") == best.number and "seed" in t.user_attrs:
                 s = t.user_attrs["seed"]
                 taken[s] = min(taken.get(s, t.number), t.number)
@@ -393,15 +397,19 @@ def final_runs(final: optuna.Study, tuned: optuna.Study, cfg: StudyConfig, depth
 # --- workers -------------------------------------------------------------------------------------
 
 
-def worker(cfg: StudyConfig, run: RunConfig, index: int = 0) -> None:
-    """One worker: tune every depth (never waiting on others while work is left), then retrain."""
-    with graceful_interrupts():
-        _work(cfg, run, index)
-
-
-def _work(cfg: StudyConfig, run: RunConfig, index: int) -> None:
-    data = load_mnist(run.data_dir, val_size=cfg.val_size, split_seed=cfg.split_seed, device=run.device,
+def load_data(cfg: StudyConfig, run: RunConfig) -> MNIST:
+    return load_mnist(run.data_dir, val_size=cfg.val_size, split_seed=cfg.split_seed, device=run.device,
                       train_subset=cfg.train_subset)
+
+
+def worker(cfg: StudyConfig, run: RunConfig, index: int = 0, data: MNIST | None = None) -> None:
+    """One worker: tune every depth (never waiting on others while work is left), then retrain.
+    `data` is loaded here unless the caller already holds it (a lone in-process worker)."""
+    with graceful_interrupts():
+        _work(cfg, run, index, data if data is not None else load_data(cfg, run))
+
+
+def _work(cfg: StudyConfig, run: RunConfig, index: int, data: MNIST) -> None:
     env = environment(data.device, run.threads) | {"worker": f"{os.uname().nodename}:{os.getpid()}"}
     storage = open_storage(run.storage, run)
     seed = sampler_seed(cfg, run)
@@ -469,9 +477,9 @@ def _worker_process(cfg: StudyConfig, run: RunConfig, index: int) -> None:
         sys.exit(e.exit_code)
 
 
-def run_workers(cfg: StudyConfig, run: RunConfig) -> None:
+def run_workers(cfg: StudyConfig, run: RunConfig, data: MNIST | None = None) -> None:
     if run.workers == 1:
-        worker(cfg, run)
+        worker(cfg, run, data=data)
         return
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_worker_process, args=(cfg, run, i), name=f"worker-{i}")
@@ -545,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg, run = configs_from_args(args)
     resolve_device(run.device)  # usage errors before anything is written
-    load_mnist(run.data_dir, val_size=cfg.val_size, split_seed=cfg.split_seed, train_subset=cfg.train_subset)
+    data = load_data(cfg, run)  # verified before anything is written; reused by a lone worker
     if args.storage is None:
         run.out.mkdir(parents=True, exist_ok=True)
     storage = open_storage(run.storage)
@@ -555,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
             open_studies(storage, cfg, d)  # refuse mismatched settings before any worker starts
         print(f"study {cfg.name!r}: depths {list(cfg.depths)}, {cfg.n_trials} trials and {cfg.seeds} seeds "
               f"per depth, {run.workers} worker(s) x {run.threads} thread(s), storage {run.storage}", flush=True)
-        run_workers(cfg, run)
+        run_workers(cfg, run, data if run.workers == 1 else None)
         return tables.write_tables(storage, cfg.name, cfg.depths, run.out)
 
     written = guarded(study, run.storage)
