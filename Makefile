@@ -17,8 +17,11 @@ study: $(VENV)/.installed  ## set up, then run the quick depth study into result
 test: $(VENV)/.installed  ## set up, then run the whole test suite (benchmarks once, untimed)
 	$(PY) -m pytest
 
-reproduce: $(VENV)/.installed
+reproduce: $(VENV)/.installed  ## the source text's recipes over 5 seeds
 	$(PY) -m mnist_bench.reproduce --seeds 5
+
+throughput: $(VENV)/.installed  ## training-step throughput sweep into results/throughput.csv
+	$(PY) -m mnist_bench.throughput
 
 clean:
 	rm -rf $(VENV)

@@ -1,7 +1,9 @@
 """What every command shares: the common flags and the error boundary.
 
 Bad input ends with one line on stderr and a non-zero exit, never a traceback: 2 for usage errors
-(argparse's convention), 1 for data problems.
+(argparse's convention), 1 for data, storage and environment problems, 130 when interrupted.
+This module imports nothing heavy: a command parses its arguments (and answers Ctrl-C) before
+PyTorch is loaded.
 """
 from __future__ import annotations
 
@@ -10,10 +12,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .data import DEFAULT_DATA_DIR
+from . import interrupt
 from .errors import UserError
+from .paths import DEFAULT_DATA_DIR, RESULTS_DIR
 
-RESULTS_DIR = Path("results")
+__all__ = ["Parser", "positive_int", "add_common", "run", "RESULTS_DIR"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -44,12 +47,19 @@ def add_common(parser: argparse.ArgumentParser, out_help: str) -> None:
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Call `main`, turning the project's user-facing errors into one line and an exit code."""
+    interrupt.install_default()
     try:
-        code = main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted; results written so far are kept", file=sys.stderr)
+        try:
+            code = main(argv)
+        except interrupt.Interrupted as e:
+            print(str(e), file=sys.stderr)
+            code = e.exit_code
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            code = e.exit_code
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            code = 130
+    except KeyboardInterrupt:  # a second signal while the first one's message was printed
         code = 130
     sys.exit(code or 0)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import UsageError, UserError
+from .paths import DEFAULT_DATA_DIR
 
 # SHA-256 of the decompressed official files (same values as data/mnist/SHA256SUMS).
 SHA256 = {
@@ -27,9 +28,6 @@ SHA256 = {
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
 FILES = tuple(SHA256)
-DEFAULT_DATA_DIR = Path(
-    os.environ.get("MNIST_BENCH_DATA", Path(__file__).resolve().parents[1] / "data" / "mnist")
-)
 VAL_SIZE = 10_000  # default hold-out carved from the 60k training images
 
 
@@ -85,7 +83,7 @@ def read_verified(path: Path, name: str) -> bytes:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":  # gzip magic
             raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"{path}: unreadable ({e}); expected decompressed sha256 {expected}") from None
     digest = hashlib.sha256(raw).hexdigest()
     if digest != expected:

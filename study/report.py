@@ -54,10 +54,11 @@ class Comparison:
     ci_low: float
     ci_high: float
     p_value: float
+    reason: str | None = None  # why no interval could be computed; then nothing is concluded
 
     @property
     def detectable(self) -> bool:
-        return self.ci_low > 0 or self.ci_high < 0
+        return self.reason is None and (self.ci_low > 0 or self.ci_high < 0)
 
 
 def t_interval(x: np.ndarray) -> tuple[float, float]:
@@ -72,8 +73,8 @@ def welch(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, float]:
     diff = b.mean() - a.mean()
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
     se = math.sqrt(va + vb)
-    if se == 0:
-        return diff, diff, diff, (1.0 if diff == 0 else 0.0)
+    if np.ptp(a) == 0 and np.ptp(b) == 0:
+        raise ValueError("Welch's test needs spread in at least one group")
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     half = stats.t.ppf(0.975, df) * se
     p = 2 * stats.t.sf(abs(diff) / se, df)
@@ -81,22 +82,25 @@ def welch(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, float]:
 
 
 def seconds_to_target(curve_json: str, target: float) -> float | None:
-    for epoch, _train_loss, _val_loss, val_acc, secs in json.loads(curve_json):
-        if val_acc is not None and val_acc >= target:
-            return secs
+    for row in json.loads(curve_json):
+        if row["val_accuracy"] is not None and row["val_accuracy"] >= target:
+            return row["train_seconds"]
     return None
 
 
 def depth_stats(final: pd.DataFrame, target: float = TARGET_ACCURACY) -> list[DepthStats]:
+    """Per depth, over its retrained seeds that did not diverge (`problems` says when some did)."""
     out = []
     for depth, g in final.groupby("depth"):
-        acc = g["test_accuracy"].to_numpy(float)
+        acc = g["test_accuracy"].dropna().to_numpy(float)
+        if len(acc) == 0:
+            continue
         lo, hi = t_interval(acc)
         times = [seconds_to_target(c, target) for c in g["curve"]] if "curve" in g else []
         reached = [t for t in times if t is not None]
         out.append(DepthStats(
             depth=int(depth), n=len(acc), mean=acc.mean(), std=acc.std(ddof=1) if len(acc) > 1 else math.nan,
-            ci_low=lo, ci_high=hi, widths=str(g["widths"].iloc[0]), n_params=int(g["n_params"].iloc[0]),
+            ci_low=lo, ci_high=hi, widths=str(g["widths"].fillna("").iloc[0]), n_params=int(g["n_params"].iloc[0]),
             train_flops=int(g["train_flops"].iloc[0]), train_seconds=g["train_seconds"].mean(),
             samples_per_s=g["samples_per_s"].mean(),
             seconds_to_target=float(np.mean(reached)) if reached and len(reached) == len(times) else None,
@@ -104,23 +108,49 @@ def depth_stats(final: pd.DataFrame, target: float = TARGET_ACCURACY) -> list[De
     return out
 
 
+def problems(final: pd.DataFrame, depths: list[int] | None = None) -> dict[int, str]:
+    """Why a depth cannot enter a comparison: no retrained runs, fewer than two seeds, or a diverged
+    seed (dropping it would bias the mean; keeping it makes the mean meaningless)."""
+    out: dict[int, str] = {}
+    for d in sorted(set(depths or []) | {int(d) for d in final["depth"].unique()}):
+        g = final[final["depth"] == d]
+        diverged = g["test_accuracy"].isna()
+        if "diverged" in g:
+            diverged |= g["diverged"].fillna(False).astype(bool)
+        if len(g) == 0:
+            out[d] = "no retrained runs yet"
+        elif diverged.any():
+            out[d] = f"{int(diverged.sum())} of {len(g)} retrained seeds diverged"
+        elif len(g) < 2:
+            out[d] = f"only {len(g)} retrained seed (an interval needs 2 or more)"
+    return out
+
+
 def compare(final: pd.DataFrame) -> list[Comparison]:
-    groups = {int(d): g["test_accuracy"].to_numpy(float) for d, g in final.groupby("depth")}
+    """Every pair of depths that can be compared (see `problems`); a pair whose seeds all agree
+    exactly has no spread to test against and gets a reason instead of an interval."""
+    bad = problems(final)
+    groups = {int(d): g["test_accuracy"].to_numpy(float) for d, g in final.groupby("depth") if int(d) not in bad}
     out = []
     for a, b in itertools.combinations(sorted(groups), 2):
-        if len(groups[a]) < 2 or len(groups[b]) < 2:
+        x, y = groups[a], groups[b]
+        if np.ptp(x) == 0 and np.ptp(y) == 0:  # exact: var() of equal floats can be 1e-35, not 0
+            out.append(Comparison(a, b, y.mean() - x.mean(), math.nan, math.nan, math.nan,
+                                  reason="every seed of both depths scored the same: no spread to test against"))
             continue
-        out.append(Comparison(a, b, *welch(groups[a], groups[b])))
+        out.append(Comparison(a, b, *welch(x, y)))
     return out
 
 
 def pts(x: float) -> str:
-    return f"{100 * x:.2f}"
+    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.2f}"
 
 
 def describe(c: Comparison, by_depth: dict[int, DepthStats]) -> str:
     """One plain sentence per pair of depths."""
     a, b = by_depth[c.a], by_depth[c.b]
+    if c.reason is not None:
+        return f"Depth {c.a} and depth {c.b} cannot be compared: {c.reason}."
     if not c.detectable:
         ci = f"95% CI [{pts(c.ci_low)}, {pts(c.ci_high)}] points, p = {c.p_value:.3g}"
         cheap, dear = (a, b) if a.train_seconds <= b.train_seconds else (b, a)
@@ -138,20 +168,37 @@ def describe(c: Comparison, by_depth: dict[int, DepthStats]) -> str:
 
 @dataclass(frozen=True)
 class Verdict:
-    best: int  # highest mean test accuracy
-    answer: int  # cheapest depth not detectably worse than the best
+    best: int | None  # highest mean test accuracy; None when no verdict could be computed
+    answer: int | None  # cheapest depth not detectably worse than the best
     tied: tuple[int, ...]
     text: str
 
 
-def verdict(depths: list[DepthStats], comparisons: list[Comparison]) -> Verdict:
+def no_verdict(depths: list[DepthStats], comparisons: list[Comparison], bad: dict[int, str]) -> Verdict | None:
+    """A Verdict that refuses to conclude, or None when every depth and pair could be compared."""
+    reasons = [f"depth {d}: {why}" for d, why in sorted(bad.items())]
+    reasons += [f"depths {c.a} and {c.b}: {c.reason}" for c in comparisons if c.reason]
+    if reasons:
+        return Verdict(None, None, (), "**No verdict yet.** These depths cannot be compared, so nothing is "
+                       "concluded about any of them: " + "; ".join(reasons) + ".")
+    if len(depths) < 2:
+        only = f"depth {depths[0].depth}" if depths else "no depth"
+        return Verdict(None, None, (), f"**No verdict.** Only {only} was studied: there is nothing to compare it "
+                       "with; rerun with two or more --depths.")
+    return None
+
+
+def verdict(depths: list[DepthStats], comparisons: list[Comparison], bad: dict[int, str] | None = None) -> Verdict:
+    """The answer from every pairwise comparison; refuses (see `no_verdict`) rather than guess."""
+    refused = no_verdict(depths, comparisons, bad or {})
+    if refused is not None:
+        return refused
     by_depth = {s.depth: s for s in depths}
     best = max(depths, key=lambda s: s.mean).depth
     pair = {(c.a, c.b): c for c in comparisons}
 
     def tied_with_best(d: int) -> bool:
-        c = pair.get((min(d, best), max(d, best)))
-        return d == best or c is None or not c.detectable
+        return d == best or not pair[(min(d, best), max(d, best))].detectable
 
     tied = tuple(d for d in sorted(by_depth) if tied_with_best(d))
     answer = min(tied, key=lambda d: (by_depth[d].train_seconds, by_depth[d].n_params))
@@ -166,7 +213,7 @@ def verdict(depths: list[DepthStats], comparisons: list[Comparison]) -> Verdict:
     else:
         lines.append(f"Depth {best} has the highest mean, but depth {answer} is not detectably worse and is "
                      f"cheaper; tied within noise: {', '.join(map(str, tied))}.")
-    if best == max(by_depth) and len(tied) == 1 and len(by_depth) > 1:
+    if best == max(by_depth) and len(tied) == 1:
         lines.append(f"The deepest depth tested is best: the range of depths should be extended beyond {best}.")
     if SOURCE_DEPTH in by_depth:
         if SOURCE_DEPTH == answer and len(tied) == 1:
@@ -179,9 +226,9 @@ def verdict(depths: list[DepthStats], comparisons: list[Comparison]) -> Verdict:
         elif SOURCE_DEPTH in tied:
             lines.append(f"Four layers is as accurate as the best within noise, but depth {answer} gets there cheaper.")
         else:
-            c = pair.get((min(SOURCE_DEPTH, best), max(SOURCE_DEPTH, best)))
-            gap = f" by {pts(abs(c.diff))} points" if c else ""
-            lines.append(f"Four layers is detectably worse than depth {best}{gap}: the hunch does not hold here.")
+            c = pair[(min(SOURCE_DEPTH, best), max(SOURCE_DEPTH, best))]
+            lines.append(f"Four layers is detectably worse than depth {best} by {pts(abs(c.diff))} points: "
+                         "the hunch does not hold here.")
     return Verdict(best, answer, tied, " ".join(lines))
 
 
@@ -213,9 +260,11 @@ def edge_warnings(trials: pd.DataFrame, config: dict) -> list[str]:
 
 
 def best_trials(trials: pd.DataFrame) -> pd.DataFrame:
-    """The best completed tuning trial of each depth (the one that was retrained)."""
-    done = trials[trials["state"] == "complete"]  # ties go to the earliest trial, as in study.depth.best_trial
-    return done.sort_values(["val_accuracy", "trial"], ascending=[False, True]).groupby("depth").head(1)
+    """The tuning trial of each depth that was retrained (marked by study.coord.best_trial's rule)."""
+    if "retrained" not in trials:
+        raise UserError("trials.csv has no 'retrained' column (written by an older mnist-bench); regenerate "
+                        "the tables with python -m study.report --storage URL --out DIR")
+    return trials[trials["retrained"].astype(bool)]
 
 
 def state_counts(trials: pd.DataFrame) -> pd.DataFrame:
@@ -278,7 +327,8 @@ def plots(out: Path, trials: pd.DataFrame, epochs: pd.DataFrame, final: pd.DataF
         ax.axhline(softmax, ls=":", color="C2", label=f"softmax regression, source recipe ({softmax:.2f}%{below})")
     ax.set(xlabel="depth (Linear layers)", ylabel="test accuracy (%)",
            title="Retrained best configuration per depth (each point a seed)")
-    ax.legend(fontsize=8, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="lower right")
     save(fig, "isolation.png", "Retrained test accuracy per depth: each seed a point, mean with 95% t-interval.")
 
     # 2. Learning curves of the best trial per depth.
@@ -398,13 +448,15 @@ def render(results: Path, out: Path | None = None) -> Path:
     depths = depth_stats(final)
     comparisons = compare(final)
     by_depth = {s.depth: s for s in depths}
-    v = verdict(depths, comparisons)
+    bad = problems(final, config.get("depths"))
+    v = verdict(depths, comparisons, bad)
     figures = plots(out, trials, epochs, final, depths, config, reproduction, throughput)
 
     doc = ["# Why four layers? A measured answer", "", v.text, ""]
     doc += ["## Every pair of depths", ""] + [f"- {describe(c, by_depth)}" for c in comparisons]
-    if not comparisons:
-        doc.append("- Fewer than two seeds per depth: no interval can be computed; rerun with --seeds 2 or more.")
+    doc += [f"- Depth {d} cannot be compared: {why}." for d, why in sorted(bad.items())]
+    if not comparisons and not bad:
+        doc.append("- Only one depth: nothing to compare.")
     doc += ["", "Welch's t-test on the retrained test accuracies (each seed one observation); intervals are "
             "95% intervals of the difference in the direction stated, p-values are not corrected for the "
             f"{len(comparisons)} comparisons.", ""]
@@ -467,9 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="where to write report.md and plots (default: --results)")
     args = p.parse_args(argv)
     if args.storage:
-        from study import depth, tables
+        from study import coord, tables
 
-        storage = depth.open_storage(args.storage)
+        storage = coord.open_storage(args.storage, must_exist=True)
         names = tables.study_names(storage)
         if args.name is None and len(names) != 1:
             raise UsageError(f"storage holds studies {sorted(names) or 'none'}; pick one with --name")

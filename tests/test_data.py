@@ -65,7 +65,15 @@ def _flip_byte(raw: bytes) -> bytes:
     return gzip.compress(bytes(altered))
 
 
+def _garble_deflate(raw: bytes) -> bytes:
+    garbled = bytearray(raw)
+    for i in range(200, 260):  # inside the deflate stream: zlib.error, not a checksum mismatch
+        garbled[i] ^= 0xFF
+    return bytes(garbled)
+
+
 CORRUPTIONS = {
+    "garbled-deflate-stream": ("t10k-labels-idx1-ubyte", _garble_deflate),
     "truncated-content": ("t10k-labels-idx1-ubyte", lambda raw: gzip.compress(gzip.decompress(raw)[:-100])),
     "truncated-gzip-stream": ("train-labels-idx1-ubyte", lambda raw: raw[:1000]),
     "altered-byte": ("t10k-images-idx3-ubyte", _flip_byte),

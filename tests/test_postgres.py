@@ -1,5 +1,6 @@
-"""Several workers on one PostgreSQL-backed study: exact budgets, a killed worker, a lost connection,
-and the report read back from the storage. Needs the server on 127.0.0.1:5432 (see conftest.pg_url)."""
+"""Several workers on one PostgreSQL-backed study, end to end: a worker killed while holding a final
+run, a lost connection, and the report read back from the storage (the protocol itself is tested step
+by step in test_coord.py). Needs the server on 127.0.0.1:5432 (see conftest.pg_url)."""
 import signal
 import socket
 import subprocess
@@ -43,46 +44,54 @@ def assert_exact(url: str, n_trials: int, seeds: int, depths=(2, 3)):
         done = [t for t in final.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if not t.user_attrs.get("surplus")]
         assert sorted(t.user_attrs["seed"] for t in done) == list(range(1, seeds + 1))
+        assert len({t.user_attrs["source_trial"] for t in done}) == 1
+        assert not final.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
 
 
-def test_two_workers_meet_the_budget_exactly(pg_url: str, tmp_path: Path):
-    # Trials of a few seconds each, so the second worker starts while work is left.
-    args = ["--n-trials", "8", "--train-subset", "8000"]
-    workers = [start_worker(pg_url, tmp_path / f"w{i}", *args) for i in range(2)]
-    for w in workers:
-        code, err = finish(w)
-        assert code == 0, err
-    assert_exact(pg_url, n_trials=8, seeds=3)
-    # Both workers did tuning work (the budget was shared, not run twice), and both wrote the
-    # same tables from the shared storage.
-    trials = pd.read_csv(tmp_path / "w0" / "trials.csv")
-    assert trials["worker"].nunique() == 2
-    other = pd.read_csv(tmp_path / "w1" / "trials.csv")
-    assert sorted(zip(other.depth, other.trial)) == sorted(zip(trials.depth, trials.trial))
+def holder_of_running_final(url: str, name: str) -> str | None:
+    """The worker (host:pid) that holds a RUNNING final-run trial, if any."""
+    try:
+        study = optuna.load_study(study_name=name, storage=url)
+    except KeyError:
+        return None
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not t.user_attrs.get("surplus"):
+            return t.user_attrs.get("worker")
+    return None
 
 
-def test_worker_killed_mid_trial_and_the_study_still_completes(pg_url: str, tmp_path: Path):
-    victim = start_worker(pg_url, tmp_path / "victim", "--n-trials", "6", "--heartbeat", "1",
-                          "--train-subset", "6000")
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        time.sleep(0.3)
-        try:
-            states = budget_states(pg_url, "quick-depth2")
-        except KeyError:
-            continue
-        if states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) >= 1 and TrialState.RUNNING in states:
-            break
+def test_worker_killed_holding_a_final_run_the_others_finish_exactly(pg_url: str, tmp_path: Path):
+    # Two workers, each its own command; one is SIGKILLed while it holds a RUNNING final-run trial.
+    # The survivor and a restarted worker finish with exactly K distinct seeds and the exact budget.
+    args = ["--depths", "2", "--n-trials", "4", "--seeds", "4", "--heartbeat", "1", "--train-subset", "20000"]
+    workers = {}
+    for i in range(2):
+        w = start_worker(pg_url, tmp_path / f"w{i}", *args)
+        workers[w.pid] = w
+    deadline = time.time() + 180
+    victim = None
+    while time.time() < deadline and victim is None:
+        time.sleep(0.05)
+        holder = holder_of_running_final(pg_url, "quick-depth2-final")
+        if holder is not None:
+            victim = workers.get(int(holder.rsplit(":", 1)[1]))
+    assert victim is not None, "never saw a worker holding a final run"
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    assert TrialState.RUNNING in budget_states(pg_url, "quick-depth2")  # the killed worker's trial
-    survivor = start_worker(pg_url, tmp_path / "survivor", "--n-trials", "6", "--heartbeat", "1",
-                            "--train-subset", "6000")
-    code, err = finish(survivor)
-    assert code == 0, err
-    assert_exact(pg_url, n_trials=6, seeds=3)
-    study = optuna.load_study(study_name="quick-depth2", storage=pg_url)
-    assert any(t.state == TrialState.FAIL for t in study.get_trials(deepcopy=False))  # failed by heartbeat
+    restarted = start_worker(pg_url, tmp_path / "restarted", *args)
+    for w in [*(w for w in workers.values() if w is not victim), restarted]:
+        code, err = finish(w)
+        assert code == 0, err
+    assert_exact(pg_url, n_trials=4, seeds=4, depths=(2,))
+    final = optuna.load_study(study_name="quick-depth2-final", storage=pg_url)
+    assert any(t.state == TrialState.FAIL and not t.user_attrs.get("surplus")
+               for t in final.get_trials(deepcopy=False))  # the dead run, failed by its heartbeat
+    table = pd.read_csv(tmp_path / "restarted" / "final.csv")
+    assert sorted(table.seed) == [1, 2, 3, 4] and table.source_trial.nunique() == 1
+    survivor = next(w for w in workers.values() if w is not victim)
+    out = tmp_path / f"w{list(workers.values()).index(survivor)}"
+    pd.testing.assert_frame_equal(pd.read_csv(out / "final.csv").drop(columns="command"),
+                                  table.drop(columns="command"))  # every worker writes the same tables
 
 
 class Proxy:
@@ -160,11 +169,7 @@ def test_lost_connection_is_one_line_and_a_restart_continues(pg_url: str, tmp_pa
                                     "--train-subset", "6000"))
     assert code == 0, err
     assert_exact(pg_url, n_trials=6, seeds=3)
-
-
-def test_report_from_storage_alone(pg_url: str, tmp_path: Path):
-    code, err = finish(start_worker(pg_url, tmp_path / "w", "--n-trials", "3"))
-    assert code == 0, err
+    # The report renders from the storage alone, as on any machine that can reach it.
     out = tmp_path / "report"
     p = subprocess.run([sys.executable, "-m", "study.report", "--storage", pg_url, "--out", str(out)],
                        capture_output=True, text=True, timeout=300)

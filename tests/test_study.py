@@ -1,4 +1,4 @@
-"""The depth study end to end on a tiny budget: tables, resumption, interruption, bad input."""
+"""The depth study end to end on a tiny budget: tables, resumption, interruption, a killed worker."""
 import signal
 import sqlite3
 import subprocess
@@ -6,37 +6,53 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
+from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.trial import TrialState, create_trial
 
+from mnist_bench.data import MNIST
 from study import depth as study_depth
-from study.depth import PRESETS, StudyConfig, hidden_widths, SearchSpace
+from study.config import PRESETS, RunConfig, SearchSpace, StudyConfig, hidden_widths
+from study.coord import open_storage
+from study.engine import Worker
 
 TINY = ["--preset", "quick", "--depths", "2", "3", "--seeds", "2", "--train-subset", "600", "--no-report"]
 
-TRIALS_COLUMNS = {"depth", "trial", "state", "param_lr", "param_width", "param_epochs", "val_accuracy",
-                  "epochs_run", "n_params", "train_seconds", "samples_per_s", "device", "threads",
+TRIALS_COLUMNS = {"depth", "trial", "state", "retrained", "param_lr", "param_width", "param_epochs",
+                  "val_accuracy", "epochs_run", "n_params", "train_seconds", "samples_per_s", "device", "threads",
                   "torch_version", "device_name", "study"}
 EPOCHS_COLUMNS = {"depth", "trial", "epoch", "train_loss", "val_loss", "val_accuracy", "study",
                   "train_seconds"}
-FINAL_COLUMNS = {"depth", "seed", "widths", "param_lr", "param_epochs", "test_accuracy", "test_loss",
-                 "train_seconds", "samples_per_s", "device", "threads", "torch_version", "study"}
+FINAL_COLUMNS = {"depth", "seed", "source_trial", "widths", "param_lr", "param_epochs", "test_accuracy",
+                 "test_loss", "train_seconds", "samples_per_s", "device", "threads", "torch_version", "study"}
 
 
-def run_study(*args):
+def run_study(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "study.depth", *args], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=timeout)
 
 
-def trial_states(db: Path) -> list[tuple[str, str]]:
+def trial_states(db: Path, suffix: str = "") -> list[tuple[str, str]]:
     with sqlite3.connect(db) as con:
-        return con.execute("select s.study_name, t.state from trials t join studies s using (study_id) "
+        rows = con.execute("select s.study_name, t.state from trials t join studies s using (study_id) "
                            "order by t.trial_id").fetchall()
+    return [r for r in rows if r[0].endswith(suffix)] if suffix else rows
 
 
 def budget_rows(out: Path, depth: int) -> pd.DataFrame:
     t = pd.read_csv(out / "trials.csv")
     return t[(t.depth == depth) & t.state.isin(["complete", "pruned", "diverged"])]
+
+
+def assert_exact(out: Path, n_trials: int, seeds: int, depths=(2, 3)):
+    final = pd.read_csv(out / "final.csv")
+    for d in depths:
+        rows = budget_rows(out, d)
+        assert len(rows) == n_trials and rows.trial.is_unique
+        assert sorted(final[final.depth == d].seed) == list(range(1, seeds + 1))
+        assert final[final.depth == d].source_trial.nunique() == 1
 
 
 def test_tiny_study_end_to_end_writes_documented_tables(tmp_path: Path):
@@ -47,18 +63,17 @@ def test_tiny_study_end_to_end_writes_documented_tables(tmp_path: Path):
     assert TRIALS_COLUMNS <= set(trials.columns)
     assert EPOCHS_COLUMNS <= set(epochs.columns)
     assert FINAL_COLUMNS <= set(final.columns)
-    for d in (2, 3):
-        assert len(budget_rows(tmp_path, d)) == 3
-        assert sorted(final[final.depth == d].seed) == [1, 2]
+    assert_exact(tmp_path, 3, 2)
     assert trials.state.isin(["complete", "pruned", "diverged", "failed"]).all()
     assert final.test_accuracy.between(0, 1).all()
+    assert trials.groupby("depth").retrained.sum().tolist() == [1, 1]
     # epochs.csv agrees with trials.csv
     runs = epochs.groupby(["depth", "trial"]).size()
     for row in trials.itertuples():
         assert runs.get((row.depth, row.trial), 0) == row.epochs_run
 
 
-def test_second_run_adds_only_missing_trials_and_reuses_final_runs(tmp_path: Path):
+def test_growing_the_budget_on_a_resumed_worker_never_repeats_a_configuration(tmp_path: Path):
     args = [*TINY, "--out", str(tmp_path)]
     study_depth.main([*args, "--n-trials", "2"])
     first = pd.read_csv(tmp_path / "trials.csv")
@@ -67,61 +82,128 @@ def test_second_run_adds_only_missing_trials_and_reuses_final_runs(tmp_path: Pat
     again = pd.read_csv(tmp_path / "trials.csv")
     pd.testing.assert_frame_equal(first.drop(columns=["command"]), again.drop(columns=["command"]))
     pd.testing.assert_frame_equal(final_first, pd.read_csv(tmp_path / "final.csv"))
-    study_depth.main([*args, "--n-trials", "4"])  # grows the budget: two more per depth
+    for n in (4, 6):  # grows the budget twice
+        study_depth.main([*args, "--n-trials", str(n)])
     grown = pd.read_csv(tmp_path / "trials.csv")
     for d in (2, 3):
-        assert sorted(budget_rows(tmp_path, d).trial) == [0, 1, 2, 3]
+        rows = budget_rows(tmp_path, d)
+        assert sorted(rows.trial) == [0, 1, 2, 3, 4, 5]
+        params = rows[[c for c in rows.columns if c.startswith("param_")]]
+        assert not params.duplicated().any(), params  # each resume continued the sampler, never replayed it
     assert set(first.trial) <= set(grown.trial)
 
 
-def _interrupt_and_resume(tmp_path: Path, sig: int, extra: list[str]):
-    out = tmp_path / "out"
-    args = [*TINY, "--n-trials", "5", "--out", str(out), *extra]
-    # A larger subset (a trial takes seconds) so a trial is in flight when the signal lands.
-    args[args.index("--train-subset") + 1] = "20000"
-    proc = subprocess.Popen([sys.executable, "-m", "study.depth", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    db = out / "study.db"
-    deadline = time.time() + 120
+def test_shrinking_a_budget_is_refused(tmp_path: Path):
+    study_depth.main([*TINY, "--depths", "2", "--n-trials", "2", "--seeds", "2", "--out", str(tmp_path)])
+    for flag in (["--n-trials", "1"], ["--seeds", "1", "--n-trials", "2"]):
+        p = run_study(*TINY, "--depths", "2", "--out", str(tmp_path), *flag)
+        assert p.returncode == 1 and "cannot shrink" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_a_new_best_trial_gets_its_own_seeds_and_old_runs_are_reported_superseded(tmp_path: Path):
+    args = [*TINY, "--depths", "2", "--out", str(tmp_path)]
+    study_depth.main([*args, "--n-trials", "2"])
+    old = pd.read_csv(tmp_path / "final.csv")
+    # A better configuration appears in the storage (another worker's budget, an imported trial).
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    tune = optuna.load_study(study_name="quick-depth2", storage=storage)
+    tune.add_trial(create_trial(
+        params={"lr": 0.05, "epochs": 2, "width": 32},
+        distributions={"lr": FloatDistribution(1e-3, 1.0, log=True), "epochs": IntDistribution(1, 4),
+                       "width": IntDistribution(16, 256, log=True)},
+        value=0.999, user_attrs={"diverged": False, "curve": []}))
+    study_depth.main([*args, "--n-trials", "3"])  # the budget now holds the imported trial
+    final = pd.read_csv(tmp_path / "final.csv")
+    superseded = pd.read_csv(tmp_path / "superseded.csv")
+    assert sorted(final.seed) == [1, 2] and set(final.source_trial) == {2}  # no mixing of configurations
+    assert sorted(superseded.seed) == [1, 2] and set(superseded.source_trial) == set(old.source_trial)
+    assert superseded.reason.str.contains("no longer the best").all()
+
+
+def test_the_pruner_never_stops_a_trial_at_its_last_epoch(small: MNIST, tmp_path: Path):
+    # One-epoch trials, pruning from the first epoch on: a worse trial would be pruned at its last epoch.
+    cfg = StudyConfig(name="p", depths=(2,), n_trials=6, seeds=1, space=SearchSpace(width=(16, 32), max_epochs=1),
+                      sampler_startup_trials=6, pruner_startup_trials=1, pruner_warmup_epochs=0)
+    run = RunConfig(storage=f"sqlite:///{tmp_path / 's.db'}", out=tmp_path)
+    Worker(cfg, run, small, open_storage(run.storage, 10, 30), env={}).work()
+    study = optuna.load_study(study_name="p-depth2", storage=run.storage)
+    states = [t.state for t in study.get_trials() if not t.user_attrs.get("surplus")]
+    assert states.count(TrialState.COMPLETE) == 6 and TrialState.PRUNED not in states
+
+
+def _wait_for(db: Path, condition, timeout: float = 120):
+    deadline = time.time() + timeout
     while time.time() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.05)
         if db.exists():
             try:
-                states = trial_states(db)
+                if condition(trial_states(db)):
+                    return
             except sqlite3.OperationalError:
                 continue
-            if sum(s in ("COMPLETE", "PRUNED") for _, s in states) >= 1 and any(s == "RUNNING" for _, s in states):
-                break
-    else:
-        pytest.fail("never saw a finished trial and one in flight")
-    assert proc.poll() is None, "the study finished before it could be interrupted"
-    proc.send_signal(sig)
+    pytest.fail("the study never reached the state to interrupt")
+
+
+def _running(suffix: str):
+    return lambda states: any(n.endswith(suffix) and s == "RUNNING" for n, s in states)
+
+
+def test_ctrl_c_stops_a_lone_worker_cleanly_and_a_rerun_completes(tmp_path: Path):
+    out = tmp_path / "out"
+    args = [*TINY, "--depths", "2", "--n-trials", "3", "--train-subset", "20000", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "study.depth", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(out / "study.db", lambda st: any(s in ("COMPLETE", "PRUNED") for _, s in st) and _running("")(st))
+    proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0
-    assert any(s == "RUNNING" for _, s in trial_states(db)) == (sig == signal.SIGKILL)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines() == [l for l in err.strip().splitlines() if l.startswith("interrupted")]
+    assert not any(s == "RUNNING" for _, s in trial_states(out / "study.db"))  # given back at a safe point
     done = run_study(*args)
     assert done.returncode == 0, done.stderr
-    for d in (2, 3):
-        rows = budget_rows(out, d)
-        assert len(rows) == 5 and rows.trial.is_unique
-    assert not any(s == "RUNNING" for _, s in trial_states(db))
-    return err
+    assert_exact(out, 3, 2, depths=(2,))
 
 
-def test_ctrl_c_then_rerun_completes_the_same_budget(tmp_path: Path):
-    err = _interrupt_and_resume(tmp_path, signal.SIGINT, [])
-    assert "Traceback" not in err and "interrupted" in err
+def test_kill_9_during_a_final_run_then_the_same_command_finishes_exactly(tmp_path: Path):
+    # README's recovery path: the killed run's trial is failed once its heartbeat (1 s) is 3 s stale,
+    # its seed is given back, and the rerun runs it.
+    out = tmp_path / "out"
+    args = [*TINY, "--depths", "2", "--n-trials", "2", "--seeds", "3", "--train-subset", "20000", "--heartbeat", "1",
+            "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "study.depth", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(out / "study.db", _running("-final"))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ("RUNNING" in [s for _, s in trial_states(out / "study.db", "-final")])
+    done = run_study(*args)
+    assert done.returncode == 0, done.stderr
+    assert_exact(out, 2, 3, depths=(2,))
+    assert "FAIL" in [s for _, s in trial_states(out / "study.db", "-final")]
 
 
-def test_sigkill_then_rerun_completes_the_same_budget(tmp_path: Path):
-    # The killed trial stays RUNNING until its heartbeat is 3 s stale; the rerun waits, then re-tunes.
-    _interrupt_and_resume(tmp_path, signal.SIGKILL, ["--heartbeat", "1"])
+def test_sigterm_reaches_every_worker_process(tmp_path: Path):
+    out = tmp_path / "out"
+    args = [*TINY, "--depths", "2", "--n-trials", "20", "--train-subset", "20000", "--workers", "2",
+            "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "study.depth", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(out / "study.db", lambda st: [s for _, s in st].count("RUNNING") == 2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("interrupted"), err
+    states = [s for _, s in trial_states(out / "study.db")]
+    assert "RUNNING" not in states and states.count("FAIL") >= 2  # both workers gave their trial back
+    time.sleep(1)
+    assert [s for _, s in trial_states(out / "study.db")] == states  # and nothing ran on after the exit
+    assert not (out / "trials.csv").exists()
 
 
 @pytest.mark.parametrize("bad", [
-    ["--depths", "0"], ["--n-trials", "-1"], ["--preset", "huge"], ["--seeds", "0"],
+    ["--depths", "0"], ["--n-trials", "-1"], ["--preset", "huge"], ["--seeds", "0"], ["--depths", "2", "2"],
     ["--storage", "nosuchdb://x"], ["--storage", "postgresql://nobody@127.0.0.1:1/none"],
-    ["--workers", "0"],
+    ["--workers", "0"], ["--heartbeat", "10000000000"],
 ])
 def test_bad_input_exits_without_traceback_or_touching_results(tmp_path: Path, bad):
     sentinel = tmp_path / "trials.csv"
@@ -162,12 +244,3 @@ def test_widths_taper_and_floor():
 def test_presets_share_the_documented_defaults():
     assert PRESETS["full"].depths == (3, 4, 5) and PRESETS["full"].seeds == 5
     assert isinstance(PRESETS["quick"], StudyConfig)
-
-
-def test_workers_sharing_a_storage_do_not_propose_the_same_trials(tmp_path: Path):
-    # Trials of a second or more each, so both spawned workers find work left when they are up.
-    study_depth.main([*TINY, "--depths", "2", "--n-trials", "6", "--seeds", "1", "--workers", "2",
-                      "--train-subset", "8000", "--out", str(tmp_path)])
-    trials = pd.read_csv(tmp_path / "trials.csv")
-    assert len(budget_rows(tmp_path, 2)) == 6 and trials["worker"].nunique() == 2
-    assert trials["param_lr"].is_unique  # same seed in both workers would repeat every proposal

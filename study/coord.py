@@ -1,0 +1,333 @@
+"""Storage and coordination: how any number of workers share one Optuna storage without losing,
+repeating or double-counting work. One protocol for tuning trials and final seed runs alike:
+
+- A *claim* is a trial. Everything that says what it claims is written when the trial is created
+  (a final run's source trial and seed travel in the creating transaction), so a claim is visible
+  to every worker the moment it exists. Tuning trials all claim the same key, ``tune``.
+- Optuna creates trials under a lock on the study row, so trial numbers are the order in which
+  claims became visible. A claim wins when fewer than `capacity` live claims of its key have lower
+  numbers; the loser is marked ``surplus`` and failed at once (it ran nothing, tables skip it).
+- A claim is live while its trial is running or finished (complete or pruned); a failed trial
+  holds nothing, so its slot or seed is claimed again.
+- A worker with nothing left to claim waits until every slot is *finished*, not merely claimed,
+  failing stale claims while it waits: a running trial whose heartbeat is older than the grace
+  period, or that never recorded one and was created longer ago than that (its worker died
+  between creating it and the first heartbeat).
+- A worker whose own trial was failed as stale (it was paused, or cut off) drops its result when
+  it notices and carries on; the slot has been, or will be, redone by someone.
+
+Every step is a method of `Ledger`, so tests script interleavings of in-process workers step by step.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import random
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import sqlalchemy
+import sqlalchemy.exc
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+
+from mnist_bench.errors import UserError
+from mnist_bench.train import EpochMetrics
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+LIVE = (TrialState.RUNNING, TrialState.WAITING, *FINISHED)
+TUNE = "tune"  # the key every tuning trial claims
+SURPLUS = "surplus"  # user attr of a claim that lost its race
+HEARTBEAT_SEEN = "heartbeat"  # system attr set once a trial's first heartbeat is stored
+
+
+class StudyError(UserError):
+    """Storage unusable or a study made with other settings; one line for the user."""
+
+
+# --- storage -------------------------------------------------------------------------------------
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a sqlite:/// URL (None for other URLs and in-memory databases)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url.removeprefix("sqlite:///")
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
+                 must_exist: bool = False) -> optuna.storages.RDBStorage:
+    """Optuna's RDBStorage for `url`. `must_exist` refuses to create a new SQLite file (readers)."""
+    path = sqlite_path(url)
+    if must_exist and path is not None and not path.is_file():
+        raise StudyError(f"no storage file {path}; check the --storage URL")
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():  # heartbeats: documented fault tolerance, still tagged experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                                  heartbeat_interval=heartbeat_interval,
+                                                  grace_period=grace_period)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # Workers started at once on an empty database race to create Optuna's tables; the
+            # loser sees "already exists" and simply opens what the winner made.
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + random.random())
+        except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors of every kind become one line
+            raise StudyError(f"cannot open storage {url!r}: {first_line(e)}") from None
+    raise AssertionError("unreachable")
+
+
+def first_line(e: BaseException) -> str:
+    lines = str(getattr(e, "orig", None) or e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def storage_problem(url: str) -> str | None:
+    """None when the storage answers a query now; otherwise why not, in one line."""
+    connect_args = {"timeout": 5} if url.startswith("sqlite") else {"connect_timeout": 5}
+    engine = None
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args=connect_args)
+        with engine.connect() as con:
+            con.execute(sqlalchemy.text("select count(*) from trials"))
+        return None
+    except Exception as e:  # noqa: BLE001
+        return first_line(e)
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
+def guarded(fn: Callable, url: str):
+    """Run `fn`; an error while the storage is unreachable or unreadable becomes one line.
+    Optuna does not always surface a lost connection as a database error, so ask the storage."""
+    try:
+        return fn()
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        problem = storage_problem(url)
+        if problem is None and not isinstance(e, sqlalchemy.exc.SQLAlchemyError):
+            raise  # a genuine bug: keep the traceback
+        path = sqlite_path(url)
+        what = f"storage file {path} is unreadable" if path else "lost the connection to the storage"
+        raise StudyError(f"{what} ({problem or first_line(e)}); "
+                         + ("move it aside to start afresh" if path and problem else
+                            "run the same command again to continue")) from None
+
+
+# --- the sampler ---------------------------------------------------------------------------------
+
+
+def derived_seed(seed: int, number: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{number}".encode()).digest()[:4], "big")
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """A sampler whose random stream is a function of (seed, trial number): trial n of a study
+    draws the same numbers whoever runs it, and no two trials share a stream. A resumed worker
+    therefore never replays the configurations of earlier trials (a sampler seeded once per process
+    would), and workers sharing a storage never propose identical trials."""
+
+    def __init__(self, seed: int, make: Callable[[int], optuna.samplers.BaseSampler]):
+        self._seed, self._make = seed, make
+        self._current = make(seed)
+
+    def before_trial(self, study, trial):
+        self._current = self._make(derived_seed(self._seed, trial.number))
+        self._current.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._current.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._current.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._current.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values):
+        self._current.after_trial(study, trial, state, values)
+
+
+# --- stored values -------------------------------------------------------------------------------
+
+CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "train_seconds")
+
+
+def encode_curve(epochs: list[EpochMetrics]) -> list[list]:
+    """A trial's per-epoch metrics as stored in its `curve` user attr."""
+    return [[getattr(e, c) for c in CURVE_COLUMNS] for e in epochs]
+
+
+def decode_curve(rows) -> list[dict]:
+    return [dict(zip(CURVE_COLUMNS, row)) for row in rows or []]
+
+
+def is_live(t: FrozenTrial) -> bool:
+    return t.state in LIVE and not t.user_attrs.get(SURPLUS)
+
+
+def key_of(t: FrozenTrial) -> str:
+    return t.user_attrs.get("claim", TUNE)
+
+
+def final_key(source_trial: int, seed: int) -> str:
+    return f"trial{source_trial}-seed{seed}"
+
+
+def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
+    """The tuning trial that is retrained: highest validation accuracy among completed, non-diverged
+    trials; ties go to the earliest. The one rule, used by the workers and by the tables."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
+            and not t.user_attrs.get("diverged") and not t.user_attrs.get(SURPLUS)]
+    return max(done, key=lambda t: (t.value, -t.number)) if done else None
+
+
+# --- the protocol --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    trial_id: int
+    number: int
+    key: str
+    won: bool
+
+
+class Ledger:
+    """One study's claims as every worker sees them in the storage (never a cached view)."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage, study: optuna.Study, grace_seconds: float,
+                 clock: Callable[[], datetime.datetime] = datetime.datetime.now):
+        self.storage, self.study, self.grace, self.clock = storage, study, grace_seconds, clock
+        self.study_id = storage.get_study_id_from_name(study.study_name)
+
+    def trials(self) -> list[FrozenTrial]:
+        return self.storage.get_all_trials(self.study_id, deepcopy=False)
+
+    # Reading the board.
+    def open_key(self, demand: Mapping[str, int]) -> str | None:
+        """The first key with fewer live claims than its capacity: what to claim next."""
+        live = [key_of(t) for t in self.trials() if is_live(t)]
+        return next((k for k, cap in demand.items() if live.count(k) < cap), None)
+
+    def finished(self, demand: Mapping[str, int]) -> bool:
+        done = [key_of(t) for t in self.trials() if t.state in FINISHED and not t.user_attrs.get(SURPLUS)]
+        return all(done.count(k) >= cap for k, cap in demand.items())
+
+    def counts(self, demand: Mapping[str, int]) -> tuple[int, int]:
+        """(finished, in flight) claims that count towards `demand`."""
+        trials = [t for t in self.trials() if is_live(t) and key_of(t) in demand]
+        finished = sum(t.state in FINISHED for t in trials)
+        return finished, len(trials) - finished
+
+    def counts_completed(self) -> int:
+        return sum(1 for t in self.trials() if t.state == TrialState.COMPLETE and not t.user_attrs.get(SURPLUS))
+
+    # Claiming.
+    def claim(self, key: str, attrs: Mapping | None = None) -> Claim:
+        """Create a trial claiming `key`, then settle the race."""
+        return self.settle(self.create(key, attrs))
+
+    def create(self, key: str, attrs: Mapping | None = None) -> int:
+        """Create a trial claiming `key`; the claim and `attrs` are written in the same transaction."""
+        template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None,
+                               datetime_start=datetime.datetime.now(), datetime_complete=None, params={},
+                               distributions={}, user_attrs={"claim": key, **(attrs or {})}, system_attrs={},
+                               intermediate_values={}, trial_id=-1)
+        return self.storage.create_new_trial(self.study_id, template_trial=template)
+
+    def settle(self, trial_id: int, capacity: int = 1) -> Claim:
+        """Decide a created claim: it wins if fewer than `capacity` live claims of its key precede it.
+        A loser is marked surplus and failed before this returns."""
+        trials = self.trials()
+        me = next(t for t in trials if t._trial_id == trial_id)
+        key = key_of(me)
+        ahead = sum(1 for t in trials if is_live(t) and key_of(t) == key and t.number < me.number)
+        won = me.state == TrialState.RUNNING and ahead < capacity
+        if not won:
+            self.surrender(trial_id)
+        return Claim(trial_id, me.number, key, won)
+
+    def surrender(self, trial_id: int) -> None:
+        with contextlib.suppress(UpdateFinishedTrialError):
+            self.storage.set_trial_user_attr(trial_id, SURPLUS, True)
+            self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+
+    # Finishing.
+    def finish(self, trial_id: int, state: TrialState, value: float | None = None,
+               attrs: Mapping | None = None) -> bool:
+        """Record a result. False when the trial was failed meanwhile as stale: the result is dropped."""
+        try:
+            for k, v in (attrs or {}).items():
+                self.storage.set_trial_user_attr(trial_id, k, v)
+            if state == TrialState.PRUNED and value is None:
+                steps = self.storage.get_trial(trial_id).intermediate_values
+                value = steps[max(steps)] if steps else None
+            self.storage.set_trial_state_values(trial_id, state, None if value is None else [value])
+            return True
+        except UpdateFinishedTrialError:
+            return False
+
+    def give_back(self, trial_id: int) -> None:
+        """Fail a claim this worker holds (interrupted): its slot or seed is free again."""
+        with contextlib.suppress(UpdateFinishedTrialError):
+            self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+
+    # Recovering.
+    def recover_stale(self) -> list[int]:
+        """Fail running claims whose worker is gone; returns their trial numbers."""
+        failed = []
+        if self.storage.get_heartbeat_interval() is not None:
+            for trial_id in self.storage._get_stale_trial_ids(self.study_id):  # Optuna's own (DB clock) rule
+                with contextlib.suppress(UpdateFinishedTrialError):
+                    if self.storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                        failed.append(self.storage.get_trial(trial_id).number)
+        now = self.clock()
+        for t in self.trials():
+            if (t.state == TrialState.RUNNING and not t.system_attrs.get(HEARTBEAT_SEEN)
+                    and t.datetime_start is not None and (now - t.datetime_start).total_seconds() > self.grace):
+                with contextlib.suppress(UpdateFinishedTrialError):
+                    if self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+                        failed.append(t.number)
+        return failed
+
+    @contextlib.contextmanager
+    def heartbeat(self, trial_id: int, interval: float) -> Iterator[None]:
+        """Record the trial's heartbeat every `interval` seconds while the block runs."""
+        if not self.storage.get_heartbeat_interval() is not None:
+            yield
+            return
+        stop = threading.Event()
+
+        def beat() -> None:
+            first = True
+            while True:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                    if first:
+                        self.storage.set_trial_system_attr(trial_id, HEARTBEAT_SEEN, True)
+                        first = False
+                except Exception:  # noqa: BLE001 - a lost beat shows as a stale trial; finish() notices
+                    pass
+                if stop.wait(interval):
+                    return
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
