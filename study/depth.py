@@ -5,7 +5,7 @@ best configuration of each depth is retrained from scratch with K seeds and scor
 Everything lives in the Optuna storage (SQLite by default, PostgreSQL for many machines): running
 the same command again continues where any run stopped, and several workers share the work.
 
-    python -m study.depth --preset quick   # about 1.5 minutes on 2 CPU cores
+    python -m study.depth --preset quick   # about 30 seconds on 2 CPU cores
     python -m study.depth --preset full    # the committed study: two workers, about 35 minutes
 """
 from __future__ import annotations

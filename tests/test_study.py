@@ -164,7 +164,7 @@ def test_ctrl_c_stops_a_lone_worker_cleanly_and_a_rerun_completes(tmp_path: Path
     assert_exact(out, 3, 2, depths=(2,))
 
 
-def test_kill_9_during_a_final_run_then_the_same_command_finishes_exactly(tmp_path: Path):
+def test_kill_9_during_the_last_final_run_then_the_same_command_finishes_exactly(tmp_path: Path):
     # README's recovery path: the killed run's trial is failed once its heartbeat (1 s) is 3 s stale,
     # its seed is given back, and the rerun runs it.
     out = tmp_path / "out"
@@ -172,7 +172,9 @@ def test_kill_9_during_a_final_run_then_the_same_command_finishes_exactly(tmp_pa
             "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "study.depth", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    _wait_for(out / "study.db", _running("-final"))
+    # Killed during the last seed: a claimed-but-dead seed must not count as done.
+    _wait_for(out / "study.db", lambda st: [s for n, s in st if n.endswith("-final")].count("COMPLETE") == 2
+              and _running("-final")(st))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ("RUNNING" in [s for _, s in trial_states(out / "study.db", "-final")])
