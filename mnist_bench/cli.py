@@ -8,15 +8,31 @@ PyTorch is loaded.
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from . import interrupt
-from .errors import UserError
+from .errors import UsageError, UserError
 from .paths import DEFAULT_DATA_DIR, RESULTS_DIR
 
-__all__ = ["Parser", "positive_int", "add_common", "run", "RESULTS_DIR"]
+__all__ = ["Parser", "positive_int", "bounded_int", "device_name", "file_name", "add_common", "prepare_out", "starting",
+           "run", "RESULTS_DIR"]
+
+MAX_THREADS = 1024
+DEVICE_PATTERN = re.compile(r"(auto|cpu|cuda(:\d+)?)")
+_signalled_while_starting: list[int] = []
+
+
+def starting(name: str) -> None:
+    """Called first by every command module: while PyTorch and friends load, a Ctrl-C or SIGTERM is
+    remembered instead of raising inside an import (a traceback); `run` then exits 130 with one line."""
+    if name == "__main__":
+        for s in interrupt.SIGNALS:
+            signal.signal(s, lambda signum, frame: _signalled_while_starting.append(signum))
 
 
 class Parser(argparse.ArgumentParser):
@@ -30,23 +46,78 @@ class Parser(argparse.ArgumentParser):
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
+def bounded_int(low: int, high: int, why: str) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]; `why` says what the upper bound protects."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high} ({why}), got {text}")
+        return value
+
+    return parse
+
+
+def device_name(text: str) -> str:
+    """auto, cpu, cuda or cuda:N; whether CUDA exists is checked once PyTorch is loaded."""
+    if not DEVICE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
 def add_common(parser: argparse.ArgumentParser, out_help: str) -> None:
     parser.add_argument("--data-dir", type=Path, default=None,
                         help=f"folder with the four MNIST files, gzip or raw (default: {DEFAULT_DATA_DIR})")
-    parser.add_argument("--device", default="cpu", help="auto, cpu or cuda (default: cpu)")
-    parser.add_argument("--threads", type=positive_int, default=1,
+    parser.add_argument("--device", type=device_name, default="cpu", help="auto, cpu or cuda (default: cpu)")
+    parser.add_argument("--threads", type=bounded_int(1, MAX_THREADS, "threads per process"), default=1,
                         help="CPU threads for PyTorch (default: 1; see README on OpenMP contention)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"{out_help} (default: results/)")
 
 
+def file_name(text: str) -> str:
+    """An argparse type: a plain file name (no folder part)."""
+    if not text or text in (".", "..") or "/" in text or "\0" in text:
+        raise argparse.ArgumentTypeError(f"must be a plain file name, got {text!r}")
+    return text
+
+
+def prepare_out(folder: Path, name: str | None = None) -> Path:
+    """Create `folder` and prove a file can be written there (and `name` is a plain file name),
+    before any work whose results would have nowhere to go. Returns the folder (or the file path)."""
+    if name is not None:
+        try:
+            file_name(name)
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(str(e)) from None
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".mnist-bench-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write to --out {folder}: {e.strerror or e}") from None
+    return folder / name if name is not None else folder
+
+
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Call `main`, turning the project's user-facing errors into one line and an exit code."""
+    if _signalled_while_starting:
+        print("interrupted while starting; nothing was done", file=sys.stderr)
+        sys.exit(130)
     interrupt.install_default()
     try:
         try:
@@ -62,4 +133,7 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
             code = 130
     except KeyboardInterrupt:  # a second signal while the first one's message was printed
         code = 130
+    if code == 130:  # a further signal while the interpreter shuts down must not print a traceback
+        for s in interrupt.SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
     sys.exit(code or 0)

@@ -56,15 +56,20 @@ class MNIST:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' picks CUDA when available; 'cuda' without CUDA is a clear error."""
+    """'auto' picks CUDA when available; cpu, cuda and cuda:N are accepted only where they exist."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError(f"device '{device}' requested but CUDA is not available here (use --device cpu)")
-    try:
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device '{device}' requested but CUDA is not available here (use --device cpu)")
+        index = int(device[5:]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise DeviceError(f"device '{device}' requested but this machine has {torch.cuda.device_count()} "
+                              "CUDA device(s)")
         return torch.device(device)
-    except RuntimeError:
-        raise DeviceError(f"unknown device '{device}' (use auto, cpu or cuda)") from None
+    raise DeviceError(f"unknown device '{device}' (use auto, cpu or cuda)")
 
 
 def find_file(data_dir: Path, name: str) -> Path | None:
@@ -158,8 +163,9 @@ def load_mnist(
         raise DataError(f"validation size {val_size} must be in [0, {len(images) - 1}]")
     train_idx, val_idx = split_indices(len(images), val_size, split_seed)
     if train_subset is not None:
-        if train_subset <= 0:
-            raise DataError(f"training subset {train_subset} must be positive")
+        if not 0 < train_subset <= len(train_idx):
+            raise UsageError(f"training subset {train_subset} must be in 1..{len(train_idx)} (the training "
+                             f"images left after a {val_size}-image hold-out)")
         train_idx = train_idx[:train_subset]
 
     def images_to(x: torch.Tensor) -> torch.Tensor:  # uint8 (n, 28, 28) -> float32 (n, 784), once

@@ -9,16 +9,23 @@ Each recipe runs over several seeds; the table shows the spread, not one lucky r
 """
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass
+from mnist_bench import cli
 
-import pandas as pd
+cli.starting(__name__)
 
-from . import cli
-from .data import load_mnist
-from .env import environment
-from .models import SOURCE_WIDTHS, mlp
-from .train import TrainConfig, train
+import argparse  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pandas as pd  # noqa: E402
+
+from .data import load_mnist  # noqa: E402
+from .env import environment  # noqa: E402
+from .interrupt import Interrupted  # noqa: E402
+from .models import SOURCE_WIDTHS, mlp  # noqa: E402
+from .train import TrainConfig, train  # noqa: E402
+
+MAX_SEEDS = 1_000
 
 
 @dataclass(frozen=True)
@@ -38,7 +45,8 @@ EXPERIMENTS = (
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = cli.Parser("python -m mnist_bench.reproduce", __doc__)
-    parser.add_argument("--seeds", type=cli.positive_int, default=5, help="seeds per recipe (default: 5)")
+    parser.add_argument("--seeds", type=cli.bounded_int(1, MAX_SEEDS, "runs per recipe"), default=5,
+                        help="seeds per recipe (default: 5)")
     parser.add_argument("--train-subset", type=cli.positive_int, default=None,
                         help="train on the first N images only (for smoke tests; default: all 60k)")
     cli.add_common(parser, "folder for reproduction.csv")
@@ -58,31 +66,40 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     })
 
 
+def write(rows: list[dict], path: Path) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    pd.DataFrame(rows).to_csv(partial, index=False)
+    partial.replace(path)  # the table on disk is always whole: every finished run, no half row
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data = load_mnist(args.data_dir, val_size=0, device=args.device, train_subset=args.train_subset)
+    path = cli.prepare_out(args.out, "reproduction.csv")  # before training: results need somewhere to go
     env = environment(data.device, args.threads)
-    rows = []
-    for exp in EXPERIMENTS:
-        for seed in range(args.seeds):
-            config = TrainConfig(lr=0.03, batch_size=64, epochs=exp.epochs, seed=seed, threads=args.threads)
-            result = train(mlp(exp.hidden), data, config)
-            rows.append({
-                "experiment": exp.name, "depth": len(exp.hidden) + 1,
-                "hidden": "-".join(map(str, exp.hidden)), "seed": seed, "epochs": exp.epochs,
-                "lr": config.lr, "batch_size": config.batch_size, "train_size": len(data.train_x),
-                "test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
-                "claimed_accuracy": exp.claimed_accuracy, "train_seconds": result.train_seconds,
-                "samples_per_s": result.samples_per_s, "diverged": result.diverged, **env,
-            })
-            print(f"{exp.name:12s} seed {seed}: test accuracy {result.test_accuracy:.4f} "
-                  f"({result.train_seconds:.1f} s)", flush=True)
-    df = pd.DataFrame(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(args.out / "reproduction.csv", index=False)
+    rows: list[dict] = []
+    try:
+        for exp in EXPERIMENTS:
+            for seed in range(args.seeds):
+                config = TrainConfig(lr=0.03, batch_size=64, epochs=exp.epochs, seed=seed, threads=args.threads)
+                result = train(mlp(exp.hidden), data, config)
+                rows.append({
+                    "experiment": exp.name, "depth": len(exp.hidden) + 1,
+                    "hidden": "-".join(map(str, exp.hidden)), "seed": seed, "epochs": exp.epochs,
+                    "lr": config.lr, "batch_size": config.batch_size, "train_size": len(data.train_x),
+                    "test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
+                    "claimed_accuracy": exp.claimed_accuracy, "train_seconds": result.train_seconds,
+                    "samples_per_s": result.samples_per_s, "diverged": result.diverged, **env,
+                })
+                write(rows, path)
+                print(f"{exp.name:12s} seed {seed}: test accuracy {result.test_accuracy:.4f} "
+                      f"({result.train_seconds:.1f} s)", flush=True)
+    except KeyboardInterrupt:
+        kept = f"the {len(rows)} finished runs are in {path}" if rows else f"no run finished; {path} is untouched"
+        raise Interrupted(f"interrupted: {kept}") from None
     print()
-    print(summarise(df).to_string(float_format=lambda v: f"{v:.4f}"))
-    print(f"\nwrote {args.out / 'reproduction.csv'}")
+    print(summarise(pd.DataFrame(rows)).to_string(float_format=lambda v: f"{v:.4f}", na_rep="n/a"))
+    print(f"\nwrote {path}")
     return 0
 
 

@@ -14,23 +14,27 @@ same models in the same run, so every figure has a ratio beside it.
 """
 from __future__ import annotations
 
-import os
-import statistics
-import tempfile
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from mnist_bench import cli
 
-import pandas as pd
-import torch
-from torch import nn
+cli.starting(__name__)
 
-from . import cli
-from .data import FILES, DEFAULT_DATA_DIR, MNIST, find_file, load_mnist, read_verified, resolve_device
-from .env import environment
-from .models import funnel_widths, mlp, train_flops
-from .train import sync, train_step
+import os  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from .interrupt import Interrupted  # noqa: E402
+from .data import FILES, DEFAULT_DATA_DIR, MNIST, find_file, load_mnist, read_verified, resolve_device  # noqa: E402
+from .env import environment  # noqa: E402
+from .models import funnel_widths, mlp, train_flops  # noqa: E402
+from .train import sync, train_step  # noqa: E402
 
 DEPTHS = (1, 3, 4, 5)  # softmax and the funnel cut to depth
 BATCH_SIZES = (64, 256, 1024, 4096)
@@ -240,15 +244,20 @@ def profile(depth: int, batch_size: int, threads: int, data_dir: Path | None, st
               f"of which matrix products (aten::mm, aten::addmm) {matmul / steps / 1e3:.3f} ms = {matmul / total:.0%}")
 
 
+def device_or_all(text: str) -> str:
+    return text if text == "all" else cli.device_name(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = cli.Parser("python -m mnist_bench.throughput", __doc__)
     p.add_argument("--quick", action="store_true", help="shorter timings (whole run under two minutes on 2 cores)")
     p.add_argument("--data-dir", type=Path, default=None, help="folder with the four MNIST files (default: pinned copy)")
-    p.add_argument("--device", default="all", help="all (CPU, plus CUDA where present), cpu or cuda (default: all)")
-    p.add_argument("--threads", type=cli.positive_int, nargs="+", default=None,
+    p.add_argument("--device", type=device_or_all, default="all",
+                   help="all (CPU, plus CUDA where present), cpu or cuda (default: all)")
+    p.add_argument("--threads", type=cli.bounded_int(1, cli.MAX_THREADS, "threads per process"), nargs="+", default=None,
                    help=f"CPU thread counts to sweep (default: 1 and all cores = {os.cpu_count()})")
     p.add_argument("--out", type=Path, default=cli.RESULTS_DIR, help="folder for throughput.csv (default: results/)")
-    p.add_argument("--name", default="throughput.csv", help="file name of the table (default: throughput.csv)")
+    p.add_argument("--name", type=cli.file_name, default="throughput.csv", help="file name of the table (default: throughput.csv)")
     p.add_argument("--profile", action="store_true",
                    help="instead of the sweep, profile the depth-4 step at batch 64 on the CPU and print where time goes")
     args = p.parse_args(argv)
@@ -262,11 +271,15 @@ def main(argv: list[str] | None = None) -> int:
         devices = [resolve_device(args.device)]
     threads = args.threads or sorted({1, os.cpu_count() or 1})
     load_mnist(args.data_dir, val_size=0)  # verify the data before timing anything
-    df = sweep(devices, threads, QUICK if args.quick else Timing(), args.data_dir)
-    args.out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(args.out / args.name, index=False)
+    path = cli.prepare_out(args.out, args.name)  # and where the table goes
+    try:
+        df = sweep(devices, threads, QUICK if args.quick else Timing(), args.data_dir)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: nothing written ({path} is written when the sweep ends); "
+                          "temporary files removed") from None
+    df.to_csv(path, index=False)
     print(summary(df))
-    print(f"wrote {args.out / args.name}")
+    print(f"wrote {path}")
     return 0
 
 

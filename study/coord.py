@@ -83,8 +83,23 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
                 raise
             time.sleep(0.5 + random.random())
         except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors of every kind become one line
+            if path is not None and (damage := sqlite_damage(path)):
+                raise StudyError(f"storage file {path} is damaged ({damage}); move it aside to start afresh, "
+                                 "or restore a copy") from None
             raise StudyError(f"cannot open storage {url!r}: {first_line(e)}") from None
     raise AssertionError("unreachable")
+
+
+def sqlite_damage(path: Path) -> str | None:
+    """What SQLite says is wrong with the file at `path`, or None when its own check passes."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
+            result = con.execute("pragma quick_check").fetchone()[0]
+        return None if result == "ok" else str(result).splitlines()[0]
+    except sqlite3.Error as e:
+        return str(e)
 
 
 def first_line(e: BaseException) -> str:
@@ -116,14 +131,16 @@ def guarded(fn: Callable, url: str):
     except (UserError, KeyboardInterrupt):
         raise
     except Exception as e:
-        problem = storage_problem(url)
-        if problem is None and not isinstance(e, sqlalchemy.exc.SQLAlchemyError):
-            raise  # a genuine bug: keep the traceback
         path = sqlite_path(url)
-        what = f"storage file {path} is unreadable" if path else "lost the connection to the storage"
-        raise StudyError(f"{what} ({problem or first_line(e)}); "
-                         + ("move it aside to start afresh" if path and problem else
-                            "run the same command again to continue")) from None
+        if path is not None and path.is_file() and (damage := sqlite_damage(path)):
+            raise StudyError(f"storage file {path} is damaged ({damage}); move it aside to start afresh, "
+                             "or restore a copy") from None
+        problem = storage_problem(url)
+        if problem is None and not isinstance(e, (sqlalchemy.exc.SQLAlchemyError,
+                                                  optuna.exceptions.StorageInternalError)):
+            raise  # a genuine bug: keep the traceback
+        raise StudyError(f"lost the connection to the storage ({problem or first_line(e)}); "
+                         "run the same command again to continue") from None
 
 
 # --- the sampler ---------------------------------------------------------------------------------

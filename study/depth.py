@@ -10,31 +10,31 @@ the same command again continues where any run stopped, and several workers shar
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import os
-from pathlib import Path
-
 from mnist_bench import cli
-from mnist_bench.errors import UsageError
 
-from .config import MAX_DEPTH, PRESETS, RunConfig, StudyConfig
+cli.starting(__name__)
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+
+from .config import MAX_DEPTH, PRESETS, RunConfig, StudyConfig  # noqa: E402
 
 MAX_HEARTBEAT = 3600  # seconds; beyond an hour a dead worker's slot would sit idle for hours
+MAX_TRIALS = 10_000  # per depth
+MAX_SEEDS = 1_000  # per depth
+MAX_WORKERS = 256  # processes on one machine
 
 
-def depth_arg(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= MAX_DEPTH:
-        raise argparse.ArgumentTypeError(f"depth must be in 1..{MAX_DEPTH}, got {text}")
-    return value
+depth_arg = cli.bounded_int(1, MAX_DEPTH, "Linear layers")
+def name_arg(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*", text) or "-depth" in text:
+        raise argparse.ArgumentTypeError(f"must be letters, digits, '_', '.' and single '-' (not '-depth'), got {text!r}")
+    return text
 
 
-def heartbeat_arg(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= MAX_HEARTBEAT:
-        raise argparse.ArgumentTypeError(f"heartbeat must be 1..{MAX_HEARTBEAT} seconds, got {text}")
-    return value
+heartbeat_arg = cli.bounded_int(1, MAX_HEARTBEAT, "seconds; a dead worker's run is redone after 3x this")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,17 +43,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="study size (default: quick; full is the committed study)")
     p.add_argument("--depths", type=depth_arg, nargs="+", default=None,
                    help="distinct depths (Linear layers) to compare (default: 3 4 5)")
-    p.add_argument("--n-trials", type=cli.positive_int, default=None,
+    p.add_argument("--n-trials", type=cli.bounded_int(1, MAX_TRIALS, "tuning trials per depth"), default=None,
                    help="tuning trials per depth, in total over all runs and workers; may grow on a rerun "
                         "(preset default)")
-    p.add_argument("--seeds", type=cli.positive_int, default=None,
+    p.add_argument("--seeds", type=cli.bounded_int(1, MAX_SEEDS, "retraining runs per depth"), default=None,
                    help="final retraining seeds per depth; may grow on a rerun (preset default)")
     p.add_argument("--storage", default=None,
                    help="Optuna storage URL, e.g. postgresql://host/db (default: sqlite:///OUT/study.db)")
-    p.add_argument("--workers", type=cli.positive_int, default=None,
+    p.add_argument("--workers", type=cli.bounded_int(1, MAX_WORKERS, "processes on this machine"), default=None,
                    help="worker processes on this machine, each with --threads threads "
                         "(default: 1 for quick, CPU count for full)")
-    p.add_argument("--study-name", default=None,
+    p.add_argument("--study-name", type=name_arg, default=None,
                    help="prefix of the study names in the storage (default: the preset's name)")
     p.add_argument("--train-subset", type=cli.positive_int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--heartbeat", type=heartbeat_arg, default=10,
@@ -81,17 +81,6 @@ def configs_from_args(args: argparse.Namespace) -> tuple[StudyConfig, RunConfig]
     return cfg, run
 
 
-def writable_folder(path: Path) -> None:
-    """Create `path` if needed and make sure files can be written there, before any work."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"cannot write to --out {path}: {e.strerror or e}") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg, run = configs_from_args(args)
@@ -102,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import engine, tables
     from .coord import guarded, open_storage
+    from mnist_bench.interrupt import Interrupted
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our progress bars and tables report trials
     resolve_device(run.device)  # usage errors before anything is written
     data = engine.load_data(cfg, run)  # verified before anything is written; reused by a lone worker
-    writable_folder(run.out)  # before any training: results must have somewhere to go
+    cli.prepare_out(run.out)  # before any training: results must have somewhere to go
     storage = open_storage(run.storage)
 
     def study() -> dict:
@@ -117,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         engine.run_workers(cfg, run, data if run.workers == 1 else None)
         return tables.write_tables(storage, cfg.name, cfg.depths, run.out)
 
-    written = guarded(study, run.storage)
+    try:
+        written = guarded(study, run.storage)
+    except KeyboardInterrupt:  # outside the workers' safe points: nothing was in flight
+        raise Interrupted(f"interrupted: runs in flight are recorded as failed, everything finished is in "
+                          f"{run.storage}; run the same command again to continue") from None
     print(tables.summary(written["final"]))
     if run.render_report:
         from . import report

@@ -156,8 +156,8 @@ class Worker:
         claim = ledger.settle(trial._trial_id, capacity=self.cfg.n_trials)
         if not claim.won:
             return
-        ledger.storage.set_trial_user_attr(claim.trial_id, "worker", self.env.get("worker"))
         with ledger.heartbeat(claim.trial_id, self.run.heartbeat_interval), holding(ledger, claim.trial_id):
+            ledger.storage.set_trial_user_attr(claim.trial_id, "worker", self.env.get("worker"))
             params = suggest(trial, depth, self.cfg.space)
             config = train_config(self.cfg, params, self.cfg.tuning_seed, self.run.threads)
             lost = False
@@ -208,7 +208,9 @@ class Worker:
 
 
 class holding:
-    """While a claim's work runs: any exit but a normal one (Ctrl-C, an error) gives the claim back."""
+    """While a claim's work runs: any exit but a normal one (Ctrl-C, an error) gives the claim back.
+    If the storage refuses an update because the claim was already failed as stale (this worker was
+    paused past the grace period), the work is dropped and the worker goes on: the slot is redone."""
 
     def __init__(self, ledger: Ledger, trial_id: int):
         self.ledger, self.trial_id = ledger, trial_id
@@ -217,6 +219,8 @@ class holding:
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, UpdateFinishedTrialError):
+            return True
         if exc_type is not None:
             try:
                 self.ledger.give_back(self.trial_id)

@@ -8,22 +8,29 @@ counted from the storage (first trial start to last trial end), so process start
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import tempfile
-import time
-import uuid
-from pathlib import Path
-
-import optuna
-import pandas as pd
-import sqlalchemy
-from optuna.trial import TrialState
-
 from mnist_bench import cli
-from mnist_bench.env import environment
-from mnist_bench.errors import UsageError
+
+cli.starting(__name__)
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import optuna  # noqa: E402
+import pandas as pd  # noqa: E402
+import sqlalchemy  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+from mnist_bench.env import environment  # noqa: E402
+from mnist_bench.errors import UserError  # noqa: E402
+from mnist_bench.interrupt import Interrupted  # noqa: E402
+
+from .config import MAX_DEPTH, study_name  # noqa: E402
+from .coord import first_line  # noqa: E402
 
 ADMIN_URL = os.environ.get("MNIST_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -39,13 +46,21 @@ def run_setting(admin: sqlalchemy.Engine, workers: int, n_trials: int, depth: in
                    "--n-trials", str(n_trials), "--seeds", "1", "--threads", "1", "--no-report",
                    "--storage", url, *extra]
             start = time.perf_counter()
-            procs = [subprocess.Popen([*cmd, "--out", f"{tmp}/w{i}"], stdout=subprocess.DEVNULL)
-                     for i in range(workers)]
-            codes = [p.wait() for p in procs]
+            procs: list[subprocess.Popen] = []
+            try:
+                for i in range(workers):  # each worker's one-line error goes to a file: this command says one line
+                    with open(f"{tmp}/w{i}.err", "w") as err:
+                        procs.append(subprocess.Popen([*cmd, "--out", f"{tmp}/w{i}"], stdout=subprocess.DEVNULL,
+                                                      stderr=err))
+                codes = [p.wait() for p in procs]
+            finally:
+                stop(procs)
             wall = time.perf_counter() - start
-            if any(codes):
-                raise UsageError(f"a worker exited with {codes}; see its error above")
-        study = optuna.load_study(study_name=f"quick-depth{depth}", storage=url)
+            for i, code in enumerate(codes):
+                if code:
+                    lines = Path(f"{tmp}/w{i}.err").read_text().strip().splitlines()
+                    raise UserError(f"worker {i} exited with {code}: {lines[-1] if lines else 'no message'}")
+        study = optuna.load_study(study_name=study_name("quick", depth), storage=url)
         trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
                   if not t.user_attrs.get("surplus")]
         first = min(t.datetime_start for t in trials)
@@ -63,30 +78,48 @@ def run_setting(admin: sqlalchemy.Engine, workers: int, n_trials: int, depth: in
             con.execute(sqlalchemy.text(f'drop database if exists "{name}" with (force)'))
 
 
+def stop(procs: list[subprocess.Popen]) -> None:
+    """Workers still running (the command was interrupted): stop them at a safe point, then for good."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = cli.Parser("python -m study.scaleout", __doc__)
-    p.add_argument("--n-trials", type=cli.positive_int, default=48, help="tuning budget per setting (default: 48)")
-    p.add_argument("--depth", type=cli.positive_int, default=4, help="the depth tuned (default: 4)")
+    p.add_argument("--n-trials", type=cli.bounded_int(1, 10_000, "tuning trials per setting"), default=48,
+                   help="tuning budget per setting (default: 48)")
+    p.add_argument("--depth", type=cli.bounded_int(1, MAX_DEPTH, "Linear layers"), default=4,
+                   help="the depth tuned (default: 4)")
     p.add_argument("--out", type=Path, default=cli.RESULTS_DIR, help="folder for scaleout.csv (default: results/)")
     args = p.parse_args(argv)
-    admin = sqlalchemy.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    path = cli.prepare_out(args.out, "scaleout.csv")
     try:
+        admin = sqlalchemy.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
         with admin.connect() as con:
             con.execute(sqlalchemy.text("select 1"))
-    except Exception as e:  # noqa: BLE001
-        raise UsageError(f"PostgreSQL not reachable at {ADMIN_URL} ({str(e).splitlines()[0]}); "
-                         "set MNIST_BENCH_PG_URL") from None
-    rows = [run_setting(admin, w, args.n_trials, args.depth, []) for w in (1, 2)]
+    except Exception as e:  # noqa: BLE001 - a bad URL or an unreachable server: one line
+        raise UserError(f"PostgreSQL not reachable at {ADMIN_URL!r} ({first_line(e)}); "
+                        "set MNIST_BENCH_PG_URL") from None
+    try:
+        rows = [run_setting(admin, w, args.n_trials, args.depth, []) for w in (1, 2)]
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted: workers stopped, their databases dropped; nothing written") from None
     df = pd.DataFrame(rows).assign(**environment("cpu", 1), storage="postgresql")
     ratio = df.trials_per_minute.iloc[1] / df.trials_per_minute.iloc[0]
     work = df.epochs_per_minute.iloc[1] / df.epochs_per_minute.iloc[0]
     df["trials_per_minute_ratio_vs_1"] = df.trials_per_minute / df.trials_per_minute.iloc[0]
-    args.out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(args.out / "scaleout.csv", index=False)
+    df.to_csv(path, index=False)
     print(df[["workers", "finished_trials", "pruned", "tuning_seconds", "trials_per_minute", "epochs_per_minute"]]
           .to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print(f"two workers / one worker: {ratio:.2f}x trials per minute, {work:.2f}x epochs per minute")
-    print(f"wrote {args.out / 'scaleout.csv'}")
+    print(f"wrote {path}")
     return 0
 
 

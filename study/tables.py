@@ -101,6 +101,13 @@ def study_tables(storage, name: str, depth: int) -> dict[str, pd.DataFrame]:
 
 
 TABLES = ("trials", "epochs", "final", "superseded")
+EMPTY_COLUMNS = {
+    "trials": ["study", "depth", "trial", "state", "retrained", "val_accuracy"],
+    "epochs": ["study", "depth", "trial", "epoch", "train_loss", "val_loss", "val_accuracy", "train_seconds"],
+    "final": ["study", "depth", "seed", "source_trial", "run_trial", "widths", "n_params", "train_flops",
+              "test_accuracy", "test_loss", "diverged", "train_seconds", "samples_per_s", "curve"],
+    "superseded": ["depth", "seed", "source_trial", "run_trial", "reason"],
+}
 
 
 def collect(storage, name: str, depths) -> dict[str, pd.DataFrame]:
@@ -123,9 +130,9 @@ def write_tables(storage, name: str, depths, out: Path) -> dict[str, pd.DataFram
     fixed settings, search space and budgets)."""
     out.mkdir(parents=True, exist_ok=True)
     tables = collect(storage, name, depths)
-    if tables["superseded"].empty:
-        tables["superseded"] = pd.DataFrame(columns=["depth", "seed", "source_trial", "run_trial", "reason"])
     for key, df in tables.items():
+        if df.empty and len(df.columns) == 0:  # a study still in progress: headers, no rows
+            tables[key] = df = pd.DataFrame(columns=EMPTY_COLUMNS[key])
         df.to_csv(out / f"{key}.csv", index=False)
     first = load(storage, study_name(name, depths[0]))
     config = {k: v for k, v in first.user_attrs["config"].items() if k != "depth"}

@@ -1,16 +1,289 @@
+"""Every command, every bad input and every signal: one true line, the right exit code, nothing lost
+and nothing left behind. The table below is the contract (README: 2 usage, 1 data/storage/environment,
+130 interrupted); each row runs the real command in a subprocess."""
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 
+from conftest import PG_ADMIN_URL, services_required
+
 DATA_COMMANDS = ["mnist_bench.reproduce", "mnist_bench.throughput", "study.depth"]
-COMMANDS = [*DATA_COMMANDS, "study.report"]
+COMMANDS = [*DATA_COMMANDS, "study.report", "study.scaleout"]
+TINY = ["--preset", "quick", "--depths", "2", "--n-trials", "1", "--seeds", "1", "--train-subset", "300",
+        "--no-report"]
 
 
-def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+def run(*args, cwd=None, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def assert_one_line(p: subprocess.CompletedProcess, code: int, words: str = ""):
+    err = p.stderr.strip()
+    assert p.returncode == code, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr and len(err.splitlines()) == 1, p.stderr
+    assert words.lower() in err.lower(), err
+
+
+# --- the table of bad inputs ---------------------------------------------------------------------
+
+
+def a_file(tmp: Path) -> Path:
+    f = tmp / "a-file"
+    f.write_text("not a folder\n")
+    return f
+
+
+def study_tables(tmp: Path, **replace: str) -> Path:
+    """A results folder with valid synthetic tables (test_report's); `replace` swaps a table's bytes."""
+    from test_report import epochs_table, final_table, trials_table
+
+    folder = tmp / "results"
+    folder.mkdir()
+    final_table({3: 0.970, 4: 0.980, 5: 0.975}).to_csv(folder / "final.csv", index=False)
+    trials_table().to_csv(folder / "trials.csv", index=False)
+    epochs_table().to_csv(folder / "epochs.csv", index=False)
+    for name, text in replace.items():
+        (folder / f"{name}.csv").write_bytes(text.encode("latin-1"))
+    return folder
+
+
+def storage_with(tmp: Path, final: bool, name: str = "s.db") -> str:
+    """An SQLite storage holding a tuning study with one finished trial; its final study only if `final`."""
+    url = f"sqlite:///{tmp / name}"
+    from study.config import PRESETS
+    config = {**PRESETS["quick"].identity(), "depth": 2}
+    tune = optuna.create_study(storage=url, study_name="quick-depth2", direction="maximize")
+    tune.set_user_attr("config", config)
+    tune.add_trial(optuna.trial.create_trial(
+        params={"lr": 0.1, "epochs": 1, "width": 16},
+        distributions={"lr": optuna.distributions.FloatDistribution(1e-3, 1.0, log=True),
+                       "epochs": optuna.distributions.IntDistribution(1, 4),
+                       "width": optuna.distributions.IntDistribution(16, 256, log=True)},
+        value=0.9, user_attrs={"curve": [[1, 1.0, 1.0, 0.9, 1.0]], "diverged": False}))
+    if final:
+        optuna.create_study(storage=url, study_name="quick-depth2-final", direction="maximize")
+    return url
+
+
+def damaged_storage(tmp: Path) -> str:
+    url = storage_with(tmp, final=True, name="damaged.db")
+    path = tmp / "damaged.db"
+    raw = bytearray(path.read_bytes())
+    for page in range(2, len(raw) // 4096):
+        raw[4096 * page: 4096 * page + 200] = b"\xab" * 200
+    path.write_bytes(bytes(raw))
+    return url
+
+
+@dataclass
+class Case:
+    command: str
+    args: object  # list[str], or a function of the test's tmp folder returning one
+    code: int
+    words: str
+    env: dict = field(default_factory=dict)
+    untouched: bool = True  # a file handed in as --out is left as it was
+
+    def argv(self, tmp: Path) -> list[str]:
+        return self.args(tmp) if callable(self.args) else list(self.args)
+
+
+CASES = {
+    # Output folders: checked before any work, on every command that writes.
+    "depth-out-is-a-file": Case("study.depth", lambda t: [*TINY, "--out", str(a_file(t))], 2, "is a file"),
+    "depth-out-under-proc": Case("study.depth", [*TINY, "--out", "/proc/mnist-bench"], 2, "cannot write"),
+    "depth-out-read-only": Case("study.depth", [*TINY, "--out", "/sys/mnist-bench"], 2, "cannot write"),
+    "depth-storage-url-with-bad-out": Case(
+        "study.depth", lambda t: [*TINY, "--storage", f"sqlite:///{t / 'ok.db'}", "--out", "/proc/x"], 2,
+        "cannot write"),
+    "report-out-is-a-file": Case("study.report", lambda t: ["--results", str(study_tables(t)),
+                                                           "--out", str(a_file(t))], 2, "is a file"),
+    "report-storage-out-under-proc": Case("study.report", lambda t: ["--storage", storage_with(t, True),
+                                                                    "--out", "/proc/x"], 2, "cannot write"),
+    "reproduce-out-is-a-file": Case("mnist_bench.reproduce", lambda t: ["--out", str(a_file(t))], 2, "is a file"),
+    "reproduce-out-read-only": Case("mnist_bench.reproduce", ["--out", "/sys/mnist-bench"], 2, "cannot write"),
+    "throughput-empty-name": Case("mnist_bench.throughput", ["--name", ""], 2, "plain file name"),
+    "throughput-name-with-folder": Case("mnist_bench.throughput", ["--name", "a/b.csv"], 2, "plain file name"),
+    "throughput-out-is-a-file": Case("mnist_bench.throughput", lambda t: ["--out", str(a_file(t))], 2, "is a file"),
+    "scaleout-out-is-a-file": Case("study.scaleout", lambda t: ["--out", str(a_file(t))], 2, "is a file"),
+    # Devices: only what the machine has.
+    "depth-device-meta": Case("study.depth", [*TINY, "--device", "meta"], 2, "auto, cpu, cuda"),
+    "depth-device-mps": Case("study.depth", [*TINY, "--device", "mps"], 2, "auto, cpu, cuda"),
+    "reproduce-device-meta": Case("mnist_bench.reproduce", ["--device", "meta"], 2, "auto, cpu, cuda"),
+    "throughput-device-mps": Case("mnist_bench.throughput", ["--device", "mps"], 2, "auto, cpu, cuda"),
+    # Report inputs.
+    "report-no-such-folder": Case("study.report", ["--results", "/nonexistent/results"], 2, "not a folder"),
+    "report-zero-byte-trials": Case("study.report", lambda t: ["--results", str(study_tables(t, trials=""))], 1,
+                                    "empty (0 bytes)"),
+    "report-garbled-final": Case("study.report", lambda t: ["--results", str(study_tables(
+        t, final='depth,seed\n1,2,3,4\n"unterminated\xff\n'))], 1, "final.csv"),
+    "report-final-without-columns": Case("study.report", lambda t: ["--results", str(study_tables(
+        t, final="a,b\n1,2\n"))], 1, "no column"),
+    "report-mistyped-sqlite-storage": Case("study.report", lambda t: ["--storage", f"sqlite:///{t / 'typo.db'}",
+                                                                     "--out", str(t / "r")], 1, "no storage file"),
+    "report-final-study-missing": Case("study.report", lambda t: ["--storage", storage_with(t, False),
+                                                                 "--out", str(t / "r")], 1, "has no study"),
+    "report-final-study-empty": Case("study.report", lambda t: ["--storage", storage_with(t, True),
+                                                               "--out", str(t / "r")], 1, "no retrained runs"),
+    # Storage files.
+    "report-damaged-storage": Case("study.report", lambda t: ["--storage", damaged_storage(t),
+                                                             "--out", str(t / "r")], 1, "is damaged"),
+    "depth-damaged-storage": Case("study.depth", lambda t: [*TINY, "--storage", damaged_storage(t),
+                                                           "--out", str(t / "o")], 1, "is damaged"),
+    # Limits.
+    "depth-huge-seeds": Case("study.depth", [*TINY, "--seeds", "1000000000"], 2, "1..1000"),
+    "depth-huge-n-trials": Case("study.depth", [*TINY, "--n-trials", "1000000000"], 2, "1..10000"),
+    "depth-huge-heartbeat": Case("study.depth", [*TINY, "--heartbeat", "10000000000"], 2, "1..3600"),
+    "depth-huge-train-subset": Case("study.depth", [*TINY, "--train-subset", "1000000000000"], 2, "1..55000"),
+    "depth-repeated-depths": Case("study.depth", [*TINY, "--depths", "2", "2"], 2, "distinct"),
+    "depth-depth-too-large": Case("study.depth", [*TINY, "--depths", "99"], 2, "1..8"),
+    "depth-empty-study-name": Case("study.depth", [*TINY, "--study-name", ""], 2, "study-name"),
+    "depth-threads-zero": Case("study.depth", [*TINY, "--threads", "0"], 2, "threads"),
+    "depth-workers-huge": Case("study.depth", [*TINY, "--workers", "100000"], 2, "1..256"),
+    "depth-unknown-storage-scheme": Case("study.depth", [*TINY, "--storage", "nosuchdb://x"], 1, "cannot open"),
+    "reproduce-huge-seeds": Case("mnist_bench.reproduce", ["--seeds", "1000000000"], 2, "1..1000"),
+    "reproduce-huge-train-subset": Case("mnist_bench.reproduce", ["--train-subset", "100000"], 2, "1..60000"),
+    "throughput-threads-zero": Case("mnist_bench.throughput", ["--threads", "0"], 2, "threads"),
+    "scaleout-depth-99": Case("study.scaleout", ["--depth", "99"], 2, "1..8"),
+    "scaleout-bogus-pg-url": Case("study.scaleout", lambda t: ["--out", str(t / "o")], 1, "not reachable",
+                                  env={"MNIST_BENCH_PG_URL": "bogus://nowhere"}),
+    "scaleout-unreachable-pg": Case("study.scaleout", lambda t: ["--out", str(t / "o")], 1, "not reachable",
+                                    env={"MNIST_BENCH_PG_URL": "postgresql://nobody@127.0.0.1:1/none"}),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bad_input_is_one_line_with_the_right_exit_code(name: str, tmp_path: Path):
+    case = CASES[name]
+    argv = case.argv(tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    p = run(case.command, *argv, env=case.env)
+    assert_one_line(p, case.code, case.words)
+    for path, content in before.items():  # nothing handed in was changed
+        assert path.read_bytes() == content, path
+    assert not (tmp_path / "typo.db").exists()
+    assert "seed" not in p.stdout  # reproduce: refused before any training
+
+
+# --- signals -------------------------------------------------------------------------------------
+
+
+def ours(tmp: Path) -> list[Path]:
+    """What is left in a TMPDIR, except PyTorch's own compile cache (torchinductor_<user>)."""
+    return [p for p in tmp.iterdir() if not p.name.startswith("torchinductor_")]
+
+
+def start(*args, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **(env or {})})
+
+
+def wait_for_line(proc: subprocess.Popen, words: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if words in line:
+            return
+        if not line and proc.poll() is not None:
+            break
+    pytest.fail(f"never saw {words!r} (exit {proc.poll()}): {proc.stderr.read()}")
+
+
+def stopped(proc: subprocess.Popen, sig: int = signal.SIGTERM, again: bool = False) -> tuple[int, str]:
+    proc.send_signal(sig)
+    if again:
+        time.sleep(0.2)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return proc.returncode, err.strip()
+
+
+def test_sigterm_to_reproduce_keeps_the_finished_runs(tmp_path: Path):
+    proc = start("mnist_bench.reproduce", "--seeds", "3", "--train-subset", "20000", "--out", str(tmp_path))
+    wait_for_line(proc, "seed 0")
+    code, err = stopped(proc)
+    assert code == 130 and "finished runs are in" in err
+    table = pd.read_csv(tmp_path / "reproduction.csv")
+    assert len(table) >= 1 and table.test_accuracy.between(0, 1).all()
+    assert [p.name for p in tmp_path.iterdir()] == ["reproduction.csv"]  # no partial file left
+
+
+def test_sigterm_to_throughput_removes_its_temporary_folder(tmp_path: Path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = start("mnist_bench.throughput", "--quick", "--device", "cpu", "--threads", "1", "--out",
+                 str(tmp_path / "out"), env={"TMPDIR": str(tmp)})
+    wait_for_line(proc, "matmul peak")
+    code, err = stopped(proc)
+    assert code == 130 and "temporary files removed" in err
+    assert ours(tmp) == [] and list((tmp_path / "out").iterdir()) == []
+
+
+def test_sigterm_to_report_leaves_no_half_report(tmp_path: Path):
+    folder = study_tables(tmp_path)
+    proc = start("study.report", "--results", str(folder))
+    time.sleep(2.0)  # in the imports or in the plots: either way one line and 130
+    code, err = stopped(proc)
+    if code == 0:
+        pytest.skip("the report finished before the signal")
+    assert code == 130 and err.startswith("interrupted")
+    assert not any(p.name.endswith(".partial") for p in folder.iterdir())
+
+
+def test_ctrl_c_twice_during_start_up_is_one_line(tmp_path: Path):
+    proc = start("study.depth", *TINY, "--out", str(tmp_path / "o"))
+    time.sleep(0.5)  # loading PyTorch
+    code, err = stopped(proc, signal.SIGINT, again=True)
+    assert code == 130 and err.startswith("interrupted")
+
+
+def test_sigterm_to_scaleout_stops_its_workers_and_drops_its_databases(tmp_path: Path):
+    import sqlalchemy
+
+    admin = sqlalchemy.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as con:
+            con.execute(sqlalchemy.text("select 1"))
+    except Exception as e:  # noqa: BLE001
+        if services_required():
+            pytest.fail(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {e}")
+        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}")
+
+    def scaleout_dbs() -> set[str]:
+        with admin.connect() as con:
+            rows = con.execute(sqlalchemy.text("select datname from pg_database")).fetchall()
+        return {r[0] for r in rows if r[0].startswith("mnist_bench_scaleout_")}
+
+    before = scaleout_dbs()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = start("study.scaleout", "--n-trials", "200", "--out", str(tmp_path / "out"), env={"TMPDIR": str(tmp)})
+    deadline = time.time() + 60
+    while scaleout_dbs() == before and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # the worker is training
+    code, err = stopped(proc)
+    assert code == 130 and "workers stopped" in err
+    assert scaleout_dbs() == before and ours(tmp) == []
+    assert not (tmp_path / "out" / "scaleout.csv").exists()
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp) not in ps  # no worker left running
+    admin.dispose()
+
+
+# --- what every command shares ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("module", COMMANDS)
@@ -20,10 +293,9 @@ def test_help(module):
 
 
 @pytest.mark.parametrize("module", COMMANDS)
-@pytest.mark.parametrize("bad", [["--seeds", "0"], ["--threads", "-1"], ["--no-such-flag"]])
+@pytest.mark.parametrize("bad", [["--threads", "-1"], ["--no-such-flag"]])
 def test_bad_argument_exits_2_without_traceback(module, bad):
-    p = run(module, *bad)
-    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert_one_line(run(module, *bad), 2)
 
 
 @pytest.mark.parametrize("module", DATA_COMMANDS)
@@ -31,8 +303,7 @@ def test_corrupted_data_fails_fast_with_one_line(module, data_copy: Path, tmp_pa
     path = data_copy / "t10k-labels-idx1-ubyte.gz"
     path.write_bytes(path.read_bytes()[:-10])
     p = run(module, "--data-dir", str(data_copy), "--out", str(tmp_path / "out"))
-    assert p.returncode == 1 and "Traceback" not in p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1 and "t10k-labels-idx1-ubyte" in p.stderr
+    assert_one_line(p, 1, "t10k-labels-idx1-ubyte")
     assert not (tmp_path / "out").exists()
 
 
@@ -40,8 +311,7 @@ def test_cuda_without_cuda_is_a_usage_error(tmp_path: Path):
     import torch
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    p = run("mnist_bench.reproduce", "--device", "cuda", "--out", str(tmp_path))
-    assert p.returncode == 2 and "CUDA" in p.stderr and "Traceback" not in p.stderr
+    assert_one_line(run("mnist_bench.reproduce", "--device", "cuda", "--out", str(tmp_path)), 2, "CUDA")
 
 
 def test_reproduce_writes_table(tmp_path: Path):
@@ -51,6 +321,7 @@ def test_reproduce_writes_table(tmp_path: Path):
     assert {"experiment", "seed", "epochs", "test_accuracy", "test_loss", "claimed_accuracy",
             "train_seconds", "torch_version", "device", "device_name", "threads"} <= set(df.columns)
     assert len(df) == 3 and df["test_accuracy"].between(0, 1).all()
+    assert "nan" not in p.stdout.lower()  # one seed: no spread to print, said as n/a
 
 
 def test_throughput_quick_writes_documented_columns(tmp_path: Path, monkeypatch):
@@ -67,3 +338,8 @@ def test_throughput_quick_writes_documented_columns(tmp_path: Path, monkeypatch)
     assert len(df[df.pipeline == "harness"]) == 2 * 2 + 2  # grid plus two optimizer variants
     assert (df.samples_per_s > 0).all() and (df.peak_gflops > 0).all()
     assert "harness / source" in throughput.summary(df)
+
+
+def test_the_table_covers_every_command():
+    assert {c.command for c in CASES.values()} == set(COMMANDS)
+    json.dumps({k: v.code for k, v in CASES.items()})  # the counts the closing note gives

@@ -186,3 +186,19 @@ def test_best_trial_skips_diverged_and_surplus_and_ties_go_to_the_earliest():
     trials = [t(0, 0.9), t(1, 0.95), t(2, 0.95), t(3, 0.99, diverged=True), t(4, 0.999, surplus=True)]
     assert best_trial(trials).number == 1
     assert best_trial([t(0, 0.5, diverged=True)]) is None
+
+
+def test_work_on_a_claim_failed_while_its_worker_was_paused_is_dropped_not_raised(url):
+    from study.engine import holding
+
+    clock = Clock()
+    a, b = worker(url, clock), worker(url, clock)
+    paused = tune_claim(a, 1)
+    clock.advance(GRACE + 1)
+    assert b.recover_stale() == [paused.number]
+    with holding(a, paused.trial_id):  # A wakes up and writes to its trial: refused, dropped, A goes on
+        a.storage.set_trial_user_attr(paused.trial_id, "curve", [])
+        raise AssertionError("unreachable: the write above is refused")
+    with pytest.raises(KeyboardInterrupt), holding(a, tune_claim(a, 2).trial_id):
+        raise KeyboardInterrupt  # any other exit gives the claim back
+    assert [t.state for t in a.trials()][-1] == TrialState.FAIL

@@ -42,6 +42,11 @@ def trials_table(best_lr: float = 0.05) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def epochs_table() -> pd.DataFrame:
+    return pd.DataFrame([{"depth": d, "trial": 0, "epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e,
+                          "val_accuracy": 0.9 + 0.02 * e} for d in (3, 4, 5) for e in (1, 2, 3)])
+
+
 def verdict_of(means, depths=None, **kw):
     final = final_table(means, **kw)
     return verdict_from(final, depths)
@@ -103,8 +108,7 @@ def test_edge_of_range_warning():
 def test_renders_from_synthetic_tables(tmp_path: Path):
     final = final_table({3: 0.970, 4: 0.980, 5: 0.975})
     trials = trials_table()
-    epochs = pd.DataFrame([{"depth": d, "trial": 0, "epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e,
-                            "val_accuracy": 0.9 + 0.02 * e} for d in (3, 4, 5) for e in (1, 2, 3)])
+    epochs = epochs_table()
     for name, df in (("final", final), ("trials", trials), ("epochs", epochs)):
         df.to_csv(tmp_path / f"{name}.csv", index=False)
     (tmp_path / "config.json").write_text(json.dumps({"space": SPACE, "batch_size": 64, "optimizer": "sgd"}))
@@ -167,7 +171,6 @@ def test_refused_verdict_renders_and_says_why(tmp_path: Path):
     final = final_table({3: 0.970, 4: 0.980, 5: 0.975}, n=1)
     final.to_csv(tmp_path / "final.csv", index=False)
     trials_table().to_csv(tmp_path / "trials.csv", index=False)
-    pd.DataFrame([{"depth": d, "trial": 0, "epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.9}
-                  for d in (3, 4, 5)]).to_csv(tmp_path / "epochs.csv", index=False)
+    epochs_table().to_csv(tmp_path / "epochs.csv", index=False)
     text = render(tmp_path).read_text()
     assert "**No verdict yet.**" in text and "| nan" not in text and "nan%" not in text
