@@ -66,3 +66,30 @@ def train_flops(model: nn.Module) -> int:
     but the first (nothing upstream of the input needs them). About 3x forward."""
     per_layer = [2 * m.in_features * m.out_features for m in linears(model)]
     return 2 * sum(per_layer) + sum(per_layer[1:])
+
+
+def count_params(hidden: Sequence[int]) -> int:
+    """Parameters of mlp(hidden) without building it (weights and biases of every Linear layer)."""
+    sizes = [IN_FEATURES, *map(int, hidden), N_CLASSES]
+    return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+def halving_funnel(depth: int, width: int, min_width: int = 8) -> tuple[int, ...]:
+    """Hidden widths w, w/2, w/4, ... (the source text's 256-128-64 shape), none below `min_width`."""
+    return tuple(max(min_width, round(width / 2**i)) for i in range(depth - 1))
+
+
+def funnel_for_budget(depth: int, budget: int, min_width: int = 8) -> tuple[int, ...]:
+    """The halving funnel of `depth` Linear layers whose parameter count is closest to `budget`.
+    Depth 1 (softmax regression) has no hidden layer and one size: 7,850 parameters."""
+    if depth <= 1:
+        return ()
+    lo, hi = min_width, max(min_width, budget)  # count_params grows with the first width
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if count_params(halving_funnel(depth, mid, min_width)) < budget:
+            lo = mid + 1
+        else:
+            hi = mid
+    candidates = [halving_funnel(depth, w, min_width) for w in (max(min_width, lo - 1), lo)]
+    return min(candidates, key=lambda h: abs(count_params(h) - budget))

@@ -59,6 +59,7 @@ class EpochMetrics:
     val_loss: float | None  # None when there is no validation split
     val_accuracy: float | None
     train_seconds: float  # cumulative training time at the end of this epoch (evaluation excluded)
+    test_accuracy: float | None = None  # only with train(test_each_epoch=True): nothing is selected on it
 
 
 @dataclass
@@ -137,12 +138,14 @@ def train(
     on_epoch: Callable[[EpochMetrics], bool | None] | None = None,
     evaluate_test: bool = True,
     should_stop: Callable[[], bool] | None = None,
+    test_each_epoch: bool = False,
 ) -> TrainResult:
     """Train `model` on `data.train_*` with `config`; validate after each epoch; test at the end.
 
     `on_epoch(metrics)` returning True stops training (used for pruning). Set `evaluate_test=False`
     while tuning so the test split is never even computed. `should_stop()`, checked after every
-    step, ends the run at once with `interrupted` set (a clean Ctrl-C).
+    step, ends the run at once with `interrupted` set (a clean Ctrl-C). `test_each_epoch` records
+    test accuracy after every epoch, for runs where nothing is tuned (a fixed recipe's learning curve).
     """
     device = data.device
     if device.type == "cpu":
@@ -180,7 +183,8 @@ def train(
         val_loss, val_acc = (
             evaluate(model, data.val_x, data.val_y, config.eval_batch_size) if has_val else (None, None)
         )
-        metrics = EpochMetrics(epoch, train_loss, val_loss, val_acc, result.train_seconds)
+        test_acc = evaluate(model, data.test_x, data.test_y, config.eval_batch_size)[1] if test_each_epoch else None
+        metrics = EpochMetrics(epoch, train_loss, val_loss, val_acc, result.train_seconds, test_acc)
         result.epochs.append(metrics)
         if on_epoch is not None and on_epoch(metrics):
             result.stopped = True

@@ -179,7 +179,7 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 
 # --- stored values -------------------------------------------------------------------------------
 
-CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "train_seconds")
+CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "train_seconds", "test_accuracy")
 
 
 def encode_curve(epochs: list[EpochMetrics]) -> list[list]:
@@ -188,7 +188,8 @@ def encode_curve(epochs: list[EpochMetrics]) -> list[list]:
 
 
 def decode_curve(rows) -> list[dict]:
-    return [dict(zip(CURVE_COLUMNS, row)) for row in rows or []]
+    """Stored rows back to named fields (rows stored before a field existed read it as None)."""
+    return [dict(zip(CURVE_COLUMNS, [*row, *[None] * (len(CURVE_COLUMNS) - len(row))])) for row in rows or []]
 
 
 def is_live(t: FrozenTrial) -> bool:
@@ -201,6 +202,9 @@ def key_of(t: FrozenTrial) -> str:
 
 def final_key(source_trial: int, seed: int) -> str:
     return f"trial{source_trial}-seed{seed}"
+
+
+FIXED = -1  # source_trial of final runs of a cell with nothing to tune (the recipe)
 
 
 def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
@@ -253,15 +257,19 @@ class Ledger:
         return sum(1 for t in self.trials() if t.state == TrialState.COMPLETE and not t.user_attrs.get(SURPLUS))
 
     # Claiming.
-    def claim(self, key: str, attrs: Mapping | None = None) -> Claim:
+    def claim(self, key: str, attrs: Mapping | None = None, params: Mapping | None = None,
+              distributions: Mapping | None = None) -> Claim:
         """Create a trial claiming `key`, then settle the race."""
-        return self.settle(self.create(key, attrs))
+        return self.settle(self.create(key, attrs, params, distributions))
 
-    def create(self, key: str, attrs: Mapping | None = None) -> int:
-        """Create a trial claiming `key`; the claim and `attrs` are written in the same transaction."""
+    def create(self, key: str, attrs: Mapping | None = None, params: Mapping | None = None,
+               distributions: Mapping | None = None) -> int:
+        """Create a trial claiming `key`; the claim, `attrs` and fixed `params` (with their
+        `distributions`) are written in the same transaction."""
         template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None,
-                               datetime_start=datetime.datetime.now(), datetime_complete=None, params={},
-                               distributions={}, user_attrs={"claim": key, **(attrs or {})}, system_attrs={},
+                               datetime_start=datetime.datetime.now(), datetime_complete=None,
+                               params=dict(params or {}), distributions=dict(distributions or {}),
+                               user_attrs={"claim": key, **(attrs or {})}, system_attrs={},
                                intermediate_values={}, trial_id=-1)
         return self.storage.create_new_trial(self.study_id, template_trial=template)
 

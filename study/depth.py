@@ -19,7 +19,7 @@ import dataclasses  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 
-from .config import MAX_DEPTH, PRESETS, RunConfig, StudyConfig  # noqa: E402
+from .config import EXPERIMENTS, MAX_DEPTH, PRESETS, RunConfig, StudyConfig  # noqa: E402
 
 MAX_HEARTBEAT = 3600  # seconds; beyond an hour a dead worker's slot would sit idle for hours
 MAX_TRIALS = 10_000  # per depth
@@ -41,13 +41,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = cli.Parser("python -m study.depth", __doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                    help="study size (default: quick; full is the committed study)")
+    p.add_argument("--experiments", choices=EXPERIMENTS, nargs="+", default=None,
+                   help="which experiments to run (default: all three: recipe matched tuned)")
     p.add_argument("--depths", type=depth_arg, nargs="+", default=None,
-                   help="distinct depths (Linear layers) to compare (default: 3 4 5)")
-    p.add_argument("--n-trials", type=cli.bounded_int(1, MAX_TRIALS, "tuning trials per depth"), default=None,
-                   help="tuning trials per depth, in total over all runs and workers; may grow on a rerun "
-                        "(preset default)")
-    p.add_argument("--seeds", type=cli.bounded_int(1, MAX_SEEDS, "retraining runs per depth"), default=None,
-                   help="final retraining seeds per depth; may grow on a rerun (preset default)")
+                   help="distinct depths (Linear layers) for every selected experiment (default: recipe and "
+                        "matched 1-6, tuned 3-5)")
+    p.add_argument("--budgets", type=cli.bounded_int(8_000, 10_000_000, "parameters"), nargs="+", default=None,
+                   help="parameter budgets of the matched experiment (default: 60000 242762 1000000)")
+    p.add_argument("--n-trials", type=cli.bounded_int(1, MAX_TRIALS, "tuning trials per cell"), default=None,
+                   help="tuning trials per depth of the tuned experiment, in total over all runs and workers; may "
+                        "grow on a rerun (preset default; the matched experiment tunes on a fixed grid)")
+    p.add_argument("--seeds", type=cli.bounded_int(1, MAX_SEEDS, "retraining runs per cell"), default=None,
+                   help="final runs per cell, every experiment; may grow on a rerun (preset default)")
+    p.add_argument("--split-seed", type=cli.bounded_int(0, 2**31 - 1, "a seed"), default=None,
+                   help="seed of the validation hold-out (default: 0); part of the study's identity")
+    p.add_argument("--sampler-seed", type=cli.bounded_int(0, 2**31 - 1, "a seed"), default=None,
+                   help="seed of the TPE search path (default: 0); part of the study's identity")
     p.add_argument("--storage", default=None,
                    help="Optuna storage URL, e.g. postgresql://host/db (default: sqlite:///OUT/study.db)")
     p.add_argument("--workers", type=cli.bounded_int(1, MAX_WORKERS, "processes on this machine"), default=None,
@@ -61,18 +70,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-report", action="store_true", help="write the tables but do not render the report")
     cli.add_common(p, "folder for the tables, plots and report")
     args = p.parse_args(argv)
-    if args.depths and len(set(args.depths)) != len(args.depths):
-        p.error(f"--depths must be distinct, got {args.depths}")
+    for flag in ("experiments", "depths", "budgets"):
+        values = getattr(args, flag)
+        if values and len(set(values)) != len(values):
+            p.error(f"--{flag} must be distinct, got {values}")
     return args
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[StudyConfig, RunConfig]:
-    preset = PRESETS[args.preset]
-    overrides = {k: v for k, v in {"depths": tuple(args.depths) if args.depths else None,
-                                    "n_trials": args.n_trials, "seeds": args.seeds,
-                                    "train_subset": args.train_subset, "name": args.study_name}.items()
-                 if v is not None}
-    cfg = dataclasses.replace(preset, **overrides)
+    """The preset, with what the flags override. Another split or sampler seed gets its own study
+    names (by default), so a robustness rerun can share the storage with the original."""
+    cfg = PRESETS[args.preset]
+    experiments = {}
+    for exp in EXPERIMENTS:
+        sub = getattr(cfg, exp)
+        changes = {"depths": tuple(args.depths) if args.depths else None, "seeds": args.seeds,
+                   "n_trials": args.n_trials if exp == "tuned" else None,
+                   "budgets": tuple(args.budgets) if args.budgets and exp == "matched" else None}
+        experiments[exp] = dataclasses.replace(sub, **{k: v for k, v in changes.items() if v is not None})
+    seeds = {k: v for k, v in {"split_seed": args.split_seed, "sampler_seed": args.sampler_seed}.items()
+             if v is not None}
+    name = args.study_name or cfg.name + "".join(f"-{k.split('_')[0]}{v}" for k, v in seeds.items() if v)
+    overrides = {"experiments": tuple(args.experiments) if args.experiments else None,
+                 "train_subset": args.train_subset, "name": name}
+    cfg = dataclasses.replace(cfg, **experiments, **seeds, **{k: v for k, v in overrides.items() if v is not None})
     workers = args.workers or (1 if args.preset == "quick" else max(1, (os.cpu_count() or 1) // args.threads))
     storage = args.storage or f"sqlite:///{(args.out / 'study.db').resolve()}"
     run = RunConfig(storage=storage, out=args.out, data_dir=args.data_dir, device=args.device,
@@ -100,12 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     storage = open_storage(run.storage)
 
     def study() -> dict:
-        for d in cfg.depths:
-            engine.open_studies(storage, cfg, d)  # refuse mismatched settings before any worker starts
-        print(f"study {cfg.name!r}: depths {list(cfg.depths)}, {cfg.n_trials} trials and {cfg.seeds} seeds "
-              f"per depth, {run.workers} worker(s) x {run.threads} thread(s), storage {run.storage}", flush=True)
+        cells = cfg.cells()
+        for cell in cells:
+            engine.open_studies(storage, cfg, cell)  # refuse mismatched settings before any worker starts
+        print(f"study {cfg.name!r}: {', '.join(cfg.experiments)}: {len(cells)} cells, "
+              f"{sum(cfg.n_trials(c) for c in cells)} tuning trials and {sum(cfg.seeds(c) for c in cells)} final "
+              f"runs, {run.workers} worker(s) x {run.threads} thread(s), storage {run.storage}", flush=True)
         engine.run_workers(cfg, run, data if run.workers == 1 else None)
-        return tables.write_tables(storage, cfg.name, cfg.depths, run.out)
+        return tables.write_tables(storage, cfg.name, cells, run.out)
 
     try:
         written = guarded(study, run.storage)

@@ -1,11 +1,12 @@
-"""The depth study's experiment loop: tune every depth, then retrain each depth's best with K seeds.
+"""The depth study's experiment loop: tune every cell, then retrain each cell's best with K seeds.
 
-Depth (number of Linear layers) is the scientific hyperparameter. For every depth, one Optuna study
-tunes the nuisance hyperparameters (learning rate, first hidden width, taper, epochs) with the same
-search space, budget, seeded TPE sampler and median pruner, on a seeded validation hold-out. The
-best configuration per depth is retrained from scratch with seeds 1..K and scored on the test set,
-which nothing else touches. Who runs which trial or seed is settled by `study.coord`; this module
-turns a trial into a training config (the trainer never sees Optuna) and records what came back.
+A cell is a depth within an experiment (and a parameter budget, for matched; see study.config). A
+cell with something to tune has one Optuna study over it, with the same seeded TPE sampler and
+median pruner as every other cell, on a seeded validation hold-out; its best configuration is then
+retrained from scratch with seeds 1..K and scored on the test set, which nothing else touches. The
+recipe cells tune nothing: their K runs are the source text's recipe itself, with test accuracy after
+every epoch. Who runs which trial or seed is settled by `study.coord`; this module turns a trial
+into a training config (the trainer never sees Optuna) and records what came back.
 """
 from __future__ import annotations
 
@@ -24,11 +25,11 @@ from mnist_bench import interrupt
 from mnist_bench.data import MNIST, load_mnist
 from mnist_bench.env import environment
 from mnist_bench.errors import UserError
-from mnist_bench.models import mlp
+from mnist_bench.models import funnel_for_budget, mlp
 from mnist_bench.train import EpochMetrics, TrainConfig, train
 
-from .config import RunConfig, SearchSpace, StudyConfig, study_name, widths_of
-from .coord import (TUNE, Ledger, StudyError, TrialSeededSampler, best_trial, encode_curve, final_key,
+from .config import Cell, RunConfig, StudyConfig, lr_grid, study_name, widths_of
+from .coord import (FIXED, TUNE, Ledger, StudyError, TrialSeededSampler, best_trial, encode_curve, final_key,
                     guarded, open_storage)
 
 POLL_SECONDS = 2.0
@@ -36,54 +37,90 @@ INTERRUPTED = ("interrupted: the run in flight is recorded as failed and its slo
                "run the same command again to continue")
 
 
-def suggest(trial: optuna.Trial, depth: int, space: SearchSpace) -> dict:
-    """The only place a trial becomes hyperparameters."""
+# --- a cell's hyperparameters ----------------------------------------------------------------------
+
+
+def grid_key(i: int) -> str:
+    return f"lr-grid{i}"
+
+
+def suggest(trial: optuna.Trial, cfg: StudyConfig, cell: Cell) -> dict:
+    """The only place a trial becomes hyperparameters (a matched trial's learning rate is its grid
+    point, fixed when the trial was created; suggest returns it)."""
+    if cell.experiment == "matched":
+        return {"lr": trial.suggest_float("lr", *cfg.matched.lr, log=True)}
+    space = cfg.tuned.space
     params = {
         "lr": trial.suggest_float("lr", *space.lr, log=True),
         "epochs": trial.suggest_int("epochs", 1, space.max_epochs),
     }
-    if depth >= 2:
+    if cell.depth >= 2:
         params["width"] = trial.suggest_int("width", *space.width, log=True)
-    if depth >= 3:
+    if cell.depth >= 3:
         params["taper"] = trial.suggest_float("taper", *space.taper)
     return params
 
 
-def train_config(cfg: StudyConfig, params: dict, seed: int, threads: int) -> TrainConfig:
-    return TrainConfig(lr=params["lr"], epochs=int(params["epochs"]), batch_size=cfg.batch_size,
-                       optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                       seed=seed, threads=threads)
+def cell_widths(cfg: StudyConfig, cell: Cell, params: dict) -> tuple[int, ...]:
+    """Hidden widths of a cell's model for `params` (only the tuned experiment tunes them)."""
+    if cell.experiment == "recipe":
+        return tuple(cfg.recipe.funnel[: cell.depth - 1])
+    if cell.experiment == "matched":
+        return funnel_for_budget(cell.depth, cell.budget or 0, cfg.matched.min_width)
+    return widths_of(cell.depth, params, cfg.tuned.space)
 
 
-def load_data(cfg: StudyConfig, run: RunConfig) -> MNIST:
-    return load_mnist(run.data_dir, val_size=cfg.val_size, split_seed=cfg.split_seed, device=run.device,
-                      train_subset=cfg.train_subset)
+def train_config(cfg: StudyConfig, cell: Cell, params: dict, seed: int, threads: int) -> TrainConfig:
+    if cell.experiment == "recipe":
+        r = cfg.recipe
+        return TrainConfig(lr=r.lr, epochs=r.epochs, batch_size=64, momentum=r.momentum, seed=seed, threads=threads)
+    epochs = cfg.matched.epochs if cell.experiment == "matched" else int(params["epochs"])
+    return TrainConfig(lr=params["lr"], epochs=epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer,
+                       momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=seed, threads=threads)
+
+
+def load_data(cfg: StudyConfig, run: RunConfig) -> dict[str, MNIST]:
+    """The data each experiment trains on: "split" (training images minus the validation hold-out)
+    for the tuned experiments, "full" (every training image, no hold-out) for the recipe."""
+    data = {}
+    if {"matched", "tuned"} & set(cfg.experiments):
+        data["split"] = load_mnist(run.data_dir, val_size=cfg.val_size, split_seed=cfg.split_seed,
+                                   device=run.device, train_subset=cfg.train_subset)
+    if "recipe" in cfg.experiments:
+        data["full"] = load_mnist(run.data_dir, val_size=0, device=run.device, train_subset=cfg.train_subset)
+    return data
+
+
+def data_of(data: dict[str, MNIST], cell: Cell) -> MNIST:
+    return data["full" if cell.experiment == "recipe" else "split"]
 
 
 # --- studies -------------------------------------------------------------------------------------
 
 
-def open_studies(storage, cfg: StudyConfig, depth: int) -> tuple[optuna.Study, optuna.Study]:
-    """(tuning study, final-runs study) for `depth`, created if new, checked if resumed. A study
+def open_studies(storage, cfg: StudyConfig, cell: Cell) -> tuple[optuna.Study, optuna.Study]:
+    """(tuning study, final-runs study) of `cell`, created if new, checked if resumed. A study
     remembers the largest budget it was given; asking for less is refused (its tables hold more)."""
     sampler = TrialSeededSampler(cfg.sampler_seed, lambda seed: optuna.samplers.TPESampler(
         seed=seed, n_startup_trials=cfg.sampler_startup_trials))
     pruner = optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
                                          n_warmup_steps=cfg.pruner_warmup_epochs)
-    tune = optuna.create_study(storage=storage, study_name=study_name(cfg.name, depth), direction="maximize",
+    tune = optuna.create_study(storage=storage, study_name=study_name(cfg.name, cell), direction="maximize",
                                sampler=sampler, pruner=pruner, load_if_exists=True)
-    final = optuna.create_study(storage=storage, study_name=study_name(cfg.name, depth, final=True),
+    final = optuna.create_study(storage=storage, study_name=study_name(cfg.name, cell, final=True),
                                 direction="maximize", load_if_exists=True)
-    identity = {**cfg.identity(), "depth": depth}
-    for study, budget_key, budget in ((tune, "n_trials", cfg.n_trials), (final, "seeds", cfg.seeds)):
+    identity = cfg.identity(cell)
+    for study, budget_key, budget in ((tune, "n_trials", cfg.n_trials(cell)), (final, "seeds", cfg.seeds(cell))):
         attrs = study.user_attrs
         stored = attrs.get("config")
         if stored is None:
             study.set_user_attr("config", identity)
         elif stored != identity:
             changed = sorted(k for k in identity if stored.get(k) != identity[k])
+            changed += sorted(k for k in identity.get("experiment", {})
+                              if stored.get("experiment", {}).get(k) != identity["experiment"][k])
             raise StudyError(f"study {study.study_name!r} in this storage was made with other settings "
-                             f"({', '.join(changed)}); use another --storage or --out")
+                             f"({', '.join(changed)}); use another --storage, --out or --study-name")
         if budget < attrs.get(budget_key, 0):
             flag = "--n-trials" if budget_key == "n_trials" else "--seeds"
             raise StudyError(f"study {study.study_name!r} already has a budget of {attrs[budget_key]} "
@@ -97,43 +134,55 @@ def open_studies(storage, cfg: StudyConfig, depth: int) -> tuple[optuna.Study, o
 
 
 class Worker:
-    """Claims and runs tuning trials and final runs until every depth's budget is finished."""
+    """Claims and runs tuning trials and final runs until every cell's budget is finished."""
 
-    def __init__(self, cfg: StudyConfig, run: RunConfig, data: MNIST, storage, env: dict,
+    def __init__(self, cfg: StudyConfig, run: RunConfig, data: dict[str, MNIST], storage, env: dict,
                  progress: Callable[[], None] = lambda: None):
         self.cfg, self.run, self.data, self.env, self.progress = cfg, run, data, env, progress
-        self.studies = {d: open_studies(storage, cfg, d) for d in cfg.depths}
-        self.ledgers = {d: (Ledger(storage, t, run.grace_period), Ledger(storage, f, run.grace_period))
-                        for d, (t, f) in self.studies.items()}
-        self.tune_demand = {TUNE: cfg.n_trials}
+        self.cells = cfg.cells()
+        self.studies = {c: open_studies(storage, cfg, c) for c in self.cells}
+        self.ledgers = {c: (Ledger(storage, t, run.grace_period), Ledger(storage, f, run.grace_period))
+                        for c, (t, f) in self.studies.items()}
 
-    def final_demand(self, depth: int) -> tuple[dict[str, int], dict[str, int], int] | None:
-        """(demand, seed of each key, source trial) of a depth whose tuning is finished."""
-        best = best_trial(self.ledgers[depth][0].trials())
-        if best is None:
-            raise StudyError(f"depth {depth}: no completed, non-diverged tuning trial to retrain; "
-                             "widen the search space or grow --n-trials")
-        seeds = {final_key(best.number, s): s for s in range(1, self.cfg.seeds + 1)}
-        return {k: 1 for k in seeds}, seeds, best.number
+    def tune_demand(self, cell: Cell) -> dict[str, int]:
+        """Tuned cells: `n_trials` anonymous slots; matched cells: one keyed slot per grid point."""
+        if cell.experiment == "matched":
+            return {grid_key(i): 1 for i in range(self.cfg.n_trials(cell))}
+        return {TUNE: self.cfg.n_trials(cell)} if self.cfg.n_trials(cell) else {}
+
+    def final_demand(self, cell: Cell) -> tuple[dict[str, int], dict[str, int], int]:
+        """(demand, seed of each key, source trial) of a cell whose tuning is finished."""
+        if self.cfg.n_trials(cell) == 0:
+            source = FIXED
+        else:
+            best = best_trial(self.ledgers[cell][0].trials())
+            if best is None:
+                raise StudyError(f"{cell.key}: no completed, non-diverged tuning trial to retrain; "
+                                 "widen the search space or grow --n-trials")
+            source = best.number
+        seeds = {final_key(source, s): s for s in range(1, self.cfg.seeds(cell) + 1)}
+        return {k: 1 for k in seeds}, seeds, source
 
     def step(self) -> str:
         """Do one unit of work: 'ran' (a trial or seed, won or lost), 'wait' (others hold what is
         left) or 'done' (every budget finished)."""
         waiting = False
-        for d in self.cfg.depths:
-            tune, final = self.ledgers[d]
-            tune.recover_stale()
-            if tune.open_key(self.tune_demand):
-                self.tune_one(d)
-                return "ran"
-            if not tune.finished(self.tune_demand):
-                waiting = True
-                continue
-            demand, seeds, source = self.final_demand(d)
+        for cell in self.cells:
+            tune, final = self.ledgers[cell]
+            demand = self.tune_demand(cell)
+            if demand:
+                tune.recover_stale()
+                if (key := tune.open_key(demand)) is not None:
+                    self.tune_one(cell, key)
+                    return "ran"
+                if not tune.finished(demand):
+                    waiting = True
+                    continue
+            demand, seeds, source = self.final_demand(cell)
             final.recover_stale()
             key = final.open_key(demand)
             if key is not None:
-                self.final_one(d, source, seeds[key], key)
+                self.final_one(cell, source, seeds[key], key)
                 return "ran"
             waiting |= not final.finished(demand)
         return "wait" if waiting else "done"
@@ -148,18 +197,24 @@ class Worker:
             if state == "wait":
                 interrupt.STOP.wait(POLL_SECONDS)
 
-    def tune_one(self, depth: int) -> None:
-        study, ledger = self.studies[depth][0], self.ledgers[depth][0]
+    def tune_one(self, cell: Cell, key: str) -> None:
+        study, ledger = self.studies[cell][0], self.ledgers[cell][0]
         with warnings.catch_warnings():  # ask() warns when heartbeats are on; Ledger.heartbeat records them
             warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
-            trial = study.ask()
-        claim = ledger.settle(trial._trial_id, capacity=self.cfg.n_trials)
+            if key == TUNE:  # the sampler proposes; the slot is settled after creation
+                trial = study.ask()
+                claim = ledger.settle(trial._trial_id, capacity=self.cfg.n_trials(cell))
+            else:  # a grid point, claimed with its learning rate in the creating transaction
+                lr = lr_grid(self.cfg.matched)[int(key.removeprefix("lr-grid"))]
+                claim = ledger.claim(key, params={"lr": lr}, distributions={"lr": optuna.distributions.FloatDistribution(
+                    *self.cfg.matched.lr, log=True)})
+                trial = optuna.Trial(study, claim.trial_id) if claim.won else None
         if not claim.won:
             return
         with ledger.heartbeat(claim.trial_id, self.run.heartbeat_interval), holding(ledger, claim.trial_id):
             ledger.storage.set_trial_user_attr(claim.trial_id, "worker", self.env.get("worker"))
-            params = suggest(trial, depth, self.cfg.space)
-            config = train_config(self.cfg, params, self.cfg.tuning_seed, self.run.threads)
+            params = suggest(trial, self.cfg, cell)
+            config = train_config(self.cfg, cell, params, self.cfg.tuning_seed, self.run.threads)
             lost = False
 
             def on_epoch(m: EpochMetrics) -> bool:
@@ -172,14 +227,15 @@ class Worker:
                     lost = True
                     return True
 
-            result = train(mlp(widths_of(depth, params, self.cfg.space)), self.data, config,
+            result = train(mlp(cell_widths(self.cfg, cell, params)), data_of(self.data, cell), config,
                            on_epoch=on_epoch, evaluate_test=False, should_stop=interrupt.STOP.is_set)
             if result.interrupted:
                 raise interrupt.Interrupted(INTERRUPTED)
             if lost:
                 return
             attrs = {"curve": encode_curve(result.epochs), "train_seconds": result.train_seconds,
-                     "samples_per_s": result.samples_per_s, "diverged": result.diverged, "env": self.env}
+                     "samples_seen": result.samples_seen, "samples_per_s": result.samples_per_s,
+                     "diverged": result.diverged, "env": self.env}
             if result.diverged:  # worse than chance: the sampler learns to avoid it; tables say "diverged"
                 ledger.finish(claim.trial_id, TrialState.COMPLETE, 0.0, attrs)
             elif result.stopped:
@@ -187,21 +243,24 @@ class Worker:
             else:
                 ledger.finish(claim.trial_id, TrialState.COMPLETE, result.epochs[-1].val_accuracy, attrs)
 
-    def final_one(self, depth: int, source: int, seed: int, key: str) -> None:
-        ledger = self.ledgers[depth][1]
-        best = next(t for t in self.ledgers[depth][0].trials() if t.number == source)
+    def final_one(self, cell: Cell, source: int, seed: int, key: str) -> None:
+        ledger = self.ledgers[cell][1]
+        params = {} if source == FIXED else next(t for t in self.ledgers[cell][0].trials()
+                                                  if t.number == source).params
         claim = ledger.claim(key, {"source_trial": source, "seed": seed, "worker": self.env.get("worker")})
         if not claim.won:
             return
         with ledger.heartbeat(claim.trial_id, self.run.heartbeat_interval), holding(ledger, claim.trial_id):
-            widths = widths_of(depth, best.params, self.cfg.space)
-            result = train(mlp(widths), self.data, train_config(self.cfg, best.params, seed, self.run.threads),
-                           should_stop=interrupt.STOP.is_set)
+            widths = cell_widths(self.cfg, cell, params)
+            config = train_config(self.cfg, cell, params, seed, self.run.threads)
+            result = train(mlp(widths), data_of(self.data, cell), config, should_stop=interrupt.STOP.is_set,
+                           test_each_epoch=cell.experiment == "recipe")
             if result.interrupted:
                 raise interrupt.Interrupted(INTERRUPTED)
-            attrs = {**{f"param_{k}": v for k, v in best.params.items()}, "widths": list(widths),
-                     "curve": encode_curve(result.epochs), "test_accuracy": result.test_accuracy,
-                     "test_loss": result.test_loss, "train_seconds": result.train_seconds,
+            attrs = {**{f"param_{k}": v for k, v in params.items()}, "param_lr": config.lr,
+                     "param_epochs": config.epochs, "widths": list(widths), "curve": encode_curve(result.epochs),
+                     "test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
+                     "train_seconds": result.train_seconds, "samples_seen": result.samples_seen,
                      "samples_per_s": result.samples_per_s, "diverged": result.diverged, "env": self.env}
             value = result.test_accuracy if result.test_accuracy is not None else 0.0
             ledger.finish(claim.trial_id, TrialState.COMPLETE, value, attrs)
@@ -229,20 +288,21 @@ class holding:
         return False
 
 
-def work(cfg: StudyConfig, run: RunConfig, index: int = 0, data: MNIST | None = None) -> None:
+def work(cfg: StudyConfig, run: RunConfig, index: int = 0, data: dict[str, MNIST] | None = None) -> None:
     """One worker, in this process: load the data unless given, then work until every budget is
     finished. Signals: see mnist_bench.interrupt (the caller installs the handlers)."""
     data = data if data is not None else load_data(cfg, run)
-    env = environment(data.device, run.threads) | {"worker": f"{os.uname().nodename}:{os.getpid()}"}
+    device = next(iter(data.values())).device
+    env = environment(device, run.threads) | {"worker": f"{os.uname().nodename}:{os.getpid()}"}
     storage = open_storage(run.storage, run.heartbeat_interval, run.grace_period)
     from tqdm import tqdm
 
-    total = len(cfg.depths) * (cfg.n_trials + cfg.seeds)
+    total = sum(cfg.n_trials(c) + cfg.seeds(c) for c in cfg.cells())
     with tqdm(total=total, desc=f"worker {index}", position=index, leave=True, unit="run",
               mininterval=1.0, disable=None) as bar:
         def progress() -> None:
-            done = sum(min(tune.counts(worker.tune_demand)[0], cfg.n_trials) + min(final.counts_completed(), cfg.seeds)
-                       for tune, final in worker.ledgers.values())
+            done = sum(min(tune.counts(worker.tune_demand(c))[0], cfg.n_trials(c))
+                       + min(final.counts_completed(), cfg.seeds(c)) for c, (tune, final) in worker.ledgers.items())
             bar.update(done - bar.n)
 
         worker = Worker(cfg, run, data, storage, env, progress)
@@ -266,7 +326,7 @@ def _worker_process(cfg: StudyConfig, run: RunConfig, index: int) -> None:
             sys.exit(e.exit_code)
 
 
-def run_workers(cfg: StudyConfig, run: RunConfig, data: MNIST | None = None) -> None:
+def run_workers(cfg: StudyConfig, run: RunConfig, data: dict[str, MNIST] | None = None) -> None:
     """Run the study with `run.workers` workers: in this process for one, else spawned processes.
     Returns when every budget is finished; raises Interrupted (exit 130) after every worker stopped."""
     if run.workers == 1:

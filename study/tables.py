@@ -1,9 +1,11 @@
 """Tidy pandas tables built from the Optuna storage alone (so any worker, on any machine, can write them).
 
-trials.csv  one row per tuning trial       (depth, trial, state, params, val_accuracy, cost, env)
-epochs.csv  one row per trial and epoch    (train loss, validation loss/accuracy, seconds)
-final.csv   one row per depth and seed     (retrained best configuration, test accuracy and loss)
-superseded.csv  completed retraining runs left out of final.csv, each with its reason
+Every row carries its `experiment` (recipe, matched, tuned), `budget` (matched: the parameter budget)
+and `depth`:
+trials.csv      one row per tuning trial        (state, params, validation accuracy, cost, env)
+epochs.csv      one row per run and epoch       (tuning trials and final runs; `run` says which)
+final.csv       one row per cell and seed       (the cell's retrained configuration, test accuracy and loss)
+superseded.csv  completed final runs left out of final.csv, each with its reason
 """
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ from optuna.trial import TrialState
 
 from mnist_bench.models import forward_flops, mlp, n_params, train_flops
 
-from .config import parse_study_name, space_from_dict, study_name, widths_of
-from .coord import SURPLUS, StudyError, best_trial, decode_curve
+from .config import Cell, parse_study_name, space_from_dict, study_name, widths_of
+from .coord import FIXED, SURPLUS, StudyError, best_trial, decode_curve
 
 ENV_COLUMNS = ("device", "device_name", "cpu", "gpu", "threads", "torch_version", "python_version",
                "command", "worker")
@@ -25,10 +27,12 @@ STATES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialSta
           TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
 
 
-def _cost(widths) -> dict:
+def _cost(widths, samples: int | None) -> dict:
     model = mlp([int(w) for w in widths])
+    per_sample = train_flops(model)
     return {"widths": "-".join(str(int(w)) for w in widths), "n_params": n_params(model),
-            "forward_flops": forward_flops(model), "train_flops": train_flops(model)}
+            "forward_flops": forward_flops(model), "train_flops_per_sample": per_sample,
+            "samples_seen": samples, "train_flops": per_sample * samples if samples is not None else None}
 
 
 def _env(t: optuna.trial.FrozenTrial) -> dict:
@@ -44,20 +48,22 @@ def load(storage, name: str) -> optuna.Study:
                          "--name)") from None
 
 
-def study_tables(storage, name: str, depth: int) -> dict[str, pd.DataFrame]:
-    """trials / epochs / final / superseded rows of one depth from `storage`.
+def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
+    """trials / epochs / final / superseded rows of one cell from `storage`.
 
-    final holds the completed retraining runs of the current best tuning trial, one per seed;
-    superseded holds every other completed retraining run with the reason it is left out (its source
-    trial is no longer the best after the budget grew, or a duplicate seed written by an older
-    protocol), so nothing is dropped silently."""
-    tune = load(storage, study_name(name, depth))
-    final = load(storage, study_name(name, depth, final=True))
+    final holds the completed final runs of the cell's current best tuning trial (or, for the recipe,
+    of the fixed recipe), one per seed; superseded holds every other completed final run with the
+    reason it is left out (its source trial is no longer the best after the budget grew, or a
+    duplicate seed written by an older protocol), so nothing is dropped silently."""
+    tune = load(storage, study_name(name, cell))
+    final = load(storage, study_name(name, cell, final=True))
     config = tune.user_attrs["config"]
-    space = space_from_dict(config["space"])
     tuning = tune.get_trials(deepcopy=False)
     best = best_trial(tuning)
-    fixed = {"batch_size": config["batch_size"], "optimizer": config["optimizer"], "momentum": config["momentum"]}
+    source = FIXED if cell.experiment == "recipe" else (best.number if best else None)
+    where = {"experiment": cell.experiment, "budget": cell.budget, "depth": cell.depth}
+    fixed = {"batch_size": config["batch_size"], "optimizer": config["optimizer"],
+             "momentum": config["experiment"].get("momentum", config["momentum"])}
     trials, epochs, finals, superseded = [], [], [], []
     for t in tuning:
         if t.user_attrs.get(SURPLUS):
@@ -65,94 +71,131 @@ def study_tables(storage, name: str, depth: int) -> dict[str, pd.DataFrame]:
         state = "diverged" if t.user_attrs.get("diverged") else STATES.get(t.state, t.state.name.lower())
         curve = decode_curve(t.user_attrs.get("curve"))
         vals = [c["val_accuracy"] for c in curve]
+        widths = t.user_attrs.get("widths") or widths_for(config, cell, t.params)
         trials.append({
-            "study": tune.study_name, "depth": depth, "trial": t.number, "state": state,
+            "study": tune.study_name, **where, "trial": t.number, "state": state,
             "retrained": best is not None and t.number == best.number,
             **{f"param_{k}": v for k, v in t.params.items()},
             "val_accuracy": t.value if state == "complete" else (vals[-1] if vals else None),
             "best_epoch_val_accuracy": max(vals) if vals else None, "epochs_run": len(curve),
-            **(_cost(widths_of(depth, t.params, space)) if t.params else {}),
+            **(_cost(widths, t.user_attrs.get("samples_seen")) if t.params else {}),
             "train_seconds": t.user_attrs.get("train_seconds"), "samples_per_s": t.user_attrs.get("samples_per_s"),
             **fixed, **_env(t),
         })
-        epochs += [{"study": tune.study_name, "depth": depth, "trial": t.number, **c} for c in curve]
+        epochs += [{"study": tune.study_name, **where, "run": "tuning", "trial": t.number, "seed": None, **c}
+                   for c in curve]
     seen: dict[int, int] = {}
     runs = final.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     for t in sorted(runs, key=lambda t: t.number):
         if t.user_attrs.get(SURPLUS):
             continue
         a = t.user_attrs
+        curve = decode_curve(a.get("curve"))
         row = {
-            "study": final.study_name, "depth": depth, "seed": a["seed"], "source_trial": a["source_trial"],
-            "run_trial": t.number, **{k: v for k, v in a.items() if k.startswith("param_")}, **_cost(a["widths"]),
-            **fixed, "test_accuracy": a["test_accuracy"], "test_loss": a["test_loss"], "diverged": a["diverged"],
+            "study": final.study_name, **where, "seed": a["seed"], "source_trial": a["source_trial"],
+            "run_trial": t.number, **{k: v for k, v in a.items() if k.startswith("param_")},
+            **_cost(a["widths"], a.get("samples_seen")), **fixed,
+            "test_accuracy": a["test_accuracy"], "test_loss": a["test_loss"], "diverged": a["diverged"],
             "train_seconds": a["train_seconds"], "samples_per_s": a["samples_per_s"],
-            "curve": json.dumps(decode_curve(a.get("curve"))), **_env(t),
+            "curve": json.dumps(curve), **_env(t),
         }
-        if best is None or a["source_trial"] != best.number:
+        if a["source_trial"] != source:
             superseded.append({**row, "reason": f"source trial {a['source_trial']} is no longer the best"})
         elif a["seed"] in seen:
             superseded.append({**row, "reason": f"duplicate of seed {a['seed']} (run {seen[a['seed']]})"})
         else:
             seen[a["seed"]] = t.number
             finals.append(row)
+            epochs += [{"study": final.study_name, **where, "run": "final", "trial": t.number, "seed": a["seed"], **c}
+                       for c in curve]
     return {"trials": pd.DataFrame(trials), "epochs": pd.DataFrame(epochs), "final": pd.DataFrame(finals),
             "superseded": pd.DataFrame(superseded)}
 
 
+def widths_for(config: dict, cell: Cell, params: dict) -> list[int]:
+    """Hidden widths of a tuning trial of `cell` (only the tuned experiment tunes them)."""
+    from mnist_bench.models import funnel_for_budget
+
+    exp = config["experiment"]
+    if cell.experiment == "tuned":
+        return list(widths_of(cell.depth, params, space_from_dict(exp["space"])))
+    if cell.experiment == "matched":
+        return list(funnel_for_budget(cell.depth, cell.budget or 0, exp["min_width"]))
+    return list(exp["funnel"][: cell.depth - 1])
+
+
 TABLES = ("trials", "epochs", "final", "superseded")
 EMPTY_COLUMNS = {
-    "trials": ["study", "depth", "trial", "state", "retrained", "val_accuracy"],
-    "epochs": ["study", "depth", "trial", "epoch", "train_loss", "val_loss", "val_accuracy", "train_seconds"],
-    "final": ["study", "depth", "seed", "source_trial", "run_trial", "widths", "n_params", "train_flops",
-              "test_accuracy", "test_loss", "diverged", "train_seconds", "samples_per_s", "curve"],
-    "superseded": ["depth", "seed", "source_trial", "run_trial", "reason"],
+    "trials": ["study", "experiment", "budget", "depth", "trial", "state", "retrained", "val_accuracy", "n_params",
+               "param_lr"],
+    "epochs": ["study", "experiment", "budget", "depth", "run", "trial", "seed", "epoch", "train_loss", "val_loss",
+               "val_accuracy", "train_seconds", "test_accuracy"],
+    "final": ["study", "experiment", "budget", "depth", "seed", "source_trial", "run_trial", "widths", "n_params",
+              "train_flops", "test_accuracy", "test_loss", "diverged", "train_seconds", "samples_per_s", "curve"],
+    "superseded": ["experiment", "budget", "depth", "seed", "source_trial", "run_trial", "reason"],
 }
 
 
-def collect(storage, name: str, depths) -> dict[str, pd.DataFrame]:
-    parts = [study_tables(storage, name, d) for d in depths]
-    return {k: pd.concat([p[k] for p in parts], ignore_index=True) for k in TABLES}
+def collect(storage, name: str, cells) -> dict[str, pd.DataFrame]:
+    parts = [study_tables(storage, name, c) for c in cells]
+    out = {}
+    for k in TABLES:
+        frames = [p[k] for p in parts if not p[k].empty]
+        out[k] = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=EMPTY_COLUMNS[k])
+        if "budget" in out[k]:
+            out[k]["budget"] = out[k]["budget"].astype("Int64")  # 60000, not 60000.0; empty for no budget
+    return out
 
 
-def study_names(storage) -> dict[str, list[int]]:
-    """{study name prefix: depths} for every depth study in `storage` (for reports read from storage)."""
-    found: dict[str, list[int]] = {}
+def study_names(storage) -> dict[str, list[Cell]]:
+    """{study name prefix: cells} for every depth study in `storage` (for reports read from storage)."""
+    found: dict[str, list[Cell]] = {}
     for s in optuna.get_all_study_summaries(storage, include_best_trial=False):
         parsed = parse_study_name(s.study_name)
         if parsed:
             found.setdefault(parsed[0], []).append(parsed[1])
-    return {k: sorted(v) for k, v in found.items()}
+    return {k: sorted(v, key=lambda c: (c.experiment, c.budget or 0, c.depth)) for k, v in found.items()}
 
 
-def write_tables(storage, name: str, depths, out: Path) -> dict[str, pd.DataFrame]:
-    """trials/epochs/final.csv, superseded.csv (header only when none) and config.json (the study's
-    fixed settings, search space and budgets)."""
+def write_tables(storage, name: str, cells, out: Path) -> dict[str, pd.DataFrame]:
+    """trials/epochs/final/superseded.csv and config.json (the study's fixed settings, each
+    experiment's settings and budgets, and its cells)."""
     out.mkdir(parents=True, exist_ok=True)
-    tables = collect(storage, name, depths)
+    tables = collect(storage, name, cells)
     for key, df in tables.items():
-        if df.empty and len(df.columns) == 0:  # a study still in progress: headers, no rows
-            tables[key] = df = pd.DataFrame(columns=EMPTY_COLUMNS[key])
         df.to_csv(out / f"{key}.csv", index=False)
-    first = load(storage, study_name(name, depths[0]))
-    config = {k: v for k, v in first.user_attrs["config"].items() if k != "depth"}
-    config |= {"depths": list(depths), "n_trials": first.user_attrs.get("n_trials"),
-               "seeds": load(storage, study_name(name, depths[0], final=True)).user_attrs.get("seeds"),
-               "superseded_final_runs": len(tables["superseded"])}
+    experiments: dict[str, dict] = {}
+    shared: dict = {}
+    for cell in cells:
+        tune = load(storage, study_name(name, cell))
+        config = dict(tune.user_attrs["config"])
+        exp = experiments.setdefault(cell.experiment, {**config.pop("experiment"), "depths": [], "budgets": []})
+        config.pop("cell")
+        shared = config
+        if cell.depth not in exp["depths"]:
+            exp["depths"].append(cell.depth)
+        if cell.budget is not None and cell.budget not in exp["budgets"]:
+            exp["budgets"].append(cell.budget)
+        exp["n_trials"] = tune.user_attrs.get("n_trials")
+        exp["seeds"] = load(storage, study_name(name, cell, final=True)).user_attrs.get("seeds")
+    config = {"name": name, **shared, "experiments": experiments,
+              "superseded_final_runs": len(tables["superseded"])}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return tables
 
 
 def summary(final: pd.DataFrame) -> str:
-    """One line per depth: test accuracy mean, spread and n over seeds, parameters, seconds."""
+    """One line per cell: test accuracy mean, spread and n over seeds, parameters, seconds."""
     lines = []
-    for depth, g in final.groupby("depth"):
+    for (experiment, budget, depth), g in final.groupby(["experiment", "budget", "depth"], dropna=False, sort=False):
         acc = g["test_accuracy"].dropna()
         spread = f"+- {acc.std(ddof=1):.4f} " if len(acc) > 1 else ""
         diverged = f", {len(g) - len(acc)} diverged" if len(acc) < len(g) else ""
         mean = f"{acc.mean():.4f} " if len(acc) else "none "
-        lines.append(f"depth {depth}: test accuracy {mean}{spread}(n={len(acc)}{diverged}), "
-                     f"widths {g['widths'].iloc[0] or '-'}, {g['n_params'].iloc[0]:,} params, "
+        where = f"{experiment}" + (f" {int(budget):,} params" if pd.notna(budget) else "")
+        widths = g["widths"].iloc[0] if isinstance(g["widths"].iloc[0], str) and g["widths"].iloc[0] else "-"
+        lines.append(f"{where}, depth {depth}: test accuracy {mean}{spread}(n={len(acc)}{diverged}), "
+                     f"widths {widths}, {int(g['n_params'].iloc[0]):,} params, "
                      f"lr {g['param_lr'].iloc[0]:.3g}, {int(g['param_epochs'].iloc[0])} epochs, "
                      f"{g['train_seconds'].mean():.1f} s per run")
     return "\n".join(lines)
