@@ -17,8 +17,8 @@ study: $(VENV)/.installed  ## set up, then run the quick depth study into result
 test: $(VENV)/.installed  ## set up, then run the whole test suite (benchmarks once, untimed)
 	$(PY) -m pytest
 
-reproduce: $(VENV)/.installed  ## the source text's recipes over 5 seeds
-	$(PY) -m mnist_bench.reproduce --seeds 5
+reproduce: $(VENV)/.installed  ## the source text's recipe across depths (the recipe experiment alone)
+	$(PY) -m study.depth --preset full --experiments recipe --out results/recipe
 
 throughput: $(VENV)/.installed  ## training-step throughput sweep into results/throughput.csv
 	$(PY) -m mnist_bench.throughput

@@ -44,7 +44,7 @@ def environment(device: torch.device | str, threads: int) -> dict[str, object]:
 
 
 def command_line() -> str:
-    """How this process was started, as a user would type it ("python -m mnist_bench.reproduce ...")."""
+    """How this process was started, as a user would type it ("python -m study.depth ...")."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     prog = ["python", "-m", spec.name.removesuffix(".__main__")] if spec else ["python", sys.argv[0]]
     return " ".join(shlex.quote(a) for a in [*prog, *sys.argv[1:]])

@@ -1,12 +1,14 @@
 """The depth study: is four layers right? Measured, not asserted (see docs/method.md).
 
-One Optuna study per depth re-tunes learning rate, widths and epochs on a validation hold-out; the
-best configuration of each depth is retrained from scratch with K seeds and scored on the test set.
-Everything lives in the Optuna storage (SQLite by default, PostgreSQL for many machines): running
-the same command again continues where any run stopped, and several workers share the work.
+Three experiments, each a set of cells with their own Optuna studies: `recipe` (the source text's
+recipe across depths 1-6), `matched` (depths 2-6 at matched parameter budgets, learning rate tuned
+per cell) and `tuned` (each depth at its best). Tuning reads only a validation hold-out; retrained
+runs are scored on the test set. Everything lives in the Optuna storage (SQLite by default,
+PostgreSQL for many machines): running the same command again continues where any run stopped,
+and several workers share the work.
 
-    python -m study.depth --preset quick   # about 30 seconds on 2 CPU cores
-    python -m study.depth --preset full    # the committed study: two workers, about 35 minutes
+    python -m study.depth --preset quick   # every experiment, small: under 2 minutes on 2 CPU cores
+    python -m study.depth --preset full    # the committed study: two workers (time in README)
 """
 from __future__ import annotations
 
@@ -128,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{sum(cfg.n_trials(c) for c in cells)} tuning trials and {sum(cfg.seeds(c) for c in cells)} final "
               f"runs, {run.workers} worker(s) x {run.threads} thread(s), storage {run.storage}", flush=True)
         engine.run_workers(cfg, run, data if run.workers == 1 else None)
-        return tables.write_tables(storage, cfg.name, cells, run.out)
+        # Every cell of this study in the storage, not only the ones selected now: a run of one
+        # experiment never drops the others' rows from the tables.
+        return tables.write_tables(storage, cfg.name, tables.study_names(storage).get(cfg.name, cells), run.out)
 
     try:
         written = guarded(study, run.storage)

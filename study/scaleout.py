@@ -29,7 +29,7 @@ from mnist_bench.env import environment  # noqa: E402
 from mnist_bench.errors import UserError  # noqa: E402
 from mnist_bench.interrupt import Interrupted  # noqa: E402
 
-from .config import MAX_DEPTH, study_name  # noqa: E402
+from .config import MAX_DEPTH, Cell, study_name  # noqa: E402
 from .coord import first_line  # noqa: E402
 
 ADMIN_URL = os.environ.get("MNIST_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -42,7 +42,8 @@ def run_setting(admin: sqlalchemy.Engine, workers: int, n_trials: int, depth: in
     url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "study.depth", "--preset", "quick", "--depths", str(depth),
+            cmd = [sys.executable, "-m", "study.depth", "--preset", "quick", "--experiments", "tuned",
+                   "--depths", str(depth),
                    "--n-trials", str(n_trials), "--seeds", "1", "--threads", "1", "--no-report",
                    "--storage", url, *extra]
             start = time.perf_counter()
@@ -60,7 +61,7 @@ def run_setting(admin: sqlalchemy.Engine, workers: int, n_trials: int, depth: in
                 if code:
                     lines = Path(f"{tmp}/w{i}.err").read_text().strip().splitlines()
                     raise UserError(f"worker {i} exited with {code}: {lines[-1] if lines else 'no message'}")
-        study = optuna.load_study(study_name=study_name("quick", depth), storage=url)
+        study = optuna.load_study(study_name=study_name("quick", Cell("tuned", depth)), storage=url)
         trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
                   if not t.user_attrs.get("surplus")]
         first = min(t.datetime_start for t in trials)

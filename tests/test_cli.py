@@ -16,10 +16,10 @@ import pytest
 
 from conftest import PG_ADMIN_URL, services_required
 
-DATA_COMMANDS = ["mnist_bench.reproduce", "mnist_bench.throughput", "study.depth"]
+DATA_COMMANDS = ["mnist_bench.throughput", "study.depth"]
 COMMANDS = [*DATA_COMMANDS, "study.report", "study.scaleout"]
-TINY = ["--preset", "quick", "--depths", "2", "--n-trials", "1", "--seeds", "1", "--train-subset", "300",
-        "--no-report"]
+TINY = ["--preset", "quick", "--experiments", "tuned", "--depths", "2", "--n-trials", "1", "--seeds", "1",
+        "--train-subset", "300", "--no-report"]
 
 
 def run(*args, cwd=None, env=None, timeout=300):
@@ -60,9 +60,9 @@ def study_tables(tmp: Path, **replace: str) -> Path:
 def storage_with(tmp: Path, final: bool, name: str = "s.db") -> str:
     """An SQLite storage holding a tuning study with one finished trial; its final study only if `final`."""
     url = f"sqlite:///{tmp / name}"
-    from study.config import PRESETS
-    config = {**PRESETS["quick"].identity(), "depth": 2}
-    tune = optuna.create_study(storage=url, study_name="quick-depth2", direction="maximize")
+    from study.config import PRESETS, Cell
+    config = PRESETS["quick"].identity(Cell("tuned", 2))
+    tune = optuna.create_study(storage=url, study_name="quick-tuned-depth2", direction="maximize")
     tune.set_user_attr("config", config)
     tune.add_trial(optuna.trial.create_trial(
         params={"lr": 0.1, "epochs": 1, "width": 16},
@@ -71,7 +71,7 @@ def storage_with(tmp: Path, final: bool, name: str = "s.db") -> str:
                        "width": optuna.distributions.IntDistribution(16, 256, log=True)},
         value=0.9, user_attrs={"curve": [[1, 1.0, 1.0, 0.9, 1.0]], "diverged": False}))
     if final:
-        optuna.create_study(storage=url, study_name="quick-depth2-final", direction="maximize")
+        optuna.create_study(storage=url, study_name="quick-tuned-depth2-final", direction="maximize")
     return url
 
 
@@ -110,8 +110,6 @@ CASES = {
                                                            "--out", str(a_file(t))], 2, "is a file"),
     "report-storage-out-under-proc": Case("study.report", lambda t: ["--storage", storage_with(t, True),
                                                                     "--out", "/proc/x"], 2, "cannot write"),
-    "reproduce-out-is-a-file": Case("mnist_bench.reproduce", lambda t: ["--out", str(a_file(t))], 2, "is a file"),
-    "reproduce-out-read-only": Case("mnist_bench.reproduce", ["--out", "/sys/mnist-bench"], 2, "cannot write"),
     "throughput-empty-name": Case("mnist_bench.throughput", ["--name", ""], 2, "plain file name"),
     "throughput-name-with-folder": Case("mnist_bench.throughput", ["--name", "a/b.csv"], 2, "plain file name"),
     "throughput-out-is-a-file": Case("mnist_bench.throughput", lambda t: ["--out", str(a_file(t))], 2, "is a file"),
@@ -119,7 +117,6 @@ CASES = {
     # Devices: only what the machine has.
     "depth-device-meta": Case("study.depth", [*TINY, "--device", "meta"], 2, "auto, cpu, cuda"),
     "depth-device-mps": Case("study.depth", [*TINY, "--device", "mps"], 2, "auto, cpu, cuda"),
-    "reproduce-device-meta": Case("mnist_bench.reproduce", ["--device", "meta"], 2, "auto, cpu, cuda"),
     "throughput-device-mps": Case("mnist_bench.throughput", ["--device", "mps"], 2, "auto, cpu, cuda"),
     # Report inputs.
     "report-no-such-folder": Case("study.report", ["--results", "/nonexistent/results"], 2, "not a folder"),
@@ -151,8 +148,6 @@ CASES = {
     "depth-threads-zero": Case("study.depth", [*TINY, "--threads", "0"], 2, "threads"),
     "depth-workers-huge": Case("study.depth", [*TINY, "--workers", "100000"], 2, "1..256"),
     "depth-unknown-storage-scheme": Case("study.depth", [*TINY, "--storage", "nosuchdb://x"], 1, "cannot open"),
-    "reproduce-huge-seeds": Case("mnist_bench.reproduce", ["--seeds", "1000000000"], 2, "1..1000"),
-    "reproduce-huge-train-subset": Case("mnist_bench.reproduce", ["--train-subset", "100000"], 2, "1..60000"),
     "throughput-threads-zero": Case("mnist_bench.throughput", ["--threads", "0"], 2, "threads"),
     "scaleout-depth-99": Case("study.scaleout", ["--depth", "99"], 2, "1..8"),
     "scaleout-bogus-pg-url": Case("study.scaleout", lambda t: ["--out", str(t / "o")], 1, "not reachable",
@@ -172,7 +167,7 @@ def test_bad_input_is_one_line_with_the_right_exit_code(name: str, tmp_path: Pat
     for path, content in before.items():  # nothing handed in was changed
         assert path.read_bytes() == content, path
     assert not (tmp_path / "typo.db").exists()
-    assert "seed" not in p.stdout  # reproduce: refused before any training
+    assert "study '" not in p.stdout  # study.depth: refused before any training
 
 
 # --- signals -------------------------------------------------------------------------------------
@@ -210,14 +205,25 @@ def stopped(proc: subprocess.Popen, sig: int = signal.SIGTERM, again: bool = Fal
     return proc.returncode, err.strip()
 
 
-def test_sigterm_to_reproduce_keeps_the_finished_runs(tmp_path: Path):
-    proc = start("mnist_bench.reproduce", "--seeds", "3", "--train-subset", "20000", "--out", str(tmp_path))
-    wait_for_line(proc, "seed 0")
+def test_sigterm_to_a_lone_worker_keeps_what_finished(tmp_path: Path):
+    out = tmp_path / "out"
+    proc = start("study.depth", "--preset", "quick", "--experiments", "recipe", "--depths", "4", "--seeds", "30",
+                 "--train-subset", "5000", "--out", str(out))
+    import sqlite3
+
+    def states() -> list[str]:
+        try:
+            with sqlite3.connect(out / "study.db") as con:
+                return [r[0] for r in con.execute("select state from trials")]
+        except sqlite3.Error:
+            return []
+
+    deadline = time.time() + 120
+    while "COMPLETE" not in states() and time.time() < deadline:
+        time.sleep(0.1)  # a run finished, the next one in flight
     code, err = stopped(proc)
-    assert code == 130 and "finished runs are in" in err
-    table = pd.read_csv(tmp_path / "reproduction.csv")
-    assert len(table) >= 1 and table.test_accuracy.between(0, 1).all()
-    assert [p.name for p in tmp_path.iterdir()] == ["reproduction.csv"]  # no partial file left
+    assert code == 130 and ("everything finished is in" in err or "recorded as failed" in err)
+    assert "RUNNING" not in states() and "COMPLETE" in states()
 
 
 def test_sigterm_to_throughput_removes_its_temporary_folder(tmp_path: Path):
@@ -311,17 +317,7 @@ def test_cuda_without_cuda_is_a_usage_error(tmp_path: Path):
     import torch
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    assert_one_line(run("mnist_bench.reproduce", "--device", "cuda", "--out", str(tmp_path)), 2, "CUDA")
-
-
-def test_reproduce_writes_table(tmp_path: Path):
-    p = run("mnist_bench.reproduce", "--seeds", "1", "--train-subset", "500", "--out", str(tmp_path))
-    assert p.returncode == 0, p.stderr
-    df = pd.read_csv(tmp_path / "reproduction.csv")
-    assert {"experiment", "seed", "epochs", "test_accuracy", "test_loss", "claimed_accuracy",
-            "train_seconds", "torch_version", "device", "device_name", "threads"} <= set(df.columns)
-    assert len(df) == 3 and df["test_accuracy"].between(0, 1).all()
-    assert "nan" not in p.stdout.lower()  # one seed: no spread to print, said as n/a
+    assert_one_line(run("study.depth", *TINY, "--device", "cuda", "--out", str(tmp_path)), 2, "CUDA")
 
 
 def test_throughput_quick_writes_documented_columns(tmp_path: Path, monkeypatch):

@@ -38,3 +38,22 @@ def test_funnel_and_bad_widths():
         funnel_widths(0)
     with pytest.raises(ValueError):
         mlp((0, 5))
+
+
+@pytest.mark.parametrize("budget", [60_000, 242_762, 1_000_000, 20_000, 3_000_000])
+@pytest.mark.parametrize("depth", [2, 3, 4, 5, 6])
+def test_matched_budget_widths_are_a_halving_funnel_within_two_percent(depth, budget):
+    from mnist_bench.models import count_params, funnel_for_budget
+
+    widths = funnel_for_budget(depth, budget)
+    assert len(widths) == depth - 1 and min(widths) >= 8
+    assert all(a >= b for a, b in zip(widths, widths[1:]))  # a decreasing funnel (flat only at the floor)
+    assert all(b == max(8, round(widths[0] / 2**i)) for i, b in enumerate(widths))
+    assert count_params(widths) == n_params(mlp(widths))
+    assert abs(count_params(widths) - budget) <= 0.02 * budget
+
+
+def test_the_source_network_is_its_own_matched_funnel():
+    from mnist_bench.models import funnel_for_budget
+
+    assert funnel_for_budget(4, 242_762) == (256, 128, 64) and funnel_for_budget(1, 242_762) == ()

@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 pytestmark = pytest.mark.postgres
 
-BASE = ["--preset", "quick", "--depths", "2", "3", "--seeds", "3", "--train-subset", "1500",
+BASE = ["--preset", "quick", "--experiments", "tuned", "--depths", "2", "3", "--seeds", "3", "--train-subset", "1500",
         "--threads", "1", "--no-report"]
 
 
@@ -37,10 +37,10 @@ def budget_states(url: str, name: str) -> list[TrialState]:
 
 def assert_exact(url: str, n_trials: int, seeds: int, depths=(2, 3)):
     for d in depths:
-        states = budget_states(url, f"quick-depth{d}")
+        states = budget_states(url, f"quick-tuned-depth{d}")
         assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == n_trials
         assert TrialState.RUNNING not in states
-        final = optuna.load_study(study_name=f"quick-depth{d}-final", storage=url)
+        final = optuna.load_study(study_name=f"quick-tuned-depth{d}-final", storage=url)
         done = [t for t in final.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if not t.user_attrs.get("surplus")]
         assert sorted(t.user_attrs["seed"] for t in done) == list(range(1, seeds + 1))
@@ -72,7 +72,7 @@ def test_worker_killed_holding_a_final_run_the_others_finish_exactly(pg_url: str
     victim = None
     while time.time() < deadline and victim is None:
         time.sleep(0.05)
-        holder = holder_of_running_final(pg_url, "quick-depth2-final")
+        holder = holder_of_running_final(pg_url, "quick-tuned-depth2-final")
         if holder is not None:
             victim = workers.get(int(holder.rsplit(":", 1)[1]))
     assert victim is not None, "never saw a worker holding a final run"
@@ -83,7 +83,7 @@ def test_worker_killed_holding_a_final_run_the_others_finish_exactly(pg_url: str
         code, err = finish(w)
         assert code == 0, err
     assert_exact(pg_url, n_trials=4, seeds=4, depths=(2,))
-    final = optuna.load_study(study_name="quick-depth2-final", storage=pg_url)
+    final = optuna.load_study(study_name="quick-tuned-depth2-final", storage=pg_url)
     assert any(t.state == TrialState.FAIL and not t.user_attrs.get("surplus")
                for t in final.get_trials(deepcopy=False))  # the dead run, failed by its heartbeat
     table = pd.read_csv(tmp_path / "restarted" / "final.csv")
@@ -155,7 +155,7 @@ def test_lost_connection_is_one_line_and_a_restart_continues(pg_url: str, tmp_pa
     while time.time() < deadline:
         time.sleep(0.3)
         try:
-            if len(budget_states(pg_url, "quick-depth2")) >= 2:
+            if len(budget_states(pg_url, "quick-tuned-depth2")) >= 2:
                 break
         except KeyError:
             continue

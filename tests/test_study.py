@@ -14,11 +14,12 @@ from optuna.trial import TrialState, create_trial
 
 from mnist_bench.data import MNIST
 from study import depth as study_depth
-from study.config import PRESETS, RunConfig, SearchSpace, StudyConfig, hidden_widths
+from study.config import PRESETS, Cell, RunConfig, SearchSpace, StudyConfig, Tuned, hidden_widths
 from study.coord import open_storage
 from study.engine import Worker
 
-TINY = ["--preset", "quick", "--depths", "2", "3", "--seeds", "2", "--train-subset", "600", "--no-report"]
+TINY = ["--preset", "quick", "--experiments", "tuned", "--depths", "2", "3", "--seeds", "2", "--train-subset", "600",
+        "--no-report"]
 
 TRIALS_COLUMNS = {"depth", "trial", "state", "retrained", "param_lr", "param_width", "param_epochs",
                   "val_accuracy", "epochs_run", "n_params", "train_seconds", "samples_per_s", "device", "threads",
@@ -41,9 +42,9 @@ def trial_states(db: Path, suffix: str = "") -> list[tuple[str, str]]:
     return [r for r in rows if r[0].endswith(suffix)] if suffix else rows
 
 
-def budget_rows(out: Path, depth: int) -> pd.DataFrame:
+def budget_rows(out: Path, depth: int, experiment: str = "tuned") -> pd.DataFrame:
     t = pd.read_csv(out / "trials.csv")
-    return t[(t.depth == depth) & t.state.isin(["complete", "pruned", "diverged"])]
+    return t[(t.experiment == experiment) & (t.depth == depth) & t.state.isin(["complete", "pruned", "diverged"])]
 
 
 def assert_exact(out: Path, n_trials: int, seeds: int, depths=(2, 3)):
@@ -106,7 +107,7 @@ def test_a_new_best_trial_gets_its_own_seeds_and_old_runs_are_reported_supersede
     old = pd.read_csv(tmp_path / "final.csv")
     # A better configuration appears in the storage (another worker's budget, an imported trial).
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
-    tune = optuna.load_study(study_name="quick-depth2", storage=storage)
+    tune = optuna.load_study(study_name="quick-tuned-depth2", storage=storage)
     tune.add_trial(create_trial(
         params={"lr": 0.05, "epochs": 2, "width": 32},
         distributions={"lr": FloatDistribution(1e-3, 1.0, log=True), "epochs": IntDistribution(1, 4),
@@ -122,11 +123,12 @@ def test_a_new_best_trial_gets_its_own_seeds_and_old_runs_are_reported_supersede
 
 def test_the_pruner_never_stops_a_trial_at_its_last_epoch(small: MNIST, tmp_path: Path):
     # One-epoch trials, pruning from the first epoch on: a worse trial would be pruned at its last epoch.
-    cfg = StudyConfig(name="p", depths=(2,), n_trials=6, seeds=1, space=SearchSpace(width=(16, 32), max_epochs=1),
-                      sampler_startup_trials=6, pruner_startup_trials=1, pruner_warmup_epochs=0)
+    cfg = StudyConfig(name="p", experiments=("tuned",), tuned=Tuned(
+        depths=(2,), n_trials=6, seeds=1, space=SearchSpace(width=(16, 32), max_epochs=1)),
+        sampler_startup_trials=6, pruner_startup_trials=1, pruner_warmup_epochs=0)
     run = RunConfig(storage=f"sqlite:///{tmp_path / 's.db'}", out=tmp_path)
-    Worker(cfg, run, small, open_storage(run.storage, 10, 30), env={}).work()
-    study = optuna.load_study(study_name="p-depth2", storage=run.storage)
+    Worker(cfg, run, {"split": small}, open_storage(run.storage, 10, 30), env={}).work()
+    study = optuna.load_study(study_name="p-tuned-depth2", storage=run.storage)
     states = [t.state for t in study.get_trials() if not t.user_attrs.get("surplus")]
     assert states.count(TrialState.COMPLETE) == 6 and TrialState.PRUNED not in states
 
@@ -244,5 +246,67 @@ def test_widths_taper_and_floor():
 
 
 def test_presets_share_the_documented_defaults():
-    assert PRESETS["full"].depths == (3, 4, 5) and PRESETS["full"].seeds == 5
+    full = PRESETS["full"]
+    assert full.experiments == ("recipe", "matched", "tuned")
+    assert full.recipe.depths == (1, 2, 3, 4, 5, 6) and full.recipe.seeds >= 10
+    assert full.matched.budgets == (60_000, 242_762, 1_000_000) and full.matched.seeds >= 8
+    assert full.tuned.depths == (3, 4, 5) and full.tuned.seeds >= 8
     assert isinstance(PRESETS["quick"], StudyConfig)
+    cells = full.cells()
+    assert Cell("matched", 1) in cells and Cell("matched", 4, 242_762) in cells and len(cells) == 6 + 16 + 3
+
+
+EXPERIMENT_ARGS = {
+    "recipe": ["--experiments", "recipe", "--depths", "1", "4"],
+    "matched": ["--experiments", "matched", "--depths", "1", "3", "--budgets", "60000"],
+    "tuned": ["--experiments", "tuned", "--depths", "3", "--n-trials", "3"],
+}
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENT_ARGS)
+def test_each_experiment_end_to_end_and_resumed(experiment: str, tmp_path: Path):
+    args = ["--preset", "quick", *EXPERIMENT_ARGS[experiment], "--seeds", "2", "--train-subset", "300",
+            "--no-report", "--out", str(tmp_path)]
+    study_depth.main(args)
+    trials, epochs, final = (pd.read_csv(tmp_path / f"{k}.csv") for k in ("trials", "epochs", "final"))
+    assert set(final.experiment) == {experiment}
+    cells = final.groupby(["budget", "depth"], dropna=False)
+    assert all(sorted(g.seed) == [1, 2] and g.source_trial.nunique() == 1 for _, g in cells)
+    if experiment == "recipe":
+        assert trials.empty and set(final.source_trial) == {-1} and set(final.param_lr) == {0.03}
+        curves = epochs[epochs.run == "final"]
+        assert set(curves.epoch) == set(range(1, 11)) and curves.test_accuracy.between(0, 1).all()
+        assert len(curves) == 2 * 2 * 10  # depths x seeds x epochs: the 2- and 10-epoch claims, same runs
+    if experiment == "matched":
+        assert len(cells) == 2 and set(final[final.depth == 3].widths) == {"73-36"}
+        grid = sorted(trials[trials.depth == 3].param_lr)
+        assert len(grid) == 4 and grid[0] == pytest.approx(1e-3) and grid[-1] == pytest.approx(1.0)
+        assert final[final.depth == 3].n_params.iloc[0] == pytest.approx(60_000, rel=0.02)
+    if experiment == "tuned":
+        assert len(budget_rows(tmp_path, 3)) == 3
+    # Resume: the same command adds nothing; more seeds add exactly the missing runs, old ones kept.
+    study_depth.main(args)
+    pd.testing.assert_frame_equal(final, pd.read_csv(tmp_path / "final.csv"))
+    study_depth.main([*args, "--seeds", "3"])
+    grown = pd.read_csv(tmp_path / "final.csv")
+    assert len(grown) == len(final) * 3 // 2
+    kept = grown.merge(final[["depth", "seed", "test_accuracy"]], on=["depth", "seed"], suffixes=("", "_before"))
+    assert (kept.test_accuracy == kept.test_accuracy_before).all()
+
+
+def test_running_one_experiment_keeps_the_other_experiments_rows(tmp_path: Path):
+    base = ["--preset", "quick", "--seeds", "1", "--train-subset", "300", "--no-report", "--out", str(tmp_path)]
+    study_depth.main([*base, *EXPERIMENT_ARGS["recipe"]])
+    study_depth.main([*base, *EXPERIMENT_ARGS["tuned"]])
+    assert set(pd.read_csv(tmp_path / "final.csv").experiment) == {"recipe", "tuned"}
+
+
+def test_another_split_or_sampler_seed_is_its_own_study(tmp_path: Path):
+    base = ["--preset", "quick", *EXPERIMENT_ARGS["tuned"], "--seeds", "1", "--train-subset", "300", "--no-report"]
+    study_depth.main([*base, "--out", str(tmp_path / "a")])
+    p = run_study(*base, "--split-seed", "1", "--sampler-seed", "2", "--out", str(tmp_path / "a"))
+    assert p.returncode == 0, p.stderr
+    names = {s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'a' / 'study.db'}")}
+    assert {"quick-tuned-depth3", "quick-split1-sampler2-tuned-depth3"} <= names
+    p = run_study(*base, "--split-seed", "1", "--study-name", "quick", "--out", str(tmp_path / "a"))
+    assert p.returncode == 1 and "split_seed" in p.stderr  # same names, other hold-out: refused
