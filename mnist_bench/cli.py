@@ -17,9 +17,9 @@ from pathlib import Path
 
 from . import interrupt
 from .errors import UsageError, UserError
-from .paths import DEFAULT_DATA_DIR, RESULTS_DIR
+from .paths import DATASETS, RESULTS_DIR
 
-__all__ = ["Parser", "positive_int", "bounded_int", "device_name", "file_name", "add_common", "prepare_out", "starting",
+__all__ = ["Parser", "positive_int", "bounded_int", "device_name", "file_name", "add_dataset", "add_common", "prepare_out", "starting",
            "run", "RESULTS_DIR"]
 
 MAX_THREADS = 1024
@@ -77,9 +77,16 @@ def device_name(text: str) -> str:
     return text
 
 
-def add_common(parser: argparse.ArgumentParser, out_help: str) -> None:
+def add_dataset(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", choices=DATASETS, default="mnist",
+                        help="mnist or fashion-mnist (same shapes; default: mnist)")
     parser.add_argument("--data-dir", type=Path, default=None,
-                        help=f"folder with the four MNIST files, gzip or raw (default: {DEFAULT_DATA_DIR})")
+                        help="folder with the dataset's four files, gzip or raw, flat or torchvision's "
+                             "MNIST/raw or FashionMNIST/raw (default: the pinned copy in data/<dataset>)")
+
+
+def add_common(parser: argparse.ArgumentParser, out_help: str) -> None:
+    add_dataset(parser)
     parser.add_argument("--device", type=device_name, default="cpu", help="auto, cpu or cuda (default: cpu)")
     parser.add_argument("--threads", type=bounded_int(1, MAX_THREADS, "threads per process"), default=1,
                         help="CPU threads for PyTorch (default: 1; see README on OpenMP contention)")

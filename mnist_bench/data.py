@@ -1,8 +1,9 @@
-"""Pinned MNIST: verified IDX files -> one normalised float32 tensor per split, on the device.
+"""Pinned MNIST and Fashion-MNIST: verified IDX files -> one normalised float32 tensor per split.
 
-The repository keeps its own copy of the four official files (``data/mnist``, gzip). Every load
-checks the SHA-256 of the *decompressed* bytes against the pinned values below, so a truncated,
-altered or missing file stops the program with one line before any training starts.
+The repository keeps its own copy of the four official files of each dataset (``data/mnist``,
+``data/fashion-mnist``, gzip). Both use the same file names and shapes; every load checks the
+SHA-256 of the *decompressed* bytes against the pinned values below, so a truncated, altered,
+missing or other-dataset file stops the program with one line before any training starts.
 
 Batches are drawn by indexing a per-epoch permutation of the on-device tensor (airbench style):
 no per-sample PIL/``ToTensor`` work and no DataLoader in the hot path.
@@ -18,16 +19,27 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError, UserError
-from .paths import DEFAULT_DATA_DIR
+from .paths import DATASETS, DEFAULT_DATA_DIR, default_data_dir
 
-# SHA-256 of the decompressed official files (same values as data/mnist/SHA256SUMS).
-SHA256 = {
-    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+# SHA-256 of the decompressed official files (same values as data/<dataset>/SHA256SUMS).
+PINNED = {
+    "mnist": {
+        "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+        "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+        "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+        "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    },
+    "fashion-mnist": {
+        "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+        "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+        "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+        "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+    },
 }
+SHA256 = PINNED["mnist"]
 FILES = tuple(SHA256)
+RAW_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}  # torchvision's DIR/<name>/raw layout
+assert set(PINNED) == set(DATASETS) == set(RAW_FOLDERS)
 VAL_SIZE = 10_000  # default hold-out carved from the 60k training images
 
 
@@ -72,18 +84,18 @@ def resolve_device(device: str = "auto") -> torch.device:
     raise DeviceError(f"unknown device '{device}' (use auto, cpu or cuda)")
 
 
-def find_file(data_dir: Path, name: str) -> Path | None:
-    """The file `name` (raw or .gz) in `data_dir` or torchvision's `data_dir/MNIST/raw` layout."""
-    for folder in (data_dir, data_dir / "MNIST" / "raw"):
+def find_file(data_dir: Path, name: str, dataset: str = "mnist") -> Path | None:
+    """The file `name` (raw or .gz) in `data_dir` or torchvision's `data_dir/<MNIST|FashionMNIST>/raw`."""
+    for folder in (data_dir, data_dir / RAW_FOLDERS[dataset] / "raw"):
         for candidate in (folder / name, folder / f"{name}.gz"):
             if candidate.is_file():
                 return candidate
     return None
 
 
-def read_verified(path: Path, name: str) -> bytes:
-    """Decompressed bytes of `path`, after checking them against the pinned SHA-256."""
-    expected = SHA256[name]
+def read_verified(path: Path, name: str, dataset: str = "mnist") -> bytes:
+    """Decompressed bytes of `path`, after checking them against the pinned SHA-256 of `dataset`."""
+    expected = PINNED[dataset][name]
     try:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":  # gzip magic
@@ -92,6 +104,10 @@ def read_verified(path: Path, name: str) -> bytes:
         raise DataError(f"{path}: unreadable ({e}); expected decompressed sha256 {expected}") from None
     digest = hashlib.sha256(raw).hexdigest()
     if digest != expected:
+        other = next((d for d, pins in PINNED.items() if pins[name] == digest), None)
+        if other is not None:
+            raise DataError(f"{path} is the {other} file, not {dataset}'s (sha256 {digest}); pass --dataset "
+                            f"{other} or point --data-dir at the {dataset} files")
         raise DataError(f"{path}: sha256 {digest} does not match the pinned {expected}")
     return raw
 
@@ -106,34 +122,38 @@ def parse_idx(raw: bytes) -> torch.Tensor:
     return data.reshape(dims)
 
 
-def download(data_dir: Path) -> None:
-    """Fetch the four files through torchvision's mirrors into `data_dir/MNIST/raw`."""
-    from torchvision.datasets import MNIST as TorchvisionMNIST
+def download(data_dir: Path, dataset: str = "mnist") -> None:
+    """Fetch the four files through torchvision's mirrors into `data_dir/<MNIST|FashionMNIST>/raw`."""
+    import torchvision.datasets
 
+    cls = getattr(torchvision.datasets, RAW_FOLDERS[dataset])
     try:
-        TorchvisionMNIST(root=str(data_dir), train=True, download=True)
-        TorchvisionMNIST(root=str(data_dir), train=False, download=True)
+        cls(root=str(data_dir), train=True, download=True)
+        cls(root=str(data_dir), train=False, download=True)
     except Exception as e:  # noqa: BLE001 - any network failure becomes one line
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(
-            f"MNIST files missing in {data_dir} and the download failed ({first}); copy the four "
+            f"{dataset} files missing in {data_dir} and the download failed ({first}); copy the four "
             f"files ({', '.join(FILES)}, .gz or raw) into that folder or pass --data-dir"
         ) from None
 
 
-def load_raw(data_dir: str | Path | None = None, allow_download: bool = True) -> dict[str, torch.Tensor]:
+def load_raw(data_dir: str | Path | None = None, allow_download: bool = True,
+             dataset: str = "mnist") -> dict[str, torch.Tensor]:
     """The four verified uint8 tensors, keyed by file name. Every file is checked before any is parsed."""
-    data_dir = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
-    paths = {name: find_file(data_dir, name) for name in FILES}
+    if dataset not in PINNED:
+        raise UsageError(f"unknown dataset {dataset!r} (use {' or '.join(PINNED)})")
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir(dataset)
+    paths = {name: find_file(data_dir, name, dataset) for name in FILES}
     if all(p is None for p in paths.values()) and allow_download:
-        download(data_dir)
-        paths = {name: find_file(data_dir, name) for name in FILES}
+        download(data_dir, dataset)
+        paths = {name: find_file(data_dir, name, dataset) for name in FILES}
     missing = [name for name, p in paths.items() if p is None]
     if missing:
         raise DataError(
-            f"{data_dir / missing[0]}(.gz) is missing; expected decompressed sha256 {SHA256[missing[0]]}"
+            f"{data_dir / missing[0]}(.gz) is missing; expected decompressed sha256 {PINNED[dataset][missing[0]]}"
         )
-    raws = {name: read_verified(path, name) for name, path in paths.items()}
+    raws = {name: read_verified(path, name, dataset) for name, path in paths.items()}
     return {name: parse_idx(raw) for name, raw in raws.items()}
 
 
@@ -149,6 +169,7 @@ def load_mnist(
     split_seed: int = 0,
     device: str | torch.device = "cpu",
     train_subset: int | None = None,
+    dataset: str = "mnist",
 ) -> MNIST:
     """Verified MNIST on `device`, split into train / validation / test.
 
@@ -156,7 +177,7 @@ def load_mnist(
     images (0 trains on all 60k). `train_subset` keeps only the first n of the remaining training
     images (for quick runs and tests); validation and test are never cut.
     """
-    raw = load_raw(data_dir)
+    raw = load_raw(data_dir, dataset=dataset)
     device = resolve_device(device) if isinstance(device, str) else device
     images = raw["train-images-idx3-ubyte"]
     if not 0 <= val_size < len(images):

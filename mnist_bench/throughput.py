@@ -31,7 +31,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from .interrupt import Interrupted  # noqa: E402
-from .data import FILES, DEFAULT_DATA_DIR, MNIST, find_file, load_mnist, read_verified, resolve_device  # noqa: E402
+from .data import FILES, MNIST, RAW_FOLDERS, find_file, load_mnist, read_verified, resolve_device  # noqa: E402
+from .paths import default_data_dir  # noqa: E402
 from .env import environment  # noqa: E402
 from .models import funnel_widths, mlp, train_flops  # noqa: E402
 from .train import sync, train_step  # noqa: E402
@@ -123,25 +124,26 @@ class HarnessStep:
         return loss
 
 
-def torchvision_root(data_dir: Path | None, root: Path) -> Path:
+def torchvision_root(data_dir: Path | None, root: Path, dataset: str = "mnist") -> Path:
     """Lay the verified pinned files out as torchvision expects (`root/MNIST/raw`, decompressed)."""
-    raw = root / "MNIST" / "raw"
+    raw = root / RAW_FOLDERS[dataset] / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    src = Path(data_dir) if data_dir else DEFAULT_DATA_DIR
+    src = Path(data_dir) if data_dir else default_data_dir(dataset)
     for name in FILES:
-        (raw / name).write_bytes(read_verified(find_file(src, name), name))
+        (raw / name).write_bytes(read_verified(find_file(src, name, dataset), name, dataset))
     return root
 
 
 class SourceStep:
     """The source text's loop: DataLoader over torchvision MNIST with ToTensor, batch 64, shuffled."""
 
-    def __init__(self, depth: int, root: Path, device: torch.device, seed: int = 0):
+    def __init__(self, depth: int, root: Path, device: torch.device, seed: int = 0, dataset_name: str = "mnist"):
         from torch.utils.data import DataLoader
         from torchvision import datasets, transforms
 
         torch.manual_seed(seed)
-        dataset = datasets.MNIST(str(root), train=True, download=False, transform=transforms.ToTensor())
+        cls = getattr(datasets, RAW_FOLDERS[dataset_name])
+        dataset = cls(str(root), train=True, download=False, transform=transforms.ToTensor())
         self.loader = DataLoader(dataset, batch_size=SOURCE_BATCH, shuffle=True)
         self.iterator = iter(self.loader)
         self.model = mlp(funnel_widths(depth)).to(device)
@@ -172,12 +174,14 @@ def row(pipeline: str, depth: int, batch_size: int, device: torch.device, thread
 
 
 def sweep(devices: list[torch.device], thread_counts: list[int], timing: Timing, data_dir: Path | None,
-          variants: bool = True, log: Callable[[str], None] = print) -> pd.DataFrame:
+          variants: bool = True, log: Callable[[str], None] = print, dataset: str = "mnist") -> pd.DataFrame:
+    """Every setting timed; the images' values do not matter to a step's time (both datasets have the
+    same shapes), so `dataset` only says which pinned files feed it."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = torchvision_root(data_dir, Path(tmp))
+        root = torchvision_root(data_dir, Path(tmp), dataset)
         for device in devices:
-            data = load_mnist(data_dir, val_size=0, device=device)
+            data = load_mnist(data_dir, val_size=0, device=device, dataset=dataset)
             for threads in thread_counts if device.type == "cpu" else [1]:
                 torch.set_num_threads(threads)
                 peak = peak_gflops(device, timing)
@@ -187,7 +191,7 @@ def sweep(devices: list[torch.device], thread_counts: list[int], timing: Timing,
                         step = HarnessStep(depth, batch, data)
                         seconds = median_seconds_per_call(step, device, timing)
                         rows.append(row("harness", depth, batch, device, threads, seconds, step.flops_per_sample, peak))
-                    source = SourceStep(depth, root, device)
+                    source = SourceStep(depth, root, device, dataset_name=dataset)
                     seconds = median_seconds_per_call(source, device, timing)
                     rows.append(row("source-dataloader", depth, SOURCE_BATCH, device, threads, seconds,
                                     source.flops_per_sample, peak))
@@ -227,10 +231,11 @@ def summary(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def profile(depth: int, batch_size: int, threads: int, data_dir: Path | None, steps: int = 300) -> str:
+def profile(depth: int, batch_size: int, threads: int, data_dir: Path | None, steps: int = 300,
+            dataset: str = "mnist") -> str:
     """Where one CPU training step's time goes: torch.profiler's op table, and the matrix products' share."""
     torch.set_num_threads(threads)
-    step = HarnessStep(depth, batch_size, load_mnist(data_dir, val_size=0))
+    step = HarnessStep(depth, batch_size, load_mnist(data_dir, val_size=0, dataset=dataset))
     for _ in range(20):  # warm-up
         step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -251,7 +256,7 @@ def device_or_all(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = cli.Parser("python -m mnist_bench.throughput", __doc__)
     p.add_argument("--quick", action="store_true", help="shorter timings (whole run under two minutes on 2 cores)")
-    p.add_argument("--data-dir", type=Path, default=None, help="folder with the four MNIST files (default: pinned copy)")
+    cli.add_dataset(p)
     p.add_argument("--device", type=device_or_all, default="all",
                    help="all (CPU, plus CUDA where present), cpu or cuda (default: all)")
     p.add_argument("--threads", type=cli.bounded_int(1, cli.MAX_THREADS, "threads per process"), nargs="+", default=None,
@@ -263,17 +268,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.profile:
         for threads in args.threads or [1]:
-            print(profile(4, SOURCE_BATCH, threads, args.data_dir))
+            print(profile(4, SOURCE_BATCH, threads, args.data_dir, dataset=args.dataset))
         return 0
     if args.device == "all":
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     else:
         devices = [resolve_device(args.device)]
     threads = args.threads or sorted({1, os.cpu_count() or 1})
-    load_mnist(args.data_dir, val_size=0)  # verify the data before timing anything
+    load_mnist(args.data_dir, val_size=0, dataset=args.dataset)  # verify the data before timing anything
     path = cli.prepare_out(args.out, args.name)  # and where the table goes
     try:
-        df = sweep(devices, threads, QUICK if args.quick else Timing(), args.data_dir)
+        df = sweep(devices, threads, QUICK if args.quick else Timing(), args.data_dir, dataset=args.dataset)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted: nothing written ({path} is written when the sweep ends); "
                           "temporary files removed") from None

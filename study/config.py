@@ -81,6 +81,7 @@ class StudyConfig:
     budgets of trials and seeds, which may grow, and the selection of experiments, depths, budgets)."""
 
     name: str = "full"  # see study_name()
+    dataset: str = "mnist"  # or "fashion-mnist": same shapes, a harder task
     experiments: tuple[str, ...] = EXPERIMENTS
     recipe: Recipe = field(default_factory=Recipe)
     matched: Matched = field(default_factory=Matched)

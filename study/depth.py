@@ -80,8 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[StudyConfig, RunConfig]:
-    """The preset, with what the flags override. Another split or sampler seed gets its own study
-    names (by default), so a robustness rerun can share the storage with the original."""
+    """The preset, with what the flags override. Another dataset, split or sampler seed gets its own
+    study names (by default), so each can share the storage with the original."""
     cfg = PRESETS[args.preset]
     experiments = {}
     for exp in EXPERIMENTS:
@@ -92,8 +92,9 @@ def configs_from_args(args: argparse.Namespace) -> tuple[StudyConfig, RunConfig]
         experiments[exp] = dataclasses.replace(sub, **{k: v for k, v in changes.items() if v is not None})
     seeds = {k: v for k, v in {"split_seed": args.split_seed, "sampler_seed": args.sampler_seed}.items()
              if v is not None}
-    name = args.study_name or cfg.name + "".join(f"-{k.split('_')[0]}{v}" for k, v in seeds.items() if v)
-    overrides = {"experiments": tuple(args.experiments) if args.experiments else None,
+    name = args.study_name or (cfg.name + ("" if args.dataset == "mnist" else f"-{args.dataset}")
+                               + "".join(f"-{k.split('_')[0]}{v}" for k, v in seeds.items() if v))
+    overrides = {"experiments": tuple(args.experiments) if args.experiments else None, "dataset": args.dataset,
                  "train_subset": args.train_subset, "name": name}
     cfg = dataclasses.replace(cfg, **experiments, **seeds, **{k: v for k, v in overrides.items() if v is not None})
     workers = args.workers or (1 if args.preset == "quick" else max(1, (os.cpu_count() or 1) // args.threads))

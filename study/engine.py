@@ -85,9 +85,10 @@ def load_data(cfg: StudyConfig, run: RunConfig) -> dict[str, MNIST]:
     data = {}
     if {"matched", "tuned"} & set(cfg.experiments):
         data["split"] = load_mnist(run.data_dir, val_size=cfg.val_size, split_seed=cfg.split_seed,
-                                   device=run.device, train_subset=cfg.train_subset)
+                                   device=run.device, train_subset=cfg.train_subset, dataset=cfg.dataset)
     if "recipe" in cfg.experiments:
-        data["full"] = load_mnist(run.data_dir, val_size=0, device=run.device, train_subset=cfg.train_subset)
+        data["full"] = load_mnist(run.data_dir, val_size=0, device=run.device, train_subset=cfg.train_subset,
+                                  dataset=cfg.dataset)
     return data
 
 
@@ -113,6 +114,8 @@ def open_studies(storage, cfg: StudyConfig, cell: Cell) -> tuple[optuna.Study, o
     for study, budget_key, budget in ((tune, "n_trials", cfg.n_trials(cell)), (final, "seeds", cfg.seeds(cell))):
         attrs = study.user_attrs
         stored = attrs.get("config")
+        if stored is not None and "dataset" not in stored:
+            stored = {**stored, "dataset": "mnist"}  # made before datasets were a setting: MNIST was the only one
         if stored is None:
             study.set_user_attr("config", identity)
         elif stored != identity:

@@ -36,6 +36,8 @@ EDGE_FRACTION = 0.05  # a best value within 5% of its (log) range of an edge is 
 SOURCE_DEPTH = 4
 NEIGHBOURS = (3, 5)  # "why four layers, not three or five?"
 TARGET_ACCURACY = 0.97  # AlgoPerf's MNIST target, for the cost of reaching it
+DATASET_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
+OUTCOME_WORDS = {"better": "beats", "worse": "is beaten by", "indistinguishable": "is indistinguishable from"}
 
 
 # --- statistics ----------------------------------------------------------------------------------
@@ -241,7 +243,7 @@ def four_phrase(v: Verdict, comparisons: list[Comparison]) -> str:
     for n, outcome in v.four.items():
         c = pair[(min(n, SOURCE_DEPTH), max(n, SOURCE_DEPTH))]
         four_minus = c.diff if SOURCE_DEPTH == c.b else -c.diff
-        word = {"better": "beats", "worse": "is beaten by", "indistinguishable": "is indistinguishable from"}[outcome]
+        word = OUTCOME_WORDS[outcome]
         extra = (f"; a difference of {pts(c.detectable_size)} points would have been detected"
                  if outcome == "indistinguishable" else "")
         parts.append(f"{word} depth {n} ({'+' if four_minus >= 0 else ''}{pts(four_minus)} points{extra})")
@@ -268,12 +270,26 @@ def family(title: str, final: pd.DataFrame, depths: list[int]) -> Family:
 
 
 def recipe_at_epoch(epochs: pd.DataFrame, final: pd.DataFrame, epoch: int) -> pd.DataFrame:
-    """The recipe's final runs as rows of (depth, seed, test_accuracy) after `epoch` epochs."""
+    """The recipe's final runs as rows of (depth, seed, test_accuracy, cost so far) after `epoch` epochs."""
     runs = epochs[(epochs["experiment"] == "recipe") & (epochs["run"] == "final") & (epochs["epoch"] == epoch)]
-    merged = runs[["depth", "seed", "test_accuracy"]].merge(
-        final[final["experiment"] == "recipe"][["depth", "seed", "n_params", "widths", "train_seconds", "diverged"]],
-        on=["depth", "seed"])
-    return merged.assign(train_flops=math.nan)
+    rec = final[final["experiment"] == "recipe"]
+    merged = runs[["depth", "seed", "test_accuracy", "train_seconds"]].merge(
+        rec[["depth", "seed", "n_params", "widths", "diverged", "train_flops", "param_epochs"]], on=["depth", "seed"])
+    return merged.assign(train_flops=merged["train_flops"] * epoch / merged["param_epochs"])
+
+
+def claims_sentence(recipe: dict[int, Family], claims: list) -> str | None:
+    """How the text's own claims fare on the recipe's runs (same runs, 2 and 10 epochs)."""
+    parts, reached = [], 0
+    for depth, ep, claim in claims:
+        g = recipe[ep].groups.get(depth) if ep in recipe else None
+        if g is None or not g.n:
+            continue
+        reached += g.mean >= claim
+        parts.append(f"depth {depth} after {ep} epochs {pts(g.mean)}% against {pts(claim)}%")
+    if not parts:
+        return None
+    return f"The text's own claims: {reached} of {len(parts)} reached ({'; '.join(parts)}; n={g.n} each)."
 
 
 def summary_sentence(name: str, f: Family) -> str:
@@ -288,7 +304,8 @@ def summary_sentence(name: str, f: Family) -> str:
             f"{four_phrase(v, f.comparisons)}.")
 
 
-def opening(recipe: dict[int, Family], matched: dict[int, Family], tuned: Family | None, fronts: str | None) -> str:
+def opening(recipe: dict[int, Family], matched: dict[int, Family], tuned: Family | None, fronts: str | None,
+            claims: list | None = None) -> str:
     """The paragraph that answers the question, computed from the three experiments."""
     parts, support, total = [], 0, 0
 
@@ -304,6 +321,8 @@ def opening(recipe: dict[int, Family], matched: dict[int, Family], tuned: Family
         tally(ten.verdict)
         parts.append(summary_sentence(f"With the text's own recipe (plain SGD, lr 0.03, batch 64, {max(recipe)} "
                                       "epochs)", ten))
+        if claims and (sentence := claims_sentence(recipe, claims)):
+            parts.append(sentence)
     for budget, f in matched.items():
         tally(f.verdict)
         parts.append(summary_sentence(f"At a matched budget of {budget:,} parameters (learning rate tuned per depth)", f))
@@ -440,7 +459,8 @@ def plots(out: Path, trials: pd.DataFrame, epochs: pd.DataFrame, final: pd.DataF
             for d in xs:
                 acc = 100 * f.groups[d].accuracies
                 ax.scatter(np.full(len(acc), d) + 0.08 * (i - 0.5), acc, s=8, color=f"C{i}", alpha=0.35)
-        for depth, ep, claim in config.get("experiments", {}).get("recipe", {}).get("claims", []):
+        claims = config.get("experiments", {}).get("recipe", {}).get("claims", [])
+        for depth, ep, claim in claims if config.get("dataset", "mnist") == "mnist" else []:
             ax.scatter([depth], [100 * claim], marker="*", s=220, color="C3" if ep == max(recipe) else "C1",
                        edgecolor="k", zorder=6, label=f"text's claim, depth {depth}, {ep} epochs ({100 * claim:.2f}%)")
         ax.set(xlabel="depth (Linear layers)", ylabel="test accuracy (%)",
@@ -608,9 +628,8 @@ def families(trials: pd.DataFrame, epochs: pd.DataFrame, final: pd.DataFrame, co
     return recipe, matched, tuned
 
 
-def render(results: Path, out: Path | None = None) -> Path:
-    """Render report.md and the plots from the tables in `results` into `out` (default: the same folder)."""
-    out = out or results
+def load_results(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
+    """(trials, epochs, final, config) of a results folder, or one line saying what is wrong."""
     missing = [f for f in ("trials.csv", "epochs.csv", "final.csv") if not (results / f).is_file()]
     if missing:
         raise UsageError(f"{results} has no {missing[0]}: run python -m study.depth first, or pass --storage")
@@ -622,6 +641,88 @@ def render(results: Path, out: Path | None = None) -> Path:
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{config_path} is not valid JSON ({e})") from None
+    return trials, epochs, final, config
+
+
+def settings(trials, epochs, final, config) -> dict[str, Family]:
+    """Every family by a name shared across datasets: recipe, matched <budget>, tuned."""
+    recipe, matched, tuned = families(trials, epochs, final, config)
+    out = {}
+    if recipe:
+        out[f"recipe, {max(recipe)} epochs"] = recipe[max(recipe)]
+    out |= {f"matched, {b:,} parameters": f for b, f in matched.items()}
+    if tuned is not None:
+        out["tuned"] = tuned
+    return out
+
+
+def cross_dataset(out: Path, mine: tuple, theirs: tuple) -> list[str]:
+    """The depth effect on both datasets, on one scale (points relative to each dataset's depth 4),
+    per setting, with one sentence each on whether the answer carries over."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [DATASET_NAMES.get(x[3].get("dataset", "mnist"), "?") for x in (mine, theirs)]
+    a, b = settings(*mine), settings(*theirs)
+    shared = [k for k in a if k in b]
+    if not shared:
+        return []
+    doc = [f"## Does the answer hold beyond {names[0]}?", "",
+           f"The same experiments on {names[1]} (same shapes, a harder task). Each table gives, per depth, the mean "
+           "retrained test accuracy and its difference from depth 4 of the same dataset, so the depth effect is on "
+           "one scale (points) for both.", ""]
+    fig, axes = plt.subplots(1, len(shared), figsize=(3.2 * len(shared), 3.4), sharey=False, squeeze=False)
+    for ax, key in zip(axes[0], shared):
+        fa, fb = a[key], b[key]
+        rows = []
+        for d in sorted(set(fa.groups) | set(fb.groups)):
+            row = {"depth": d}
+            for name, f in zip(names, (fa, fb)):
+                g, ref = f.groups.get(d), f.groups.get(SOURCE_DEPTH)
+                row[f"{name} acc"] = pts(g.mean) if g is not None and g.n else "n/a"
+                row[f"{name} minus depth 4"] = (f"{100 * (g.mean - ref.mean):+.2f}" if g is not None and ref is not None
+                                                and g.n and ref.n else "n/a")
+            rows.append(row)
+        for i, (name, f) in enumerate(zip(names, (fa, fb))):
+            ref = f.groups.get(SOURCE_DEPTH)
+            xs = [d for d, g in f.groups.items() if g.n and ref is not None and ref.n]
+            ax.plot(xs, [100 * (f.groups[d].mean - ref.mean) for d in xs], marker="o", color=f"C{i}", label=name)
+        ax.axhline(0, color="0.5", lw=0.8)
+        ax.set(title=key, xlabel="depth", ylabel="points vs depth 4" if ax is axes[0][0] else None)
+        ax.legend(fontsize=7)
+        doc += [f"### {key}", "", md_table(pd.DataFrame(rows)), "", carry_over(names, fa, fb), ""]
+    fig.tight_layout()
+    fig.savefig(out / "cross-dataset.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    doc[4:4] = ["![cross-dataset](cross-dataset.png)", "", "Mean test accuracy relative to depth 4 of the same "
+                "dataset, per setting (points).", ""]
+    return doc
+
+
+def carry_over(names: list[str], fa: Family, fb: Family) -> str:
+    va, vb = fa.verdict, fb.verdict
+    if va.refused or vb.refused:
+        return f"Cannot say whether the answer carries over: {va.refused or vb.refused}."
+    same_four = va.four == vb.four
+    if same_four and va.best == vb.best:
+        return (f"The answer carries over: on both, depth {va.best} has the highest mean and depth 4 "
+                + " and ".join(f"{OUTCOME_WORDS[o]} depth {n}" for n, o in va.four.items()) + ".")
+    if same_four:
+        return (f"Four layers compares the same way with 3 and 5 on both datasets, but the best depth moves from "
+                f"{va.best} on {names[0]} to {vb.best} on {names[1]}.")
+    diffs = "; ".join(f"against depth {n}: {va.four.get(n)} on {names[0]}, {vb.four.get(n)} on {names[1]}"
+                      for n in NEIGHBOURS if va.four.get(n) != vb.four.get(n))
+    return f"The answer does not carry over: depth 4 {diffs}."
+
+
+def render(results: Path, out: Path | None = None, compare_with: Path | None = None) -> Path:
+    """Render report.md and the plots from the tables in `results` into `out` (default: the same
+    folder); with `compare_with`, a second dataset's results folder, add the cross-dataset section."""
+    out = out or results
+    trials, epochs, final, config = load_results(results)
+    other = load_results(compare_with) if compare_with is not None else None
     throughput = read_optional(results / "throughput.csv")
     out.mkdir(parents=True, exist_ok=True)
 
@@ -630,7 +731,10 @@ def render(results: Path, out: Path | None = None) -> Path:
     figures = plots(out, trials, epochs, final, config, recipe, matched, throughput)
     exps = config.get("experiments", {})
 
-    doc = ["# Why four layers? A measured answer", "", opening(recipe, matched, tuned, fronts), ""]
+    dataset = config.get("dataset", "mnist")
+    title = "# Why four layers? A measured answer" + ("" if dataset == "mnist" else f" ({DATASET_NAMES[dataset]})")
+    claims = config.get("experiments", {}).get("recipe", {}).get("claims", []) if dataset == "mnist" else []
+    doc = [title, "", opening(recipe, matched, tuned, fronts, claims), ""]
     doc += [f"Every comparison below: Welch's test on retrained test accuracies (each seed one observation), "
             f"intervals at the Holm-corrected level of each comparison within its family (experiment, or budget), "
             f"\"beats\" only when the Holm-adjusted p-value is at most {ALPHA}; the detectable difference is the "
@@ -645,7 +749,7 @@ def render(results: Path, out: Path | None = None) -> Path:
         if "recipe.png" in figures:
             doc += ["![recipe](recipe.png)", "", figures["recipe.png"], ""]
         claims = []
-        for depth, ep, claim in r.get("claims", []):
+        for depth, ep, claim in (r.get("claims", []) if dataset == "mnist" else []):  # the text's claims are MNIST's
             g = recipe.get(ep, Family("", {}, [], Verdict(None, (), {}, "x"))).groups.get(depth)
             if g is not None and g.n:
                 lo, hi = g.ci
@@ -661,7 +765,7 @@ def render(results: Path, out: Path | None = None) -> Path:
         doc += ["## 2. Depth at a matched parameter budget", "",
                 "Hidden widths halve layer to layer (the text's 256-128-64 shape), floored at "
                 f"{m.get('min_width', 8)} units, scaled so every model is within {100 * m.get('tolerance', 0.02):.0f}% "
-                f"of its budget; SGD with momentum, {m.get('epochs')} epochs; the learning rate is tuned per cell on "
+                f"of its budget; SGD with momentum {config.get('momentum')}, {m.get('epochs')} epochs; the learning rate is tuned per cell on "
                 f"the validation hold-out over the same {m.get('lr_points')}-point log grid "
                 f"{m.get('lr')}, then the best is retrained with {m.get('seeds')} seeds.", ""]
         if "matched.png" in figures:
@@ -685,6 +789,8 @@ def render(results: Path, out: Path | None = None) -> Path:
             doc += ["Fewest training FLOPs of any trial of each depth to reach a validation accuracy:", "",
                     md_table(front_table), ""]
         doc += section(tuned)
+    if other is not None:
+        doc += cross_dataset(out, (trials, epochs, final, config), other)
     doc += ["## Sanity checks", ""]
     warnings, caps = edge_warnings(trials, config)
     doc += [f"- WARNING: {w}" for w in warnings] or ["- No best value sits on the edge of its search range."]
@@ -727,23 +833,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--storage", default=None, help="Optuna storage URL to read the study from instead of CSVs")
     p.add_argument("--name", default=None, help="study name prefix in the storage (default: the only one)")
     p.add_argument("--out", type=Path, default=None, help="where to write report.md and plots (default: --results)")
+    p.add_argument("--compare", type=Path, default=None,
+                   help="results folder of the same study on another dataset: adds the cross-dataset section")
     args = p.parse_args(argv)
     try:
+        if args.compare is not None and not args.compare.is_dir():
+            raise UsageError(f"--compare {args.compare} is not a folder")
         if args.storage:
-            path = from_storage(args.storage, args.name, args.out or args.results or cli.RESULTS_DIR)
+            path = from_storage(args.storage, args.name, args.out or args.results or cli.RESULTS_DIR, args.compare)
         else:
             results = args.results or cli.RESULTS_DIR
             if not results.is_dir():
                 raise UsageError(f"--results {results} is not a folder")
             cli.prepare_out(args.out or results)
-            path = render(results, args.out)
+            path = render(results, args.out, args.compare)
     except KeyboardInterrupt:
         raise Interrupted("interrupted: report.md was not rewritten (tables written so far are kept)") from None
     print(f"wrote {path}")
     return 0
 
 
-def from_storage(url: str, name: str | None, out: Path) -> Path:
+def from_storage(url: str, name: str | None, out: Path, compare_with: Path | None = None) -> Path:
     """Write the tables of study `name` (the only one when None) from the storage into `out`, then render."""
     from study import coord, tables
 
@@ -760,7 +870,7 @@ def from_storage(url: str, name: str | None, out: Path) -> Path:
         tables.write_tables(storage, chosen, names[chosen], out)
 
     coord.guarded(write, url)
-    return render(out)
+    return render(out, compare_with=compare_with)
 
 
 if __name__ == "__main__":

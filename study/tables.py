@@ -1,7 +1,7 @@
 """Tidy pandas tables built from the Optuna storage alone (so any worker, on any machine, can write them).
 
-Every row carries its `experiment` (recipe, matched, tuned), `budget` (matched: the parameter budget)
-and `depth`:
+Every row carries its `dataset`, `experiment` (recipe, matched, tuned), `budget` (matched: the
+parameter budget) and `depth`:
 trials.csv      one row per tuning trial        (state, params, validation accuracy, cost, env)
 epochs.csv      one row per run and epoch       (tuning trials and final runs; `run` says which)
 final.csv       one row per cell and seed       (the cell's retrained configuration, test accuracy and loss)
@@ -61,7 +61,8 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
     tuning = tune.get_trials(deepcopy=False)
     best = best_trial(tuning)
     source = FIXED if cell.experiment == "recipe" else (best.number if best else None)
-    where = {"experiment": cell.experiment, "budget": cell.budget, "depth": cell.depth}
+    where = {"dataset": config.get("dataset", "mnist"), "experiment": cell.experiment, "budget": cell.budget,
+             "depth": cell.depth}
     fixed = {"batch_size": config["batch_size"], "optimizer": config["optimizer"],
              "momentum": config["experiment"].get("momentum", config["momentum"])}
     trials, epochs, finals, superseded = [], [], [], []
@@ -178,7 +179,7 @@ def write_tables(storage, name: str, cells, out: Path) -> dict[str, pd.DataFrame
             exp["budgets"].append(cell.budget)
         exp["n_trials"] = tune.user_attrs.get("n_trials")
         exp["seeds"] = load(storage, study_name(name, cell, final=True)).user_attrs.get("seeds")
-    config = {"name": name, **shared, "experiments": experiments,
+    config = {"name": name, "dataset": "mnist", **shared, "experiments": experiments,
               "superseded_final_runs": len(tables["superseded"])}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return tables

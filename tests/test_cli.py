@@ -16,6 +16,7 @@ import pytest
 
 from conftest import PG_ADMIN_URL, services_required
 
+ROOT = Path(__file__).resolve().parents[1]
 DATA_COMMANDS = ["mnist_bench.throughput", "study.depth"]
 COMMANDS = [*DATA_COMMANDS, "study.report", "study.scaleout"]
 TINY = ["--preset", "quick", "--experiments", "tuned", "--depths", "2", "--n-trials", "1", "--seeds", "1",
@@ -114,6 +115,12 @@ CASES = {
     "throughput-name-with-folder": Case("mnist_bench.throughput", ["--name", "a/b.csv"], 2, "plain file name"),
     "throughput-out-is-a-file": Case("mnist_bench.throughput", lambda t: ["--out", str(a_file(t))], 2, "is a file"),
     "scaleout-out-is-a-file": Case("study.scaleout", lambda t: ["--out", str(a_file(t))], 2, "is a file"),
+    # Datasets: only the two pinned ones, and a file of one is not accepted as the other.
+    "depth-unknown-dataset": Case("study.depth", [*TINY, "--dataset", "cifar10"], 2, "--dataset"),
+    "depth-fashion-files-as-mnist": Case("study.depth", [*TINY, "--data-dir", str(ROOT / "data" / "fashion-mnist")], 1,
+                                         "is the fashion-mnist file, not mnist's"),
+    "throughput-mnist-files-as-fashion": Case("mnist_bench.throughput", ["--dataset", "fashion-mnist", "--data-dir",
+                                                                         str(ROOT / "data" / "mnist")], 1, "is the mnist file"),
     # Devices: only what the machine has.
     "depth-device-meta": Case("study.depth", [*TINY, "--device", "meta"], 2, "auto, cpu, cuda"),
     "depth-device-mps": Case("study.depth", [*TINY, "--device", "mps"], 2, "auto, cpu, cuda"),

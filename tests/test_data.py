@@ -1,4 +1,5 @@
 import gzip
+import shutil
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,45 @@ def test_download_failure_becomes_one_line(tmp_path: Path, monkeypatch):
     with pytest.raises(DataError) as exc:
         data.download(tmp_path)
     assert "\n" not in str(exc.value) and "--data-dir" in str(exc.value)
+
+
+# --- Fashion-MNIST: the same format, its own pins ---------------------------------------------------
+
+FASHION = Path(__file__).resolve().parents[1] / "data" / "fashion-mnist"
+
+
+def test_fashion_mnist_loads_verified_with_its_own_pins():
+    raw = load_raw(dataset="fashion-mnist")
+    assert raw["train-images-idx3-ubyte"].shape == (60000, 28, 28)
+    assert torch.bincount(raw["train-labels-idx1-ubyte"].long()).tolist() == [6000] * 10
+    assert torch.bincount(raw["t10k-labels-idx1-ubyte"].long()).tolist() == [1000] * 10
+    assert abs(raw["train-images-idx3-ubyte"].double().div(255).mean().item() - 0.2860405969887955) < 1e-9
+    from mnist_bench.data import PINNED
+    for line in (FASHION / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split()[:2]
+        if not name.endswith(".gz"):
+            assert PINNED["fashion-mnist"][name] == digest  # the code's pins are the folder's own
+    assert "MIT" in (FASHION / "README.md").read_text()  # the licence notice travels with the copy
+
+
+@pytest.mark.parametrize("wanted, given", [("mnist", "fashion-mnist"), ("fashion-mnist", "mnist")])
+def test_a_file_of_the_other_dataset_is_refused_naming_it(wanted: str, given: str, tmp_path: Path):
+    from mnist_bench.paths import default_data_dir
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(default_data_dir(wanted), mixed)
+    name = "t10k-labels-idx1-ubyte"
+    (mixed / f"{name}.gz").write_bytes((default_data_dir(given) / f"{name}.gz").read_bytes())
+    with pytest.raises(DataError) as exc:
+        load_raw(mixed, dataset=wanted)
+    msg = str(exc.value)
+    assert "\n" not in msg and name in msg and f"is the {given} file, not {wanted}'s" in msg
+
+
+def test_torchvision_fashion_layout(tmp_path: Path):
+    raw_dir = tmp_path / "tv" / "FashionMNIST" / "raw"
+    raw_dir.mkdir(parents=True)
+    for name in FILES:
+        (raw_dir / name).write_bytes(gzip.decompress((FASHION / f"{name}.gz").read_bytes()))
+    loaded = load_raw(tmp_path / "tv", dataset="fashion-mnist")
+    assert torch.equal(loaded["t10k-labels-idx1-ubyte"], load_raw(dataset="fashion-mnist")["t10k-labels-idx1-ubyte"])

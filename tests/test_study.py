@@ -1,4 +1,5 @@
 """The depth study end to end on a tiny budget: tables, resumption, interruption, a killed worker."""
+import json
 import signal
 import sqlite3
 import subprocess
@@ -310,3 +311,20 @@ def test_another_split_or_sampler_seed_is_its_own_study(tmp_path: Path):
     assert {"quick-tuned-depth3", "quick-split1-sampler2-tuned-depth3"} <= names
     p = run_study(*base, "--split-seed", "1", "--study-name", "quick", "--out", str(tmp_path / "a"))
     assert p.returncode == 1 and "split_seed" in p.stderr  # same names, other hold-out: refused
+
+
+def test_fashion_mnist_study_end_to_end_and_resume_across_datasets_refused(tmp_path: Path):
+    args = ["--preset", "quick", "--dataset", "fashion-mnist", *EXPERIMENT_ARGS["tuned"], "--seeds", "2",
+            "--train-subset", "300", "--no-report", "--out", str(tmp_path)]
+    study_depth.main(args)
+    final = pd.read_csv(tmp_path / "final.csv")
+    assert sorted(final.seed) == [1, 2] and final.study.str.startswith("quick-fashion-mnist-tuned").all()
+    assert json.loads((tmp_path / "config.json").read_text())["dataset"] == "fashion-mnist"
+    # Both datasets share one storage under their own names...
+    study_depth.main([*args[:2], *EXPERIMENT_ARGS["tuned"], "--seeds", "1", "--train-subset", "300", "--no-report",
+                      "--out", str(tmp_path)])
+    names = {s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'study.db'}")}
+    assert {"quick-tuned-depth3", "quick-fashion-mnist-tuned-depth3"} <= names
+    # ... and resuming a study with the other dataset is refused.
+    p = run_study(*args[:2], "--dataset", "mnist", "--study-name", "quick-fashion-mnist", *args[4:])
+    assert p.returncode == 1 and "dataset" in p.stderr and len(p.stderr.strip().splitlines()) == 1
