@@ -101,7 +101,7 @@ def test_missing_file_is_named(data_copy: Path):
 def test_empty_folder_offline_says_how_to_supply(tmp_path: Path, monkeypatch):
     import mnist_bench.data as data
 
-    def offline(root):
+    def offline(root, dataset="mnist"):
         raise data.DataError(f"MNIST files missing in {root} and the download failed (offline); copy the files")
 
     monkeypatch.setattr(data, "download", offline)
