@@ -333,9 +333,8 @@ def opening(recipe: dict[int, Family], matched: dict[int, Family], tuned: Family
         parts.append(fronts)
     if total:
         parts.append(f"Four layers beats both three and five in {support} of the {total} settings above (the recipe, "
-                     "each matched budget, the tuned depths)" + (": the measurements do not single out four layers; where depths are "
-                                           "indistinguishable, the choice between them is one of cost, not accuracy."
-                                           if support < total else "."))
+                     "each matched budget, the tuned depths)"
+                     + (": the measurements do not single out four layers." if support < total else "."))
     return " ".join(parts)
 
 
@@ -460,8 +459,9 @@ def plots(out: Path, trials: pd.DataFrame, epochs: pd.DataFrame, final: pd.DataF
                 acc = 100 * f.groups[d].accuracies
                 ax.scatter(np.full(len(acc), d) + 0.08 * (i - 0.5), acc, s=8, color=f"C{i}", alpha=0.35)
         claims = config.get("experiments", {}).get("recipe", {}).get("claims", [])
+        epoch_colour = {ep: f"C{i}" for i, ep in enumerate(sorted(recipe))}
         for depth, ep, claim in claims if config.get("dataset", "mnist") == "mnist" else []:
-            ax.scatter([depth], [100 * claim], marker="*", s=220, color="C3" if ep == max(recipe) else "C1",
+            ax.scatter([depth], [100 * claim], marker="*", s=220, color=epoch_colour.get(ep, "C3"),
                        edgecolor="k", zorder=6, label=f"text's claim, depth {depth}, {ep} epochs ({100 * claim:.2f}%)")
         ax.set(xlabel="depth (Linear layers)", ylabel="test accuracy (%)",
                title="The text's recipe across depths (each dot a seed)")
@@ -473,6 +473,7 @@ def plots(out: Path, trials: pd.DataFrame, epochs: pd.DataFrame, final: pd.DataF
 
     if matched:
         fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        low = 100.0  # lowest mean shown: the axis starts just below it
         for i, (budget, f) in enumerate(sorted(matched.items())):
             xs = [d for d, g in f.groups.items() if g.n and d > 1]
             if not xs:
@@ -481,13 +482,16 @@ def plots(out: Path, trials: pd.DataFrame, epochs: pd.DataFrame, final: pd.DataF
             lo = np.array([100 * f.groups[d].ci[0] if f.groups[d].n > 1 else 100 * f.groups[d].mean for d in xs])
             hi = np.array([100 * f.groups[d].ci[1] if f.groups[d].n > 1 else 100 * f.groups[d].mean for d in xs])
             ax.plot(xs, m, marker="o", color=f"C{i}", label=f"{budget:,} parameters")
-            ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.2)
+            ax.fill_between(xs, np.clip(lo, 0, 100), np.clip(hi, 0, 100), color=f"C{i}", alpha=0.2)  # accuracy <= 100%
+            low = min(low, m.min())
         soft = final[(final["experiment"] == "matched") & (final["depth"] == 1)]["test_accuracy"].dropna()
         if len(soft):
             ax.axhline(100 * soft.mean(), ls="--", color="0.4",
                        label=f"softmax regression, tuned lr ({100 * soft.mean():.2f}%, 7,850 parameters)")
         ax.set(xlabel="depth (Linear layers)", ylabel="test accuracy (%)",
-               title="Depth at a matched parameter budget (mean, 95% band)")
+               title="Depth at a matched parameter budget (mean, 95% band)",
+               ylim=(min(low, 100 * soft.mean() if len(soft) else low) - 1, 100))
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.legend(fontsize=8, loc="lower left")
         save(fig, "matched.png", "Test accuracy against depth at three parameter budgets (halving funnel scaled to "
              "the budget, learning rate tuned per cell); bands are 95% t-intervals over seeds.")
