@@ -46,13 +46,13 @@ def a_file(tmp: Path) -> Path:
 
 def study_tables(tmp: Path, **replace: str) -> Path:
     """A results folder with valid synthetic tables (test_report's); `replace` swaps a table's bytes."""
-    from test_report import epochs_table, final_table, trials_table
+    from test_report import CONFIG, write
+    from test_report import study_tables as synthetic
 
     folder = tmp / "results"
     folder.mkdir()
-    final_table({3: 0.970, 4: 0.980, 5: 0.975}).to_csv(folder / "final.csv", index=False)
-    trials_table().to_csv(folder / "trials.csv", index=False)
-    epochs_table().to_csv(folder / "epochs.csv", index=False)
+    means = {1: 0.92, 2: 0.96, 3: 0.97, 4: 0.98, 5: 0.975, 6: 0.96}
+    write(folder, *synthetic(means, means, {3: 0.97, 4: 0.98, 5: 0.975}), CONFIG)
     for name, text in replace.items():
         (folder / f"{name}.csv").write_bytes(text.encode("latin-1"))
     return folder

@@ -25,7 +25,7 @@ TINY = ["--preset", "quick", "--experiments", "tuned", "--depths", "2", "3", "--
 TRIALS_COLUMNS = {"depth", "trial", "state", "retrained", "param_lr", "param_width", "param_epochs",
                   "val_accuracy", "epochs_run", "n_params", "train_seconds", "samples_per_s", "device", "threads",
                   "torch_version", "device_name", "study"}
-EPOCHS_COLUMNS = {"depth", "trial", "epoch", "train_loss", "val_loss", "val_accuracy", "study",
+EPOCHS_COLUMNS = {"run", "seed", "test_accuracy", "depth", "trial", "epoch", "train_loss", "val_loss", "val_accuracy", "study",
                   "train_seconds"}
 FINAL_COLUMNS = {"depth", "seed", "source_trial", "widths", "param_lr", "param_epochs", "test_accuracy",
                  "test_loss", "train_seconds", "samples_per_s", "device", "threads", "torch_version", "study"}
@@ -70,7 +70,7 @@ def test_tiny_study_end_to_end_writes_documented_tables(tmp_path: Path):
     assert final.test_accuracy.between(0, 1).all()
     assert trials.groupby("depth").retrained.sum().tolist() == [1, 1]
     # epochs.csv agrees with trials.csv
-    runs = epochs.groupby(["depth", "trial"]).size()
+    runs = epochs[epochs.run == "tuning"].groupby(["depth", "trial"]).size()
     for row in trials.itertuples():
         assert runs.get((row.depth, row.trial), 0) == row.epochs_run
 
