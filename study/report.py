@@ -469,7 +469,8 @@ def plots(out: Path, trials: pd.DataFrame, epochs: pd.DataFrame, final: pd.DataF
         ax.set_ylim(max(min(allv) - 3, 0), 100)
         ax.legend(fontsize=7, loc="lower left")
         save(fig, "recipe.png", "The text's recipe (plain SGD, lr 0.03, batch 64, every training image) across "
-             "depths: test accuracy after 2 and 10 epochs, the same runs; stars are the text's claims.")
+             "depths: test accuracy after 2 and 10 epochs, the same runs"
+             + ("; stars are the text's claims." if config.get("dataset", "mnist") == "mnist" else "."))
 
     if matched:
         fig, ax = plt.subplots(figsize=(7.5, 4.5))
