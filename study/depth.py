@@ -65,7 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="worker processes on this machine, each with --threads threads "
                         "(default: 1 for quick, CPU count for full)")
     p.add_argument("--study-name", type=name_arg, default=None,
-                   help="prefix of the study names in the storage (default: the preset's name)")
+                   help="prefix of the study names in the storage (default: the preset's name, plus -fashion-mnist, "
+                        "-split<N>, -sampler<N> where those differ from the defaults)")
     p.add_argument("--train-subset", type=cli.positive_int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--heartbeat", type=heartbeat_arg, default=10,
                    help="seconds between worker heartbeats; a silent trial is failed after 3x (default: 10)")
