@@ -257,7 +257,7 @@ def test_sigterm_to_report_leaves_no_half_report(tmp_path: Path):
 
 def test_ctrl_c_twice_during_start_up_is_one_line(tmp_path: Path):
     proc = start("study.depth", *TINY, "--out", str(tmp_path / "o"))
-    time.sleep(0.5)  # loading PyTorch
+    time.sleep(1.5)  # past interpreter start-up (cli.starting), still loading PyTorch or the data
     code, err = stopped(proc, signal.SIGINT, again=True)
     assert code == 130 and err.startswith("interrupted")
 
