@@ -201,6 +201,20 @@ def space_from_dict(d: dict) -> SearchSpace:
     return SearchSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+def cell_widths(cell: Cell, params: dict, settings: dict) -> tuple[int, ...]:
+    """Hidden widths of a cell's model: the recipe's funnel cut to depth, the matched budget's
+    halving funnel, or a tuned trial's widths. `settings` is the experiment's config as a dict
+    (dataclasses.asdict of it, or the copy stored in the study), so the workers and the tables
+    apply the same rule."""
+    if cell.experiment == "recipe":
+        return tuple(settings["funnel"][: cell.depth - 1])
+    if cell.experiment == "matched":
+        from mnist_bench.models import funnel_for_budget  # noqa: PLC0415 - keeps this module free of PyTorch
+
+        return funnel_for_budget(cell.depth, cell.budget or 0, settings["min_width"])
+    return widths_of(cell.depth, params, space_from_dict(settings["space"]))
+
+
 # --- names in the storage ------------------------------------------------------------------------
 
 FINAL_SUFFIX = "-final"

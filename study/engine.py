@@ -10,6 +10,7 @@ into a training config (the trainer never sees Optuna) and records what came bac
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import signal
@@ -25,10 +26,10 @@ from mnist_bench import interrupt
 from mnist_bench.data import MNIST, load_mnist
 from mnist_bench.env import environment
 from mnist_bench.errors import UserError
-from mnist_bench.models import funnel_for_budget, mlp
+from mnist_bench.models import mlp
 from mnist_bench.train import EpochMetrics, TrainConfig, train
 
-from .config import Cell, RunConfig, StudyConfig, lr_grid, study_name, widths_of
+from .config import EXPERIMENTS, Cell, RunConfig, StudyConfig, cell_widths, lr_grid, study_name
 from .coord import (FIXED, TUNE, Ledger, StudyError, TrialSeededSampler, best_trial, encode_curve, final_key,
                     guarded, open_storage)
 
@@ -59,15 +60,6 @@ def suggest(trial: optuna.Trial, cfg: StudyConfig, cell: Cell) -> dict:
     if cell.depth >= 3:
         params["taper"] = trial.suggest_float("taper", *space.taper)
     return params
-
-
-def cell_widths(cfg: StudyConfig, cell: Cell, params: dict) -> tuple[int, ...]:
-    """Hidden widths of a cell's model for `params` (only the tuned experiment tunes them)."""
-    if cell.experiment == "recipe":
-        return tuple(cfg.recipe.funnel[: cell.depth - 1])
-    if cell.experiment == "matched":
-        return funnel_for_budget(cell.depth, cell.budget or 0, cfg.matched.min_width)
-    return widths_of(cell.depth, params, cfg.tuned.space)
 
 
 def train_config(cfg: StudyConfig, cell: Cell, params: dict, seed: int, threads: int) -> TrainConfig:
@@ -143,6 +135,7 @@ class Worker:
                  progress: Callable[[], None] = lambda: None):
         self.cfg, self.run, self.data, self.env, self.progress = cfg, run, data, env, progress
         self.cells = cfg.cells()
+        self.settings = {e: dataclasses.asdict(getattr(cfg, e)) for e in EXPERIMENTS}  # for cell_widths
         self.studies = {c: open_studies(storage, cfg, c) for c in self.cells}
         self.ledgers = {c: (Ledger(storage, t, run.grace_period), Ledger(storage, f, run.grace_period))
                         for c, (t, f) in self.studies.items()}
@@ -230,8 +223,9 @@ class Worker:
                     lost = True
                     return True
 
-            result = train(mlp(cell_widths(self.cfg, cell, params)), data_of(self.data, cell), config,
-                           on_epoch=on_epoch, evaluate_test=False, should_stop=interrupt.STOP.is_set)
+            widths = cell_widths(cell, params, self.settings[cell.experiment])
+            result = train(mlp(widths), data_of(self.data, cell), config, on_epoch=on_epoch, evaluate_test=False,
+                           should_stop=interrupt.STOP.is_set)
             if result.interrupted:
                 raise interrupt.Interrupted(INTERRUPTED)
             if lost:
@@ -254,7 +248,7 @@ class Worker:
         if not claim.won:
             return
         with ledger.heartbeat(claim.trial_id, self.run.heartbeat_interval), holding(ledger, claim.trial_id):
-            widths = cell_widths(self.cfg, cell, params)
+            widths = cell_widths(cell, params, self.settings[cell.experiment])
             config = train_config(self.cfg, cell, params, seed, self.run.threads)
             result = train(mlp(widths), data_of(self.data, cell), config, should_stop=interrupt.STOP.is_set,
                            test_each_epoch=cell.experiment == "recipe")

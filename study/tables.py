@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from mnist_bench.models import forward_flops, mlp, n_params, train_flops
 
-from .config import Cell, parse_study_name, space_from_dict, study_name, widths_of
+from .config import Cell, cell_widths, parse_study_name, study_name
 from .coord import FIXED, SURPLUS, StudyError, best_trial, decode_curve
 
 ENV_COLUMNS = ("device", "device_name", "cpu", "gpu", "threads", "torch_version", "python_version",
@@ -72,14 +72,14 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
         state = "diverged" if t.user_attrs.get("diverged") else STATES.get(t.state, t.state.name.lower())
         curve = decode_curve(t.user_attrs.get("curve"))
         vals = [c["val_accuracy"] for c in curve]
-        widths = t.user_attrs.get("widths") or widths_for(config, cell, t.params)
         trials.append({
             "study": tune.study_name, **where, "trial": t.number, "state": state,
             "retrained": best is not None and t.number == best.number,
             **{f"param_{k}": v for k, v in t.params.items()},
             "val_accuracy": t.value if state == "complete" else (vals[-1] if vals else None),
             "best_epoch_val_accuracy": max(vals) if vals else None, "epochs_run": len(curve),
-            **(_cost(widths, t.user_attrs.get("samples_seen")) if t.params else {}),
+            **(_cost(cell_widths(cell, t.params, config["experiment"]), t.user_attrs.get("samples_seen"))
+               if t.params else {}),
             "train_seconds": t.user_attrs.get("train_seconds"), "samples_per_s": t.user_attrs.get("samples_per_s"),
             **fixed, **_env(t),
         })
@@ -111,18 +111,6 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
                        for c in curve]
     return {"trials": pd.DataFrame(trials), "epochs": pd.DataFrame(epochs), "final": pd.DataFrame(finals),
             "superseded": pd.DataFrame(superseded)}
-
-
-def widths_for(config: dict, cell: Cell, params: dict) -> list[int]:
-    """Hidden widths of a tuning trial of `cell` (only the tuned experiment tunes them)."""
-    from mnist_bench.models import funnel_for_budget
-
-    exp = config["experiment"]
-    if cell.experiment == "tuned":
-        return list(widths_of(cell.depth, params, space_from_dict(exp["space"])))
-    if cell.experiment == "matched":
-        return list(funnel_for_budget(cell.depth, cell.budget or 0, exp["min_width"]))
-    return list(exp["funnel"][: cell.depth - 1])
 
 
 TABLES = ("trials", "epochs", "final", "superseded")
