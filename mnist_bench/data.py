@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError, UserError
-from .paths import DATASETS, DEFAULT_DATA_DIR, default_data_dir
+from .paths import DATASETS, default_data_dir
 
 # SHA-256 of the decompressed official files (same values as data/<dataset>/SHA256SUMS).
 PINNED = {

@@ -41,8 +41,15 @@ INTERRUPTED = ("interrupted: the run in flight is recorded as failed and its slo
 # --- a cell's hyperparameters ----------------------------------------------------------------------
 
 
+GRID_KEY = "lr-grid"  # + the grid point's index: a matched cell's keyed tuning slot
+
+
 def grid_key(i: int) -> str:
-    return f"lr-grid{i}"
+    return f"{GRID_KEY}{i}"
+
+
+def grid_index(key: str) -> int:
+    return int(key.removeprefix(GRID_KEY))
 
 
 def suggest(trial: optuna.Trial, cfg: StudyConfig, cell: Cell) -> dict:
@@ -201,7 +208,7 @@ class Worker:
                 trial = study.ask()
                 claim = ledger.settle(trial._trial_id, capacity=self.cfg.n_trials(cell))
             else:  # a grid point, claimed with its learning rate in the creating transaction
-                lr = lr_grid(self.cfg.matched)[int(key.removeprefix("lr-grid"))]
+                lr = lr_grid(self.cfg.matched)[grid_index(key)]
                 claim = ledger.claim(key, params={"lr": lr}, distributions={"lr": optuna.distributions.FloatDistribution(
                     *self.cfg.matched.lr, log=True)})
                 trial = optuna.Trial(study, claim.trial_id) if claim.won else None
@@ -298,6 +305,8 @@ def work(cfg: StudyConfig, run: RunConfig, index: int = 0, data: dict[str, MNIST
     with tqdm(total=total, desc=f"worker {index}", position=index, leave=True, unit="run",
               mininterval=1.0, disable=None) as bar:
         def progress() -> None:
+            if bar.disable:  # no terminal: do not query every cell's trials after every run for nothing
+                return
             done = sum(min(tune.counts(worker.tune_demand(c))[0], cfg.n_trials(c))
                        + min(final.counts_completed(), cfg.seeds(c)) for c, (tune, final) in worker.ledgers.items())
             bar.update(done - bar.n)

@@ -35,7 +35,6 @@ POWER = 0.80  # for the smallest detectable difference
 EDGE_FRACTION = 0.05  # a best value within 5% of its (log) range of an edge is "on the edge"
 SOURCE_DEPTH = 4
 NEIGHBOURS = (3, 5)  # "why four layers, not three or five?"
-TARGET_ACCURACY = 0.97  # AlgoPerf's MNIST target, for the cost of reaching it
 DATASET_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
 OUTCOME_WORDS = {"better": "beats", "worse": "is beaten by", "indistinguishable": "is indistinguishable from"}
 

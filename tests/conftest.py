@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_bench.data import DEFAULT_DATA_DIR, MNIST, load_mnist
+from mnist_bench.data import MNIST, load_mnist
+from mnist_bench.paths import DEFAULT_DATA_DIR
 
 torch.set_num_threads(1)
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
-import pandas as pd
 import pytest
 
 from conftest import PG_ADMIN_URL, services_required
