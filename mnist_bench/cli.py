@@ -19,7 +19,7 @@ from . import interrupt
 from .errors import UsageError, UserError
 from .paths import DATASETS, RESULTS_DIR
 
-__all__ = ["Parser", "positive_int", "bounded_int", "device_name", "file_name", "add_dataset", "add_common", "prepare_out", "starting",
+__all__ = ["Parser", "positive_int", "bounded_int", "margin_points", "device_name", "file_name", "add_dataset", "add_common", "prepare_out", "starting",
            "run", "RESULTS_DIR"]
 
 MAX_THREADS = 1024
@@ -68,6 +68,17 @@ def bounded_int(low: int, high: int, why: str) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def margin_points(text: str) -> float:
+    """An argparse type: the equivalence margin in points of accuracy, in (0, 10]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of accuracy points, got {text!r}") from None
+    if not 0 < value <= 10:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be in (0, 10] points of accuracy, got {text}")
+    return value
 
 
 def device_name(text: str) -> str:

@@ -21,7 +21,7 @@ import dataclasses  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 
-from .config import EXPERIMENTS, MAX_DEPTH, PRESETS, RunConfig, StudyConfig  # noqa: E402
+from .config import DEFAULT_MARGIN, EXPERIMENTS, MAX_DEPTH, PRESETS, RunConfig, StudyConfig  # noqa: E402
 
 MAX_HEARTBEAT = 3600  # seconds; beyond an hour a dead worker's slot would sit idle for hours
 MAX_TRIALS = 10_000  # per depth
@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--heartbeat", type=heartbeat_arg, default=10,
                    help="seconds between worker heartbeats; a silent trial is failed after 3x (default: 10)")
     p.add_argument("--no-report", action="store_true", help="write the tables but do not render the report")
+    p.add_argument("--margin", type=cli.margin_points, default=100 * DEFAULT_MARGIN,
+                   help=f"the report's equivalence margin in points of test accuracy (default: {100 * DEFAULT_MARGIN:g})")
     cli.add_common(p, "folder for the tables, plots and report")
     args = p.parse_args(argv)
     for flag in ("experiments", "depths", "budgets"):
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     if run.render_report:
         from . import report
 
-        print(f"wrote {report.render(run.out)}")
+        print(f"wrote {report.render(run.out, margin=args.margin / 100)}")
     else:
         print(f"wrote tables to {run.out}")
     return 0

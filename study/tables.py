@@ -18,13 +18,24 @@ from optuna.trial import TrialState
 
 from mnist_bench.models import forward_flops, mlp, n_params, train_flops
 
-from .config import Cell, cell_widths, parse_study_name, study_name
+from .config import Cell, cell_widths, failed_run, parse_study_name, study_name
 from .coord import FIXED, SURPLUS, StudyError, best_trial, decode_curve
 
 ENV_COLUMNS = ("device", "device_name", "cpu", "gpu", "threads", "torch_version", "python_version",
                "command", "worker")
-STATES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
+# A tuning trial is complete, failed (it ran to the end but learned nothing: at or below twice chance),
+# diverged (NaN/inf loss), pruned (stopped by the median pruner) or interrupted (killed or stopped and
+# redone); running and waiting ones are in flight.
+STATES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "interrupted",
           TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
+
+
+def trial_state(t: optuna.trial.FrozenTrial) -> str:
+    if t.user_attrs.get("diverged"):
+        return "diverged"
+    if t.state == TrialState.COMPLETE and failed_run(t.value if t.value is not None else float("nan")):
+        return "failed"
+    return STATES.get(t.state, t.state.name.lower())
 
 
 def _cost(widths, samples: int | None) -> dict:
@@ -33,6 +44,10 @@ def _cost(widths, samples: int | None) -> dict:
     return {"widths": "-".join(str(int(w)) for w in widths), "n_params": n_params(model),
             "forward_flops": forward_flops(model), "train_flops_per_sample": per_sample,
             "samples_seen": samples, "train_flops": per_sample * samples if samples is not None else None}
+
+
+def _number(x) -> float:
+    return float("nan") if x is None else float(x)
 
 
 def _env(t: optuna.trial.FrozenTrial) -> dict:
@@ -69,14 +84,14 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
     for t in tuning:
         if t.user_attrs.get(SURPLUS):
             continue  # lost a race for a budget slot; it ran nothing
-        state = "diverged" if t.user_attrs.get("diverged") else STATES.get(t.state, t.state.name.lower())
+        state = trial_state(t)
         curve = decode_curve(t.user_attrs.get("curve"))
         vals = [c["val_accuracy"] for c in curve]
         trials.append({
             "study": tune.study_name, **where, "trial": t.number, "state": state,
             "retrained": best is not None and t.number == best.number,
             **{f"param_{k}": v for k, v in t.params.items()},
-            "val_accuracy": t.value if state == "complete" else (vals[-1] if vals else None),
+            "val_accuracy": t.value if t.state == TrialState.COMPLETE else (vals[-1] if vals else None),
             "best_epoch_val_accuracy": max(vals) if vals else None, "epochs_run": len(curve),
             **(_cost(cell_widths(cell, t.params, config["experiment"]), t.user_attrs.get("samples_seen"))
                if t.params else {}),
@@ -97,6 +112,7 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
             "run_trial": t.number, **{k: v for k, v in a.items() if k.startswith("param_")},
             **_cost(a["widths"], a.get("samples_seen")), **fixed,
             "test_accuracy": a["test_accuracy"], "test_loss": a["test_loss"], "diverged": a["diverged"],
+            "failed": failed_run(_number(a["test_accuracy"]), _number(a["test_loss"]), a["diverged"]),
             "train_seconds": a["train_seconds"], "samples_per_s": a["samples_per_s"],
             "curve": json.dumps(curve), **_env(t),
         }
@@ -120,7 +136,8 @@ EMPTY_COLUMNS = {
     "epochs": ["study", "experiment", "budget", "depth", "run", "trial", "seed", "epoch", "train_loss", "val_loss",
                "val_accuracy", "train_seconds", "test_accuracy"],
     "final": ["study", "experiment", "budget", "depth", "seed", "source_trial", "run_trial", "widths", "n_params",
-              "train_flops", "test_accuracy", "test_loss", "diverged", "train_seconds", "samples_per_s", "curve"],
+              "train_flops", "test_accuracy", "test_loss", "diverged", "failed", "train_seconds", "samples_per_s",
+              "curve"],
     "superseded": ["experiment", "budget", "depth", "seed", "source_trial", "run_trial", "reason"],
 }
 
@@ -174,12 +191,13 @@ def write_tables(storage, name: str, cells, out: Path) -> dict[str, pd.DataFrame
 
 
 def summary(final: pd.DataFrame) -> str:
-    """One line per cell: test accuracy mean, spread and n over seeds, parameters, seconds."""
+    """One line per cell: test accuracy mean, spread and n over trained seeds (failed runs counted
+    apart), parameters, seconds."""
     lines = []
     for (experiment, budget, depth), g in final.groupby(["experiment", "budget", "depth"], dropna=False, sort=False):
-        acc = g["test_accuracy"].dropna()
+        acc = g[~g["failed"].astype(bool)]["test_accuracy"]
         spread = f"+- {acc.std(ddof=1):.4f} " if len(acc) > 1 else ""
-        diverged = f", {len(g) - len(acc)} diverged" if len(acc) < len(g) else ""
+        diverged = f", {len(g) - len(acc)} failed" if len(acc) < len(g) else ""
         mean = f"{acc.mean():.4f} " if len(acc) else "none "
         where = f"{experiment}" + (f" {int(budget):,} params" if pd.notna(budget) else "")
         widths = g["widths"].iloc[0] if isinstance(g["widths"].iloc[0], str) and g["widths"].iloc[0] else "-"

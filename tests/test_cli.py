@@ -116,6 +116,9 @@ CASES = {
     "scaleout-out-is-a-file": Case("study.scaleout", lambda t: ["--out", str(a_file(t))], 2, "is a file"),
     # Datasets: only the two pinned ones, and a file of one is not accepted as the other.
     "depth-unknown-dataset": Case("study.depth", [*TINY, "--dataset", "cifar10"], 2, "--dataset"),
+    "depth-margin-negative": Case("study.depth", [*TINY, "--margin", "-0.2"], 2, "--margin"),
+    "report-margin-nan": Case("study.report", lambda t: ["--results", str(study_tables(t)), "--margin", "nan"], 2,
+                              "(0, 10] points"),
     "depth-fashion-files-as-mnist": Case("study.depth", [*TINY, "--data-dir", str(ROOT / "data" / "fashion-mnist")], 1,
                                          "is the fashion-mnist file, not mnist's"),
     "throughput-mnist-files-as-fashion": Case("mnist_bench.throughput", ["--dataset", "fashion-mnist", "--data-dir",

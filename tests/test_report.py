@@ -1,125 +1,175 @@
-"""The report renders from small synthetic tables, and says exactly what they support: a clear
-winner, a tie, an underpowered design, and refusals where nothing can be compared."""
+"""The report's statistics against published and hand-computed values, each outcome rule on synthetic
+paired data, and the document rendered from synthetic tables for every subset of experiments."""
+
 import json
+import math
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats as sp
 
-from study.report import (ALPHA, compare, edge_warnings, groups_of, holm, holm_levels, opening, render, verdict,
-                          welch, families)
+from study import stats
+from study.analysis import (Group, analyse, contrast_family, cost_thresholds, edge_warnings,
+                            flops_to_reach, groups_of, interactions, opening_sentence)
+from study.config import FAILED_AT, SearchSpace
+from study.report import render
 
 WIDTHS = {1: "", 2: "256", 3: "256-128", 4: "256-128-64", 5: "256-128-64-32", 6: "256-128-64-32-16"}
 PARAMS = {1: 7_850, 2: 203_530, 3: 235_146, 4: 242_762, 5: 244_522, 6: 244_890}
 
-
-def runs(experiment: str, means: dict[int, float], noise: float = 0.0005, n: int = 8, budget=None, seed: int = 0):
-    """Final-run rows with exactly the given means and standard deviation `noise`."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for d, m in means.items():
-        offsets = rng.standard_normal(n)
-        offsets = (offsets - offsets.mean()) / offsets.std(ddof=1) if n > 1 else np.zeros(1)
-        for s, o in enumerate(offsets, 1):
-            rows.append({"experiment": experiment, "budget": budget, "depth": d, "seed": s,
-                         "source_trial": -1 if experiment == "recipe" else 0, "test_accuracy": m + noise * o,
-                         "test_loss": 0.1, "diverged": False, "widths": WIDTHS[d], "n_params": PARAMS[d],
-                         "train_flops": 3 * PARAMS[d] * 600_000, "train_seconds": 10.0 + d, "samples_per_s": 1e5,
-                         "param_lr": 0.03, "param_epochs": 10, "curve": "[]", "device": "cpu",
-                         "device_name": "test cpu", "threads": 1, "torch_version": "x", "command": "synthetic"})
-    return pd.DataFrame(rows)
+# Student's sleep data (Cushny and Peebles 1905), R's `sleep`: extra hours of sleep, two drugs, 10 patients.
+SLEEP_1 = np.array([0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0])
+SLEEP_2 = np.array([1.9, 0.8, 1.1, 0.1, -0.1, 4.4, 5.5, 1.6, 4.6, 3.4])
 
 
-def family_of(means, depths=None, **kw):
-    final = runs("tuned", means, **kw)
-    groups = groups_of(final, depths)
-    comparisons = compare(groups)
-    return groups, comparisons, verdict(groups, comparisons)
+# --- the statistics against reference values ----------------------------------------------------------
 
 
-# --- statistics ------------------------------------------------------------------------------------
+def test_paired_t_matches_r_on_the_sleep_data():
+    # R: t.test(extra ~ group, data = sleep, paired = TRUE): t = -4.0621, df = 9, p-value = 0.002833,
+    # 95 percent confidence interval: -2.4598858 -0.7001142, mean difference -1.58.
+    r = stats.paired(SLEEP_1, SLEEP_2, margin=2.0)
+    assert r.n == 10 and r.mean == pytest.approx(-1.58) and r.p == pytest.approx(0.002833, abs=1e-6)
+    assert stats.paired_interval(SLEEP_1, SLEEP_2, 0.05) == pytest.approx((-2.4598858, -0.7001142), abs=1e-6)
 
 
-def test_welch_matches_scipy():
-    from scipy import stats
-    a, b = np.array([0.97, 0.971, 0.969, 0.972]), np.array([0.975, 0.978, 0.974, 0.977, 0.976])
-    diff, lo, hi, p, se, df = welch(a, b)
-    assert diff == pytest.approx(b.mean() - a.mean())
-    assert p == pytest.approx(stats.ttest_ind(b, a, equal_var=False).pvalue)
-    assert lo < diff < hi and lo > 0
-    with pytest.raises(ValueError):
-        welch(np.array([0.5, 0.5]), np.array([0.6, 0.6]))
+def test_tost_is_the_larger_one_sided_p_computed_by_hand():
+    # TOST within +-2 on the sleep differences: the lower test is the binding one.
+    d = SLEEP_1 - SLEEP_2
+    se = d.std(ddof=1) / math.sqrt(len(d))
+    lower = sp.t.sf((d.mean() + 2.0) / se, len(d) - 1)
+    upper = sp.t.cdf((d.mean() - 2.0) / se, len(d) - 1)
+    assert stats.paired(SLEEP_1, SLEEP_2, margin=2.0).p_equivalence == pytest.approx(max(lower, upper))
+    assert max(lower, upper) == pytest.approx(0.1542, abs=5e-4)
+
+
+def test_welch_matches_r_on_the_sleep_data():
+    # R: t.test(extra ~ group, data = sleep): t = -1.8608, df = 17.776, p-value = 0.07939,
+    # 95 percent confidence interval: -3.3654832 0.2054832.
+    r = stats.welch(SLEEP_1, SLEEP_2, margin=1.0)
+    assert r.p == pytest.approx(0.07939, abs=1e-5) and r.df == pytest.approx(17.776, abs=1e-3)
+    assert stats.welch_interval(SLEEP_1, SLEEP_2, 0.05) == pytest.approx((-3.3654832, 0.2054832), abs=1e-6)
+
+
+def test_wilcoxon_all_differences_of_one_sign():
+    # Eight distinct positive differences: the exact two-sided p is 2 / 2**8.
+    x = np.arange(8) * 0.001 + 0.98
+    y = x - np.arange(1, 9) * 0.0007
+    assert stats.paired(x, y, 0.002).p_wilcoxon == pytest.approx(2 / 2**8)
+
+
+def test_fisher_exact_lady_tasting_tea():
+    # Fisher (1935): 3 of 4 cups right either way, two-sided p = 0.4857 (R: fisher.test).
+    assert stats.fisher(3, 4, 1, 4) == pytest.approx(0.4857, abs=1e-4)
 
 
 def test_holm_against_a_hand_computed_example():
     # p sorted: 0.01 (x3 = 0.03), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04, but never below the step before: 0.06)
-    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
-    assert holm_levels([0.01, 0.04, 0.03]) == pytest.approx([0.05 / 3, 0.05 / 1, 0.05 / 2])
-    assert holm([0.2]) == [0.2] and holm([]) == []
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert stats.holm([]) == []
 
 
-def test_clear_winner():
-    groups, comparisons, v = family_of({3: 0.970, 4: 0.980, 5: 0.975})
-    assert v.best == 4 and v.not_worse == (4,) and v.four == {3: "better", 5: "better"}
-    assert all(c.detectable for c in comparisons)
+def test_holm_levels_agree_with_holm_decisions():
+    # 0.001 <= 0.05/4 rejected; 0.02 > 0.05/3 kept, so every later one stays at 0.05/3.
+    p = [0.02, 0.001, 0.03, 0.9]
+    assert stats.holm_levels(p) == pytest.approx([0.05 / 3, 0.05 / 4, 0.05 / 3, 0.05 / 3])
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        p = list(rng.uniform(0, 0.06, 5))
+        rejected = [a <= 0.05 for a in stats.holm(p)]
+        assert rejected == [pi <= lv for pi, lv in zip(p, stats.holm_levels(p))]
 
 
-def test_tie_is_not_broken_and_says_what_it_could_detect():
-    groups, comparisons, v = family_of({3: 0.9800, 4: 0.9798, 5: 0.9796}, noise=0.002)
-    assert v.not_worse == (3, 4, 5) and v.four == {3: "indistinguishable", 5: "indistinguishable"}
-    assert all(not c.detectable and 0 < c.detectable_size < 0.01 for c in comparisons)
+def test_seeds_to_resolve_matches_the_paired_power_reference():
+    # pwr.t.test(d = 0.5, sig.level = 0.05, power = 0.8, type = "paired"): n = 33.367
+    assert stats.TTestPower().solve_power(effect_size=0.5, alpha=0.05, power=0.8) == pytest.approx(33.367, abs=1e-3)
+    n = stats.seeds_to_resolve(sd=0.004, margin=0.002, level=0.05)
+    assert n >= 34 and stats.seeds_to_resolve(sd=0.001, margin=0.002, level=0.05) < n
 
 
-def test_underpowered_design_reports_a_large_detectable_difference():
-    groups, comparisons, v = family_of({3: 0.970, 4: 0.980}, noise=0.01, n=2)
-    assert not comparisons[0].detectable and comparisons[0].detectable_size > 0.05
-    assert v.four == {3: "indistinguishable"}
+# --- outcome rules on synthetic paired data -------------------------------------------------------------
 
 
-def test_holm_makes_a_marginal_difference_undetectable():
-    # Two marginal pairs (3-4, 4-5) would each pass at 0.05 alone; Holm multiplies the smaller by 2.
-    g, comparisons, v = family_of({3: 0.9700, 4: 0.9717, 5: 0.9734}, noise=0.0015)
-    c = next(c for c in comparisons if (c.a, c.b) == (3, 4))
-    assert c.p_value < ALPHA < c.p_holm and not c.detectable
+def group(depth: int, acc, seeds=None, failed=None) -> Group:
+    seeds = list(seeds or range(1, len(acc) + 1))
+    return Group(depth, pd.Series(np.asarray(acc, float), index=seeds), failed or {})
 
 
-# --- refusals -------------------------------------------------------------------------------------
+def outcome(a, b, margin=0.002, **kw):
+    return contrast_family([("s", a, b)], margin)[0]
 
 
-def test_one_seed_per_depth_is_not_a_tie():
-    _, comparisons, v = family_of({3: 0.970, 4: 0.980, 5: 0.975}, n=1)
-    assert v.best is None and "depth 3: only 1 retrained seed" in v.refused
-    assert all(c.reason and not c.detectable for c in comparisons)
+SEED = np.random.default_rng(7).normal(0, 0.004, 10)  # the seed's shared effect: common random numbers
 
 
-def test_a_single_depth_is_not_better_than_anything():
-    _, _, v = family_of({4: 0.98})
-    assert v.best is None and "only depth 4" in v.refused
+def test_better_and_worse_when_the_interval_excludes_zero():
+    noise = np.random.default_rng(2).normal(0, 0.0005, 10)
+    a, b = group(4, 0.98 + SEED + noise), group(3, 0.975 + SEED)
+    c = outcome(a, b)
+    assert c.outcome == "better" and c.ci[0] > 0 and c.corr > 0.9 and c.n == 10
+    assert outcome(b, a).outcome == "worse"
 
 
-def test_a_diverged_seed_refuses_instead_of_nan():
-    final = runs("tuned", {3: 0.970, 4: 0.980})
-    final.loc[(final.depth == 3) & (final.seed == 2), ["test_accuracy", "diverged"]] = [np.nan, True]
-    groups = groups_of(final)
-    v = verdict(groups, compare(groups))
-    assert v.best is None and "depth 3: 1 of 8 retrained seeds diverged" in v.refused
+def test_pairing_finds_what_an_unpaired_test_cannot():
+    noise = np.random.default_rng(3).normal(0, 0.0003, 10)
+    a, b = group(4, 0.9805 + SEED + noise), group(3, 0.98 + SEED)
+    assert outcome(a, b).outcome == "better"
+    assert sp.ttest_ind(a.accuracies, b.accuracies, equal_var=False).pvalue > 0.05
 
 
-def test_identical_accuracies_give_no_p_value_of_zero():
-    _, comparisons, v = family_of({3: 0.970, 4: 0.980}, noise=0.0)
-    assert comparisons[0].reason and "no spread" in v.refused
+def test_equivalent_within_the_margin():
+    noise = np.random.default_rng(4).normal(0, 0.0003, 10)
+    c = outcome(group(4, 0.98 + SEED + noise), group(5, 0.98 + SEED))
+    assert c.outcome == "equivalent" and -0.002 < c.ci_equivalence[0] < c.ci_equivalence[1] < 0.002
 
 
-def test_a_depth_missing_from_the_final_runs_is_named():
-    _, _, v = family_of({3: 0.970, 4: 0.980}, depths=[3, 4, 5])
-    assert v.best is None and "depth 5: no retrained runs yet" in v.refused
+def test_inconclusive_says_how_many_seeds_would_resolve_it():
+    noise = np.random.default_rng(5).normal(0, 0.004, 4)
+    c = outcome(group(4, 0.98 + SEED[:4] + noise), group(3, 0.98 + SEED[:4]))
+    assert c.outcome == "inconclusive" and c.seeds_needed > 4 and c.ci[0] < 0 < c.ci[1]
 
 
-# --- the document ----------------------------------------------------------------------------------
+def test_a_failed_run_is_counted_not_averaged():
+    final = pd.DataFrame({"depth": [6] * 4 + [4] * 4, "seed": [1, 2, 3, 4] * 2,
+                          "test_accuracy": [0.96, 0.1135, 0.961, 0.962, 0.97, 0.971, 0.969, 0.972],
+                          "test_loss": [0.1, math.log(10), 0.1, 0.1] + [0.1] * 4, "diverged": [False] * 8,
+                          "n_params": 1, "train_flops": 1.0, "train_seconds": 1.0, "widths": ""})
+    g = groups_of(final)
+    assert g[6].n == 3 and g[6].runs == 4 and g[6].failed == {2: 0.1135} and g[6].unreliable
+    assert g[6].mean == pytest.approx(0.961) and 0 <= g[6].ci[0] <= g[6].ci[1] <= 1
+    c = outcome(g[4], g[6])
+    assert c.n == 3 and c.outcome != "not computed"
+
+
+def test_a_missing_seed_pairs_only_the_seeds_both_have():
+    a = group(4, [0.980, 0.981, 0.982, 0.983], seeds=[1, 2, 3, 4])
+    b = group(5, [0.975, 0.977, 0.976], seeds=[1, 2, 4])
+    c = outcome(a, b)
+    assert c.n == 3 and c.diff == pytest.approx(np.mean([0.005, 0.004, 0.007]))
+
+
+def test_a_family_never_shrinks_when_a_contrast_cannot_be_computed():
+    noise = np.random.default_rng(6).normal(0, 0.0005, 10)
+    a, b = group(4, 0.98 + SEED + noise), group(3, 0.9785 + SEED)
+    alone = contrast_family([("s", a, b)], 0.002)[0]
+    empty = Group(5, pd.Series(dtype=float), {})
+    with_dead = contrast_family([("s", a, b), ("s", a, empty)], 0.002)
+    assert with_dead[1].outcome == "not computed" and "no retrained runs" in with_dead[1].reason
+    assert with_dead[0].p_holm == pytest.approx(min(1.0, 2 * alone.p))
+
+
+def test_identical_differences_are_refused_not_given_p_zero():
+    c = outcome(group(4, [0.98, 0.97, 0.96]), group(3, [0.97, 0.96, 0.95]))
+    assert c.outcome == "not computed" and "no spread" in c.reason
+
+
+# --- the document --------------------------------------------------------------------------------------
 
 SPACE = {"lr": [0.001, 1.0], "width": [32, 1024], "taper": [0.25, 1.0], "max_epochs": 10, "min_width": 8}
-CONFIG = {"batch_size": 64, "optimizer": "sgd", "momentum": 0.9, "split_seed": 0, "sampler_seed": 0,
+CONFIG = {"name": "full", "batch_size": 64, "optimizer": "sgd", "momentum": 0.9, "split_seed": 0, "sampler_seed": 0,
           "experiments": {
               "recipe": {"depths": [1, 2, 3, 4, 5, 6], "funnel": [256, 128, 64, 32, 16], "lr": 0.03, "epochs": 10,
                          "seeds": 8, "claims": [[1, 2, 0.9211], [4, 2, 0.96], [4, 10, 0.98]]},
@@ -128,14 +178,30 @@ CONFIG = {"batch_size": 64, "optimizer": "sgd", "momentum": 0.9, "split_seed": 0
               "tuned": {"depths": [3, 4, 5], "n_trials": 4, "seeds": 8, "space": SPACE}}}
 
 
+def runs(experiment: str, means: dict[int, float], noise: float = 0.0005, n: int = 8, budget=None, seed: int = 0):
+    """Final-run rows: per seed a shared offset (common random numbers) plus the depth's own noise."""
+    rng = np.random.default_rng(seed)
+    shared = rng.normal(0, 2 * noise, n)
+    rows = []
+    for d, m in means.items():
+        for s in range(1, n + 1):
+            rows.append({"experiment": experiment, "budget": budget, "depth": d, "seed": s,
+                         "source_trial": -1 if experiment == "recipe" else 0,
+                         "test_accuracy": m + shared[s - 1] + noise * rng.standard_normal(), "test_loss": 0.1,
+                         "diverged": False, "widths": WIDTHS[d], "n_params": PARAMS[d],
+                         "train_flops": 3 * PARAMS[d] * 600_000, "train_seconds": 10.0 + d, "samples_per_s": 1e5,
+                         "param_lr": 0.03, "param_epochs": 10, "curve": "[]", "device": "cpu",
+                         "device_name": "test cpu", "threads": 1, "torch_version": "x", "command": "synthetic"})
+    return pd.DataFrame(rows)
+
+
 def study_tables(recipe_means, matched_means, tuned_means, noise=0.0005, n=8):
     final = pd.concat([runs("recipe", recipe_means, noise, n), runs("matched", matched_means, noise, n, 242762),
                        runs("tuned", tuned_means, noise, n)], ignore_index=True)
     rec = final[final.experiment == "recipe"]
-    epochs = pd.DataFrame([{"experiment": "recipe", "budget": None, "depth": r.depth, "run": "final", "trial": 0,
-                            "seed": r.seed, "epoch": e, "train_loss": 1 / e, "val_loss": None, "val_accuracy": None,
-                            "train_seconds": e, "test_accuracy": r.test_accuracy - (0.02 if e == 2 else 0)}
-                           for r in rec.itertuples() for e in range(1, 11)])
+    epochs = [{"experiment": "recipe", "budget": None, "depth": r.depth, "run": "final", "trial": 0, "seed": r.seed,
+               "epoch": e, "train_loss": 1 / e, "val_loss": None, "val_accuracy": None, "train_seconds": e,
+               "test_accuracy": r.test_accuracy - (0.02 if e == 2 else 0)} for r in rec.itertuples() for e in range(1, 11)]
     trials = []
     for exp, depths in (("matched", [1, 2, 3, 4, 5, 6]), ("tuned", [3, 4, 5])):
         for d in depths:
@@ -144,8 +210,13 @@ def study_tables(recipe_means, matched_means, tuned_means, noise=0.0005, n=8):
                 trials.append({"experiment": exp, "budget": 242762 if exp == "matched" and d > 1 else None,
                                "depth": d, "trial": t, "state": state, "retrained": t == 0, "param_lr": lr,
                                "param_width": 256, "param_taper": 0.5, "param_epochs": 3, "val_accuracy": acc,
-                               "n_params": PARAMS[d], "train_flops": (t + 1) * d * 1e11, "epochs_run": 3})
-    return pd.DataFrame(trials), epochs, final
+                               "best_epoch_val_accuracy": acc, "n_params": PARAMS[d],
+                               "train_flops": (t + 1) * d * 1e11, "epochs_run": 3})
+                epochs += [{"experiment": exp, "budget": trials[-1]["budget"], "depth": d, "run": "tuning",
+                            "trial": t, "seed": None, "epoch": e, "train_loss": 1 / e, "val_loss": 1 / e,
+                            "val_accuracy": acc - 0.01 * (3 - e), "train_seconds": e, "test_accuracy": None}
+                           for e in (1, 2, 3)]
+    return pd.DataFrame(trials), pd.DataFrame(epochs), final
 
 
 def write(tmp_path: Path, trials, epochs, final, config=CONFIG) -> Path:
@@ -155,64 +226,120 @@ def write(tmp_path: Path, trials, epochs, final, config=CONFIG) -> Path:
     return tmp_path
 
 
-def opening_of(trials, epochs, final, config=CONFIG) -> str:
-    recipe, matched, tuned = families(trials, epochs, final, config)
-    return opening(recipe, matched, tuned, None)
+FOUR_WINS = {1: 0.92, 2: 0.96, 3: 0.97, 4: 0.98, 5: 0.975, 6: 0.96}
+TUNED = {3: 0.97, 4: 0.98, 5: 0.975}
 
 
-def test_opening_paragraph_clear_winner():
-    four_wins = {1: 0.92, 2: 0.96, 3: 0.97, 4: 0.98, 5: 0.975, 6: 0.96}
-    text = opening_of(*study_tables(four_wins, four_wins, {3: 0.97, 4: 0.98, 5: 0.975}))
-    assert "depth 4 has the highest mean (98.00%, n=8); every other depth is detectably worse" in text
-    assert "depth 4 beats depth 3 (+1.00 points) and beats depth 5 (+0.50 points)" in text
-    assert "in 3 of the 3 settings" in text and "do not single out" not in text
+def test_opening_sentence_is_computed_and_short():
+    trials, epochs, final = study_tables(FOUR_WINS, FOUR_WINS, TUNED)
+    an = analyse(epochs, final, CONFIG)
+    text = opening_sentence(an)
+    assert len(text.split()) <= 40
+    assert "better 6" in text and "beats both neighbours in 3 of 3 settings" in text
+    tie = {d: 0.98 for d in range(1, 7)}
+    an = analyse(*study_tables(tie, tie, {3: 0.98, 4: 0.98, 5: 0.98}, noise=0.0002)[1:], CONFIG)
+    assert "equivalent" in opening_sentence(an) and "in 0 of 3 settings" in opening_sentence(an)
+    assert all(c.p_equivalence_holm <= 0.05 for c in an.primary)  # within the margin, whatever else holds
 
 
-def test_opening_paragraph_tie():
-    tie = {1: 0.92, 2: 0.9800, 3: 0.9801, 4: 0.9799, 5: 0.9800, 6: 0.9802}
-    text = opening_of(*study_tables(tie, tie, {3: 0.9801, 4: 0.9800, 5: 0.9799}, noise=0.002))
-    assert "is indistinguishable from depth 3" in text and "would have been detected" in text
-    assert "in 0 of the 3 settings" in text and "do not single out four layers" in text
+def test_primary_family_holds_exactly_the_declared_contrasts():
+    an = analyse(*study_tables(FOUR_WINS, FOUR_WINS, TUNED)[1:], CONFIG)
+    assert [(c.setting, c.a, c.b) for c in an.primary] == [
+        (s, 4, n) for s in ("recipe, 10 epochs", "matched, 242,762 parameters", "tuned") for n in (3, 5)]
+    two = an.setting("recipe, 2 epochs")
+    assert two is not None and not two.primary and len(two.secondary) == 15  # a check, not a primary setting
+    assert len(an.setting("tuned").secondary) == 1  # 5 minus 3
 
 
-def test_opening_paragraph_underpowered_refuses_nothing_but_claims_nothing():
-    means = {1: 0.90, 2: 0.95, 3: 0.96, 4: 0.98, 5: 0.97, 6: 0.95}
-    text = opening_of(*study_tables(means, means, {3: 0.96, 4: 0.98, 5: 0.97}, noise=0.03, n=2))
-    assert "beats depth" not in text and "is indistinguishable from depth 3" in text
-    assert "in 0 of the 3 settings" in text
-
-
-def test_renders_every_experiment_from_synthetic_tables(tmp_path: Path):
-    means = {1: 0.92, 2: 0.96, 3: 0.97, 4: 0.98, 5: 0.975, 6: 0.96}
-    path = render(write(tmp_path, *study_tables(means, means, {3: 0.97, 4: 0.98, 5: 0.975})))
+def test_renders_every_experiment_with_the_answer_first(tmp_path: Path):
+    path = render(write(tmp_path, *study_tables(FOUR_WINS, FOUR_WINS, TUNED)))
     text = path.read_text()
-    assert text.startswith("# Why four layers?")
-    for png in ("recipe.png", "matched.png", "tuned.png"):
+    lines = [x for x in text.splitlines() if x]
+    assert lines[0].startswith("# Why four layers?") and lines[1].startswith("On MNIST, depth 4 against")
+    assert lines[2] == "![answer](answer.png)"
+    for png in ("answer.png", "recipe.png", "matched.png", "tuned.png", "curves.png"):
         assert (tmp_path / png).stat().st_size > 10_000 and f"({png})" in text
-    assert "| depth 4, 10 epochs | 98.00 |" in text and "Holm" in text and "| nan" not in text and "nan%" not in text
-    assert "momentum: 0.9" in text
+    assert "| depth 4, 10 epochs | 98.00 |" in text and "Margin ±0.20 points" in text
+    assert "indistinguishable" not in text and "| nan" not in text and "nan%" not in text
+    assert "momentum: 0.9" in text and "Against depth 4: depth 3 needed" in text
 
 
-def test_refused_verdict_renders_and_says_why(tmp_path: Path):
-    means = {1: 0.92, 2: 0.96, 3: 0.97, 4: 0.98, 5: 0.975, 6: 0.96}
-    text = render(write(tmp_path, *study_tables(means, means, {3: 0.97, 4: 0.98, 5: 0.975}, n=1))).read_text()
-    assert "no verdict" in text and "| nan" not in text and "nan%" not in text
+@pytest.mark.parametrize("experiments", [["recipe"], ["matched"], ["tuned"], ["recipe", "tuned"]])
+def test_every_subset_of_experiments_renders(tmp_path: Path, experiments):
+    trials, epochs, final = study_tables(FOUR_WINS, FOUR_WINS, TUNED)
+    config = {**CONFIG, "experiments": {k: v for k, v in CONFIG["experiments"].items() if k in experiments}}
+    keep = lambda df: df[df["experiment"].isin(experiments)]  # noqa: E731
+    text = render(write(tmp_path, keep(trials), keep(epochs), keep(final), config)).read_text()
+    assert text.startswith("# Why four layers?") and "Traceback" not in text
+    assert ("## 3. Each depth at its best" in text) == ("tuned" in experiments)
+
+
+def test_a_failed_run_is_shown_and_no_interval_leaves_0_100(tmp_path: Path):
+    trials, epochs, final = study_tables(FOUR_WINS, FOUR_WINS, TUNED)
+    dead = (final.experiment == "matched") & (final.depth == 6) & (final.seed == 3)
+    final.loc[dead, ["test_accuracy", "test_loss"]] = [0.1135, math.log(10)]
+    text = render(write(tmp_path, trials, epochs, final)).read_text()
+    assert "| 6 | 256-128-64-32-16 | 244,890 | 8 | 1 | 7 |" in text
+    assert "Depth 6: 1 of 8 runs failed (seed 3 (11.35%)); its statistics use the 7 trained runs" in text
+    assert not re.search(r"\b1\d\d\.\d\d\b", text)  # no percentage above 100 anywhere
+    cis = re.findall(r"\| \[(\d+\.\d+), (\d+\.\d+)\] \|", text)
+    assert cis and all(0 <= float(lo) <= float(hi) <= 100 for lo, hi in cis)
+
+
+def test_a_tuning_trial_at_chance_is_failed_not_complete():
+    from study.tables import trial_state
+    from optuna.trial import TrialState, create_trial
+
+    at_chance = create_trial(state=TrialState.COMPLETE, value=0.1135, user_attrs={})
+    fine = create_trial(state=TrialState.COMPLETE, value=0.97, user_attrs={})
+    killed = create_trial(state=TrialState.FAIL, user_attrs={})
+    assert [trial_state(t) for t in (at_chance, fine, killed)] == ["failed", "complete", "interrupted"]
+    assert FAILED_AT == pytest.approx(0.2)
+
+
+def test_the_quick_check_says_so_first(tmp_path: Path):
+    config = {**CONFIG, "name": "quick", "train_subset": 5000}
+    text = render(write(tmp_path, *study_tables(FOUR_WINS, FOUR_WINS, TUNED), config)).read_text()
+    second = [x for x in text.splitlines() if x][1]
+    assert second.startswith("> **This is a quick check, not the answer.**") and "results/report.md" in second
+
+
+def test_cross_dataset_is_judged_by_the_interaction():
+    same = analyse(*study_tables(FOUR_WINS, FOUR_WINS, TUNED)[1:], {**CONFIG, "dataset": "mnist"})
+    other = {1: 0.82, 2: 0.86, 3: 0.87, 4: 0.88, 5: 0.875, 6: 0.86}  # the same effects, 10 points lower
+    shifted = analyse(*study_tables(other, other, {3: 0.87, 4: 0.88, 5: 0.875})[1:],
+                      {**CONFIG, "dataset": "fashion-mnist"})
+    assert {x.outcome for x in interactions(same, shifted)} <= {"carries over", "inconclusive"}
+    flipped = {1: 0.82, 2: 0.86, 3: 0.89, 4: 0.88, 5: 0.895, 6: 0.86}  # depth 4 now worse than both
+    result = interactions(same, analyse(*study_tables(flipped, flipped, {3: 0.89, 4: 0.88, 5: 0.895})[1:],
+                                        {**CONFIG, "dataset": "fashion-mnist"}))
+    assert len(result) == 6 and all(x.outcome == "differs" for x in result)
+
+
+def test_cost_ranges_over_thresholds_from_each_trials_curve():
+    trials, epochs, _ = study_tables(FOUR_WINS, FOUR_WINS, TUNED)
+    ths = cost_thresholds(trials)
+    assert len(ths) == 5 and ths[-1] <= 0.98 - 0.005
+    reach = flops_to_reach(trials, epochs, [0.97])
+    # trial 0 of depth d reaches 0.97 at epoch 2 of 3: two thirds of its FLOPs (d * 1e11)
+    assert reach.set_index("depth")["flops"].to_dict() == pytest.approx({d: d * 1e11 * 2 / 3 for d in (3, 4, 5)})
 
 
 def test_edge_warnings_and_declared_caps():
     trials = study_tables({4: 0.98}, {4: 0.98}, {4: 0.98})[0]
-    assert edge_warnings(trials, CONFIG) == ([], [])
+    assert edge_warnings(trials, CONFIG, SearchSpace.CAPS) == ([], [])
     low = trials.assign(param_lr=np.where(trials.retrained, 0.0011, trials.param_lr))
-    warnings, caps = edge_warnings(low, CONFIG)
+    warnings, caps = edge_warnings(low, CONFIG, SearchSpace.CAPS)
     assert len(warnings) == 9 and all("lower edge" in w and "lr" in w for w in warnings)
     capped = trials.assign(param_epochs=10, param_width=1024)
-    warnings, caps = edge_warnings(capped[capped.experiment == "tuned"], CONFIG)
+    warnings, caps = edge_warnings(capped[capped.experiment == "tuned"], CONFIG, SearchSpace.CAPS)
     assert warnings == [] and len(caps) == 6 and any("cost cap" in c for c in caps)
 
 
 def test_missing_tables_is_a_usage_error(tmp_path: Path):
     import subprocess
     import sys
-    p = subprocess.run([sys.executable, "-m", "study.report", "--results", str(tmp_path)],
-                       capture_output=True, text=True)
+
+    p = subprocess.run([sys.executable, "-m", "study.report", "--results", str(tmp_path)], capture_output=True,
+                       text=True)
     assert p.returncode == 2 and "trials.csv" in p.stderr and "Traceback" not in p.stderr

@@ -31,6 +31,10 @@ FINAL_COLUMNS = {"depth", "seed", "source_trial", "widths", "param_lr", "param_e
                  "test_loss", "train_seconds", "samples_per_s", "device", "threads", "torch_version", "study"}
 
 
+# A trial that used its budget slot: "failed" ran to the end at or below twice chance ("interrupted" did not).
+FINISHED_STATES = ["complete", "pruned", "diverged", "failed"]
+
+
 def run_study(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "study.depth", *args], capture_output=True, text=True,
                           timeout=timeout)
@@ -45,7 +49,7 @@ def trial_states(db: Path, suffix: str = "") -> list[tuple[str, str]]:
 
 def budget_rows(out: Path, depth: int, experiment: str = "tuned") -> pd.DataFrame:
     t = pd.read_csv(out / "trials.csv")
-    return t[(t.experiment == experiment) & (t.depth == depth) & t.state.isin(["complete", "pruned", "diverged"])]
+    return t[(t.experiment == experiment) & (t.depth == depth) & t.state.isin(FINISHED_STATES)]
 
 
 def assert_exact(out: Path, n_trials: int, seeds: int, depths=(2, 3)):
@@ -66,7 +70,7 @@ def test_tiny_study_end_to_end_writes_documented_tables(tmp_path: Path):
     assert EPOCHS_COLUMNS <= set(epochs.columns)
     assert FINAL_COLUMNS <= set(final.columns)
     assert_exact(tmp_path, 3, 2)
-    assert trials.state.isin(["complete", "pruned", "diverged", "failed"]).all()
+    assert trials.state.isin([*FINISHED_STATES, "interrupted"]).all()
     assert final.test_accuracy.between(0, 1).all()
     assert trials.groupby("depth").retrained.sum().tolist() == [1, 1]
     # epochs.csv agrees with trials.csv

@@ -1,0 +1,440 @@
+"""What the study's tables say about depth: groups of runs, the declared contrasts and their outcomes.
+
+The question is declared before looking (docs/method.md): per setting (the recipe after its last
+epoch, each matched budget, the tuned depths) depth 4 minus depth 3 and depth 4 minus depth 5. These
+primary contrasts are one Holm family per dataset; every other pair of a setting is secondary
+(exploratory, its own Holm family). A contrast is paired by seed (seed k fixes the initialisation and
+batch order of every depth: common random numbers) and ends in one of four outcomes against a
+declared margin: better, worse, equivalent within +-margin (TOST), or inconclusive (with the seeds
+that would resolve it). A run that ends at or below twice chance, or with a loss that is not finite,
+is a failed run: counted, compared by Fisher's exact test, and kept out of accuracy statistics.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from . import stats
+from .config import DEFAULT_MARGIN, failed_run
+from .stats import ALPHA
+
+SOURCE_DEPTH = 4
+NEIGHBOURS = (3, 5)  # "why four layers, not three or five?"
+UNRELIABLE_SHARE = 0.25  # a depth failing in this share of its runs is unreliable to train there
+DATASET_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
+OUTCOMES = ("better", "worse", "equivalent", "inconclusive")
+
+
+# --- groups ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Group:
+    """One depth's retrained runs in one setting."""
+
+    depth: int
+    trained: pd.Series  # test accuracy of trained runs, indexed by seed
+    failed: dict  # seed -> test accuracy (nan when diverged) of failed runs
+    n_params: int = 0
+    train_flops: float = math.nan  # mean per run
+    train_seconds: float = math.nan  # mean per run, beside the FLOPs only
+    widths: str = ""
+
+    @property
+    def runs(self) -> int:
+        return len(self.trained) + len(self.failed)
+
+    @property
+    def n(self) -> int:
+        return len(self.trained)
+
+    @property
+    def accuracies(self) -> np.ndarray:
+        return self.trained.to_numpy(float)
+
+    @property
+    def mean(self) -> float:
+        return float(self.trained.mean()) if self.n else math.nan
+
+    @property
+    def std(self) -> float:
+        return float(self.trained.std(ddof=1)) if self.n > 1 else math.nan
+
+    @property
+    def ci(self) -> tuple[float, float]:
+        """95% t-interval of the trained runs' mean, within [0, 1] (an accuracy cannot leave it)."""
+        lo, hi = stats.t_interval(self.accuracies)
+        return (max(lo, 0.0), min(hi, 1.0)) if math.isfinite(lo) else (lo, hi)
+
+    @property
+    def unreliable(self) -> bool:
+        return self.runs > 0 and len(self.failed) >= UNRELIABLE_SHARE * self.runs
+
+
+def groups_of(final: pd.DataFrame, depths=()) -> dict[int, Group]:
+    """Groups by depth of one setting's final runs; `depths` the study asked for (missing ones become
+    groups without runs, named where they are needed)."""
+    out = {}
+    present = {int(x) for x in final["depth"].unique()} if len(final) else set()
+    for d in sorted(set(depths) | present):
+        g = final[final["depth"] == d]
+        loss = g["test_loss"] if "test_loss" in g else pd.Series(0.0, index=g.index)
+        diverged = g["diverged"].fillna(False).astype(bool) if "diverged" in g else pd.Series(False, index=g.index)
+        acc = pd.to_numeric(g["test_accuracy"], errors="coerce")
+        bad = pd.Series([failed_run(a, lo, dv) for a, lo, dv in zip(acc, loss, diverged)],
+                        index=g.index, dtype=bool)
+        ok = g[~bad]
+        out[d] = Group(
+            depth=d, trained=pd.Series(ok["test_accuracy"].to_numpy(float), index=ok["seed"].astype(int).to_numpy()),
+            failed={int(s): float(a) for s, a in zip(g[bad]["seed"], pd.to_numeric(g[bad]["test_accuracy"]))},
+            n_params=int(g["n_params"].iloc[0]) if len(g) else 0,
+            train_flops=float(g["train_flops"].mean()) if len(g) and "train_flops" in g else math.nan,
+            train_seconds=float(g["train_seconds"].mean()) if len(g) and "train_seconds" in g else math.nan,
+            widths=str(g["widths"].fillna("").iloc[0]) if len(g) and "widths" in g else "")
+    return out
+
+
+def aligned(a: Group, b: Group) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracies of the seeds both depths trained, in seed order (the pairs of a paired contrast)."""
+    seeds = sorted(set(a.trained.index) & set(b.trained.index))
+    return a.trained.loc[seeds].to_numpy(float), b.trained.loc[seeds].to_numpy(float)
+
+
+# --- contrasts -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """Depth a minus depth b in one setting, paired by seed, with its outcome in its Holm family."""
+
+    setting: str
+    a: int
+    b: int
+    outcome: str  # one of OUTCOMES, or "not computed"
+    n: int = 0  # seeds both depths trained
+    diff: float = math.nan  # mean per-seed difference a - b (accuracy fraction)
+    sd: float = math.nan  # spread of the per-seed differences
+    corr: float = math.nan  # correlation of a and b over seeds
+    ci: tuple[float, float] = (math.nan, math.nan)  # at `level` (Holm-consistent): excludes 0 iff better/worse
+    level: float = math.nan
+    p: float = math.nan
+    p_holm: float = math.nan
+    ci_equivalence: tuple[float, float] = (math.nan, math.nan)  # 1 - 2 * its level: inside +-margin iff equivalent
+    p_equivalence_holm: float = math.nan
+    p_wilcoxon: float = math.nan
+    seeds_needed: int | None = None  # for an inconclusive contrast
+    reason: str | None = None  # why it could not be computed
+
+    @property
+    def label(self) -> str:
+        return f"{self.a} minus {self.b}"
+
+
+def contrast_family(pairs: list[tuple[str, Group, Group]], margin: float, alpha: float = ALPHA) -> list[Contrast]:
+    """Every declared contrast (setting, a, b) of one Holm family, a minus b. A contrast that cannot be
+    computed stays in the family with p = 1, so the family never shrinks."""
+    tests, reasons = [], []
+    for _, ga, gb in pairs:
+        x, y = aligned(ga, gb)
+        try:
+            tests.append(stats.paired(x, y, margin))
+            reasons.append(None)
+        except ValueError as e:
+            missing = [g.depth for g in (ga, gb) if g.runs == 0]
+            tests.append(None)
+            reasons.append(f"depth {missing[0]} has no retrained runs yet" if missing else str(e))
+    p = [t.p if t else 1.0 for t in tests]
+    p_eq = [t.p_equivalence if t else 1.0 for t in tests]
+    p_holm, p_eq_holm = stats.holm(p, alpha), stats.holm(p_eq, alpha)
+    levels, levels_eq = stats.holm_levels(p, alpha), stats.holm_levels(p_eq, alpha)
+    strictest = alpha / max(len(pairs), 1)
+    out = []
+    for i, ((setting, ga, gb), t) in enumerate(zip(pairs, tests)):
+        if t is None:
+            out.append(Contrast(setting, ga.depth, gb.depth, "not computed", reason=reasons[i]))
+            continue
+        x, y = aligned(ga, gb)
+        if p_holm[i] <= alpha:
+            outcome = "better" if t.mean > 0 else "worse"
+        elif p_eq_holm[i] <= alpha:
+            outcome = "equivalent"
+        else:
+            outcome = "inconclusive"
+        out.append(Contrast(
+            setting, ga.depth, gb.depth, outcome, t.n, t.mean, t.sd, t.corr,
+            stats.paired_interval(x, y, levels[i]), levels[i], t.p, p_holm[i],
+            stats.paired_interval(x, y, min(2 * levels_eq[i], 1.0)), p_eq_holm[i], t.p_wilcoxon,
+            stats.seeds_to_resolve(t.sd, margin, strictest) if outcome == "inconclusive" else None,
+            None))
+    return out
+
+
+# --- settings --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of one experiment: the recipe at an epoch, a matched budget, or the tuned depths."""
+
+    key: str  # shared across datasets: "recipe, 10 epochs", "matched, 242,762 parameters", "tuned"
+    experiment: str
+    groups: dict[int, Group]
+    primary: bool  # holds primary contrasts (the recipe's 2-epoch check does not)
+    secondary: list[Contrast] = field(default_factory=list)  # exploratory pairs, own Holm family
+
+    @property
+    def declared(self) -> list[tuple[int, int]]:
+        """This setting's primary contrasts (a minus b), from the depths the study asked for."""
+        if not self.primary or SOURCE_DEPTH not in self.groups:
+            return []
+        return [(SOURCE_DEPTH, n) for n in NEIGHBOURS if n in self.groups]
+
+    @property
+    def unreliable(self) -> list[int]:
+        return [d for d, g in self.groups.items() if g.unreliable]
+
+
+def secondary_family(key: str, groups: dict[int, Group], exclude: list[tuple[int, int]], margin: float):
+    """Every other pair of depths, deeper minus shallower (exploratory)."""
+    skip = {frozenset(p) for p in exclude}
+    pairs = [(key, groups[b], groups[a]) for a, b in itertools.combinations(sorted(groups), 2)
+             if frozenset((a, b)) not in skip]
+    return contrast_family(pairs, margin)
+
+
+def recipe_at_epoch(epochs: pd.DataFrame, final: pd.DataFrame, epoch: int) -> pd.DataFrame:
+    """The recipe's final runs as rows of (depth, seed, test accuracy, cost so far) after `epoch` epochs."""
+    runs = epochs[(epochs["experiment"] == "recipe") & (epochs["run"] == "final") & (epochs["epoch"] == epoch)]
+    rec = final[final["experiment"] == "recipe"]
+    keep = [c for c in ("depth", "seed", "n_params", "widths", "train_flops", "param_epochs") if c in rec]
+    merged = runs[["depth", "seed", "test_accuracy", "train_seconds", "train_loss"]].merge(rec[keep],
+                                                                                         on=["depth", "seed"])
+    # Failed at this epoch: at or below twice chance, or a training loss that is no longer finite.
+    merged = merged.rename(columns={"train_loss": "test_loss"})
+    if "train_flops" in merged and "param_epochs" in merged:
+        merged = merged.assign(train_flops=merged["train_flops"] * epoch / merged["param_epochs"])
+    return merged
+
+
+def settings_of(epochs: pd.DataFrame, final: pd.DataFrame, config: dict) -> list[Setting]:
+    """Every setting of the experiments the study ran, in report order."""
+    exps = config.get("experiments", {})
+    out: list[Setting] = []
+    rec = final[final["experiment"] == "recipe"]
+    if "recipe" in exps or len(rec):
+        r = exps.get("recipe", {})
+        depths = r.get("depths", [])
+        last = int(r.get("epochs", 10))
+        checks = sorted({int(ep) for _, ep, _ in r.get("claims", [])} - {last})
+        out.append(Setting(f"recipe, {last} epochs", "recipe", groups_of(rec, depths), True))
+        out += [Setting(f"recipe, {ep} epochs", "recipe", groups_of(recipe_at_epoch(epochs, final, ep), depths),
+                        False) for ep in checks]
+    m = final[(final["experiment"] == "matched") & (final["depth"] > 1)]
+    budgets = exps.get("matched", {}).get("budgets", []) or sorted(int(b) for b in m["budget"].dropna().unique())
+    depths = [d for d in exps.get("matched", {}).get("depths", []) if d > 1]
+    out += [Setting(f"matched, {int(b):,} parameters", "matched", groups_of(m[m["budget"] == b], depths), True)
+            for b in budgets]
+    tuned = final[final["experiment"] == "tuned"]
+    if "tuned" in exps or len(tuned):
+        out.append(Setting("tuned", "tuned", groups_of(tuned, exps.get("tuned", {}).get("depths", [])), True))
+    return out
+
+
+@dataclass(frozen=True)
+class Analysis:
+    dataset: str
+    margin: float
+    settings: list[Setting]
+    primary: list[Contrast]  # one Holm family: every declared contrast of every primary setting
+
+    @property
+    def name(self) -> str:
+        return DATASET_NAMES.get(self.dataset, self.dataset)
+
+    def setting(self, key: str) -> Setting | None:
+        return next((s for s in self.settings if s.key == key), None)
+
+    def four_beats_both(self) -> tuple[int, int]:
+        """(settings where depth 4 is better than both neighbours, settings with both contrasts)."""
+        by: dict[str, list[Contrast]] = {}
+        for c in self.primary:
+            by.setdefault(c.setting, []).append(c)
+        full = [cs for cs in by.values() if len(cs) == len(NEIGHBOURS)]
+        return sum(all(c.outcome == "better" for c in cs) for cs in full), len(full)
+
+
+def analyse(epochs: pd.DataFrame, final: pd.DataFrame, config: dict, margin: float = DEFAULT_MARGIN) -> Analysis:
+    settings = settings_of(epochs, final, config)
+    pairs = [(s.key, s.groups[a], s.groups[b]) for s in settings for a, b in s.declared]
+    primary = contrast_family(pairs, margin)
+    settings = [Setting(s.key, s.experiment, s.groups, s.primary,
+                        secondary_family(s.key, s.groups, s.declared, margin)) for s in settings]
+    return Analysis(config.get("dataset", "mnist"), margin, settings, primary)
+
+
+def opening_sentence(an: Analysis) -> str:
+    """The answer in one computed sentence (at most 40 words)."""
+    if not an.primary:
+        return (f"On {an.name}, this study has no setting with depth 4 and a neighbour, so it does not answer "
+                "\"why four layers?\"; the sections below describe what it ran.")
+    counts = {o: sum(c.outcome == o for c in an.primary) for o in (*OUTCOMES, "not computed")}
+    listed = ", ".join(f"{o} {k}" for o, k in counts.items() if k)
+    wins, both = an.four_beats_both()
+    settings = len({c.setting for c in an.primary})
+    return (f"On {an.name}, depth 4 against depths 3 and 5 in {settings} settings ({len(an.primary)} paired "
+            f"contrasts, Holm, margin ±{100 * an.margin:.2f} points): {listed}; it beats both neighbours in "
+            f"{wins} of {both} settings.")
+
+
+# --- across datasets -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Interaction:
+    """(depth a minus depth b) on one dataset minus the same on another: does the effect carry over?"""
+
+    setting: str
+    a: int
+    b: int
+    outcome: str  # "differs", "carries over", "inconclusive" or "not computed"
+    diff_first: float = math.nan  # mean per-seed difference on each dataset
+    diff_second: float = math.nan
+    diff: float = math.nan  # first minus second
+    ci: tuple[float, float] = (math.nan, math.nan)  # Holm-consistent level: excludes 0 iff "differs"
+    p_holm: float = math.nan
+    ci_equivalence: tuple[float, float] = (math.nan, math.nan)
+    p_equivalence_holm: float = math.nan
+    reason: str | None = None
+
+
+def interactions(first: Analysis, second: Analysis, alpha: float = ALPHA) -> list[Interaction]:
+    """For each primary contrast both datasets declare: Welch on the two datasets' per-seed differences
+    (independent runs), TOST within +-margin, one Holm family."""
+    margin = first.margin
+    keys = [(c.setting, c.a, c.b) for c in first.primary]
+    keys = [k for k in keys if any((c.setting, c.a, c.b) == k for c in second.primary)]
+    diffs, tests, reasons = [], [], []
+    for key, a, b in keys:
+        pair = []
+        for an in (first, second):
+            s = an.setting(key)
+            x, y = aligned(s.groups[a], s.groups[b])
+            pair.append(x - y)
+        diffs.append(pair)
+        try:
+            tests.append(stats.welch(pair[0], pair[1], margin))
+            reasons.append(None)
+        except ValueError as e:
+            tests.append(None)
+            reasons.append(str(e))
+    p = [t.p if t else 1.0 for t in tests]
+    p_eq = [t.p_equivalence if t else 1.0 for t in tests]
+    p_holm, p_eq_holm = stats.holm(p, alpha), stats.holm(p_eq, alpha)
+    levels, levels_eq = stats.holm_levels(p, alpha), stats.holm_levels(p_eq, alpha)
+    out = []
+    for i, ((key, a, b), t, (d1, d2)) in enumerate(zip(keys, tests, diffs)):
+        if t is None:
+            out.append(Interaction(key, a, b, "not computed", reason=reasons[i]))
+            continue
+        outcome = ("differs" if p_holm[i] <= alpha else "carries over" if p_eq_holm[i] <= alpha else "inconclusive")
+        out.append(Interaction(key, a, b, outcome, float(d1.mean()), float(d2.mean()), t.mean,
+                               stats.welch_interval(d1, d2, levels[i]), p_holm[i],
+                               stats.welch_interval(d1, d2, min(2 * levels_eq[i], 1.0)), p_eq_holm[i]))
+    return out
+
+
+# --- cost ------------------------------------------------------------------------------------------
+
+
+def flops_to_reach(trials: pd.DataFrame, epochs: pd.DataFrame, thresholds: list[float]) -> pd.DataFrame:
+    """Per tuned depth and threshold, the fewest training FLOPs any trial spent until the first epoch at
+    which its validation accuracy reached the threshold (its curve, as the pruner saw it; nan if none)."""
+    t = trials[(trials["experiment"] == "tuned") & trials["state"].isin(["complete", "pruned"])]
+    t = t.dropna(subset=["train_flops"])
+    t = t[t["epochs_run"] > 0] if "epochs_run" in t else t
+    curves = epochs[(epochs["experiment"] == "tuned") & (epochs["run"] == "tuning")]
+    rows = []
+    for depth, g in t.groupby("depth"):
+        c = curves[curves["depth"] == depth].merge(g[["trial", "train_flops", "epochs_run"]], on="trial")
+        c = c.assign(flops=c["train_flops"] / c["epochs_run"] * c["epoch"])
+        for th in thresholds:
+            reach = c[c["val_accuracy"] >= th - 1e-12]
+            rows.append({"depth": int(depth), "threshold": th, "flops": reach["flops"].min() if len(reach) else math.nan})
+    return pd.DataFrame(rows, columns=["depth", "threshold", "flops"])
+
+
+def cost_thresholds(trials: pd.DataFrame) -> list[float]:
+    """Five validation accuracies a quarter point apart, the highest half a point below the best that
+    every tuned depth reached, so no ratio hinges on one trial near one threshold."""
+    done = trials[(trials["experiment"] == "tuned") & trials["state"].isin(["complete", "pruned"])]
+    if done.empty or done["val_accuracy"].isna().all():
+        return []
+    top = done.groupby("depth")["best_epoch_val_accuracy" if "best_epoch_val_accuracy" in done else "val_accuracy"]
+    top = math.floor((top.max().min() - 0.005) * 400) / 400
+    return [round(top - 0.0025 * k, 4) for k in range(4, -1, -1) if top - 0.0025 * k > 0]
+
+
+# --- sanity checks ---------------------------------------------------------------------------------
+
+EDGE_FRACTION = 0.05  # a best value within 5% of its (log) range of an edge is "on the edge"
+
+
+def edge_warnings(trials: pd.DataFrame, config: dict, caps_declared: dict) -> tuple[list[str], list[str]]:
+    """(warnings, declared caps): best tuned values within EDGE_FRACTION of a range's edge (log where
+    tuned so). An upper limit the design declares a cap is reported as such, not as an edge."""
+    warnings, caps = [], []
+    exps = config.get("experiments", {})
+    best = trials[trials["retrained"].astype(bool)] if len(trials) else trials
+    for _, row in best.iterrows():
+        exp = exps.get(row["experiment"], {})
+        where = f"{row['experiment']}" + (f" {int(row['budget']):,} params" if pd.notna(row.get("budget")) else "")
+        if row["experiment"] == "matched":
+            ranges, declared = {"lr": (exp.get("lr"), True)}, {}
+        else:
+            space = exp.get("space", {})
+            ranges = {"lr": (space.get("lr"), True), "width": (space.get("width"), True),
+                      "taper": (space.get("taper"), False), "epochs": ([1, space.get("max_epochs")], False)}
+            declared = caps_declared
+        for name, (rng, log) in ranges.items():
+            col = f"param_{name}"
+            if rng is None or None in rng or col not in row or pd.isna(row[col]) or rng[0] == rng[1]:
+                continue
+            lo, hi = (math.log(v) for v in rng) if log else rng
+            frac = ((math.log(row[col]) if log else row[col]) - lo) / (hi - lo)
+            if frac >= 1 - EDGE_FRACTION and name in declared:
+                caps.append(f"{where}, depth {row['depth']}: best {name} = {row[col]:.4g} is at its {declared[name]}.")
+            elif frac <= EDGE_FRACTION or frac >= 1 - EDGE_FRACTION:
+                side = "lower" if frac <= EDGE_FRACTION else "upper"
+                warnings.append(f"{where}, depth {row['depth']}: best {name} = {row[col]:.4g} sits on the {side} "
+                                f"edge of its range [{rng[0]}, {rng[1]}]; widen the range and rerun.")
+    return warnings, caps
+
+
+TRIAL_STATES = ("complete", "failed", "diverged", "pruned", "interrupted")
+
+
+def state_counts(trials: pd.DataFrame) -> pd.DataFrame:
+    keys = ["experiment", "budget", "depth"]
+    if trials.empty:
+        return pd.DataFrame(columns=[*keys, *TRIAL_STATES])
+    counts = trials.assign(budget=trials["budget"].astype("string").fillna("")).pivot_table(
+        index=keys, columns="state", values="trial", aggfunc="count", fill_value=0)
+    for s in TRIAL_STATES:
+        if s not in counts:
+            counts[s] = 0
+    return counts[list(TRIAL_STATES)].reset_index()
+
+
+def pareto(df: pd.DataFrame, cost: str, value: str) -> pd.DataFrame:
+    """Rows not beaten by any cheaper-or-equal row (lower cost, higher value), sorted by cost."""
+    rows, best = [], -math.inf
+    for _, r in df.sort_values([cost, value], ascending=[True, False]).iterrows():
+        if r[value] > best:
+            rows.append(r)
+            best = r[value]
+    return pd.DataFrame(rows)

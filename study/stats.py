@@ -1,0 +1,138 @@
+"""The statistics the report uses, as thin wrappers over scipy.stats and statsmodels.
+
+Each function takes plain arrays of accuracies (fractions) and returns numbers; what they mean for
+depths lives in `study.analysis`. Hand-written here is only what the libraries do not do:
+Holm-consistent interval levels, and the number of seeds that would resolve a contrast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.power import TTestPower
+from statsmodels.stats.weightstats import ttost_ind, ttost_paired
+
+ALPHA = 0.05  # family-wise error rate of each Holm family
+POWER = 0.80  # for the seeds needed to resolve an inconclusive contrast
+
+
+def t_interval(x: np.ndarray, alpha: float = ALPHA) -> tuple[float, float]:
+    """Student-t interval of a mean (nan, nan) for fewer than two values."""
+    if len(x) < 2:
+        return (math.nan, math.nan)
+    if np.ptp(x) == 0:
+        return (float(x[0]), float(x[0]))
+    ci = stats.ttest_1samp(x, 0.0).confidence_interval(1 - alpha)
+    return (float(ci.low), float(ci.high))
+
+
+def holm(p_values: list[float], alpha: float = ALPHA) -> list[float]:
+    """Holm-adjusted p-values in the order given (statsmodels); reject where adjusted <= alpha."""
+    if not p_values:
+        return []
+    return [float(p) for p in multipletests(p_values, alpha=alpha, method="holm")[1]]
+
+
+def holm_levels(p_values: list[float], alpha: float = ALPHA) -> list[float]:
+    """The level at which each hypothesis's interval is drawn so that it excludes the null exactly
+    when Holm rejects it: alpha / (m - k + 1) for the k-th smallest p-value while Holm keeps
+    rejecting; from the first hypothesis it keeps, every later one stays at that first kept level
+    (its p-value is larger, so its interval covers the null, as Holm decides)."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    levels = [alpha] * m
+    stopped = None
+    for step, i in enumerate(order):
+        level = alpha / (m - step) if stopped is None else stopped
+        if stopped is None and p_values[i] > level:
+            stopped = level
+        levels[i] = level
+    return levels
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Per-seed differences x - y of two depths trained with the same seeds (common random numbers)."""
+
+    n: int
+    mean: float  # mean difference (accuracy fraction)
+    sd: float  # standard deviation of the differences
+    corr: float  # Pearson correlation of x and y over seeds (nan when undefined)
+    p: float  # paired t, two-sided, H0: mean difference 0
+    p_equivalence: float  # TOST, H0: |mean difference| >= margin
+    p_wilcoxon: float  # Wilcoxon signed-rank, two-sided (a check on the t-test's normality)
+
+
+def paired(x: np.ndarray, y: np.ndarray, margin: float) -> Paired:
+    """Paired t (scipy), TOST within +-margin (statsmodels) and Wilcoxon signed-rank (scipy) on x - y.
+    Needs two or more pairs whose differences are not all equal (raises ValueError otherwise)."""
+    d = x - y
+    if len(d) < 2:
+        raise ValueError(f"{len(d)} paired seed(s): an interval needs 2 or more")
+    if np.ptp(d) == 0:
+        raise ValueError("every seed gave the same difference: no spread to test against")
+    corr = float(np.corrcoef(x, y)[0, 1]) if np.ptp(x) > 0 and np.ptp(y) > 0 else math.nan
+    p_eq = float(ttost_paired(x, y, -margin, margin)[0])
+    nonzero = d[d != 0]
+    p_w = float(stats.wilcoxon(nonzero).pvalue) if len(nonzero) else 1.0
+    return Paired(len(d), float(d.mean()), float(d.std(ddof=1)), corr, float(stats.ttest_rel(x, y).pvalue), p_eq, p_w)
+
+
+def paired_interval(x: np.ndarray, y: np.ndarray, level: float) -> tuple[float, float]:
+    """Two-sided (1 - level) interval of mean(x - y) from the paired t-test (scipy)."""
+    ci = stats.ttest_rel(x, y).confidence_interval(1 - level)
+    return (float(ci.low), float(ci.high))
+
+
+@dataclass(frozen=True)
+class Unpaired:
+    """Difference of means a - b of two independent samples (Welch)."""
+
+    na: int
+    nb: int
+    mean: float
+    p: float  # Welch t, two-sided, H0: difference 0
+    p_equivalence: float  # TOST with unequal variances, H0: |difference| >= margin
+    se: float
+    df: float
+
+
+def welch(a: np.ndarray, b: np.ndarray, margin: float) -> Unpaired:
+    """Welch's t (scipy) and TOST with unequal variances (statsmodels) on mean(a) - mean(b)."""
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("each side needs 2 or more values")
+    if np.ptp(a) == 0 and np.ptp(b) == 0:
+        raise ValueError("no spread on either side to test against")
+    r = stats.ttest_ind(a, b, equal_var=False)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    p_eq = float(ttost_ind(a, b, -margin, margin, usevar="unequal")[0])
+    return Unpaired(len(a), len(b), float(a.mean() - b.mean()), float(r.pvalue), p_eq, math.sqrt(va + vb),
+                    float(r.df))
+
+
+def welch_interval(a: np.ndarray, b: np.ndarray, level: float) -> tuple[float, float]:
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(1 - level)
+    return (float(ci.low), float(ci.high))
+
+
+def seeds_to_resolve(sd: float, margin: float, level: float, power: float = POWER) -> int:
+    """Paired seeds at which, with the observed spread of differences `sd`, a true difference of
+    +-margin is found at two-sided `level` with `power`, and a true difference of 0 is found
+    equivalent within +-margin (TOST at `level`) with `power`: the larger of the two (statsmodels'
+    t-test power; for TOST each one-sided test gets power (1 + power) / 2, a union bound)."""
+    if not (sd > 0 and margin > 0):
+        raise ValueError("needs a positive spread and margin")
+    power_of = TTestPower()
+    effect = margin / sd
+    differ = power_of.solve_power(effect_size=effect, alpha=level, power=power, alternative="two-sided")
+    equal = power_of.solve_power(effect_size=effect, alpha=level, power=(1 + power) / 2, alternative="larger")
+    return max(2, math.ceil(max(differ, equal)))
+
+
+def fisher(failed_a: int, runs_a: int, failed_b: int, runs_b: int) -> float:
+    """Two-sided p of Fisher's exact test that two failure rates are equal (scipy)."""
+    return float(stats.fisher_exact([[failed_a, runs_a - failed_a], [failed_b, runs_b - failed_b]]).pvalue)
