@@ -302,32 +302,41 @@ class Interaction:
     a: int
     b: int
     outcome: str  # "differs", "carries over", "inconclusive" or "not computed"
-    diff_first: float = math.nan  # mean per-seed difference on each dataset
+    n: int = 0  # seeds with both contrasts
+    diff_first: float = math.nan  # mean per-seed difference on each dataset, over those seeds
     diff_second: float = math.nan
     diff: float = math.nan  # first minus second
+    corr: float = math.nan  # correlation of the two datasets' per-seed differences
     ci: tuple[float, float] = (math.nan, math.nan)  # Holm-consistent level: excludes 0 iff "differs"
+    level: float = math.nan
     p_holm: float = math.nan
     ci_equivalence: tuple[float, float] = (math.nan, math.nan)
     p_equivalence_holm: float = math.nan
     reason: str | None = None
 
 
+def seed_differences(s: Setting, a: int, b: int) -> pd.Series:
+    """Per-seed accuracy of depth a minus depth b, over the seeds both trained, indexed by seed."""
+    ga, gb = s.groups[a], s.groups[b]
+    seeds = sorted(set(ga.trained.index) & set(gb.trained.index))
+    return ga.trained.loc[seeds] - gb.trained.loc[seeds]
+
+
 def interactions(first: Analysis, second: Analysis, alpha: float = ALPHA) -> list[Interaction]:
-    """For each primary contrast both datasets declare: Welch on the two datasets' per-seed differences
-    (independent runs), TOST within +-margin, one Holm family."""
+    """For each primary contrast both datasets declare, the difference between datasets of its per-seed
+    differences. Seed k fixes the same initialisation and batch order on both datasets, so the two are
+    paired by seed: paired t and TOST within +-margin on the difference-in-differences, one Holm family."""
     margin = first.margin
     keys = [(c.setting, c.a, c.b) for c in first.primary]
     keys = [k for k in keys if any((c.setting, c.a, c.b) == k for c in second.primary)]
-    diffs, tests, reasons = [], [], []
+    pairs, tests, reasons = [], [], []
     for key, a, b in keys:
-        pair = []
-        for an in (first, second):
-            s = an.setting(key)
-            x, y = aligned(s.groups[a], s.groups[b])
-            pair.append(x - y)
-        diffs.append(pair)
+        d1, d2 = (seed_differences(an.setting(key), a, b) for an in (first, second))
+        seeds = sorted(set(d1.index) & set(d2.index))
+        x, y = d1.loc[seeds].to_numpy(float), d2.loc[seeds].to_numpy(float)
+        pairs.append((x, y))
         try:
-            tests.append(stats.welch(pair[0], pair[1], margin))
+            tests.append(stats.paired(x, y, margin))
             reasons.append(None)
         except ValueError as e:
             tests.append(None)
@@ -337,15 +346,23 @@ def interactions(first: Analysis, second: Analysis, alpha: float = ALPHA) -> lis
     p_holm, p_eq_holm = stats.holm(p, alpha), stats.holm(p_eq, alpha)
     levels, levels_eq = stats.holm_levels(p, alpha), stats.holm_levels(p_eq, alpha)
     out = []
-    for i, ((key, a, b), t, (d1, d2)) in enumerate(zip(keys, tests, diffs)):
+    for i, ((key, a, b), t, (x, y)) in enumerate(zip(keys, tests, pairs)):
         if t is None:
             out.append(Interaction(key, a, b, "not computed", reason=reasons[i]))
             continue
-        outcome = ("differs" if p_holm[i] <= alpha else "carries over" if p_eq_holm[i] <= alpha else "inconclusive")
-        out.append(Interaction(key, a, b, outcome, float(d1.mean()), float(d2.mean()), t.mean,
-                               stats.welch_interval(d1, d2, levels[i]), p_holm[i],
-                               stats.welch_interval(d1, d2, min(2 * levels_eq[i], 1.0)), p_eq_holm[i]))
+        outcome = "differs" if p_holm[i] <= alpha else "carries over" if p_eq_holm[i] <= alpha else "inconclusive"
+        out.append(Interaction(key, a, b, outcome, t.n, float(x.mean()), float(y.mean()), t.mean, t.corr,
+                               stats.paired_interval(x, y, levels[i]), levels[i], p_holm[i],
+                               stats.paired_interval(x, y, min(2 * levels_eq[i], 1.0)), p_eq_holm[i]))
     return out
+
+
+def retrained_origin(trials: pd.DataFrame, config: dict) -> dict[int, tuple[int, bool]]:
+    """Per tuned depth, (the retrained trial's number, whether it was one of the sampler's random
+    start-up trials, which draw from (sampler seed, trial number) and so are the same in every depth)."""
+    startup = int(config.get("sampler_startup_trials", 0))
+    best = trials[(trials["experiment"] == "tuned") & trials["retrained"].astype(bool)]
+    return {int(r.depth): (int(r.trial), int(r.trial) < startup) for r in best.itertuples()}
 
 
 # --- cost ------------------------------------------------------------------------------------------
@@ -370,7 +387,7 @@ def flops_to_reach(trials: pd.DataFrame, epochs: pd.DataFrame, thresholds: list[
 
 def cost_thresholds(trials: pd.DataFrame) -> list[float]:
     """Five validation accuracies a quarter point apart, the highest half a point below the best that
-    every tuned depth reached, so no ratio hinges on one trial near one threshold."""
+    every tuned depth reached, so no ratio hinges on one trial's last epoch near one threshold."""
     done = trials[(trials["experiment"] == "tuned") & trials["state"].isin(["complete", "pruned"])]
     if done.empty or done["val_accuracy"].isna().all():
         return []
@@ -407,7 +424,8 @@ def edge_warnings(trials: pd.DataFrame, config: dict, caps_declared: dict) -> tu
             lo, hi = (math.log(v) for v in rng) if log else rng
             frac = ((math.log(row[col]) if log else row[col]) - lo) / (hi - lo)
             if frac >= 1 - EDGE_FRACTION and name in declared:
-                caps.append(f"{where}, depth {row['depth']}: best {name} = {row[col]:.4g} is at its {declared[name]}.")
+                caps.append(f"{where}, depth {row['depth']}: best {name} = {row[col]:.4g} is at or near its "
+                            f"{declared[name]}.")
             elif frac <= EDGE_FRACTION or frac >= 1 - EDGE_FRACTION:
                 side = "lower" if frac <= EDGE_FRACTION else "upper"
                 warnings.append(f"{where}, depth {row['depth']}: best {name} = {row[col]:.4g} sits on the {side} "

@@ -260,8 +260,7 @@ def cross_dataset_figure(path: Path, inter: list[Interaction], names: list[str],
            title="Does the depth effect carry over? The interaction, per primary contrast")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the rows, never on one
     _save(plt, fig, path)
-    return (f"The depth contrast on {names[0]} minus the same contrast on {names[1]} (Welch on the per-seed "
-            "differences): thin line the Holm-consistent interval (excludes 0 exactly when it differs), thick line "
+    return (f"The depth contrast on {names[0]} minus the same contrast on {names[1]} (paired by seed): thin line the Holm-consistent interval (excludes 0 exactly when it differs), thick line "
             "the two-one-sided-tests interval (inside the band exactly when it carries over).")
 
 

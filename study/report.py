@@ -30,7 +30,7 @@ from mnist_bench.interrupt import Interrupted
 
 from . import figures
 from .analysis import (DATASET_NAMES, SOURCE_DEPTH, UNRELIABLE_SHARE, Analysis,
-                       Contrast, Setting, analyse, groups_of, cost_thresholds, edge_warnings, flops_to_reach,
+                       Contrast, Setting, analyse, groups_of, retrained_origin, cost_thresholds, edge_warnings, flops_to_reach,
                        interactions, opening_sentence, state_counts)
 from .config import DEFAULT_MARGIN, FAILED_AT, SearchSpace
 from .stats import ALPHA, POWER, fisher
@@ -44,7 +44,10 @@ def pts(x: float) -> str:
 
 
 def signed(x: float) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:+.2f}"
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    v = 100 * x
+    return f"{0.0 if abs(v) < 0.005 else v:+.2f}"  # never "-0.00"
 
 
 def interval(lo: float, hi: float, signed_values: bool = True) -> str:
@@ -87,7 +90,7 @@ def outcome_words(c: Contrast) -> str:
     if c.outcome == "equivalent":
         return "equivalent within the margin"
     if c.outcome == "inconclusive":
-        return f"inconclusive (about {c.seeds_needed} paired seeds would resolve it)"
+        return f"inconclusive (planning: {c.seeds_needed} paired seeds)"
     if math.isfinite(c.p_equivalence_holm) and c.p_equivalence_holm <= ALPHA:
         return f"{c.outcome}, by less than the margin"
     return c.outcome
@@ -161,15 +164,21 @@ def how_to_read(an: Analysis) -> str:
     return (f"**How to read it.** Margin ±{m:.2f} points of test accuracy (`--margin`): the smallest difference "
             f"that matters. Each contrast pairs the seeds both depths trained (seed k fixes initialisation and "
             f"batch order for every depth: common random numbers) and takes the per-seed differences: paired t "
-            f"interval, Wilcoxon signed-rank beside it as a check, n and the correlation r of the two depths over "
-            f"seeds. The primary family holds depth 4 minus 3 and depth 4 minus 5 in each setting and is corrected "
-            f"with Holm at family-wise {ALPHA}; every other pair is exploratory, in its own Holm family per setting. "
-            f"*Better* or *worse*: the interval at the contrast's Holm-consistent level excludes 0. *Equivalent*: "
-            f"two one-sided tests (TOST), Holm-corrected, put the difference inside ±{m:.2f}. Otherwise "
-            f"*inconclusive*, with the paired seeds that would resolve it ({POWER:.0%} power at the family's "
-            f"strictest level, from the observed spread of differences). A run ending at or below "
-            f"{pts(FAILED_AT)}% (twice chance) or with a loss that is not finite is *failed*: counted, compared with "
-            f"Fisher's exact test, and kept out of every mean and interval.")
+            f"interval, n, and the correlation r of the two depths over seeds. The primary family holds depth 4 "
+            f"minus 3 and depth 4 minus 5 in each setting and is corrected with Holm; every other pair is "
+            f"exploratory, in its own Holm family per setting. *Better* or *worse*: the interval, drawn at the "
+            f"contrast's Holm-consistent level (the level shown), excludes 0. *Equivalent*: two one-sided tests "
+            f"(TOST), Holm-corrected as their own family, put the difference inside ±{m:.2f}. Each of the two "
+            f"families holds its error rate at {ALPHA}, so all claims of both kinds together at most "
+            f"{2 * ALPHA:.2f}; the intervals are not simultaneous. Otherwise *inconclusive*, with a planning "
+            f"number: the paired seeds that would give {POWER:.0%} power at the family's strictest level if the "
+            f"true difference were ±{m:.2f} (to find it) or 0 (to show equivalence), from the spread of the seeds "
+            f"at hand; a true difference in between needs more. The Wilcoxon signed-rank p is unadjusted, a check "
+            f"on the direction and on outliers (with 8 seeds its smallest possible p, 0.0078, cannot reach the "
+            f"Holm levels). A run ending at or below {pts(FAILED_AT)}% (twice chance) or with a loss that is not "
+            f"finite is *failed*: counted, compared with Fisher's exact test, and kept out of every mean and "
+            f"interval. Intervals cover seed-to-seed variation on one fixed test set of 10,000 images (0.01 points "
+            f"is one image); sampling of the test set itself is not in them.")
 
 
 def claims_table(an: Analysis, claims: list) -> list[str]:
@@ -190,6 +199,28 @@ def claims_table(an: Analysis, claims: list) -> list[str]:
             md_table(pd.DataFrame(rows)), ""]
 
 
+def tuned_origin(trials: pd.DataFrame, config: dict) -> list[str]:
+    """Where each tuned depth's retrained configuration came from: "at its best" means the best of one
+    search, and a random start-up trial is the same configuration in every depth's search."""
+    origin = retrained_origin(trials, config)
+    if not origin:
+        return []
+    startup = sorted(d for d, (_, s) in origin.items() if s)
+    searched = sorted(d for d, (_, s) in origin.items() if not s)
+    parts = [f"depth {d} trial {origin[d][0]}" for d in sorted(origin)]
+    text = (f"\"At its best\" means the best of one {config.get('experiments', {}).get('tuned', {}).get('n_trials')}-"
+            f"trial search per depth, along one search path (retrained: {', '.join(parts)}). ")
+    if startup:
+        text += (f"For depth{'s' if len(startup) > 1 else ''} {', '.join(map(str, startup))} it is one of the "
+                 f"{config.get('sampler_startup_trials')} random start-up trials, which are the same configurations in "
+                 "every depth's search; ")
+        text += (f"only depth {', '.join(map(str, searched))}'s came from the TPE search itself. " if searched else
+                 "none came from the TPE search itself. ")
+    text += ("The seed intervals below do not include the variation from the search; the retrained models differ in "
+             "width and parameters (see the table), so this setting compares searches, not depth alone.")
+    return [text, ""]
+
+
 def cost_section(trials: pd.DataFrame, epochs: pd.DataFrame) -> list[str]:
     """FLOPs each tuned depth needed to reach a range of validation accuracies, from the first epoch at
     which any of its trials reached each one; ratios to depth 4 as a range over the thresholds."""
@@ -208,8 +239,8 @@ def cost_section(trials: pd.DataFrame, epochs: pd.DataFrame) -> list[str]:
            f"Fewest training FLOPs any tuning trial of each depth spent until the first epoch at which its validation "
            f"accuracy reached each threshold ({pts(thresholds[0])}% to {pts(thresholds[-1])}%, a quarter point apart, "
            "the highest half a point below the best every depth reached). A range of thresholds and each trial's "
-           "whole curve, so no ratio hinges on one trial a few images from one threshold; one search per depth, so "
-           "this is descriptive.", "", md_table(shown), ""]
+           "whole curve, so no ratio hinges on one trial's last epoch a few images from one threshold (each cell is "
+           "still one trial's curve); one search per depth, so this is descriptive.", "", md_table(shown), ""]
     if SOURCE_DEPTH in table.index:
         parts = []
         for d in table.index:
@@ -230,18 +261,22 @@ def cross_dataset_section(out: Path, first: Analysis, second: Analysis) -> list[
         return []
     names = [first.name, second.name]
     caption = figures.cross_dataset_figure(out / "cross-dataset.png", inter, names, first.margin)
-    rows = [{"setting": x.setting, "contrast": f"depth {x.a} minus {x.b}", names[0]: signed(x.diff_first),
-             names[1]: signed(x.diff_second), "interaction": signed(x.diff), "interval (Holm level)": interval(*x.ci),
+    rows = [{"setting": x.setting, "contrast": f"depth {x.a} minus {x.b}", "n": x.n or "n/a",
+             "r": f"{x.corr:.2f}" if math.isfinite(x.corr) else "n/a", names[0]: signed(x.diff_first),
+             names[1]: signed(x.diff_second), "interaction": signed(x.diff),
+             "interval (Holm level)": (f"{interval(*x.ci)} at {100 * (1 - x.level):.2f}%"
+                                       if math.isfinite(x.level) else "n/a"),
              "Holm p": p_value(x.p_holm), "TOST Holm p": p_value(x.p_equivalence_holm),
              "outcome": x.outcome if x.reason is None else f"not computed ({x.reason})"} for x in inter]
     counts = {o: sum(x.outcome == o for x in inter) for o in ("differs", "carries over", "inconclusive",
                                                                "not computed")}
     return [f"## Does the answer carry over from {names[0]} to {names[1]}?", "",
-            f"For each primary contrast, the difference between datasets of (depth 4 minus its neighbour): Welch on "
-            f"the two datasets' per-seed differences (independent runs), one Holm family. *Differs* only when its "
-            f"interval excludes 0; *carries over* only when two one-sided tests put it inside ±{100 * first.margin:.2f} "
-            f"points; otherwise *inconclusive*. A contrast significant on one dataset and not on the other is not, by "
-            f"itself, a difference between datasets.", "",
+            f"For each primary contrast, the difference between datasets of (depth 4 minus its neighbour). Seed k "
+            f"starts from the same weights and sees the same batch order on both datasets, so the two datasets' "
+            f"per-seed differences are paired by seed (r below): paired t and TOST on the difference-in-differences, "
+            f"one Holm family. *Differs* only when its interval excludes 0; *carries over* only when two one-sided "
+            f"tests put it inside ±{100 * first.margin:.2f} points; otherwise *inconclusive*. A contrast significant "
+            f"on one dataset and not on the other is not, by itself, a difference between datasets.", "",
             "![cross-dataset](cross-dataset.png)", "", caption, "",
             md_table(pd.DataFrame(rows)), "",
             "Of " + str(len(inter)) + " contrasts: " + ", ".join(f"{o} {k}" for o, k in counts.items() if k) + ".", ""]
@@ -272,7 +307,9 @@ def caveats(config: dict) -> list[str]:
         "- tuning used the validation hold-out only; the test set was read only by retrained runs (and, in the "
         "recipe, where nothing is tuned, after every epoch)",
         "- cost is exact training FLOPs (forward and backward of the Linear layers, per sample, times samples seen); "
-        "seconds depend on the machine and its load and are shown only beside them", ""]
+        "seconds depend on the machine and its load and are shown only beside them",
+        "- every interval is over seeds on one fixed test set (10,000 images): it does not include the sampling "
+        "variation of the test set itself", ""]
 
 
 def environment(final: pd.DataFrame) -> list[str]:
@@ -357,7 +394,8 @@ def render(results: Path, out: Path | None = None, compare_with: Path | None = N
                 f"TPE, median pruner, validation hold-out); the best of each depth retrained with {t.get('seeds')} "
                 "seeds.", ""]
         caption = figures.tuned_figure(out / "tuned.png", tuned, trials)
-        doc += ["![tuned](tuned.png)", "", caption, ""] + section(an, tuned, "Each depth tuned")
+        doc += ["![tuned](tuned.png)", "", caption, ""] + tuned_origin(trials, config)
+        doc += section(an, tuned, "Each depth tuned")
         doc += cost_section(trials, epochs)
         curves = figures.curves_figure(out / "curves.png", trials, epochs)
         if curves:

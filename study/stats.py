@@ -14,7 +14,7 @@ import numpy as np
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestPower
-from statsmodels.stats.weightstats import ttost_ind, ttost_paired
+from statsmodels.stats.weightstats import ttost_paired
 
 ALPHA = 0.05  # family-wise error rate of each Holm family
 POWER = 0.80  # for the seeds needed to resolve an inconclusive contrast
@@ -88,42 +88,13 @@ def paired_interval(x: np.ndarray, y: np.ndarray, level: float) -> tuple[float, 
     return (float(ci.low), float(ci.high))
 
 
-@dataclass(frozen=True)
-class Unpaired:
-    """Difference of means a - b of two independent samples (Welch)."""
-
-    na: int
-    nb: int
-    mean: float
-    p: float  # Welch t, two-sided, H0: difference 0
-    p_equivalence: float  # TOST with unequal variances, H0: |difference| >= margin
-    se: float
-    df: float
-
-
-def welch(a: np.ndarray, b: np.ndarray, margin: float) -> Unpaired:
-    """Welch's t (scipy) and TOST with unequal variances (statsmodels) on mean(a) - mean(b)."""
-    if len(a) < 2 or len(b) < 2:
-        raise ValueError("each side needs 2 or more values")
-    if np.ptp(a) == 0 and np.ptp(b) == 0:
-        raise ValueError("no spread on either side to test against")
-    r = stats.ttest_ind(a, b, equal_var=False)
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    p_eq = float(ttost_ind(a, b, -margin, margin, usevar="unequal")[0])
-    return Unpaired(len(a), len(b), float(a.mean() - b.mean()), float(r.pvalue), p_eq, math.sqrt(va + vb),
-                    float(r.df))
-
-
-def welch_interval(a: np.ndarray, b: np.ndarray, level: float) -> tuple[float, float]:
-    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(1 - level)
-    return (float(ci.low), float(ci.high))
-
-
 def seeds_to_resolve(sd: float, margin: float, level: float, power: float = POWER) -> int:
-    """Paired seeds at which, with the observed spread of differences `sd`, a true difference of
-    +-margin is found at two-sided `level` with `power`, and a true difference of 0 is found
-    equivalent within +-margin (TOST at `level`) with `power`: the larger of the two (statsmodels'
-    t-test power; for TOST each one-sided test gets power (1 + power) / 2, a union bound)."""
+    """A planning number, not a promise: the paired seeds at which, if the spread of per-seed
+    differences is `sd` (as estimated from the seeds at hand), a true difference of +-margin would be
+    found at two-sided `level` with `power`, and a true difference of 0 would be shown equivalent
+    within +-margin (TOST at `level`) with `power`; the larger of the two (statsmodels' t-test power;
+    for TOST each one-sided test gets power (1 + power) / 2, a union bound). A true difference between
+    0 and the margin needs more seeds than either."""
     if not (sd > 0 and margin > 0):
         raise ValueError("needs a positive spread and margin")
     power_of = TTestPower()
