@@ -1,27 +1,42 @@
-# The two commands of the README. Each creates .venv on first use (torch is large: a few minutes).
+# The two commands of the README. Each creates .venv on first use (torch is large: a few minutes) and
+# installs exactly the versions in requirements.lock (regenerate it with `make lock`).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
+LOCK := requirements.lock
+DASHBOARD_PORT ?= 8080
+STORAGE ?= sqlite:///results/study.db
 
-.PHONY: study test reproduce throughput clean
+.PHONY: study test lint reproduce throughput lock dashboard clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --constraint $(LOCK) -e '.[dev,dashboard]'
 	touch $@
 
-study: $(VENV)/.installed  ## set up, then run the quick depth study into results/quick
+study: $(VENV)/.installed  ## set up, then run the quick depth study + report into results/quick
 	$(PY) -m study.depth --preset quick --out results/quick
 
-test: $(VENV)/.installed  ## set up, then run the whole test suite (benchmarks once, untimed)
+test: lint  ## set up, lint, then run the whole test suite (benchmarks once, untimed)
 	$(PY) -m pytest
+
+lint: $(VENV)/.installed  ## ruff: lint and formatting (what `make test` checks first)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 reproduce: $(VENV)/.installed  ## the source text's recipe across depths (the recipe experiment alone)
 	$(PY) -m study.depth --preset full --experiments recipe --out results/recipe
 
 throughput: $(VENV)/.installed  ## training-step throughput sweep into results/throughput.csv
 	$(PY) -m mnist_bench.throughput
+
+lock: $(VENV)/.installed  ## re-resolve the whole dependency tree into requirements.lock (Python 3.11, x86_64 Linux)
+	$(VENV)/bin/uv pip compile pyproject.toml --all-extras --constraint lock-constraints.txt \
+		--python-version 3.11 --python-platform x86_64-unknown-linux-gnu --annotation-style line -o $(LOCK)
+
+dashboard: $(VENV)/.installed  ## browse a study in optuna-dashboard (default: the committed MNIST study)
+	$(VENV)/bin/optuna-dashboard $(STORAGE) --host 127.0.0.1 --port $(DASHBOARD_PORT)
 
 clean:
 	rm -rf $(VENV)

@@ -5,6 +5,7 @@ Bad input ends with one line on stderr and a non-zero exit, never a traceback: 2
 This module imports nothing heavy: a command parses its arguments (and answers Ctrl-C) before
 PyTorch is loaded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,20 @@ from . import interrupt
 from .errors import UsageError, UserError
 from .paths import DATASETS, RESULTS_DIR
 
-__all__ = ["Parser", "positive_int", "bounded_int", "margin_points", "device_name", "file_name", "add_dataset", "add_common", "prepare_out", "starting",
-           "run", "RESULTS_DIR"]
+__all__ = [
+    "Parser",
+    "positive_int",
+    "bounded_int",
+    "margin_points",
+    "device_name",
+    "file_name",
+    "add_dataset",
+    "add_common",
+    "prepare_out",
+    "starting",
+    "run",
+    "RESULTS_DIR",
+]
 
 MAX_THREADS = 1024
 DEVICE_PATTERN = re.compile(r"(auto|cpu|cuda(:\d+)?)")
@@ -89,18 +102,27 @@ def device_name(text: str) -> str:
 
 
 def add_dataset(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", choices=DATASETS, default="mnist",
-                        help="mnist or fashion-mnist (same shapes; default: mnist)")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="folder with the dataset's four files, gzip or raw, flat or torchvision's "
-                             "MNIST/raw or FashionMNIST/raw (default: the pinned copy in data/<dataset>)")
+    parser.add_argument(
+        "--dataset", choices=DATASETS, default="mnist", help="mnist or fashion-mnist (same shapes; default: mnist)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder with the dataset's four files, gzip or raw, flat or torchvision's "
+        "MNIST/raw or FashionMNIST/raw (default: the pinned copy in data/<dataset>)",
+    )
 
 
 def add_common(parser: argparse.ArgumentParser, out_help: str) -> None:
     add_dataset(parser)
     parser.add_argument("--device", type=device_name, default="cpu", help="auto, cpu or cuda (default: cpu)")
-    parser.add_argument("--threads", type=bounded_int(1, MAX_THREADS, "threads per process"), default=1,
-                        help="CPU threads for PyTorch (default: 1; see README on OpenMP contention)")
+    parser.add_argument(
+        "--threads",
+        type=bounded_int(1, MAX_THREADS, "threads per process"),
+        default=1,
+        help="CPU threads for PyTorch (default: 1; see README on OpenMP contention)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"{out_help} (default: results/)")
 
 

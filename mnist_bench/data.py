@@ -8,6 +8,7 @@ missing or other-dataset file stops the program with one line before any trainin
 Batches are drawn by indexing a per-epoch permutation of the on-device tensor (airbench style):
 no per-sample PIL/``ToTensor`` work and no DataLoader in the hot path.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -78,8 +79,9 @@ def resolve_device(device: str = "auto") -> torch.device:
             raise DeviceError(f"device '{device}' requested but CUDA is not available here (use --device cpu)")
         index = int(device[5:]) if ":" in device else 0
         if index >= torch.cuda.device_count():
-            raise DeviceError(f"device '{device}' requested but this machine has {torch.cuda.device_count()} "
-                              "CUDA device(s)")
+            raise DeviceError(
+                f"device '{device}' requested but this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
         return torch.device(device)
     raise DeviceError(f"unknown device '{device}' (use auto, cpu or cuda)")
 
@@ -106,8 +108,10 @@ def read_verified(path: Path, name: str, dataset: str = "mnist") -> bytes:
     if digest != expected:
         other = next((d for d, pins in PINNED.items() if pins[name] == digest), None)
         if other is not None:
-            raise DataError(f"{path} is the {other} file, not {dataset}'s (sha256 {digest}); pass --dataset "
-                            f"{other} or point --data-dir at the {dataset} files")
+            raise DataError(
+                f"{path} is the {other} file, not {dataset}'s (sha256 {digest}); pass --dataset "
+                f"{other} or point --data-dir at the {dataset} files"
+            )
         raise DataError(f"{path}: sha256 {digest} does not match the pinned {expected}")
     return raw
 
@@ -138,8 +142,9 @@ def download(data_dir: Path, dataset: str = "mnist") -> None:
         ) from None
 
 
-def load_raw(data_dir: str | Path | None = None, allow_download: bool = True,
-             dataset: str = "mnist") -> dict[str, torch.Tensor]:
+def load_raw(
+    data_dir: str | Path | None = None, allow_download: bool = True, dataset: str = "mnist"
+) -> dict[str, torch.Tensor]:
     """The four verified uint8 tensors, keyed by file name. Every file is checked before any is parsed."""
     if dataset not in PINNED:
         raise UsageError(f"unknown dataset {dataset!r} (use {' or '.join(PINNED)})")
@@ -185,8 +190,10 @@ def load_mnist(
     train_idx, val_idx = split_indices(len(images), val_size, split_seed)
     if train_subset is not None:
         if not 0 < train_subset <= len(train_idx):
-            raise UsageError(f"training subset {train_subset} must be in 1..{len(train_idx)} (the training "
-                             f"images left after a {val_size}-image hold-out)")
+            raise UsageError(
+                f"training subset {train_subset} must be in 1..{len(train_idx)} (the training "
+                f"images left after a {val_size}-image hold-out)"
+            )
         train_idx = train_idx[:train_subset]
 
     def images_to(x: torch.Tensor) -> torch.Tensor:  # uint8 (n, 28, 28) -> float32 (n, 784), once

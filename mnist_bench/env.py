@@ -1,4 +1,5 @@
 """Provenance attached to every output row: versions, device, CPU/GPU name, threads, command."""
+
 from __future__ import annotations
 
 import platform

@@ -5,6 +5,7 @@ By default (`cli.run`) both raise KeyboardInterrupt at once: the command cleans 
 checks `STOP` after every step) uses `graceful()` instead: the first signal only sets `STOP`, the
 work stops at its next safe point, and a second signal interrupts at once.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,8 +42,7 @@ def install_default() -> None:
 
 
 @contextlib.contextmanager
-def graceful(signals: tuple[int, ...] = SIGNALS,
-             on_signal: Callable[[int, int], None] | None = None) -> Iterator[None]:
+def graceful(signals: tuple[int, ...] = SIGNALS, on_signal: Callable[[int, int], None] | None = None) -> Iterator[None]:
     """First signal: set STOP; a second one: KeyboardInterrupt at once. `on_signal(signum, count)`
     runs on every signal first (a parent forwards it to its workers); it may return True to keep
     waiting instead of raising on the second signal."""

@@ -3,6 +3,7 @@
 Depth = number of Linear (weight) layers: softmax regression is depth 1, the source text's
 784-256-128-64-10 MLP is depth 4 (242,762 parameters).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -1,5 +1,6 @@
 """Where the project's files live. Imports nothing heavy, so command lines can start (and handle
 Ctrl-C) before PyTorch is loaded."""
+
 from __future__ import annotations
 
 import os

@@ -12,30 +12,31 @@ same models in the same run, so every figure has a ratio beside it.
     python -m mnist_bench.throughput            # full sweep, a few minutes on 2 cores
     python -m mnist_bench.throughput --quick    # under two minutes on 2 cores
 """
+
 from __future__ import annotations
 
 from mnist_bench import cli
 
 cli.starting(__name__)
 
-import os  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import pandas as pd
+import torch
+from torch import nn
 
-from .interrupt import Interrupted  # noqa: E402
-from .data import FILES, MNIST, RAW_FOLDERS, find_file, load_mnist, read_verified, resolve_device  # noqa: E402
-from .paths import default_data_dir  # noqa: E402
-from .env import environment  # noqa: E402
-from .models import funnel_widths, mlp, train_flops  # noqa: E402
-from .train import sync, train_step  # noqa: E402
+from .data import FILES, MNIST, RAW_FOLDERS, find_file, load_mnist, read_verified, resolve_device
+from .env import environment
+from .interrupt import Interrupted
+from .models import funnel_widths, mlp, train_flops
+from .paths import default_data_dir
+from .train import sync, train_step
 
 DEPTHS = (1, 3, 4, 5)  # softmax and the funnel cut to depth
 BATCH_SIZES = (64, 256, 1024, 4096)
@@ -161,20 +162,45 @@ class SourceStep:
         return train_step(self.model, self.optimizer, x, y)
 
 
-def row(pipeline: str, depth: int, batch_size: int, device: torch.device, threads: int, seconds: float,
-        flops_per_sample: int, peak: float, variant: str = "foreach") -> dict:
+def row(
+    pipeline: str,
+    depth: int,
+    batch_size: int,
+    device: torch.device,
+    threads: int,
+    seconds: float,
+    flops_per_sample: int,
+    peak: float,
+    variant: str = "foreach",
+) -> dict:
     samples_per_s = batch_size / seconds
     gflops = flops_per_sample * samples_per_s / 1e9
     return {
-        "pipeline": pipeline, "variant": variant, "model": "softmax" if depth == 1 else f"mlp{depth}",
-        "depth": depth, "widths": "-".join(map(str, funnel_widths(depth))), "batch_size": batch_size,
-        "samples_per_s": samples_per_s, "ms_per_step": 1e3 * seconds, "train_flops_per_sample": flops_per_sample,
-        "gflops": gflops, "peak_gflops": peak, "fraction_of_peak": gflops / peak, **environment(device, threads),
+        "pipeline": pipeline,
+        "variant": variant,
+        "model": "softmax" if depth == 1 else f"mlp{depth}",
+        "depth": depth,
+        "widths": "-".join(map(str, funnel_widths(depth))),
+        "batch_size": batch_size,
+        "samples_per_s": samples_per_s,
+        "ms_per_step": 1e3 * seconds,
+        "train_flops_per_sample": flops_per_sample,
+        "gflops": gflops,
+        "peak_gflops": peak,
+        "fraction_of_peak": gflops / peak,
+        **environment(device, threads),
     }
 
 
-def sweep(devices: list[torch.device], thread_counts: list[int], timing: Timing, data_dir: Path | None,
-          variants: bool = True, log: Callable[[str], None] = print, dataset: str = "mnist") -> pd.DataFrame:
+def sweep(
+    devices: list[torch.device],
+    thread_counts: list[int],
+    timing: Timing,
+    data_dir: Path | None,
+    variants: bool = True,
+    log: Callable[[str], None] = print,
+    dataset: str = "mnist",
+) -> pd.DataFrame:
     """Every setting timed; the images' values do not matter to a step's time (both datasets have the
     same shapes), so `dataset` only says which pinned files feed it."""
     rows = []
@@ -193,16 +219,39 @@ def sweep(devices: list[torch.device], thread_counts: list[int], timing: Timing,
                         rows.append(row("harness", depth, batch, device, threads, seconds, step.flops_per_sample, peak))
                     source = SourceStep(depth, root, device, dataset_name=dataset)
                     seconds = median_seconds_per_call(source, device, timing)
-                    rows.append(row("source-dataloader", depth, SOURCE_BATCH, device, threads, seconds,
-                                    source.flops_per_sample, peak))
-                    log(f"  {rows[-1]['model']:8s} harness {rows[-len(BATCH_SIZES) - 1]['samples_per_s']:>10,.0f} "
-                        f"samples/s at batch 64 vs source {rows[-1]['samples_per_s']:>9,.0f}")
+                    rows.append(
+                        row(
+                            "source-dataloader",
+                            depth,
+                            SOURCE_BATCH,
+                            device,
+                            threads,
+                            seconds,
+                            source.flops_per_sample,
+                            peak,
+                        )
+                    )
+                    log(
+                        f"  {rows[-1]['model']:8s} harness {rows[-len(BATCH_SIZES) - 1]['samples_per_s']:>10,.0f} "
+                        f"samples/s at batch 64 vs source {rows[-1]['samples_per_s']:>9,.0f}"
+                    )
                 if variants:  # what the implementation choices are worth, at the overhead-bound point
                     for variant in ("for-loop", "fused"):
                         step = HarnessStep(4, SOURCE_BATCH, data, variant=variant)
                         seconds = median_seconds_per_call(step, device, timing)
-                        rows.append(row("harness", 4, SOURCE_BATCH, device, threads, seconds,
-                                        step.flops_per_sample, peak, variant=variant))
+                        rows.append(
+                            row(
+                                "harness",
+                                4,
+                                SOURCE_BATCH,
+                                device,
+                                threads,
+                                seconds,
+                                step.flops_per_sample,
+                                peak,
+                                variant=variant,
+                            )
+                        )
     return pd.DataFrame(rows)
 
 
@@ -214,25 +263,31 @@ def summary(df: pd.DataFrame) -> str:
         s = g[g.pipeline == "source-dataloader"].set_index("model")["samples_per_s"]
         ratio = (h / s).dropna()
         best = g[g.pipeline == "harness"].sort_values("fraction_of_peak").iloc[-1]
-        lines.append(f"{device}, {threads} thread(s): harness / source at batch 64: "
-                     + ", ".join(f"{m} {r:.1f}x" for m, r in ratio.items())
-                     + f"; best fraction of matmul peak {best.fraction_of_peak:.0%} "
-                       f"({best.model}, batch {best.batch_size}, {best.gflops:.1f} of {best.peak_gflops:.1f} GFLOP/s)")
+        lines.append(
+            f"{device}, {threads} thread(s): harness / source at batch 64: "
+            + ", ".join(f"{m} {r:.1f}x" for m, r in ratio.items())
+            + f"; best fraction of matmul peak {best.fraction_of_peak:.0%} "
+            f"({best.model}, batch {best.batch_size}, {best.gflops:.1f} of {best.peak_gflops:.1f} GFLOP/s)"
+        )
         large = g[(g.pipeline == "harness") & (g.batch_size >= 1024) & (g.depth > 1)]
         if not large.empty:
-            lines.append(f"  MLPs at batch >= 1024: {large.fraction_of_peak.min():.0%}-{large.fraction_of_peak.max():.0%} of peak")
+            low, high = large.fraction_of_peak.min(), large.fraction_of_peak.max()
+            lines.append(f"  MLPs at batch >= 1024: {low:.0%}-{high:.0%} of peak")
     v = df[(df.pipeline == "harness") & (df.depth == 4) & (df.batch_size == SOURCE_BATCH)]
     for (device, threads), g in v.groupby(["device", "threads"]):
         r = g.set_index("variant")["samples_per_s"]
         if "foreach" in r:
-            lines.append(f"{device}, {threads} thread(s), mlp4 batch 64 optimizer step: "
-                         + ", ".join(f"{k} {r[k] / r['foreach']:.2f}x" for k in r.index if k != "foreach")
-                         + " of foreach")
+            lines.append(
+                f"{device}, {threads} thread(s), mlp4 batch 64 optimizer step: "
+                + ", ".join(f"{k} {r[k] / r['foreach']:.2f}x" for k in r.index if k != "foreach")
+                + " of foreach"
+            )
     return "\n".join(lines)
 
 
-def profile(depth: int, batch_size: int, threads: int, data_dir: Path | None, steps: int = 300,
-            dataset: str = "mnist") -> str:
+def profile(
+    depth: int, batch_size: int, threads: int, data_dir: Path | None, steps: int = 300, dataset: str = "mnist"
+) -> str:
     """Where one CPU training step's time goes: torch.profiler's op table, and the matrix products' share."""
     torch.set_num_threads(threads)
     step = HarnessStep(depth, batch_size, load_mnist(data_dir, val_size=0, dataset=dataset))
@@ -244,9 +299,11 @@ def profile(depth: int, batch_size: int, threads: int, data_dir: Path | None, st
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm"))
-    return (events.table(sort_by="self_cpu_time_total", row_limit=12)
-            + f"\nmlp{depth}, batch {batch_size}, {threads} thread(s): {total / steps / 1e3:.3f} ms profiled per step, "
-              f"of which matrix products (aten::mm, aten::addmm) {matmul / steps / 1e3:.3f} ms = {matmul / total:.0%}")
+    return (
+        events.table(sort_by="self_cpu_time_total", row_limit=12)
+        + f"\nmlp{depth}, batch {batch_size}, {threads} thread(s): {total / steps / 1e3:.3f} ms profiled per step, "
+        f"of which matrix products (aten::mm, aten::addmm) {matmul / steps / 1e3:.3f} ms = {matmul / total:.0%}"
+    )
 
 
 def device_or_all(text: str) -> str:
@@ -257,14 +314,28 @@ def main(argv: list[str] | None = None) -> int:
     p = cli.Parser("python -m mnist_bench.throughput", __doc__)
     p.add_argument("--quick", action="store_true", help="shorter timings (whole run under two minutes on 2 cores)")
     cli.add_dataset(p)
-    p.add_argument("--device", type=device_or_all, default="all",
-                   help="all (CPU, plus CUDA where present), cpu or cuda (default: all)")
-    p.add_argument("--threads", type=cli.bounded_int(1, cli.MAX_THREADS, "threads per process"), nargs="+", default=None,
-                   help=f"CPU thread counts to sweep (default: 1 and all cores = {os.cpu_count()})")
+    p.add_argument(
+        "--device",
+        type=device_or_all,
+        default="all",
+        help="all (CPU, plus CUDA where present), cpu or cuda (default: all)",
+    )
+    p.add_argument(
+        "--threads",
+        type=cli.bounded_int(1, cli.MAX_THREADS, "threads per process"),
+        nargs="+",
+        default=None,
+        help=f"CPU thread counts to sweep (default: 1 and all cores = {os.cpu_count()})",
+    )
     p.add_argument("--out", type=Path, default=cli.RESULTS_DIR, help="folder for throughput.csv (default: results/)")
-    p.add_argument("--name", type=cli.file_name, default="throughput.csv", help="file name of the table (default: throughput.csv)")
-    p.add_argument("--profile", action="store_true",
-                   help="instead of the sweep, profile the depth-4 step at batch 64 on the CPU and print where time goes")
+    p.add_argument(
+        "--name", type=cli.file_name, default="throughput.csv", help="file name of the table (default: throughput.csv)"
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the sweep, profile the depth-4 step at batch 64 on the CPU and print where time goes",
+    )
     args = p.parse_args(argv)
     if args.profile:
         for threads in args.threads or [1]:
@@ -280,8 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         df = sweep(devices, threads, QUICK if args.quick else Timing(), args.data_dir, dataset=args.dataset)
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted: nothing written ({path} is written when the sweep ends); "
-                          "temporary files removed") from None
+        raise Interrupted(
+            f"interrupted: nothing written ({path} is written when the sweep ends); temporary files removed"
+        ) from None
     df.to_csv(path, index=False)
     print(summary(df))
     print(f"wrote {path}")

@@ -4,6 +4,7 @@ It never sees argparse or Optuna objects. A study reports and prunes through `on
 callable that receives each epoch's metrics and returns True to stop. Same config and threads on
 the CPU give bit-identical results (parameters are re-initialised from `seed` inside `train`).
 """
+
 from __future__ import annotations
 
 import math
@@ -180,9 +181,7 @@ def train(
         if result.diverged or not math.isfinite(train_loss):
             result.diverged = True
             break
-        val_loss, val_acc = (
-            evaluate(model, data.val_x, data.val_y, config.eval_batch_size) if has_val else (None, None)
-        )
+        val_loss, val_acc = evaluate(model, data.val_x, data.val_y, config.eval_batch_size) if has_val else (None, None)
         test_acc = evaluate(model, data.test_x, data.test_y, config.eval_batch_size)[1] if test_each_epoch else None
         metrics = EpochMetrics(epoch, train_loss, val_loss, val_acc, result.train_seconds, test_acc)
         result.epochs.append(metrics)

@@ -86,16 +86,17 @@ def groups_of(final: pd.DataFrame, depths=()) -> dict[int, Group]:
         loss = g["test_loss"] if "test_loss" in g else pd.Series(0.0, index=g.index)
         diverged = g["diverged"].fillna(False).astype(bool) if "diverged" in g else pd.Series(False, index=g.index)
         acc = pd.to_numeric(g["test_accuracy"], errors="coerce")
-        bad = pd.Series([failed_run(a, lo, dv) for a, lo, dv in zip(acc, loss, diverged)],
-                        index=g.index, dtype=bool)
+        bad = pd.Series([failed_run(a, lo, dv) for a, lo, dv in zip(acc, loss, diverged)], index=g.index, dtype=bool)
         ok = g[~bad]
         out[d] = Group(
-            depth=d, trained=pd.Series(ok["test_accuracy"].to_numpy(float), index=ok["seed"].astype(int).to_numpy()),
+            depth=d,
+            trained=pd.Series(ok["test_accuracy"].to_numpy(float), index=ok["seed"].astype(int).to_numpy()),
             failed={int(s): float(a) for s, a in zip(g[bad]["seed"], pd.to_numeric(g[bad]["test_accuracy"]))},
             n_params=int(g["n_params"].iloc[0]) if len(g) else 0,
             train_flops=float(g["train_flops"].mean()) if len(g) and "train_flops" in g else math.nan,
             train_seconds=float(g["train_seconds"].mean()) if len(g) and "train_seconds" in g else math.nan,
-            widths=str(g["widths"].fillna("").iloc[0]) if len(g) and "widths" in g else "")
+            widths=str(g["widths"].fillna("").iloc[0]) if len(g) and "widths" in g else "",
+        )
     return out
 
 
@@ -165,12 +166,27 @@ def contrast_family(pairs: list[tuple[str, Group, Group]], margin: float, alpha:
             outcome = "equivalent"
         else:
             outcome = "inconclusive"
-        out.append(Contrast(
-            setting, ga.depth, gb.depth, outcome, t.n, t.mean, t.sd, t.corr,
-            stats.paired_interval(x, y, levels[i]), levels[i], t.p, p_holm[i],
-            stats.paired_interval(x, y, min(2 * levels_eq[i], 1.0)), p_eq_holm[i], t.p_wilcoxon,
-            stats.seeds_to_resolve(t.sd, margin, strictest) if outcome == "inconclusive" else None,
-            None))
+        out.append(
+            Contrast(
+                setting,
+                ga.depth,
+                gb.depth,
+                outcome,
+                t.n,
+                t.mean,
+                t.sd,
+                t.corr,
+                stats.paired_interval(x, y, levels[i]),
+                levels[i],
+                t.p,
+                p_holm[i],
+                stats.paired_interval(x, y, min(2 * levels_eq[i], 1.0)),
+                p_eq_holm[i],
+                t.p_wilcoxon,
+                stats.seeds_to_resolve(t.sd, margin, strictest) if outcome == "inconclusive" else None,
+                None,
+            )
+        )
     return out
 
 
@@ -202,8 +218,11 @@ class Setting:
 def secondary_family(key: str, groups: dict[int, Group], exclude: list[tuple[int, int]], margin: float):
     """Every other pair of depths, deeper minus shallower (exploratory)."""
     skip = {frozenset(p) for p in exclude}
-    pairs = [(key, groups[b], groups[a]) for a, b in itertools.combinations(sorted(groups), 2)
-             if frozenset((a, b)) not in skip]
+    pairs = [
+        (key, groups[b], groups[a])
+        for a, b in itertools.combinations(sorted(groups), 2)
+        if frozenset((a, b)) not in skip
+    ]
     return contrast_family(pairs, margin)
 
 
@@ -212,8 +231,9 @@ def recipe_at_epoch(epochs: pd.DataFrame, final: pd.DataFrame, epoch: int) -> pd
     runs = epochs[(epochs["experiment"] == "recipe") & (epochs["run"] == "final") & (epochs["epoch"] == epoch)]
     rec = final[final["experiment"] == "recipe"]
     keep = [c for c in ("depth", "seed", "n_params", "widths", "train_flops", "param_epochs") if c in rec]
-    merged = runs[["depth", "seed", "test_accuracy", "train_seconds", "train_loss"]].merge(rec[keep],
-                                                                                         on=["depth", "seed"])
+    merged = runs[["depth", "seed", "test_accuracy", "train_seconds", "train_loss"]].merge(
+        rec[keep], on=["depth", "seed"]
+    )
     # Failed at this epoch: at or below twice chance, or a training loss that is no longer finite.
     merged = merged.rename(columns={"train_loss": "test_loss"})
     if "train_flops" in merged and "param_epochs" in merged:
@@ -232,13 +252,17 @@ def settings_of(epochs: pd.DataFrame, final: pd.DataFrame, config: dict) -> list
         last = int(r.get("epochs", 10))
         checks = sorted({int(ep) for _, ep, _ in r.get("claims", [])} - {last})
         out.append(Setting(f"recipe, {last} epochs", "recipe", groups_of(rec, depths), True))
-        out += [Setting(f"recipe, {ep} epochs", "recipe", groups_of(recipe_at_epoch(epochs, final, ep), depths),
-                        False) for ep in checks]
+        out += [
+            Setting(f"recipe, {ep} epochs", "recipe", groups_of(recipe_at_epoch(epochs, final, ep), depths), False)
+            for ep in checks
+        ]
     m = final[(final["experiment"] == "matched") & (final["depth"] > 1)]
     budgets = exps.get("matched", {}).get("budgets", []) or sorted(int(b) for b in m["budget"].dropna().unique())
     depths = [d for d in exps.get("matched", {}).get("depths", []) if d > 1]
-    out += [Setting(f"matched, {int(b):,} parameters", "matched", groups_of(m[m["budget"] == b], depths), True)
-            for b in budgets]
+    out += [
+        Setting(f"matched, {int(b):,} parameters", "matched", groups_of(m[m["budget"] == b], depths), True)
+        for b in budgets
+    ]
     tuned = final[final["experiment"] == "tuned"]
     if "tuned" in exps or len(tuned):
         out.append(Setting("tuned", "tuned", groups_of(tuned, exps.get("tuned", {}).get("depths", [])), True))
@@ -272,23 +296,29 @@ def analyse(epochs: pd.DataFrame, final: pd.DataFrame, config: dict, margin: flo
     settings = settings_of(epochs, final, config)
     pairs = [(s.key, s.groups[a], s.groups[b]) for s in settings for a, b in s.declared]
     primary = contrast_family(pairs, margin)
-    settings = [Setting(s.key, s.experiment, s.groups, s.primary,
-                        secondary_family(s.key, s.groups, s.declared, margin)) for s in settings]
+    settings = [
+        Setting(s.key, s.experiment, s.groups, s.primary, secondary_family(s.key, s.groups, s.declared, margin))
+        for s in settings
+    ]
     return Analysis(config.get("dataset", "mnist"), margin, settings, primary)
 
 
 def opening_sentence(an: Analysis) -> str:
     """The answer in one computed sentence (at most 40 words)."""
     if not an.primary:
-        return (f"On {an.name}, this study has no setting with depth 4 and a neighbour, so it does not answer "
-                "\"why four layers?\"; the sections below describe what it ran.")
+        return (
+            f"On {an.name}, this study has no setting with depth 4 and a neighbour, so it does not answer "
+            '"why four layers?"; the sections below describe what it ran.'
+        )
     counts = {o: sum(c.outcome == o for c in an.primary) for o in (*OUTCOMES, "not computed")}
     listed = ", ".join(f"{o} {k}" for o, k in counts.items() if k)
     wins, both = an.four_beats_both()
     settings = len({c.setting for c in an.primary})
-    return (f"On {an.name}, depth 4 against depths 3 and 5 in {settings} settings ({len(an.primary)} paired "
-            f"contrasts, Holm, margin ±{100 * an.margin:.2f} points): {listed}; it beats both neighbours in "
-            f"{wins} of {both} settings.")
+    return (
+        f"On {an.name}, depth 4 against depths 3 and 5 in {settings} settings ({len(an.primary)} paired "
+        f"contrasts, Holm, margin ±{100 * an.margin:.2f} points): {listed}; it beats both neighbours in "
+        f"{wins} of {both} settings."
+    )
 
 
 # --- across datasets -------------------------------------------------------------------------------
@@ -351,9 +381,24 @@ def interactions(first: Analysis, second: Analysis, alpha: float = ALPHA) -> lis
             out.append(Interaction(key, a, b, "not computed", reason=reasons[i]))
             continue
         outcome = "differs" if p_holm[i] <= alpha else "carries over" if p_eq_holm[i] <= alpha else "inconclusive"
-        out.append(Interaction(key, a, b, outcome, t.n, float(x.mean()), float(y.mean()), t.mean, t.corr,
-                               stats.paired_interval(x, y, levels[i]), levels[i], p_holm[i],
-                               stats.paired_interval(x, y, min(2 * levels_eq[i], 1.0)), p_eq_holm[i]))
+        out.append(
+            Interaction(
+                key,
+                a,
+                b,
+                outcome,
+                t.n,
+                float(x.mean()),
+                float(y.mean()),
+                t.mean,
+                t.corr,
+                stats.paired_interval(x, y, levels[i]),
+                levels[i],
+                p_holm[i],
+                stats.paired_interval(x, y, min(2 * levels_eq[i], 1.0)),
+                p_eq_holm[i],
+            )
+        )
     return out
 
 
@@ -381,7 +426,9 @@ def flops_to_reach(trials: pd.DataFrame, epochs: pd.DataFrame, thresholds: list[
         c = c.assign(flops=c["train_flops"] / c["epochs_run"] * c["epoch"])
         for th in thresholds:
             reach = c[c["val_accuracy"] >= th - 1e-12]
-            rows.append({"depth": int(depth), "threshold": th, "flops": reach["flops"].min() if len(reach) else math.nan})
+            rows.append(
+                {"depth": int(depth), "threshold": th, "flops": reach["flops"].min() if len(reach) else math.nan}
+            )
     return pd.DataFrame(rows, columns=["depth", "threshold", "flops"])
 
 
@@ -414,8 +461,12 @@ def edge_warnings(trials: pd.DataFrame, config: dict, caps_declared: dict) -> tu
             ranges, declared = {"lr": (exp.get("lr"), True)}, {}
         else:
             space = exp.get("space", {})
-            ranges = {"lr": (space.get("lr"), True), "width": (space.get("width"), True),
-                      "taper": (space.get("taper"), False), "epochs": ([1, space.get("max_epochs")], False)}
+            ranges = {
+                "lr": (space.get("lr"), True),
+                "width": (space.get("width"), True),
+                "taper": (space.get("taper"), False),
+                "epochs": ([1, space.get("max_epochs")], False),
+            }
             declared = caps_declared
         for name, (rng, log) in ranges.items():
             col = f"param_{name}"
@@ -424,12 +475,15 @@ def edge_warnings(trials: pd.DataFrame, config: dict, caps_declared: dict) -> tu
             lo, hi = (math.log(v) for v in rng) if log else rng
             frac = ((math.log(row[col]) if log else row[col]) - lo) / (hi - lo)
             if frac >= 1 - EDGE_FRACTION and name in declared:
-                caps.append(f"{where}, depth {row['depth']}: best {name} = {row[col]:.4g} is at or near its "
-                            f"{declared[name]}.")
+                caps.append(
+                    f"{where}, depth {row['depth']}: best {name} = {row[col]:.4g} is at or near its {declared[name]}."
+                )
             elif frac <= EDGE_FRACTION or frac >= 1 - EDGE_FRACTION:
                 side = "lower" if frac <= EDGE_FRACTION else "upper"
-                warnings.append(f"{where}, depth {row['depth']}: best {name} = {row[col]:.4g} sits on the {side} "
-                                f"edge of its range [{rng[0]}, {rng[1]}]; widen the range and rerun.")
+                warnings.append(
+                    f"{where}, depth {row['depth']}: best {name} = {row[col]:.4g} sits on the {side} "
+                    f"edge of its range [{rng[0]}, {rng[1]}]; widen the range and rerun."
+                )
     return warnings, caps
 
 
@@ -441,7 +495,8 @@ def state_counts(trials: pd.DataFrame) -> pd.DataFrame:
     if trials.empty:
         return pd.DataFrame(columns=[*keys, *TRIAL_STATES])
     counts = trials.assign(budget=trials["budget"].astype("string").fillna("")).pivot_table(
-        index=keys, columns="state", values="trial", aggfunc="count", fill_value=0)
+        index=keys, columns="state", values="trial", aggfunc="count", fill_value=0
+    )
     for s in TRIAL_STATES:
         if s not in counts:
             counts[s] = 0

@@ -7,6 +7,7 @@ Three experiments answer three versions of "why four layers?" (docs/method.md):
 - matched: depth at a matched parameter budget, learning rate tuned per (budget, depth) cell;
 - tuned:   each depth at its best, learning rate, widths and epochs tuned per depth.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,9 +42,11 @@ class SearchSpace:
     min_width: int = 8  # no hidden layer narrower than this
 
     # Upper limits that are caps of the design, declared in the report, not edges to widen.
-    CAPS = {"width": "cost cap: first hidden layer at most 1,024 units",
-            "taper": "shape cap: no layer wider than the one before (the source's funnel)",
-            "epochs": "cost cap: at most 10 epochs, the source text's longest run"}
+    CAPS = {
+        "width": "cost cap: first hidden layer at most 1,024 units",
+        "taper": "shape cap: no layer wider than the one before (the source's funnel)",
+        "epochs": "cost cap: at most 10 epochs, the source text's longest run",
+    }
 
 
 @dataclass(frozen=True)
@@ -180,10 +183,16 @@ class RunConfig:
 PRESETS = {
     # Small budgets on a 5k training subset: the tests' and the README's first command.
     "quick": StudyConfig(
-        name="quick", train_subset=5_000, val_size=5_000,
-        recipe=Recipe(seeds=3), matched=Matched(budgets=(60_000, SOURCE_PARAMS), epochs=3, lr_points=4, seeds=3),
+        name="quick",
+        train_subset=5_000,
+        val_size=5_000,
+        recipe=Recipe(seeds=3),
+        matched=Matched(budgets=(60_000, SOURCE_PARAMS), epochs=3, lr_points=4, seeds=3),
         tuned=Tuned(n_trials=8, seeds=3, space=SearchSpace(width=(16, 256), max_epochs=4)),
-        sampler_startup_trials=5, pruner_startup_trials=3, pruner_warmup_epochs=1),
+        sampler_startup_trials=5,
+        pruner_startup_trials=3,
+        pruner_warmup_epochs=1,
+    ),
     # The committed study, sized for under an hour on 2 CPU cores with --workers 2.
     "full": StudyConfig(),
 }

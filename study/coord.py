@@ -18,6 +18,7 @@ repeating or double-counting work. One protocol for tuning trials and final seed
 
 Every step is a method of `Ledger`, so tests script interleavings of in-process workers step by step.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,8 +63,9 @@ def sqlite_path(url: str) -> Path | None:
     return None if path in ("", ":memory:") else Path(path)
 
 
-def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
-                 must_exist: bool = False) -> optuna.storages.RDBStorage:
+def open_storage(
+    url: str, heartbeat_interval: int | None = None, grace_period: int | None = None, must_exist: bool = False
+) -> optuna.storages.RDBStorage:
     """Optuna's RDBStorage for `url`. `must_exist` refuses to create a new SQLite file (readers)."""
     path = sqlite_path(url)
     if must_exist and path is not None and not path.is_file():
@@ -73,9 +75,9 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         try:
             with warnings.catch_warnings():  # heartbeats: documented fault tolerance, still tagged experimental
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
-                                                  heartbeat_interval=heartbeat_interval,
-                                                  grace_period=grace_period)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval, grace_period=grace_period
+                )
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
             # Workers started at once on an empty database race to create Optuna's tables; the
             # loser sees "already exists" and simply opens what the winner made.
@@ -84,8 +86,9 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
             time.sleep(0.5 + random.random())
         except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors of every kind become one line
             if path is not None and (damage := sqlite_damage(path)):
-                raise StudyError(f"storage file {path} is damaged ({damage}); move it aside to start afresh, "
-                                 "or restore a copy") from None
+                raise StudyError(
+                    f"storage file {path} is damaged ({damage}); move it aside to start afresh, or restore a copy"
+                ) from None
             raise StudyError(f"cannot open storage {url!r}: {first_line(e)}") from None
     raise AssertionError("unreachable")
 
@@ -133,14 +136,17 @@ def guarded(fn: Callable, url: str):
     except Exception as e:
         path = sqlite_path(url)
         if path is not None and path.is_file() and (damage := sqlite_damage(path)):
-            raise StudyError(f"storage file {path} is damaged ({damage}); move it aside to start afresh, "
-                             "or restore a copy") from None
+            raise StudyError(
+                f"storage file {path} is damaged ({damage}); move it aside to start afresh, or restore a copy"
+            ) from None
         problem = storage_problem(url)
-        if problem is None and not isinstance(e, (sqlalchemy.exc.SQLAlchemyError,
-                                                  optuna.exceptions.StorageInternalError)):
+        if problem is None and not isinstance(
+            e, (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)
+        ):
             raise  # a genuine bug: keep the traceback
-        raise StudyError(f"lost the connection to the storage ({problem or first_line(e)}); "
-                         "run the same command again to continue") from None
+        raise StudyError(
+            f"lost the connection to the storage ({problem or first_line(e)}); run the same command again to continue"
+        ) from None
 
 
 # --- the sampler ---------------------------------------------------------------------------------
@@ -210,8 +216,14 @@ FIXED = -1  # source_trial of final runs of a cell with nothing to tune (the rec
 def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
     """The tuning trial that is retrained: highest validation accuracy among completed, non-diverged
     trials; ties go to the earliest. The one rule, used by the workers and by the tables."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
-            and not t.user_attrs.get("diverged") and not t.user_attrs.get(SURPLUS)]
+    done = [
+        t
+        for t in trials
+        if t.state == TrialState.COMPLETE
+        and t.value is not None
+        and not t.user_attrs.get("diverged")
+        and not t.user_attrs.get(SURPLUS)
+    ]
     return max(done, key=lambda t: (t.value, -t.number)) if done else None
 
 
@@ -229,8 +241,13 @@ class Claim:
 class Ledger:
     """One study's claims as every worker sees them in the storage (never a cached view)."""
 
-    def __init__(self, storage: optuna.storages.RDBStorage, study: optuna.Study, grace_seconds: float,
-                 clock: Callable[[], datetime.datetime] = datetime.datetime.now):
+    def __init__(
+        self,
+        storage: optuna.storages.RDBStorage,
+        study: optuna.Study,
+        grace_seconds: float,
+        clock: Callable[[], datetime.datetime] = datetime.datetime.now,
+    ):
         self.storage, self.study, self.grace, self.clock = storage, study, grace_seconds, clock
         self.study_id = storage.get_study_id_from_name(study.study_name)
 
@@ -257,20 +274,38 @@ class Ledger:
         return sum(1 for t in self.trials() if t.state == TrialState.COMPLETE and not t.user_attrs.get(SURPLUS))
 
     # Claiming.
-    def claim(self, key: str, attrs: Mapping | None = None, params: Mapping | None = None,
-              distributions: Mapping | None = None) -> Claim:
+    def claim(
+        self,
+        key: str,
+        attrs: Mapping | None = None,
+        params: Mapping | None = None,
+        distributions: Mapping | None = None,
+    ) -> Claim:
         """Create a trial claiming `key`, then settle the race."""
         return self.settle(self.create(key, attrs, params, distributions))
 
-    def create(self, key: str, attrs: Mapping | None = None, params: Mapping | None = None,
-               distributions: Mapping | None = None) -> int:
+    def create(
+        self,
+        key: str,
+        attrs: Mapping | None = None,
+        params: Mapping | None = None,
+        distributions: Mapping | None = None,
+    ) -> int:
         """Create a trial claiming `key`; the claim, `attrs` and fixed `params` (with their
         `distributions`) are written in the same transaction."""
-        template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None,
-                               datetime_start=datetime.datetime.now(), datetime_complete=None,
-                               params=dict(params or {}), distributions=dict(distributions or {}),
-                               user_attrs={"claim": key, **(attrs or {})}, system_attrs={},
-                               intermediate_values={}, trial_id=-1)
+        template = FrozenTrial(
+            number=-1,
+            state=TrialState.RUNNING,
+            value=None,
+            datetime_start=datetime.datetime.now(),
+            datetime_complete=None,
+            params=dict(params or {}),
+            distributions=dict(distributions or {}),
+            user_attrs={"claim": key, **(attrs or {})},
+            system_attrs={},
+            intermediate_values={},
+            trial_id=-1,
+        )
         return self.storage.create_new_trial(self.study_id, template_trial=template)
 
     def settle(self, trial_id: int, capacity: int = 1) -> Claim:
@@ -291,8 +326,9 @@ class Ledger:
             self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
 
     # Finishing.
-    def finish(self, trial_id: int, state: TrialState, value: float | None = None,
-               attrs: Mapping | None = None) -> bool:
+    def finish(
+        self, trial_id: int, state: TrialState, value: float | None = None, attrs: Mapping | None = None
+    ) -> bool:
         """Record a result. False when the trial was failed meanwhile as stale: the result is dropped."""
         try:
             for k, v in (attrs or {}).items():
@@ -321,8 +357,12 @@ class Ledger:
                         failed.append(self.storage.get_trial(trial_id).number)
         now = self.clock()
         for t in self.trials():
-            if (t.state == TrialState.RUNNING and not t.system_attrs.get(HEARTBEAT_SEEN)
-                    and t.datetime_start is not None and (now - t.datetime_start).total_seconds() > self.grace):
+            if (
+                t.state == TrialState.RUNNING
+                and not t.system_attrs.get(HEARTBEAT_SEEN)
+                and t.datetime_start is not None
+                and (now - t.datetime_start).total_seconds() > self.grace
+            ):
                 with contextlib.suppress(UpdateFinishedTrialError):
                     if self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
                         failed.append(t.number)

@@ -10,18 +10,19 @@ and several workers share the work.
     python -m study.depth --preset quick   # every experiment, small: under 2 minutes on 2 CPU cores
     python -m study.depth --preset full    # the committed study: two workers (time in README)
 """
+
 from __future__ import annotations
 
 from mnist_bench import cli
 
 cli.starting(__name__)
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
+import argparse
+import dataclasses
+import os
+import re
 
-from .config import DEFAULT_MARGIN, EXPERIMENTS, MAX_DEPTH, PRESETS, RunConfig, StudyConfig  # noqa: E402
+from .config import DEFAULT_MARGIN, EXPERIMENTS, MAX_DEPTH, PRESETS, RunConfig, StudyConfig
 
 MAX_HEARTBEAT = 3600  # seconds; beyond an hour a dead worker's slot would sit idle for hours
 MAX_TRIALS = 10_000  # per depth
@@ -30,9 +31,13 @@ MAX_WORKERS = 256  # processes on one machine
 
 
 depth_arg = cli.bounded_int(1, MAX_DEPTH, "Linear layers")
+
+
 def name_arg(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*", text) or "-depth" in text:
-        raise argparse.ArgumentTypeError(f"must be letters, digits, '_', '.' and single '-' (not '-depth'), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"must be letters, digits, '_', '.' and single '-' (not '-depth'), got {text!r}"
+        )
     return text
 
 
@@ -41,38 +46,91 @@ heartbeat_arg = cli.bounded_int(1, MAX_HEARTBEAT, "seconds; a dead worker's run 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = cli.Parser("python -m study.depth", __doc__)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
-                   help="study size (default: quick; full is the committed study)")
-    p.add_argument("--experiments", choices=EXPERIMENTS, nargs="+", default=None,
-                   help="which experiments to run (default: all three: recipe matched tuned)")
-    p.add_argument("--depths", type=depth_arg, nargs="+", default=None,
-                   help="distinct depths (Linear layers) for every selected experiment (default: recipe and "
-                        "matched 1-6, tuned 3-5)")
-    p.add_argument("--budgets", type=cli.bounded_int(8_000, 10_000_000, "parameters"), nargs="+", default=None,
-                   help="parameter budgets of the matched experiment (default: 60000 242762 1000000)")
-    p.add_argument("--n-trials", type=cli.bounded_int(1, MAX_TRIALS, "tuning trials per cell"), default=None,
-                   help="tuning trials per depth of the tuned experiment, in total over all runs and workers; may "
-                        "grow on a rerun (preset default; the matched experiment tunes on a fixed grid)")
-    p.add_argument("--seeds", type=cli.bounded_int(1, MAX_SEEDS, "retraining runs per cell"), default=None,
-                   help="final runs per cell, every experiment; may grow on a rerun (preset default)")
-    p.add_argument("--split-seed", type=cli.bounded_int(0, 2**31 - 1, "a seed"), default=None,
-                   help="seed of the validation hold-out (default: 0); part of the study's identity")
-    p.add_argument("--sampler-seed", type=cli.bounded_int(0, 2**31 - 1, "a seed"), default=None,
-                   help="seed of the TPE search path (default: 0); part of the study's identity")
-    p.add_argument("--storage", default=None,
-                   help="Optuna storage URL, e.g. postgresql://host/db (default: sqlite:///OUT/study.db)")
-    p.add_argument("--workers", type=cli.bounded_int(1, MAX_WORKERS, "processes on this machine"), default=None,
-                   help="worker processes on this machine, each with --threads threads "
-                        "(default: 1 for quick, CPU count for full)")
-    p.add_argument("--study-name", type=name_arg, default=None,
-                   help="prefix of the study names in the storage (default: the preset's name, plus -fashion-mnist, "
-                        "-split<N>, -sampler<N> where those differ from the defaults)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="quick",
+        help="study size (default: quick; full is the committed study)",
+    )
+    p.add_argument(
+        "--experiments",
+        choices=EXPERIMENTS,
+        nargs="+",
+        default=None,
+        help="which experiments to run (default: all three: recipe matched tuned)",
+    )
+    p.add_argument(
+        "--depths",
+        type=depth_arg,
+        nargs="+",
+        default=None,
+        help="distinct depths (Linear layers) for every selected experiment (default: recipe and "
+        "matched 1-6, tuned 3-5)",
+    )
+    p.add_argument(
+        "--budgets",
+        type=cli.bounded_int(8_000, 10_000_000, "parameters"),
+        nargs="+",
+        default=None,
+        help="parameter budgets of the matched experiment (default: 60000 242762 1000000)",
+    )
+    p.add_argument(
+        "--n-trials",
+        type=cli.bounded_int(1, MAX_TRIALS, "tuning trials per cell"),
+        default=None,
+        help="tuning trials per depth of the tuned experiment, in total over all runs and workers; may "
+        "grow on a rerun (preset default; the matched experiment tunes on a fixed grid)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=cli.bounded_int(1, MAX_SEEDS, "retraining runs per cell"),
+        default=None,
+        help="final runs per cell, every experiment; may grow on a rerun (preset default)",
+    )
+    p.add_argument(
+        "--split-seed",
+        type=cli.bounded_int(0, 2**31 - 1, "a seed"),
+        default=None,
+        help="seed of the validation hold-out (default: 0); part of the study's identity",
+    )
+    p.add_argument(
+        "--sampler-seed",
+        type=cli.bounded_int(0, 2**31 - 1, "a seed"),
+        default=None,
+        help="seed of the TPE search path (default: 0); part of the study's identity",
+    )
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage URL, e.g. postgresql://host/db (default: sqlite:///OUT/study.db)",
+    )
+    p.add_argument(
+        "--workers",
+        type=cli.bounded_int(1, MAX_WORKERS, "processes on this machine"),
+        default=None,
+        help="worker processes on this machine, each with --threads threads (default: 1 for quick, CPU count for full)",
+    )
+    p.add_argument(
+        "--study-name",
+        type=name_arg,
+        default=None,
+        help="prefix of the study names in the storage (default: the preset's name, plus -fashion-mnist, "
+        "-split<N>, -sampler<N> where those differ from the defaults)",
+    )
     p.add_argument("--train-subset", type=cli.positive_int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--heartbeat", type=heartbeat_arg, default=10,
-                   help="seconds between worker heartbeats; a silent trial is failed after 3x (default: 10)")
+    p.add_argument(
+        "--heartbeat",
+        type=heartbeat_arg,
+        default=10,
+        help="seconds between worker heartbeats; a silent trial is failed after 3x (default: 10)",
+    )
     p.add_argument("--no-report", action="store_true", help="write the tables but do not render the report")
-    p.add_argument("--margin", type=cli.margin_points, default=100 * DEFAULT_MARGIN,
-                   help=f"the report's equivalence margin in points of test accuracy (default: {100 * DEFAULT_MARGIN:g})")
+    p.add_argument(
+        "--margin",
+        type=cli.margin_points,
+        default=100 * DEFAULT_MARGIN,
+        help=f"the report's equivalence margin in points of test accuracy (default: {100 * DEFAULT_MARGIN:g})",
+    )
     cli.add_common(p, "folder for the tables, plots and report")
     args = p.parse_args(argv)
     for flag in ("experiments", "depths", "budgets"):
@@ -89,22 +147,41 @@ def configs_from_args(args: argparse.Namespace) -> tuple[StudyConfig, RunConfig]
     experiments = {}
     for exp in EXPERIMENTS:
         sub = getattr(cfg, exp)
-        changes = {"depths": tuple(args.depths) if args.depths else None, "seeds": args.seeds,
-                   "n_trials": args.n_trials if exp == "tuned" else None,
-                   "budgets": tuple(args.budgets) if args.budgets and exp == "matched" else None}
+        changes = {
+            "depths": tuple(args.depths) if args.depths else None,
+            "seeds": args.seeds,
+            "n_trials": args.n_trials if exp == "tuned" else None,
+            "budgets": tuple(args.budgets) if args.budgets and exp == "matched" else None,
+        }
         experiments[exp] = dataclasses.replace(sub, **{k: v for k, v in changes.items() if v is not None})
-    seeds = {k: v for k, v in {"split_seed": args.split_seed, "sampler_seed": args.sampler_seed}.items()
-             if v is not None}
-    name = args.study_name or (cfg.name + ("" if args.dataset == "mnist" else f"-{args.dataset}")
-                               + "".join(f"-{k.split('_')[0]}{v}" for k, v in seeds.items() if v))
-    overrides = {"experiments": tuple(args.experiments) if args.experiments else None, "dataset": args.dataset,
-                 "train_subset": args.train_subset, "name": name}
+    seeds = {
+        k: v for k, v in {"split_seed": args.split_seed, "sampler_seed": args.sampler_seed}.items() if v is not None
+    }
+    name = args.study_name or (
+        cfg.name
+        + ("" if args.dataset == "mnist" else f"-{args.dataset}")
+        + "".join(f"-{k.split('_')[0]}{v}" for k, v in seeds.items() if v)
+    )
+    overrides = {
+        "experiments": tuple(args.experiments) if args.experiments else None,
+        "dataset": args.dataset,
+        "train_subset": args.train_subset,
+        "name": name,
+    }
     cfg = dataclasses.replace(cfg, **experiments, **seeds, **{k: v for k, v in overrides.items() if v is not None})
     workers = args.workers or (1 if args.preset == "quick" else max(1, (os.cpu_count() or 1) // args.threads))
     storage = args.storage or f"sqlite:///{(args.out / 'study.db').resolve()}"
-    run = RunConfig(storage=storage, out=args.out, data_dir=args.data_dir, device=args.device,
-                    threads=args.threads, workers=workers, heartbeat_interval=args.heartbeat,
-                    grace_period=3 * args.heartbeat, render_report=not args.no_report)
+    run = RunConfig(
+        storage=storage,
+        out=args.out,
+        data_dir=args.data_dir,
+        device=args.device,
+        threads=args.threads,
+        workers=workers,
+        heartbeat_interval=args.heartbeat,
+        grace_period=3 * args.heartbeat,
+        render_report=not args.no_report,
+    )
     return cfg, run
 
 
@@ -115,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     import optuna
 
     from mnist_bench.data import resolve_device
+    from mnist_bench.interrupt import Interrupted
 
     from . import engine, tables
     from .coord import guarded, open_storage
-    from mnist_bench.interrupt import Interrupted
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our progress bars and tables report trials
     resolve_device(run.device)  # usage errors before anything is written
@@ -130,9 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         cells = cfg.cells()
         for cell in cells:
             engine.open_studies(storage, cfg, cell)  # refuse mismatched settings before any worker starts
-        print(f"study {cfg.name!r}: {', '.join(cfg.experiments)}: {len(cells)} cells, "
-              f"{sum(cfg.n_trials(c) for c in cells)} tuning trials and {sum(cfg.seeds(c) for c in cells)} final "
-              f"runs, {run.workers} worker(s) x {run.threads} thread(s), storage {run.storage}", flush=True)
+        print(
+            f"study {cfg.name!r}: {', '.join(cfg.experiments)}: {len(cells)} cells, "
+            f"{sum(cfg.n_trials(c) for c in cells)} tuning trials and {sum(cfg.seeds(c) for c in cells)} final "
+            f"runs, {run.workers} worker(s) x {run.threads} thread(s), storage {run.storage}",
+            flush=True,
+        )
         engine.run_workers(cfg, run, data if run.workers == 1 else None)
         # Every cell of this study in the storage, not only the ones selected now: a run of one
         # experiment never drops the others' rows from the tables.
@@ -141,8 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         written = guarded(study, run.storage)
     except KeyboardInterrupt:  # outside the workers' safe points: nothing was in flight
-        raise Interrupted(f"interrupted: runs in flight are recorded as failed, everything finished is in "
-                          f"{run.storage}; run the same command again to continue") from None
+        raise Interrupted(
+            f"interrupted: runs in flight are recorded as failed, everything finished is in "
+            f"{run.storage}; run the same command again to continue"
+        ) from None
     print(tables.summary(written["final"]))
     if run.render_report:
         from . import report

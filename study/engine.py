@@ -8,6 +8,7 @@ recipe cells tune nothing: their K runs are the source text's recipe itself, wit
 every epoch. Who runs which trial or seed is settled by `study.coord`; this module turns a trial
 into a training config (the trainer never sees Optuna) and records what came back.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,12 +31,24 @@ from mnist_bench.models import mlp
 from mnist_bench.train import EpochMetrics, TrainConfig, train
 
 from .config import EXPERIMENTS, Cell, RunConfig, StudyConfig, cell_widths, lr_grid, study_name
-from .coord import (FIXED, TUNE, Ledger, StudyError, TrialSeededSampler, best_trial, encode_curve, final_key,
-                    guarded, open_storage)
+from .coord import (
+    FIXED,
+    TUNE,
+    Ledger,
+    StudyError,
+    TrialSeededSampler,
+    best_trial,
+    encode_curve,
+    final_key,
+    guarded,
+    open_storage,
+)
 
 POLL_SECONDS = 2.0
-INTERRUPTED = ("interrupted: the run in flight is recorded as failed and its slot given back; "
-               "run the same command again to continue")
+INTERRUPTED = (
+    "interrupted: the run in flight is recorded as failed and its slot given back; "
+    "run the same command again to continue"
+)
 
 
 # --- a cell's hyperparameters ----------------------------------------------------------------------
@@ -74,8 +87,16 @@ def train_config(cfg: StudyConfig, cell: Cell, params: dict, seed: int, threads:
         r = cfg.recipe
         return TrainConfig(lr=r.lr, epochs=r.epochs, batch_size=64, momentum=r.momentum, seed=seed, threads=threads)
     epochs = cfg.matched.epochs if cell.experiment == "matched" else int(params["epochs"])
-    return TrainConfig(lr=params["lr"], epochs=epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer,
-                       momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=seed, threads=threads)
+    return TrainConfig(
+        lr=params["lr"],
+        epochs=epochs,
+        batch_size=cfg.batch_size,
+        optimizer=cfg.optimizer,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        seed=seed,
+        threads=threads,
+    )
 
 
 def load_data(cfg: StudyConfig, run: RunConfig) -> dict[str, MNIST]:
@@ -83,11 +104,18 @@ def load_data(cfg: StudyConfig, run: RunConfig) -> dict[str, MNIST]:
     for the tuned experiments, "full" (every training image, no hold-out) for the recipe."""
     data = {}
     if {"matched", "tuned"} & set(cfg.experiments):
-        data["split"] = load_mnist(run.data_dir, val_size=cfg.val_size, split_seed=cfg.split_seed,
-                                   device=run.device, train_subset=cfg.train_subset, dataset=cfg.dataset)
+        data["split"] = load_mnist(
+            run.data_dir,
+            val_size=cfg.val_size,
+            split_seed=cfg.split_seed,
+            device=run.device,
+            train_subset=cfg.train_subset,
+            dataset=cfg.dataset,
+        )
     if "recipe" in cfg.experiments:
-        data["full"] = load_mnist(run.data_dir, val_size=0, device=run.device, train_subset=cfg.train_subset,
-                                  dataset=cfg.dataset)
+        data["full"] = load_mnist(
+            run.data_dir, val_size=0, device=run.device, train_subset=cfg.train_subset, dataset=cfg.dataset
+        )
     return data
 
 
@@ -101,14 +129,24 @@ def data_of(data: dict[str, MNIST], cell: Cell) -> MNIST:
 def open_studies(storage, cfg: StudyConfig, cell: Cell) -> tuple[optuna.Study, optuna.Study]:
     """(tuning study, final-runs study) of `cell`, created if new, checked if resumed. A study
     remembers the largest budget it was given; asking for less is refused (its tables hold more)."""
-    sampler = TrialSeededSampler(cfg.sampler_seed, lambda seed: optuna.samplers.TPESampler(
-        seed=seed, n_startup_trials=cfg.sampler_startup_trials))
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
-                                         n_warmup_steps=cfg.pruner_warmup_epochs)
-    tune = optuna.create_study(storage=storage, study_name=study_name(cfg.name, cell), direction="maximize",
-                               sampler=sampler, pruner=pruner, load_if_exists=True)
-    final = optuna.create_study(storage=storage, study_name=study_name(cfg.name, cell, final=True),
-                                direction="maximize", load_if_exists=True)
+    sampler = TrialSeededSampler(
+        cfg.sampler_seed,
+        lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.sampler_startup_trials),
+    )
+    pruner = optuna.pruners.MedianPruner(
+        n_startup_trials=cfg.pruner_startup_trials, n_warmup_steps=cfg.pruner_warmup_epochs
+    )
+    tune = optuna.create_study(
+        storage=storage,
+        study_name=study_name(cfg.name, cell),
+        direction="maximize",
+        sampler=sampler,
+        pruner=pruner,
+        load_if_exists=True,
+    )
+    final = optuna.create_study(
+        storage=storage, study_name=study_name(cfg.name, cell, final=True), direction="maximize", load_if_exists=True
+    )
     identity = cfg.identity(cell)
     for study, budget_key, budget in ((tune, "n_trials", cfg.n_trials(cell)), (final, "seeds", cfg.seeds(cell))):
         attrs = study.user_attrs
@@ -119,14 +157,21 @@ def open_studies(storage, cfg: StudyConfig, cell: Cell) -> tuple[optuna.Study, o
             study.set_user_attr("config", identity)
         elif stored != identity:
             changed = sorted(k for k in identity if stored.get(k) != identity[k])
-            changed += sorted(k for k in identity.get("experiment", {})
-                              if stored.get("experiment", {}).get(k) != identity["experiment"][k])
-            raise StudyError(f"study {study.study_name!r} in this storage was made with other settings "
-                             f"({', '.join(changed)}); use another --storage, --out or --study-name")
+            changed += sorted(
+                k
+                for k in identity.get("experiment", {})
+                if stored.get("experiment", {}).get(k) != identity["experiment"][k]
+            )
+            raise StudyError(
+                f"study {study.study_name!r} in this storage was made with other settings "
+                f"({', '.join(changed)}); use another --storage, --out or --study-name"
+            )
         if budget < attrs.get(budget_key, 0):
             flag = "--n-trials" if budget_key == "n_trials" else "--seeds"
-            raise StudyError(f"study {study.study_name!r} already has a budget of {attrs[budget_key]} "
-                             f"({flag}); a budget cannot shrink: pass {flag} {attrs[budget_key]} or more")
+            raise StudyError(
+                f"study {study.study_name!r} already has a budget of {attrs[budget_key]} "
+                f"({flag}); a budget cannot shrink: pass {flag} {attrs[budget_key]} or more"
+            )
         if budget > attrs.get(budget_key, 0):
             study.set_user_attr(budget_key, budget)
     return tune, final
@@ -138,14 +183,23 @@ def open_studies(storage, cfg: StudyConfig, cell: Cell) -> tuple[optuna.Study, o
 class Worker:
     """Claims and runs tuning trials and final runs until every cell's budget is finished."""
 
-    def __init__(self, cfg: StudyConfig, run: RunConfig, data: dict[str, MNIST], storage, env: dict,
-                 progress: Callable[[], None] = lambda: None):
+    def __init__(
+        self,
+        cfg: StudyConfig,
+        run: RunConfig,
+        data: dict[str, MNIST],
+        storage,
+        env: dict,
+        progress: Callable[[], None] = lambda: None,
+    ):
         self.cfg, self.run, self.data, self.env, self.progress = cfg, run, data, env, progress
         self.cells = cfg.cells()
         self.settings = {e: dataclasses.asdict(getattr(cfg, e)) for e in EXPERIMENTS}  # for cell_widths
         self.studies = {c: open_studies(storage, cfg, c) for c in self.cells}
-        self.ledgers = {c: (Ledger(storage, t, run.grace_period), Ledger(storage, f, run.grace_period))
-                        for c, (t, f) in self.studies.items()}
+        self.ledgers = {
+            c: (Ledger(storage, t, run.grace_period), Ledger(storage, f, run.grace_period))
+            for c, (t, f) in self.studies.items()
+        }
 
     def tune_demand(self, cell: Cell) -> dict[str, int]:
         """Tuned cells: `n_trials` anonymous slots; matched cells: one keyed slot per grid point."""
@@ -160,8 +214,10 @@ class Worker:
         else:
             best = best_trial(self.ledgers[cell][0].trials())
             if best is None:
-                raise StudyError(f"{cell.key}: no completed, non-diverged tuning trial to retrain; "
-                                 "widen the search space or grow --n-trials")
+                raise StudyError(
+                    f"{cell.key}: no completed, non-diverged tuning trial to retrain; "
+                    "widen the search space or grow --n-trials"
+                )
             source = best.number
         seeds = {final_key(source, s): s for s in range(1, self.cfg.seeds(cell) + 1)}
         return {k: 1 for k in seeds}, seeds, source
@@ -209,8 +265,11 @@ class Worker:
                 claim = ledger.settle(trial._trial_id, capacity=self.cfg.n_trials(cell))
             else:  # a grid point, claimed with its learning rate in the creating transaction
                 lr = lr_grid(self.cfg.matched)[grid_index(key)]
-                claim = ledger.claim(key, params={"lr": lr}, distributions={"lr": optuna.distributions.FloatDistribution(
-                    *self.cfg.matched.lr, log=True)})
+                claim = ledger.claim(
+                    key,
+                    params={"lr": lr},
+                    distributions={"lr": optuna.distributions.FloatDistribution(*self.cfg.matched.lr, log=True)},
+                )
                 trial = optuna.Trial(study, claim.trial_id) if claim.won else None
         if not claim.won:
             return
@@ -231,15 +290,26 @@ class Worker:
                     return True
 
             widths = cell_widths(cell, params, self.settings[cell.experiment])
-            result = train(mlp(widths), data_of(self.data, cell), config, on_epoch=on_epoch, evaluate_test=False,
-                           should_stop=interrupt.STOP.is_set)
+            result = train(
+                mlp(widths),
+                data_of(self.data, cell),
+                config,
+                on_epoch=on_epoch,
+                evaluate_test=False,
+                should_stop=interrupt.STOP.is_set,
+            )
             if result.interrupted:
                 raise interrupt.Interrupted(INTERRUPTED)
             if lost:
                 return
-            attrs = {"curve": encode_curve(result.epochs), "train_seconds": result.train_seconds,
-                     "samples_seen": result.samples_seen, "samples_per_s": result.samples_per_s,
-                     "diverged": result.diverged, "env": self.env}
+            attrs = {
+                "curve": encode_curve(result.epochs),
+                "train_seconds": result.train_seconds,
+                "samples_seen": result.samples_seen,
+                "samples_per_s": result.samples_per_s,
+                "diverged": result.diverged,
+                "env": self.env,
+            }
             if result.diverged:  # worse than chance: the sampler learns to avoid it; tables say "diverged"
                 ledger.finish(claim.trial_id, TrialState.COMPLETE, 0.0, attrs)
             elif result.stopped:
@@ -249,23 +319,36 @@ class Worker:
 
     def final_one(self, cell: Cell, source: int, seed: int, key: str) -> None:
         ledger = self.ledgers[cell][1]
-        params = {} if source == FIXED else next(t for t in self.ledgers[cell][0].trials()
-                                                  if t.number == source).params
+        params = {} if source == FIXED else next(t for t in self.ledgers[cell][0].trials() if t.number == source).params
         claim = ledger.claim(key, {"source_trial": source, "seed": seed, "worker": self.env.get("worker")})
         if not claim.won:
             return
         with ledger.heartbeat(claim.trial_id, self.run.heartbeat_interval), holding(ledger, claim.trial_id):
             widths = cell_widths(cell, params, self.settings[cell.experiment])
             config = train_config(self.cfg, cell, params, seed, self.run.threads)
-            result = train(mlp(widths), data_of(self.data, cell), config, should_stop=interrupt.STOP.is_set,
-                           test_each_epoch=cell.experiment == "recipe")
+            result = train(
+                mlp(widths),
+                data_of(self.data, cell),
+                config,
+                should_stop=interrupt.STOP.is_set,
+                test_each_epoch=cell.experiment == "recipe",
+            )
             if result.interrupted:
                 raise interrupt.Interrupted(INTERRUPTED)
-            attrs = {**{f"param_{k}": v for k, v in params.items()}, "param_lr": config.lr,
-                     "param_epochs": config.epochs, "widths": list(widths), "curve": encode_curve(result.epochs),
-                     "test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
-                     "train_seconds": result.train_seconds, "samples_seen": result.samples_seen,
-                     "samples_per_s": result.samples_per_s, "diverged": result.diverged, "env": self.env}
+            attrs = {
+                **{f"param_{k}": v for k, v in params.items()},
+                "param_lr": config.lr,
+                "param_epochs": config.epochs,
+                "widths": list(widths),
+                "curve": encode_curve(result.epochs),
+                "test_accuracy": result.test_accuracy,
+                "test_loss": result.test_loss,
+                "train_seconds": result.train_seconds,
+                "samples_seen": result.samples_seen,
+                "samples_per_s": result.samples_per_s,
+                "diverged": result.diverged,
+                "env": self.env,
+            }
             value = result.test_accuracy if result.test_accuracy is not None else 0.0
             ledger.finish(claim.trial_id, TrialState.COMPLETE, value, attrs)
 
@@ -302,13 +385,18 @@ def work(cfg: StudyConfig, run: RunConfig, index: int = 0, data: dict[str, MNIST
     from tqdm import tqdm
 
     total = sum(cfg.n_trials(c) + cfg.seeds(c) for c in cfg.cells())
-    with tqdm(total=total, desc=f"worker {index}", position=index, leave=True, unit="run",
-              mininterval=1.0, disable=None) as bar:
+    with tqdm(
+        total=total, desc=f"worker {index}", position=index, leave=True, unit="run", mininterval=1.0, disable=None
+    ) as bar:
+
         def progress() -> None:
             if bar.disable:  # no terminal: do not query every cell's trials after every run for nothing
                 return
-            done = sum(min(tune.counts(worker.tune_demand(c))[0], cfg.n_trials(c))
-                       + min(final.counts_completed(), cfg.seeds(c)) for c, (tune, final) in worker.ledgers.items())
+            done = sum(
+                min(tune.counts(worker.tune_demand(c))[0], cfg.n_trials(c))
+                + min(final.counts_completed(), cfg.seeds(c))
+                for c, (tune, final) in worker.ledgers.items()
+            )
             bar.update(done - bar.n)
 
         worker = Worker(cfg, run, data, storage, env, progress)
@@ -340,8 +428,7 @@ def run_workers(cfg: StudyConfig, run: RunConfig, data: dict[str, MNIST] | None 
             work(cfg, run, data=data)
         return
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker_process, args=(cfg, run, i), name=f"worker-{i}")
-             for i in range(run.workers)]
+    procs = [ctx.Process(target=_worker_process, args=(cfg, run, i), name=f"worker-{i}") for i in range(run.workers)]
     started: list = []
 
     def forward(signum: int, count: int) -> bool:
@@ -372,7 +459,8 @@ def run_workers(cfg: StudyConfig, run: RunConfig, data: dict[str, MNIST] | None 
     if interrupt.STOP.is_set() or 130 in codes:
         raise interrupt.Interrupted(
             "interrupted: every worker stopped; runs in flight are recorded as failed (or, after a second "
-            "signal, failed by their heartbeat); run the same command again to continue")
+            "signal, failed by their heartbeat); run the same command again to continue"
+        )
     failed = [p.name for p in started if p.exitcode != 0]
     if failed:
         raise StudyError(f"{', '.join(failed)} exited with an error (see above); run the same command to resume")

@@ -16,8 +16,15 @@ import pandas as pd
 from .analysis import Analysis, Contrast, Interaction, Setting, pareto
 
 PALETTE = "colorblind"
-OUTCOME_COLOURS = {"better": 2, "worse": 3, "equivalent": 0, "inconclusive": 7, "not computed": 7,
-                   "differs": 3, "carries over": 0}
+OUTCOME_COLOURS = {
+    "better": 2,
+    "worse": 3,
+    "equivalent": 0,
+    "inconclusive": 7,
+    "not computed": 7,
+    "differs": 3,
+    "carries over": 0,
+}
 DATASET_MARKERS = ("o", "s")
 
 
@@ -60,14 +67,32 @@ def strip(ax, setting: Setting, colours, offset: float = 0.0, colour=None, label
             ax.scatter(d + offset + rng.uniform(-0.07, 0.07, len(acc)), acc, s=12, color=c, alpha=0.45, lw=0)
             lo, hi = g.ci
             if g.n > 1:
-                ax.errorbar([d + offset], [100 * g.mean], yerr=[[100 * (g.mean - lo)], [100 * (hi - g.mean)]],
-                            fmt="_", color=c, capsize=5, ms=14, mew=2, lw=1.5)
+                ax.errorbar(
+                    [d + offset],
+                    [100 * g.mean],
+                    yerr=[[100 * (g.mean - lo)], [100 * (hi - g.mean)]],
+                    fmt="_",
+                    color=c,
+                    capsize=5,
+                    ms=14,
+                    mew=2,
+                    lw=1.5,
+                )
         if g.failed:
             failed += len(g.failed)
-            ax.scatter(np.full(len(g.failed), d + offset), np.full(len(g.failed), floor), marker="v", s=60,
-                       color=c, edgecolor="k", zorder=5, clip_on=False)
-            ax.annotate(f"{len(g.failed)} failed", (d + offset, floor), xytext=(4, 6), textcoords="offset points",
-                        fontsize=7)
+            ax.scatter(
+                np.full(len(g.failed), d + offset),
+                np.full(len(g.failed), floor),
+                marker="v",
+                s=60,
+                color=c,
+                edgecolor="k",
+                zorder=5,
+                clip_on=False,
+            )
+            ax.annotate(
+                f"{len(g.failed)} failed", (d + offset, floor), xytext=(4, 6), textcoords="offset points", fontsize=7
+            )
     if label is not None:
         ax.scatter([], [], s=12, color=colour or "0.4", label=label)
     return failed
@@ -85,8 +110,15 @@ def accuracy_limits(settings: list[Setting]) -> tuple[float, float]:
 
 def failed_legend(ax, failed: int) -> None:
     if failed:
-        ax.scatter([], [], marker="v", s=60, color="0.6", edgecolor="k",
-                   label=f"failed run (<= 20% or diverged), drawn at the floor: {failed}")
+        ax.scatter(
+            [],
+            [],
+            marker="v",
+            s=60,
+            color="0.6",
+            edgecolor="k",
+            label=f"failed run (<= 20% or diverged), drawn at the floor: {failed}",
+        )
 
 
 def recipe_figure(path: Path, settings: list[Setting], claims: list) -> str:
@@ -100,16 +132,28 @@ def recipe_figure(path: Path, settings: list[Setting], claims: list) -> str:
         failed = strip(ax, s, colours, label="one seed (dot); mean and 95% interval (bar)")
         for depth, ep, claim in claims:
             if str(ep) == epoch:
-                ax.scatter([depth], [100 * claim], marker="*", s=220, color="gold", edgecolor="k", zorder=6,
-                           label=f"text's claim, depth {depth} ({100 * claim:.2f}%)", clip_on=False)
+                ax.scatter(
+                    [depth],
+                    [100 * claim],
+                    marker="*",
+                    s=220,
+                    color="gold",
+                    edgecolor="k",
+                    zorder=6,
+                    label=f"text's claim, depth {depth} ({100 * claim:.2f}%)",
+                    clip_on=False,
+                )
         failed_legend(ax, failed)
         _integer_depths(ax, s.groups)
         ax.set(ylabel="test accuracy (%)", title=f"The text's recipe, after {epoch} epochs")
         ax.legend(fontsize=7, loc="best")
     _save(plt, fig, path)
-    return ("The text's recipe (plain SGD, lr 0.03, batch 64, every training image) across depths, after "
-            + " and ".join(s.key.split(", ")[1] for s in settings) + " of the same runs: every seed a dot, the mean "
-            "of trained runs with its 95% interval" + ("; stars are the text's claims." if claims else "."))
+    return (
+        "The text's recipe (plain SGD, lr 0.03, batch 64, every training image) across depths, after "
+        + " and ".join(s.key.split(", ")[1] for s in settings)
+        + " of the same runs: every seed a dot, the mean "
+        "of trained runs with its 95% interval" + ("; stars are the text's claims." if claims else ".")
+    )
 
 
 def matched_figure(path: Path, settings: list[Setting], softmax: float | None) -> str:
@@ -127,9 +171,11 @@ def matched_figure(path: Path, settings: list[Setting], softmax: float | None) -
         ax.legend(fontsize=7, loc="upper right")
     _save(plt, fig, path)
     below = "" if softmax is None else f" Softmax regression ({100 * softmax:.2f}%) is drawn where it lies on the axis."
-    return ("Test accuracy against depth at each parameter budget (halving funnel scaled to the budget, learning "
-            "rate tuned per cell): every seed a dot, the mean of trained runs with its 95% interval, failed runs "
-            "as triangles at the floor." + below)
+    return (
+        "Test accuracy against depth at each parameter budget (halving funnel scaled to the budget, learning "
+        "rate tuned per cell): every seed a dot, the mean of trained runs with its 95% interval, failed runs "
+        "as triangles at the floor." + below
+    )
 
 
 def tuned_figure(path: Path, setting: Setting, trials: pd.DataFrame) -> str:
@@ -146,24 +192,36 @@ def tuned_figure(path: Path, setting: Setting, trials: pd.DataFrame) -> str:
         c = depth_colour(colours, int(d))
         right.scatter(g["train_flops"], 100 * g["val_accuracy"], s=14, alpha=0.4, color=c)
         front = pareto(g, "train_flops", "val_accuracy")
-        right.step(front["train_flops"], 100 * front["val_accuracy"], where="post", color=c,
-                   label=f"depth {d}: Pareto front")
+        right.step(
+            front["train_flops"], 100 * front["val_accuracy"], where="post", color=c, label=f"depth {d}: Pareto front"
+        )
     if not done.empty:
-        right.set(ylim=(max(100 * done["val_accuracy"].quantile(0.2) - 1, 0), min(100 * done["val_accuracy"].max()
-                                                                                    + 0.3, 100)))
-    right.set(xscale="log", xlabel="training FLOPs of the trial", ylabel="validation accuracy (%)",
-              title="Every completed tuning trial")
+        right.set(
+            ylim=(
+                max(100 * done["val_accuracy"].quantile(0.2) - 1, 0),
+                min(100 * done["val_accuracy"].max() + 0.3, 100),
+            )
+        )
+    right.set(
+        xscale="log",
+        xlabel="training FLOPs of the trial",
+        ylabel="validation accuracy (%)",
+        title="Every completed tuning trial",
+    )
     right.legend(fontsize=8, loc="lower right")
     _save(plt, fig, path)
-    return ("Left: the retrained configuration of each tuned depth, every seed a dot, the mean with its 95% "
-            "interval. Right: every completed tuning trial's validation accuracy against its exact training FLOPs, "
-            "with each depth's Pareto front.")
+    return (
+        "Left: the retrained configuration of each tuned depth, every seed a dot, the mean with its 95% "
+        "interval. Right: every completed tuning trial's validation accuracy against its exact training FLOPs, "
+        "with each depth's Pareto front."
+    )
 
 
 def curves_figure(path: Path, trials: pd.DataFrame, epochs: pd.DataFrame) -> str | None:
     best = trials[trials["retrained"].astype(bool) & (trials["experiment"] == "tuned")]
     curves = epochs[(epochs["run"] == "tuning") & (epochs["experiment"] == "tuned")].merge(
-        best[["depth", "trial"]], on=["depth", "trial"])
+        best[["depth", "trial"]], on=["depth", "trial"]
+    )
     if curves.empty:
         return None
     plt, colours = _plt()
@@ -173,8 +231,9 @@ def curves_figure(path: Path, trials: pd.DataFrame, epochs: pd.DataFrame) -> str
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     sns.lineplot(data=curves, x="epoch", y="val_accuracy", hue="depth", marker="o", ax=axes[0], palette=palette)
     axes[0].set(ylabel="validation accuracy", title="Tuned: retrained trial per depth")
-    long = curves.melt(id_vars=["depth", "epoch"], value_vars=["train_loss", "val_loss"], var_name="split",
-                       value_name="loss")
+    long = curves.melt(
+        id_vars=["depth", "epoch"], value_vars=["train_loss", "val_loss"], var_name="split", value_name="loss"
+    )
     sns.lineplot(data=long, x="epoch", y="loss", hue="depth", style="split", marker="o", ax=axes[1], palette=palette)
     axes[1].set(yscale="log", title="Train vs validation loss (gap = overfitting)")
     for ax in axes:
@@ -213,8 +272,14 @@ def answer_figure(path: Path, analyses: list[Analysis]) -> str:
             ax.plot([100 * c.ci[0], 100 * c.ci[1]], [y, y], color=col, lw=1.2)
             ax.plot([100 * c.ci_equivalence[0], 100 * c.ci_equivalence[1]], [y, y], color=col, lw=4, alpha=0.6)
             ax.scatter([100 * c.diff], [y], marker=DATASET_MARKERS[k % 2], color=col, edgecolor="k", zorder=5, s=40)
-            ax.annotate(f"{c.outcome} (n={c.n})", (100 * max(c.ci[1], c.ci_equivalence[1]), y), xytext=(5, 0),
-                        textcoords="offset points", fontsize=7, va="center")
+            ax.annotate(
+                f"{c.outcome} (n={c.n})",
+                (100 * max(c.ci[1], c.ci_equivalence[1]), y),
+                xytext=(5, 0),
+                textcoords="offset points",
+                fontsize=7,
+                va="center",
+            )
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"{s}: depth {a} minus {b}" for s, a, b in rows], fontsize=8)
     ax.invert_yaxis()
@@ -222,15 +287,19 @@ def answer_figure(path: Path, analyses: list[Analysis]) -> str:
         ax.scatter([], [], marker=DATASET_MARKERS[k % 2], color="0.6", edgecolor="k", label=an.name)
     for outcome in ("better", "worse", "equivalent", "inconclusive"):
         ax.plot([], [], color=colours[OUTCOME_COLOURS[outcome]], lw=3, label=outcome)
-    ax.set(xlabel="depth 4 minus its neighbour, test accuracy (points)",
-           title="Why four layers? Depth 4 against 3 and 5, paired by seed")
+    ax.set(
+        xlabel="depth 4 minus its neighbour, test accuracy (points)",
+        title="Why four layers? Depth 4 against 3 and 5, paired by seed",
+    )
     lo, hi = ax.get_xlim()
     ax.set_xlim(lo, hi + 0.25 * (hi - lo))  # room for the outcome words
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the rows, never on one
     _save(plt, fig, path)
-    return ("Every primary contrast: mean per-seed difference (marker), its interval at the Holm-consistent level "
-            "(thin line: excludes 0 exactly when the outcome is better or worse) and the two-one-sided-tests "
-            f"interval (thick line: inside the ±{margin:.2f}-point band exactly when the outcome is equivalent).")
+    return (
+        "Every primary contrast: mean per-seed difference (marker), its interval at the Holm-consistent level "
+        "(thin line: excludes 0 exactly when the outcome is better or worse) and the two-one-sided-tests "
+        f"interval (thick line: inside the ±{margin:.2f}-point band exactly when the outcome is equivalent)."
+    )
 
 
 def cross_dataset_figure(path: Path, inter: list[Interaction], names: list[str], margin: float) -> str:
@@ -247,8 +316,14 @@ def cross_dataset_figure(path: Path, inter: list[Interaction], names: list[str],
         ax.plot([100 * x.ci[0], 100 * x.ci[1]], [i, i], color=col, lw=1.2)
         ax.plot([100 * x.ci_equivalence[0], 100 * x.ci_equivalence[1]], [i, i], color=col, lw=4, alpha=0.6)
         ax.scatter([100 * x.diff], [i], color=col, edgecolor="k", zorder=5, s=40)
-        ax.annotate(x.outcome, (100 * max(x.ci[1], x.ci_equivalence[1]), i), xytext=(5, 0),
-                    textcoords="offset points", fontsize=7, va="center")
+        ax.annotate(
+            x.outcome,
+            (100 * max(x.ci[1], x.ci_equivalence[1]), i),
+            xytext=(5, 0),
+            textcoords="offset points",
+            fontsize=7,
+            va="center",
+        )
     ax.set_yticks(range(len(inter)))
     ax.set_yticklabels([f"{x.setting}: depth {x.a} minus {x.b}" for x in inter], fontsize=8)
     ax.invert_yaxis()
@@ -256,22 +331,38 @@ def cross_dataset_figure(path: Path, inter: list[Interaction], names: list[str],
         ax.plot([], [], color=colours[OUTCOME_COLOURS[outcome]], lw=3, label=outcome)
     lo, hi = ax.get_xlim()
     ax.set_xlim(lo, hi + 0.25 * (hi - lo))
-    ax.set(xlabel=f"({names[0]} minus {names[1]}) of the depth contrast (points)",
-           title="Does the depth effect carry over? The interaction, per primary contrast")
+    ax.set(
+        xlabel=f"({names[0]} minus {names[1]}) of the depth contrast (points)",
+        title="Does the depth effect carry over? The interaction, per primary contrast",
+    )
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the rows, never on one
     _save(plt, fig, path)
-    return (f"The depth contrast on {names[0]} minus the same contrast on {names[1]} (paired by seed): thin line the Holm-consistent interval (excludes 0 exactly when it differs), thick line "
-            "the two-one-sided-tests interval (inside the band exactly when it carries over).")
+    return (
+        f"The depth contrast on {names[0]} minus the same contrast on {names[1]} (paired by seed): thin line the "
+        "Holm-consistent interval (excludes 0 exactly when it differs), thick line "
+        "the two-one-sided-tests interval (inside the band exactly when it carries over)."
+    )
 
 
 def throughput_figure(path: Path, throughput: pd.DataFrame) -> str:
     plt, _ = _plt()
     import seaborn as sns
 
-    t = throughput.assign(setting=throughput["pipeline"] + ", " + throughput["device"] + ", "
-                          + throughput["threads"].astype(str) + " thr")
-    g = sns.relplot(data=t, x="batch_size", y="samples_per_s", hue="setting", col="model", kind="line", marker="o",
-                    height=3.4, aspect=1.0, col_wrap=4)
+    t = throughput.assign(
+        setting=throughput["pipeline"] + ", " + throughput["device"] + ", " + throughput["threads"].astype(str) + " thr"
+    )
+    g = sns.relplot(
+        data=t,
+        x="batch_size",
+        y="samples_per_s",
+        hue="setting",
+        col="model",
+        kind="line",
+        marker="o",
+        height=3.4,
+        aspect=1.0,
+        col_wrap=4,
+    )
     for ax in g.axes.flat:
         ax.set(xscale="log", yscale="log")
     g.set_axis_labels("batch size", "samples / s")
@@ -279,4 +370,3 @@ def throughput_figure(path: Path, throughput: pd.DataFrame) -> str:
     g.figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(g.figure)
     return "Training-step samples/s per model and batch size: harness vs source pipeline, per device and thread count."
-

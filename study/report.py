@@ -29,9 +29,23 @@ from mnist_bench.errors import UsageError, UserError
 from mnist_bench.interrupt import Interrupted
 
 from . import figures
-from .analysis import (DATASET_NAMES, SOURCE_DEPTH, UNRELIABLE_SHARE, Analysis,
-                       Contrast, Setting, analyse, groups_of, retrained_origin, cost_thresholds, edge_warnings, flops_to_reach,
-                       interactions, opening_sentence, state_counts)
+from .analysis import (
+    DATASET_NAMES,
+    SOURCE_DEPTH,
+    UNRELIABLE_SHARE,
+    Analysis,
+    Contrast,
+    Setting,
+    analyse,
+    cost_thresholds,
+    edge_warnings,
+    flops_to_reach,
+    groups_of,
+    interactions,
+    opening_sentence,
+    retrained_origin,
+    state_counts,
+)
 from .config import DEFAULT_MARGIN, FAILED_AT, SearchSpace
 from .stats import ALPHA, POWER, fisher
 
@@ -76,11 +90,21 @@ def md_table(df: pd.DataFrame) -> str:
 def group_table(s: Setting) -> str:
     rows = []
     for d, g in s.groups.items():
-        rows.append({"depth": d, "widths": g.widths or "-", "parameters": f"{g.n_params:,}", "runs": g.runs,
-                     "failed": len(g.failed), "trained n": g.n, "test acc mean": pts(g.mean), "std": pts(g.std),
-                     "95% CI": interval(*g.ci, signed_values=False),
-                     "GFLOP per run": f"{g.train_flops / 1e9:,.1f}" if math.isfinite(g.train_flops) else "n/a",
-                     "seconds per run": f"{g.train_seconds:.1f}" if math.isfinite(g.train_seconds) else "n/a"})
+        rows.append(
+            {
+                "depth": d,
+                "widths": g.widths or "-",
+                "parameters": f"{g.n_params:,}",
+                "runs": g.runs,
+                "failed": len(g.failed),
+                "trained n": g.n,
+                "test acc mean": pts(g.mean),
+                "std": pts(g.std),
+                "95% CI": interval(*g.ci, signed_values=False),
+                "GFLOP per run": f"{g.train_flops / 1e9:,.1f}" if math.isfinite(g.train_flops) else "n/a",
+                "seconds per run": f"{g.train_seconds:.1f}" if math.isfinite(g.train_seconds) else "n/a",
+            }
+        )
     return md_table(pd.DataFrame(rows))
 
 
@@ -100,12 +124,19 @@ def contrast_table(contrasts: list[Contrast], with_setting: bool) -> str:
     rows = []
     for c in contrasts:
         row = {"setting": c.setting} if with_setting else {}
-        row |= {"contrast": f"depth {c.a} minus {c.b}", "n": c.n or "n/a",
-                "r": f"{c.corr:.2f}" if math.isfinite(c.corr) else "n/a", "difference": signed(c.diff),
-                "interval (Holm level)": (f"{interval(*c.ci)} at {100 * (1 - c.level):.2f}%"
-                                          if math.isfinite(c.level) else "n/a"),
-                "Holm p": p_value(c.p_holm), "TOST Holm p": p_value(c.p_equivalence_holm),
-                "Wilcoxon p": p_value(c.p_wilcoxon), "outcome": outcome_words(c)}
+        row |= {
+            "contrast": f"depth {c.a} minus {c.b}",
+            "n": c.n or "n/a",
+            "r": f"{c.corr:.2f}" if math.isfinite(c.corr) else "n/a",
+            "difference": signed(c.diff),
+            "interval (Holm level)": (
+                f"{interval(*c.ci)} at {100 * (1 - c.level):.2f}%" if math.isfinite(c.level) else "n/a"
+            ),
+            "Holm p": p_value(c.p_holm),
+            "TOST Holm p": p_value(c.p_equivalence_holm),
+            "Wilcoxon p": p_value(c.p_wilcoxon),
+            "outcome": outcome_words(c),
+        }
         rows.append(row)
     return md_table(pd.DataFrame(rows))
 
@@ -118,16 +149,22 @@ def failure_notes(s: Setting) -> list[str]:
         if not g.failed:
             continue
         seeds = ", ".join(f"seed {k} ({pts(v)}%)" for k, v in sorted(g.failed.items()))
-        verdict = (f"depth {d} is unreliable to train here (at least {UNRELIABLE_SHARE:.0%} of its runs failed)"
-                   if g.unreliable else f"its statistics use the {g.n} trained runs")
+        verdict = (
+            f"depth {d} is unreliable to train here (at least {UNRELIABLE_SHARE:.0%} of its runs failed)"
+            if g.unreliable
+            else f"its statistics use the {g.n} trained runs"
+        )
         by_p: dict[str, list[str]] = {}
         for e, h in s.groups.items():
             if e != d and h.runs and len(h.failed) != len(g.failed):
                 by_p.setdefault(p_value(fisher(len(g.failed), g.runs, len(h.failed), h.runs)), []).append(
-                    f"{e} ({len(h.failed)} of {h.runs})")
+                    f"{e} ({len(h.failed)} of {h.runs})"
+                )
         rates = "; ".join(f"p = {p} against depth {', '.join(ds)}" for p, ds in by_p.items())
-        out.append(f"- Depth {d}: {len(g.failed)} of {g.runs} runs failed ({seeds}); {verdict}."
-                   + (f" Failure rate, Fisher's exact test (uncorrected): {rates}." if rates else ""))
+        out.append(
+            f"- Depth {d}: {len(g.failed)} of {g.runs} runs failed ({seeds}); {verdict}."
+            + (f" Failure rate, Fisher's exact test (uncorrected): {rates}." if rates else "")
+        )
     return out + [""] if out else []
 
 
@@ -136,11 +173,20 @@ def section(an: Analysis, s: Setting, title: str) -> list[str]:
     doc = [f"### {title}", "", group_table(s), ""]
     doc += failure_notes(s)
     if primary:
-        doc += ["Primary contrasts of this setting (from the family above):", "",
-                contrast_table(primary, with_setting=False), ""]
+        doc += [
+            "Primary contrasts of this setting (from the family above):",
+            "",
+            contrast_table(primary, with_setting=False),
+            "",
+        ]
     if s.secondary:
-        doc += ["Secondary contrasts (exploratory: every other pair, deeper minus shallower, their own Holm family "
-                "in this setting):", "", contrast_table(s.secondary, with_setting=False), ""]
+        doc += [
+            "Secondary contrasts (exploratory: every other pair, deeper minus shallower, their own Holm family "
+            "in this setting):",
+            "",
+            contrast_table(s.secondary, with_setting=False),
+            "",
+        ]
     return doc
 
 
@@ -154,31 +200,36 @@ def quick_banner(config: dict, out: Path) -> list[str]:
         return []
     committed = Path(os.path.relpath(cli.RESULTS_DIR.resolve() / "report.md", out.resolve())).as_posix()
     what = f"a {int(subset):,}-image training subset" if subset else "small budgets"
-    return [f"> **This is a quick check, not the answer.** The `{config.get('name')}` study ran every experiment on "
-            f"{what} with small budgets and few seeds, to show that every stage runs end to end; its numbers are "
-            f"not findings. The committed answer of the full study is [`results/report.md`]({committed}).", ""]
+    return [
+        f"> **This is a quick check, not the answer.** The `{config.get('name')}` study ran every experiment on "
+        f"{what} with small budgets and few seeds, to show that every stage runs end to end; its numbers are "
+        f"not findings. The committed answer of the full study is [`results/report.md`]({committed}).",
+        "",
+    ]
 
 
 def how_to_read(an: Analysis) -> str:
     m = 100 * an.margin
-    return (f"**How to read it.** Margin ±{m:.2f} points of test accuracy (`--margin`): the smallest difference "
-            f"that matters. Each contrast pairs the seeds both depths trained (seed k fixes initialisation and "
-            f"batch order for every depth: common random numbers) and takes the per-seed differences: paired t "
-            f"interval, n, and the correlation r of the two depths over seeds. The primary family holds depth 4 "
-            f"minus 3 and depth 4 minus 5 in each setting and is corrected with Holm; every other pair is "
-            f"exploratory, in its own Holm family per setting. *Better* or *worse*: the interval, drawn at the "
-            f"contrast's Holm-consistent level (the level shown), excludes 0. *Equivalent*: two one-sided tests "
-            f"(TOST), Holm-corrected as their own family, put the difference inside ±{m:.2f}. Each of the two "
-            f"families holds its error rate at {ALPHA}, so all claims of both kinds together at most "
-            f"{2 * ALPHA:.2f}; the intervals are not simultaneous. Otherwise *inconclusive*, with a planning "
-            f"number: the paired seeds that would give {POWER:.0%} power at the family's strictest level if the "
-            f"true difference were ±{m:.2f} (to find it) or 0 (to show equivalence), from the spread of the seeds "
-            f"at hand; a true difference in between needs more. The Wilcoxon signed-rank p is unadjusted, a check "
-            f"on the direction and on outliers (with 8 seeds its smallest possible p, 0.0078, cannot reach the "
-            f"Holm levels). A run ending at or below {pts(FAILED_AT)}% (twice chance) or with a loss that is not "
-            f"finite is *failed*: counted, compared with Fisher's exact test, and kept out of every mean and "
-            f"interval. Intervals cover seed-to-seed variation on one fixed test set of 10,000 images (0.01 points "
-            f"is one image); sampling of the test set itself is not in them.")
+    return (
+        f"**How to read it.** Margin ±{m:.2f} points of test accuracy (`--margin`): the smallest difference "
+        f"that matters. Each contrast pairs the seeds both depths trained (seed k fixes initialisation and "
+        f"batch order for every depth: common random numbers) and takes the per-seed differences: paired t "
+        f"interval, n, and the correlation r of the two depths over seeds. The primary family holds depth 4 "
+        f"minus 3 and depth 4 minus 5 in each setting and is corrected with Holm; every other pair is "
+        f"exploratory, in its own Holm family per setting. *Better* or *worse*: the interval, drawn at the "
+        f"contrast's Holm-consistent level (the level shown), excludes 0. *Equivalent*: two one-sided tests "
+        f"(TOST), Holm-corrected as their own family, put the difference inside ±{m:.2f}. Each of the two "
+        f"families holds its error rate at {ALPHA}, so all claims of both kinds together at most "
+        f"{2 * ALPHA:.2f}; the intervals are not simultaneous. Otherwise *inconclusive*, with a planning "
+        f"number: the paired seeds that would give {POWER:.0%} power at the family's strictest level if the "
+        f"true difference were ±{m:.2f} (to find it) or 0 (to show equivalence), from the spread of the seeds "
+        f"at hand; a true difference in between needs more. The Wilcoxon signed-rank p is unadjusted, a check "
+        f"on the direction and on outliers (with 8 seeds its smallest possible p, 0.0078, cannot reach the "
+        f"Holm levels). A run ending at or below {pts(FAILED_AT)}% (twice chance) or with a loss that is not "
+        f"finite is *failed*: counted, compared with Fisher's exact test, and kept out of every mean and "
+        f"interval. Intervals cover seed-to-seed variation on one fixed test set of 10,000 images (0.01 points "
+        f"is one image); sampling of the test set itself is not in them."
+    )
 
 
 def claims_table(an: Analysis, claims: list) -> list[str]:
@@ -189,14 +240,26 @@ def claims_table(an: Analysis, claims: list) -> list[str]:
         if g is None or not g.n:
             continue
         lo, hi = g.ci
-        rows.append({"claim": f"depth {depth}, {ep} epochs", "claimed": pts(claim), "measured mean": pts(g.mean),
-                     "95% CI": interval(lo, hi, signed_values=False), "trained n": g.n, "failed": len(g.failed),
-                     "reached": "yes" if g.mean >= claim else ("within CI" if hi >= claim else "no")})
+        rows.append(
+            {
+                "claim": f"depth {depth}, {ep} epochs",
+                "claimed": pts(claim),
+                "measured mean": pts(g.mean),
+                "95% CI": interval(lo, hi, signed_values=False),
+                "trained n": g.n,
+                "failed": len(g.failed),
+                "reached": "yes" if g.mean >= claim else ("within CI" if hi >= claim else "no"),
+            }
+        )
     if not rows:
         return []
     reached = sum(r["reached"] == "yes" for r in rows)
-    return [f"The text's claims against the same runs ({reached} of {len(rows)} reached):", "",
-            md_table(pd.DataFrame(rows)), ""]
+    return [
+        f"The text's claims against the same runs ({reached} of {len(rows)} reached):",
+        "",
+        md_table(pd.DataFrame(rows)),
+        "",
+    ]
 
 
 def tuned_origin(trials: pd.DataFrame, config: dict) -> list[str]:
@@ -208,16 +271,25 @@ def tuned_origin(trials: pd.DataFrame, config: dict) -> list[str]:
     startup = sorted(d for d, (_, s) in origin.items() if s)
     searched = sorted(d for d, (_, s) in origin.items() if not s)
     parts = [f"depth {d} trial {origin[d][0]}" for d in sorted(origin)]
-    text = (f"\"At its best\" means the best of one {config.get('experiments', {}).get('tuned', {}).get('n_trials')}-"
-            f"trial search per depth, along one search path (retrained: {', '.join(parts)}). ")
+    text = (
+        f'"At its best" means the best of one {config.get("experiments", {}).get("tuned", {}).get("n_trials")}-'
+        f"trial search per depth, along one search path (retrained: {', '.join(parts)}). "
+    )
     if startup:
-        text += (f"For depth{'s' if len(startup) > 1 else ''} {', '.join(map(str, startup))} it is one of the "
-                 f"{config.get('sampler_startup_trials')} random start-up trials, which are the same configurations in "
-                 "every depth's search; ")
-        text += (f"only depth {', '.join(map(str, searched))}'s came from the TPE search itself. " if searched else
-                 "none came from the TPE search itself. ")
-    text += ("The seed intervals below do not include the variation from the search; the retrained models differ in "
-             "width and parameters (see the table), so this setting compares searches, not depth alone.")
+        text += (
+            f"For depth{'s' if len(startup) > 1 else ''} {', '.join(map(str, startup))} it is one of the "
+            f"{config.get('sampler_startup_trials')} random start-up trials, which are the same configurations in "
+            "every depth's search; "
+        )
+        text += (
+            f"only depth {', '.join(map(str, searched))}'s came from the TPE search itself. "
+            if searched
+            else "none came from the TPE search itself. "
+        )
+    text += (
+        "The seed intervals below do not include the variation from the search; the retrained models differ in "
+        "width and parameters (see the table), so this setting compares searches, not depth alone."
+    )
     return [text, ""]
 
 
@@ -233,14 +305,19 @@ def cost_section(trials: pd.DataFrame, epochs: pd.DataFrame) -> list[str]:
     table = reach.pivot(index="depth", columns="threshold", values="flops")
     shown = pd.DataFrame({"depth": table.index})
     for th in table.columns:
-        shown[f"GFLOP to {pts(th)}%"] = [f"{v / 1e9:,.0f}" if math.isfinite(v) else "not reached"
-                                         for v in table[th]]
-    doc = ["#### Cost", "",
-           f"Fewest training FLOPs any tuning trial of each depth spent until the first epoch at which its validation "
-           f"accuracy reached each threshold ({pts(thresholds[0])}% to {pts(thresholds[-1])}%, a quarter point apart, "
-           "the highest half a point below the best every depth reached). A range of thresholds and each trial's "
-           "whole curve, so no ratio hinges on one trial's last epoch a few images from one threshold (each cell is "
-           "still one trial's curve); one search per depth, so this is descriptive.", "", md_table(shown), ""]
+        shown[f"GFLOP to {pts(th)}%"] = [f"{v / 1e9:,.0f}" if math.isfinite(v) else "not reached" for v in table[th]]
+    doc = [
+        "#### Cost",
+        "",
+        f"Fewest training FLOPs any tuning trial of each depth spent until the first epoch at which its validation "
+        f"accuracy reached each threshold ({pts(thresholds[0])}% to {pts(thresholds[-1])}%, a quarter point apart, "
+        "the highest half a point below the best every depth reached). A range of thresholds and each trial's "
+        "whole curve, so no ratio hinges on one trial's last epoch a few images from one threshold (each cell is "
+        "still one trial's curve); one search per depth, so this is descriptive.",
+        "",
+        md_table(shown),
+        "",
+    ]
     if SOURCE_DEPTH in table.index:
         parts = []
         for d in table.index:
@@ -248,8 +325,10 @@ def cost_section(trials: pd.DataFrame, epochs: pd.DataFrame) -> list[str]:
                 continue
             ratio = (table.loc[d] / table.loc[SOURCE_DEPTH]).dropna()
             if len(ratio):
-                parts.append(f"depth {d} needed {ratio.min():.2f}-{ratio.max():.2f}x depth 4's FLOPs "
-                             f"({len(ratio)} of {len(thresholds)} thresholds reached by both)")
+                parts.append(
+                    f"depth {d} needed {ratio.min():.2f}-{ratio.max():.2f}x depth 4's FLOPs "
+                    f"({len(ratio)} of {len(thresholds)} thresholds reached by both)"
+                )
         if parts:
             doc += ["Against depth 4: " + "; ".join(parts) + ".", ""]
     return doc
@@ -261,25 +340,46 @@ def cross_dataset_section(out: Path, first: Analysis, second: Analysis) -> list[
         return []
     names = [first.name, second.name]
     caption = figures.cross_dataset_figure(out / "cross-dataset.png", inter, names, first.margin)
-    rows = [{"setting": x.setting, "contrast": f"depth {x.a} minus {x.b}", "n": x.n or "n/a",
-             "r": f"{x.corr:.2f}" if math.isfinite(x.corr) else "n/a", names[0]: signed(x.diff_first),
-             names[1]: signed(x.diff_second), "interaction": signed(x.diff),
-             "interval (Holm level)": (f"{interval(*x.ci)} at {100 * (1 - x.level):.2f}%"
-                                       if math.isfinite(x.level) else "n/a"),
-             "Holm p": p_value(x.p_holm), "TOST Holm p": p_value(x.p_equivalence_holm),
-             "outcome": x.outcome if x.reason is None else f"not computed ({x.reason})"} for x in inter]
-    counts = {o: sum(x.outcome == o for x in inter) for o in ("differs", "carries over", "inconclusive",
-                                                               "not computed")}
-    return [f"## Does the answer carry over from {names[0]} to {names[1]}?", "",
-            f"For each primary contrast, the difference between datasets of (depth 4 minus its neighbour). Seed k "
-            f"starts from the same weights and sees the same batch order on both datasets, so the two datasets' "
-            f"per-seed differences are paired by seed (r below): paired t and TOST on the difference-in-differences, "
-            f"one Holm family. *Differs* only when its interval excludes 0; *carries over* only when two one-sided "
-            f"tests put it inside ±{100 * first.margin:.2f} points; otherwise *inconclusive*. A contrast significant "
-            f"on one dataset and not on the other is not, by itself, a difference between datasets.", "",
-            "![cross-dataset](cross-dataset.png)", "", caption, "",
-            md_table(pd.DataFrame(rows)), "",
-            "Of " + str(len(inter)) + " contrasts: " + ", ".join(f"{o} {k}" for o, k in counts.items() if k) + ".", ""]
+    rows = [
+        {
+            "setting": x.setting,
+            "contrast": f"depth {x.a} minus {x.b}",
+            "n": x.n or "n/a",
+            "r": f"{x.corr:.2f}" if math.isfinite(x.corr) else "n/a",
+            names[0]: signed(x.diff_first),
+            names[1]: signed(x.diff_second),
+            "interaction": signed(x.diff),
+            "interval (Holm level)": (
+                f"{interval(*x.ci)} at {100 * (1 - x.level):.2f}%" if math.isfinite(x.level) else "n/a"
+            ),
+            "Holm p": p_value(x.p_holm),
+            "TOST Holm p": p_value(x.p_equivalence_holm),
+            "outcome": x.outcome if x.reason is None else f"not computed ({x.reason})",
+        }
+        for x in inter
+    ]
+    counts = {
+        o: sum(x.outcome == o for x in inter) for o in ("differs", "carries over", "inconclusive", "not computed")
+    }
+    return [
+        f"## Does the answer carry over from {names[0]} to {names[1]}?",
+        "",
+        f"For each primary contrast, the difference between datasets of (depth 4 minus its neighbour). Seed k "
+        f"starts from the same weights and sees the same batch order on both datasets, so the two datasets' "
+        f"per-seed differences are paired by seed (r below): paired t and TOST on the difference-in-differences, "
+        f"one Holm family. *Differs* only when its interval excludes 0; *carries over* only when two one-sided "
+        f"tests put it inside ±{100 * first.margin:.2f} points; otherwise *inconclusive*. A contrast significant "
+        f"on one dataset and not on the other is not, by itself, a difference between datasets.",
+        "",
+        "![cross-dataset](cross-dataset.png)",
+        "",
+        caption,
+        "",
+        md_table(pd.DataFrame(rows)),
+        "",
+        "Of " + str(len(inter)) + " contrasts: " + ", ".join(f"{o} {k}" for o, k in counts.items() if k) + ".",
+        "",
+    ]
 
 
 def sanity_checks(trials: pd.DataFrame, config: dict) -> list[str]:
@@ -288,19 +388,38 @@ def sanity_checks(trials: pd.DataFrame, config: dict) -> list[str]:
     doc += [f"- WARNING: {w}" for w in warnings] or ["- No best value sits on the edge of its search range."]
     doc += [f"- Declared cap: {c}" for c in caps]
     if not trials.empty:
-        doc += ["", "Tuning trials per cell by state (failed: ran to the end at or below twice chance; diverged: "
-                "NaN/inf loss; pruned: stopped by the median pruner; interrupted: killed or stopped, then redone):",
-                "", md_table(state_counts(trials))]
+        doc += [
+            "",
+            "Tuning trials per cell by state (failed: ran to the end at or below twice chance; diverged: "
+            "NaN/inf loss; pruned: stopped by the median pruner; interrupted: killed or stopped, then redone):",
+            "",
+            md_table(state_counts(trials)),
+        ]
     superseded = config.get("superseded_final_runs", 0)
     return doc + ["", f"Final runs of superseded configurations left out of the tables: {superseded}.", ""]
 
 
 def caveats(config: dict) -> list[str]:
     doc = ["## Caveats: what was held fixed", ""]
-    fixed = {k: config.get(k) for k in ("batch_size", "optimizer", "momentum", "weight_decay", "val_size",
-                                         "train_subset", "split_seed", "tuning_seed", "sampler_seed")}
-    doc += [f"- {k}: {v}" + (" (matched and tuned; the recipe uses plain SGD)" if k == "momentum" else "")
-            for k, v in fixed.items() if k in config]
+    fixed = {
+        k: config.get(k)
+        for k in (
+            "batch_size",
+            "optimizer",
+            "momentum",
+            "weight_decay",
+            "val_size",
+            "train_subset",
+            "split_seed",
+            "tuning_seed",
+            "sampler_seed",
+        )
+    }
+    doc += [
+        f"- {k}: {v}" + (" (matched and tuned; the recipe uses plain SGD)" if k == "momentum" else "")
+        for k, v in fixed.items()
+        if k in config
+    ]
     return doc + [
         "- activation: ReLU; loss: cross-entropy; init: PyTorch default; constant learning rate; inputs scaled to "
         "[0, 1], no augmentation; the shape is the halving funnel (matched) or a tapered funnel (tuned)",
@@ -309,24 +428,35 @@ def caveats(config: dict) -> list[str]:
         "- cost is exact training FLOPs (forward and backward of the Linear layers, per sample, times samples seen); "
         "seconds depend on the machine and its load and are shown only beside them",
         "- every interval is over seeds on one fixed test set (10,000 images): it does not include the sampling "
-        "variation of the test set itself", ""]
+        "variation of the test set itself",
+        "",
+    ]
 
 
 def environment(final: pd.DataFrame) -> list[str]:
-    env_cols = [c for c in ("device", "device_name", "cpu", "gpu", "threads", "torch_version", "python_version")
-                if c in final]
+    env_cols = [
+        c for c in ("device", "device_name", "cpu", "gpu", "threads", "torch_version", "python_version") if c in final
+    ]
     env = final[env_cols].astype(object)
     commands = sorted(set(final["command"].dropna())) if "command" in final else []
-    return ["## Environment", "", md_table(env.where(env.notna(), "").drop_duplicates()), "",
-            "Generated by `python -m study.report` from the tables in this folder; study command: "
-            + ", ".join(f"`{c}`" for c in commands) + ".", ""]
+    return [
+        "## Environment",
+        "",
+        md_table(env.where(env.notna(), "").drop_duplicates()),
+        "",
+        "Generated by `python -m study.report` from the tables in this folder; study command: "
+        + ", ".join(f"`{c}`" for c in commands)
+        + ".",
+        "",
+    ]
 
 
 # --- the document ----------------------------------------------------------------------------------
 
 
-def render(results: Path, out: Path | None = None, compare_with: Path | None = None,
-           margin: float = DEFAULT_MARGIN) -> Path:
+def render(
+    results: Path, out: Path | None = None, compare_with: Path | None = None, margin: float = DEFAULT_MARGIN
+) -> Path:
     """Render report.md and the figures from the tables in `results` into `out` (default: the same
     folder); with `compare_with`, another dataset's results folder, add the cross-dataset section.
     `margin` is the equivalence margin as an accuracy fraction (0.002 = 0.2 points)."""
@@ -351,17 +481,24 @@ def render(results: Path, out: Path | None = None, compare_with: Path | None = N
     if an.primary:
         doc += ["## The primary contrasts", "", contrast_table(an.primary, with_setting=True), ""]
         wins, both = an.four_beats_both()
-        doc += [f"Four layers is better than both three and five in {wins} of the {both} settings that have both "
-                "contrasts. No depth is called best where the contrasts above do not separate it.", ""]
+        doc += [
+            f"Four layers is better than both three and five in {wins} of the {both} settings that have both "
+            "contrasts. No depth is called best where the contrasts above do not separate it.",
+            "",
+        ]
 
     recipe = [s for s in an.settings if s.experiment == "recipe"]
     if recipe:
         r = exps.get("recipe", {})
-        doc += ["## 1. The text's own recipe across depths", "",
-                f"Plain SGD, lr {r.get('lr', 0.03)}, batch 64, every training image, inputs in [0, 1], the text's "
-                f"funnel {'-'.join(map(str, r.get('funnel', [])))} cut to each depth, {r.get('epochs', 10)} epochs; "
-                "test accuracy after every epoch of the same runs (nothing is tuned, so reading the test set per epoch "
-                "selects nothing). The earlier epoch is a check of the text's claims, not a primary setting.", ""]
+        doc += [
+            "## 1. The text's own recipe across depths",
+            "",
+            f"Plain SGD, lr {r.get('lr', 0.03)}, batch 64, every training image, inputs in [0, 1], the text's "
+            f"funnel {'-'.join(map(str, r.get('funnel', [])))} cut to each depth, {r.get('epochs', 10)} epochs; "
+            "test accuracy after every epoch of the same runs (nothing is tuned, so reading the test set per epoch "
+            "selects nothing). The earlier epoch is a check of the text's claims, not a primary setting.",
+            "",
+        ]
         caption = figures.recipe_figure(out / "recipe.png", recipe, claims)
         doc += ["![recipe](recipe.png)", "", caption, ""] + claims_table(an, claims)
         for s in recipe:
@@ -369,30 +506,41 @@ def render(results: Path, out: Path | None = None, compare_with: Path | None = N
     matched = [s for s in an.settings if s.experiment == "matched"]
     if matched:
         m = exps.get("matched", {})
-        doc += ["## 2. Depth at a matched parameter budget", "",
-                f"Hidden widths halve layer to layer (the text's 256-128-64 shape), floored at {m.get('min_width', 8)} "
-                f"units, scaled so every model is within {100 * m.get('tolerance', 0.02):.0f}% of its budget; SGD with "
-                f"momentum {config.get('momentum')}, {m.get('epochs')} epochs; the learning rate is tuned per cell on "
-                f"the validation hold-out over the same {m.get('lr_points')}-point log grid {m.get('lr')}, then the "
-                f"best is retrained with {m.get('seeds')} seeds.", ""]
+        doc += [
+            "## 2. Depth at a matched parameter budget",
+            "",
+            f"Hidden widths halve layer to layer (the text's 256-128-64 shape), floored at {m.get('min_width', 8)} "
+            f"units, scaled so every model is within {100 * m.get('tolerance', 0.02):.0f}% of its budget; SGD with "
+            f"momentum {config.get('momentum')}, {m.get('epochs')} epochs; the learning rate is tuned per cell on "
+            f"the validation hold-out over the same {m.get('lr_points')}-point log grid {m.get('lr')}, then the "
+            f"best is retrained with {m.get('seeds')} seeds.",
+            "",
+        ]
         soft = analyse_softmax(final)
         caption = figures.matched_figure(out / "matched.png", matched, soft.mean if soft is not None else None)
         doc += ["![matched](matched.png)", "", caption, ""]
         if soft is not None:
-            doc += [f"Reference: softmax regression (7,850 parameters), learning rate tuned the same way: "
-                    f"{pts(soft.mean)}% (trained n={soft.n}, failed {len(soft.failed)}, 95% CI "
-                    f"{interval(*soft.ci, signed_values=False)}).", ""]
+            doc += [
+                f"Reference: softmax regression (7,850 parameters), learning rate tuned the same way: "
+                f"{pts(soft.mean)}% (trained n={soft.n}, failed {len(soft.failed)}, 95% CI "
+                f"{interval(*soft.ci, signed_values=False)}).",
+                "",
+            ]
         for s in matched:
             doc += section(an, s, s.key.split(", ")[1])
     tuned = an.setting("tuned")
     if tuned is not None:
         t = exps.get("tuned", {})
         space = t.get("space", {})
-        doc += ["## 3. Each depth at its best", "",
-                f"One search per depth over learning rate {space.get('lr')}, first width {space.get('width')}, taper "
-                f"{space.get('taper')} and epochs 1-{space.get('max_epochs')} ({t.get('n_trials')} trials, seeded "
-                f"TPE, median pruner, validation hold-out); the best of each depth retrained with {t.get('seeds')} "
-                "seeds.", ""]
+        doc += [
+            "## 3. Each depth at its best",
+            "",
+            f"One search per depth over learning rate {space.get('lr')}, first width {space.get('width')}, taper "
+            f"{space.get('taper')} and epochs 1-{space.get('max_epochs')} ({t.get('n_trials')} trials, seeded "
+            f"TPE, median pruner, validation hold-out); the best of each depth retrained with {t.get('seeds')} "
+            "seeds.",
+            "",
+        ]
         caption = figures.tuned_figure(out / "tuned.png", tuned, trials)
         doc += ["![tuned](tuned.png)", "", caption, ""] + tuned_origin(trials, config)
         doc += section(an, tuned, "Each depth tuned")
@@ -423,10 +571,30 @@ def analyse_softmax(final: pd.DataFrame):
 
 REQUIRED = {  # the columns the report reads
     "trials": ("experiment", "budget", "depth", "trial", "state", "retrained", "val_accuracy", "n_params"),
-    "epochs": ("experiment", "budget", "depth", "run", "trial", "seed", "epoch", "train_loss", "val_loss",
-               "val_accuracy", "test_accuracy"),
-    "final": ("experiment", "budget", "depth", "seed", "test_accuracy", "widths", "n_params", "train_flops",
-              "train_seconds"),
+    "epochs": (
+        "experiment",
+        "budget",
+        "depth",
+        "run",
+        "trial",
+        "seed",
+        "epoch",
+        "train_loss",
+        "val_loss",
+        "val_accuracy",
+        "test_accuracy",
+    ),
+    "final": (
+        "experiment",
+        "budget",
+        "depth",
+        "seed",
+        "test_accuracy",
+        "widths",
+        "n_params",
+        "train_flops",
+        "train_seconds",
+    ),
 }
 DTYPES = {"widths": "string", "command": "string", "budget": "Int64"}
 
@@ -437,21 +605,25 @@ def read_table(path: Path, required: tuple[str, ...] = ()) -> pd.DataFrame:
         head = pd.read_csv(path, nrows=0).columns
         df = pd.read_csv(path, dtype={k: v for k, v in DTYPES.items() if k in head})
     except pd.errors.EmptyDataError:
-        raise UserError(f"{path} is empty (0 bytes): regenerate it with python -m study.depth, or "
-                        "python -m study.report --storage URL") from None
+        raise UserError(
+            f"{path} is empty (0 bytes): regenerate it with python -m study.depth, or "
+            "python -m study.report --storage URL"
+        ) from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError, TypeError) as e:
-        raise UserError(f"{path} is not a readable table ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-                        ) from None
+        raise UserError(
+            f"{path} is not a readable table ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise UserError(f"{path} has no column {missing[0]!r}: not a table written by study.depth (or written by "
-                        "an older version; regenerate with python -m study.report --storage URL --out DIR)")
+        raise UserError(
+            f"{path} has no column {missing[0]!r}: not a table written by study.depth (or written by "
+            "an older version; regenerate with python -m study.report --storage URL --out DIR)"
+        )
     return df
 
 
 def read_optional(path: Path) -> pd.DataFrame | None:
     return read_table(path) if path.is_file() else None
-
 
 
 def load_results(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
@@ -470,26 +642,34 @@ def load_results(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
     return trials, epochs, final, config
 
 
-
 def main(argv: list[str] | None = None) -> int:
     p = cli.Parser("python -m study.report", __doc__)
     p.add_argument("--results", type=Path, default=None, help="folder with trials/epochs/final.csv (default: results/)")
     p.add_argument("--storage", default=None, help="Optuna storage URL to read the study from instead of CSVs")
     p.add_argument("--name", default=None, help="study name prefix in the storage (default: the only one)")
     p.add_argument("--out", type=Path, default=None, help="where to write report.md and plots (default: --results)")
-    p.add_argument("--compare", type=Path, default=None,
-                   help="results folder of the same study on another dataset: adds the cross-dataset section")
-    p.add_argument("--margin", type=cli.margin_points, default=100 * DEFAULT_MARGIN,
-                   help="equivalence margin in points of test accuracy: the smallest difference that matters "
-                        f"(default: {100 * DEFAULT_MARGIN:g})")
+    p.add_argument(
+        "--compare",
+        type=Path,
+        default=None,
+        help="results folder of the same study on another dataset: adds the cross-dataset section",
+    )
+    p.add_argument(
+        "--margin",
+        type=cli.margin_points,
+        default=100 * DEFAULT_MARGIN,
+        help="equivalence margin in points of test accuracy: the smallest difference that matters "
+        f"(default: {100 * DEFAULT_MARGIN:g})",
+    )
     args = p.parse_args(argv)
     margin = args.margin / 100
     try:
         if args.compare is not None and not args.compare.is_dir():
             raise UsageError(f"--compare {args.compare} is not a folder")
         if args.storage:
-            path = from_storage(args.storage, args.name, args.out or args.results or cli.RESULTS_DIR, args.compare,
-                                margin)
+            path = from_storage(
+                args.storage, args.name, args.out or args.results or cli.RESULTS_DIR, args.compare, margin
+            )
         else:
             results = args.results or cli.RESULTS_DIR
             if not results.is_dir():
@@ -502,8 +682,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def from_storage(url: str, name: str | None, out: Path, compare_with: Path | None = None,
-                 margin: float = DEFAULT_MARGIN) -> Path:
+def from_storage(
+    url: str, name: str | None, out: Path, compare_with: Path | None = None, margin: float = DEFAULT_MARGIN
+) -> Path:
     """Write the tables of study `name` (the only one when None) from the storage into `out`, then render."""
     from study import coord, tables
 

@@ -6,31 +6,32 @@ counted from the storage (first trial start to last trial end), so process start
 
     python -m study.scaleout         # 48 trials per setting, about 2 minutes; writes results/scaleout.csv
 """
+
 from __future__ import annotations
 
 from mnist_bench import cli
 
 cli.starting(__name__)
 
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from pathlib import Path  # noqa: E402
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
 
-import optuna  # noqa: E402
-import pandas as pd  # noqa: E402
-import sqlalchemy  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
+import optuna
+import pandas as pd
+import sqlalchemy
+from optuna.trial import TrialState
 
-from mnist_bench.env import environment  # noqa: E402
-from mnist_bench.errors import UserError  # noqa: E402
-from mnist_bench.interrupt import Interrupted  # noqa: E402
+from mnist_bench.env import environment
+from mnist_bench.errors import UserError
+from mnist_bench.interrupt import Interrupted
 
-from .config import MAX_DEPTH, Cell, study_name  # noqa: E402
-from .coord import first_line  # noqa: E402
+from .config import MAX_DEPTH, Cell, study_name
+from .coord import first_line
 
 ADMIN_URL = os.environ.get("MNIST_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -42,17 +43,35 @@ def run_setting(admin: sqlalchemy.Engine, workers: int, n_trials: int, depth: in
     url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "study.depth", "--preset", "quick", "--experiments", "tuned",
-                   "--depths", str(depth),
-                   "--n-trials", str(n_trials), "--seeds", "1", "--threads", "1", "--no-report",
-                   "--storage", url, *extra]
+            cmd = [
+                sys.executable,
+                "-m",
+                "study.depth",
+                "--preset",
+                "quick",
+                "--experiments",
+                "tuned",
+                "--depths",
+                str(depth),
+                "--n-trials",
+                str(n_trials),
+                "--seeds",
+                "1",
+                "--threads",
+                "1",
+                "--no-report",
+                "--storage",
+                url,
+                *extra,
+            ]
             start = time.perf_counter()
             procs: list[subprocess.Popen] = []
             try:
                 for i in range(workers):  # each worker's one-line error goes to a file: this command says one line
                     with open(f"{tmp}/w{i}.err", "w") as err:
-                        procs.append(subprocess.Popen([*cmd, "--out", f"{tmp}/w{i}"], stdout=subprocess.DEVNULL,
-                                                      stderr=err))
+                        procs.append(
+                            subprocess.Popen([*cmd, "--out", f"{tmp}/w{i}"], stdout=subprocess.DEVNULL, stderr=err)
+                        )
                 codes = [p.wait() for p in procs]
             finally:
                 stop(procs)
@@ -62,18 +81,27 @@ def run_setting(admin: sqlalchemy.Engine, workers: int, n_trials: int, depth: in
                     lines = Path(f"{tmp}/w{i}.err").read_text().strip().splitlines()
                     raise UserError(f"worker {i} exited with {code}: {lines[-1] if lines else 'no message'}")
         study = optuna.load_study(study_name=study_name("quick", Cell("tuned", depth)), storage=url)
-        trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-                  if not t.user_attrs.get("surplus")]
+        trials = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+            if not t.user_attrs.get("surplus")
+        ]
         first = min(t.datetime_start for t in trials)
         last = max(t.datetime_complete for t in trials)
         span = (last - first).total_seconds()
-        return {"workers": workers, "depth": depth, "n_trials": n_trials, "finished_trials": len(trials),
-                "pruned": sum(t.state == TrialState.PRUNED for t in trials), "tuning_seconds": span,
-                "trials_per_minute": 60 * len(trials) / span,
-                "trial_train_seconds": sum(t.user_attrs.get("train_seconds", 0.0) for t in trials),
-                "epochs_trained": sum(len(t.user_attrs.get("curve", [])) for t in trials),
-                "epochs_per_minute": 60 * sum(len(t.user_attrs.get("curve", [])) for t in trials) / span,
-                "command_seconds": wall}
+        return {
+            "workers": workers,
+            "depth": depth,
+            "n_trials": n_trials,
+            "finished_trials": len(trials),
+            "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+            "tuning_seconds": span,
+            "trials_per_minute": 60 * len(trials) / span,
+            "trial_train_seconds": sum(t.user_attrs.get("train_seconds", 0.0) for t in trials),
+            "epochs_trained": sum(len(t.user_attrs.get("curve", [])) for t in trials),
+            "epochs_per_minute": 60 * sum(len(t.user_attrs.get("curve", [])) for t in trials) / span,
+            "command_seconds": wall,
+        }
     finally:
         with admin.connect() as con:
             con.execute(sqlalchemy.text(f'drop database if exists "{name}" with (force)'))
@@ -94,10 +122,15 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.Parser("python -m study.scaleout", __doc__)
-    p.add_argument("--n-trials", type=cli.bounded_int(1, 10_000, "tuning trials per setting"), default=48,
-                   help="tuning budget per setting (default: 48)")
-    p.add_argument("--depth", type=cli.bounded_int(1, MAX_DEPTH, "Linear layers"), default=4,
-                   help="the depth tuned (default: 4)")
+    p.add_argument(
+        "--n-trials",
+        type=cli.bounded_int(1, 10_000, "tuning trials per setting"),
+        default=48,
+        help="tuning budget per setting (default: 48)",
+    )
+    p.add_argument(
+        "--depth", type=cli.bounded_int(1, MAX_DEPTH, "Linear layers"), default=4, help="the depth tuned (default: 4)"
+    )
     p.add_argument("--out", type=Path, default=cli.RESULTS_DIR, help="folder for scaleout.csv (default: results/)")
     args = p.parse_args(argv)
     path = cli.prepare_out(args.out, "scaleout.csv")
@@ -106,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         with admin.connect() as con:
             con.execute(sqlalchemy.text("select 1"))
     except Exception as e:  # noqa: BLE001 - a bad URL or an unreachable server: one line
-        raise UserError(f"PostgreSQL not reachable at {ADMIN_URL!r} ({first_line(e)}); "
-                        "set MNIST_BENCH_PG_URL") from None
+        raise UserError(
+            f"PostgreSQL not reachable at {ADMIN_URL!r} ({first_line(e)}); set MNIST_BENCH_PG_URL"
+        ) from None
     try:
         rows = [run_setting(admin, w, args.n_trials, args.depth, []) for w in (1, 2)]
     except KeyboardInterrupt:
@@ -117,8 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     work = df.epochs_per_minute.iloc[1] / df.epochs_per_minute.iloc[0]
     df["trials_per_minute_ratio_vs_1"] = df.trials_per_minute / df.trials_per_minute.iloc[0]
     df.to_csv(path, index=False)
-    print(df[["workers", "finished_trials", "pruned", "tuning_seconds", "trials_per_minute", "epochs_per_minute"]]
-          .to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print(
+        df[
+            ["workers", "finished_trials", "pruned", "tuning_seconds", "trials_per_minute", "epochs_per_minute"]
+        ].to_string(index=False, float_format=lambda v: f"{v:.2f}")
+    )
     print(f"two workers / one worker: {ratio:.2f}x trials per minute, {work:.2f}x epochs per minute")
     print(f"wrote {path}")
     return 0

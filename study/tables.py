@@ -7,6 +7,7 @@ epochs.csv      one row per run and epoch       (tuning trials and final runs; `
 final.csv       one row per cell and seed       (the cell's retrained configuration, test accuracy and loss)
 superseded.csv  completed final runs left out of final.csv, each with its reason
 """
+
 from __future__ import annotations
 
 import json
@@ -21,13 +22,17 @@ from mnist_bench.models import forward_flops, mlp, n_params, train_flops
 from .config import Cell, cell_widths, failed_run, parse_study_name, study_name
 from .coord import FIXED, SURPLUS, StudyError, best_trial, decode_curve
 
-ENV_COLUMNS = ("device", "device_name", "cpu", "gpu", "threads", "torch_version", "python_version",
-               "command", "worker")
+ENV_COLUMNS = ("device", "device_name", "cpu", "gpu", "threads", "torch_version", "python_version", "command", "worker")
 # A tuning trial is complete, failed (it ran to the end but learned nothing: at or below twice chance),
 # diverged (NaN/inf loss), pruned (stopped by the median pruner) or interrupted (killed or stopped and
 # redone); running and waiting ones are in flight.
-STATES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "interrupted",
-          TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
+STATES = {
+    TrialState.COMPLETE: "complete",
+    TrialState.PRUNED: "pruned",
+    TrialState.FAIL: "interrupted",
+    TrialState.RUNNING: "running",
+    TrialState.WAITING: "waiting",
+}
 
 
 def trial_state(t: optuna.trial.FrozenTrial) -> str:
@@ -41,9 +46,14 @@ def trial_state(t: optuna.trial.FrozenTrial) -> str:
 def _cost(widths, samples: int | None) -> dict:
     model = mlp([int(w) for w in widths])
     per_sample = train_flops(model)
-    return {"widths": "-".join(str(int(w)) for w in widths), "n_params": n_params(model),
-            "forward_flops": forward_flops(model), "train_flops_per_sample": per_sample,
-            "samples_seen": samples, "train_flops": per_sample * samples if samples is not None else None}
+    return {
+        "widths": "-".join(str(int(w)) for w in widths),
+        "n_params": n_params(model),
+        "forward_flops": forward_flops(model),
+        "train_flops_per_sample": per_sample,
+        "samples_seen": samples,
+        "train_flops": per_sample * samples if samples is not None else None,
+    }
 
 
 def _number(x) -> float:
@@ -59,8 +69,9 @@ def load(storage, name: str) -> optuna.Study:
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
-        raise StudyError(f"the storage has no study {name!r} (a study still being created, or another "
-                         "--name)") from None
+        raise StudyError(
+            f"the storage has no study {name!r} (a study still being created, or another --name)"
+        ) from None
 
 
 def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
@@ -76,10 +87,17 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
     tuning = tune.get_trials(deepcopy=False)
     best = best_trial(tuning)
     source = FIXED if cell.experiment == "recipe" else (best.number if best else None)
-    where = {"dataset": config.get("dataset", "mnist"), "experiment": cell.experiment, "budget": cell.budget,
-             "depth": cell.depth}
-    fixed = {"batch_size": config["batch_size"], "optimizer": config["optimizer"],
-             "momentum": config["experiment"].get("momentum", config["momentum"])}
+    where = {
+        "dataset": config.get("dataset", "mnist"),
+        "experiment": cell.experiment,
+        "budget": cell.budget,
+        "depth": cell.depth,
+    }
+    fixed = {
+        "batch_size": config["batch_size"],
+        "optimizer": config["optimizer"],
+        "momentum": config["experiment"].get("momentum", config["momentum"]),
+    }
     trials, epochs, finals, superseded = [], [], [], []
     for t in tuning:
         if t.user_attrs.get(SURPLUS):
@@ -87,19 +105,31 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
         state = trial_state(t)
         curve = decode_curve(t.user_attrs.get("curve"))
         vals = [c["val_accuracy"] for c in curve]
-        trials.append({
-            "study": tune.study_name, **where, "trial": t.number, "state": state,
-            "retrained": best is not None and t.number == best.number,
-            **{f"param_{k}": v for k, v in t.params.items()},
-            "val_accuracy": t.value if t.state == TrialState.COMPLETE else (vals[-1] if vals else None),
-            "best_epoch_val_accuracy": max(vals) if vals else None, "epochs_run": len(curve),
-            **(_cost(cell_widths(cell, t.params, config["experiment"]), t.user_attrs.get("samples_seen"))
-               if t.params else {}),
-            "train_seconds": t.user_attrs.get("train_seconds"), "samples_per_s": t.user_attrs.get("samples_per_s"),
-            **fixed, **_env(t),
-        })
-        epochs += [{"study": tune.study_name, **where, "run": "tuning", "trial": t.number, "seed": None, **c}
-                   for c in curve]
+        trials.append(
+            {
+                "study": tune.study_name,
+                **where,
+                "trial": t.number,
+                "state": state,
+                "retrained": best is not None and t.number == best.number,
+                **{f"param_{k}": v for k, v in t.params.items()},
+                "val_accuracy": t.value if t.state == TrialState.COMPLETE else (vals[-1] if vals else None),
+                "best_epoch_val_accuracy": max(vals) if vals else None,
+                "epochs_run": len(curve),
+                **(
+                    _cost(cell_widths(cell, t.params, config["experiment"]), t.user_attrs.get("samples_seen"))
+                    if t.params
+                    else {}
+                ),
+                "train_seconds": t.user_attrs.get("train_seconds"),
+                "samples_per_s": t.user_attrs.get("samples_per_s"),
+                **fixed,
+                **_env(t),
+            }
+        )
+        epochs += [
+            {"study": tune.study_name, **where, "run": "tuning", "trial": t.number, "seed": None, **c} for c in curve
+        ]
     seen: dict[int, int] = {}
     runs = final.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     for t in sorted(runs, key=lambda t: t.number):
@@ -108,13 +138,22 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
         a = t.user_attrs
         curve = decode_curve(a.get("curve"))
         row = {
-            "study": final.study_name, **where, "seed": a["seed"], "source_trial": a["source_trial"],
-            "run_trial": t.number, **{k: v for k, v in a.items() if k.startswith("param_")},
-            **_cost(a["widths"], a.get("samples_seen")), **fixed,
-            "test_accuracy": a["test_accuracy"], "test_loss": a["test_loss"], "diverged": a["diverged"],
+            "study": final.study_name,
+            **where,
+            "seed": a["seed"],
+            "source_trial": a["source_trial"],
+            "run_trial": t.number,
+            **{k: v for k, v in a.items() if k.startswith("param_")},
+            **_cost(a["widths"], a.get("samples_seen")),
+            **fixed,
+            "test_accuracy": a["test_accuracy"],
+            "test_loss": a["test_loss"],
+            "diverged": a["diverged"],
             "failed": failed_run(_number(a["test_accuracy"]), _number(a["test_loss"]), a["diverged"]),
-            "train_seconds": a["train_seconds"], "samples_per_s": a["samples_per_s"],
-            "curve": json.dumps(curve), **_env(t),
+            "train_seconds": a["train_seconds"],
+            "samples_per_s": a["samples_per_s"],
+            "curve": json.dumps(curve),
+            **_env(t),
         }
         if a["source_trial"] != source:
             superseded.append({**row, "reason": f"source trial {a['source_trial']} is no longer the best"})
@@ -123,21 +162,66 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
         else:
             seen[a["seed"]] = t.number
             finals.append(row)
-            epochs += [{"study": final.study_name, **where, "run": "final", "trial": t.number, "seed": a["seed"], **c}
-                       for c in curve]
-    return {"trials": pd.DataFrame(trials), "epochs": pd.DataFrame(epochs), "final": pd.DataFrame(finals),
-            "superseded": pd.DataFrame(superseded)}
+            epochs += [
+                {"study": final.study_name, **where, "run": "final", "trial": t.number, "seed": a["seed"], **c}
+                for c in curve
+            ]
+    return {
+        "trials": pd.DataFrame(trials),
+        "epochs": pd.DataFrame(epochs),
+        "final": pd.DataFrame(finals),
+        "superseded": pd.DataFrame(superseded),
+    }
 
 
 TABLES = ("trials", "epochs", "final", "superseded")
 EMPTY_COLUMNS = {
-    "trials": ["study", "experiment", "budget", "depth", "trial", "state", "retrained", "val_accuracy", "n_params",
-               "param_lr"],
-    "epochs": ["study", "experiment", "budget", "depth", "run", "trial", "seed", "epoch", "train_loss", "val_loss",
-               "val_accuracy", "train_seconds", "test_accuracy"],
-    "final": ["study", "experiment", "budget", "depth", "seed", "source_trial", "run_trial", "widths", "n_params",
-              "train_flops", "test_accuracy", "test_loss", "diverged", "failed", "train_seconds", "samples_per_s",
-              "curve"],
+    "trials": [
+        "study",
+        "experiment",
+        "budget",
+        "depth",
+        "trial",
+        "state",
+        "retrained",
+        "val_accuracy",
+        "n_params",
+        "param_lr",
+    ],
+    "epochs": [
+        "study",
+        "experiment",
+        "budget",
+        "depth",
+        "run",
+        "trial",
+        "seed",
+        "epoch",
+        "train_loss",
+        "val_loss",
+        "val_accuracy",
+        "train_seconds",
+        "test_accuracy",
+    ],
+    "final": [
+        "study",
+        "experiment",
+        "budget",
+        "depth",
+        "seed",
+        "source_trial",
+        "run_trial",
+        "widths",
+        "n_params",
+        "train_flops",
+        "test_accuracy",
+        "test_loss",
+        "diverged",
+        "failed",
+        "train_seconds",
+        "samples_per_s",
+        "curve",
+    ],
     "superseded": ["experiment", "budget", "depth", "seed", "source_trial", "run_trial", "reason"],
 }
 
@@ -184,8 +268,13 @@ def write_tables(storage, name: str, cells, out: Path) -> dict[str, pd.DataFrame
             exp["budgets"].append(cell.budget)
         exp["n_trials"] = tune.user_attrs.get("n_trials")
         exp["seeds"] = load(storage, study_name(name, cell, final=True)).user_attrs.get("seeds")
-    config = {"name": name, "dataset": "mnist", **shared, "experiments": experiments,
-              "superseded_final_runs": len(tables["superseded"])}
+    config = {
+        "name": name,
+        "dataset": "mnist",
+        **shared,
+        "experiments": experiments,
+        "superseded_final_runs": len(tables["superseded"]),
+    }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return tables
 
@@ -201,8 +290,10 @@ def summary(final: pd.DataFrame) -> str:
         mean = f"{acc.mean():.4f} " if len(acc) else "none "
         where = f"{experiment}" + (f" {int(budget):,} params" if pd.notna(budget) else "")
         widths = g["widths"].iloc[0] if isinstance(g["widths"].iloc[0], str) and g["widths"].iloc[0] else "-"
-        lines.append(f"{where}, depth {depth}: test accuracy {mean}{spread}(n={len(acc)}{diverged}), "
-                     f"widths {widths}, {int(g['n_params'].iloc[0]):,} params, "
-                     f"lr {g['param_lr'].iloc[0]:.3g}, {int(g['param_epochs'].iloc[0])} epochs, "
-                     f"{g['train_seconds'].mean():.1f} s per run")
+        lines.append(
+            f"{where}, depth {depth}: test accuracy {mean}{spread}(n={len(acc)}{diverged}), "
+            f"widths {widths}, {int(g['n_params'].iloc[0]):,} params, "
+            f"lr {g['param_lr'].iloc[0]:.3g}, {int(g['param_epochs'].iloc[0])} epochs, "
+            f"{g['train_seconds'].mean():.1f} s per run"
+        )
     return "\n".join(lines)

@@ -20,8 +20,14 @@ def mnist() -> MNIST:
 @pytest.fixture(scope="session")
 def small(mnist: MNIST) -> MNIST:
     """2,000 training, 1,000 validation and 1,000 test images: enough to learn, fast to train."""
-    return MNIST(mnist.train_x[:2000], mnist.train_y[:2000], mnist.val_x[:1000], mnist.val_y[:1000],
-                 mnist.test_x[:1000], mnist.test_y[:1000])
+    return MNIST(
+        mnist.train_x[:2000],
+        mnist.train_y[:2000],
+        mnist.val_x[:1000],
+        mnist.val_y[:1000],
+        mnist.test_x[:1000],
+        mnist.test_y[:1000],
+    )
 
 
 @pytest.fixture

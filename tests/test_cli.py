@@ -1,6 +1,7 @@
 """Every command, every bad input and every signal: one true line, the right exit code, nothing lost
 and nothing left behind. The table below is the contract (README: 2 usage, 1 data/storage/environment,
 130 interrupted); each row runs the real command in a subprocess."""
+
 import json
 import os
 import signal
@@ -12,19 +13,37 @@ from pathlib import Path
 
 import optuna
 import pytest
-
 from conftest import PG_ADMIN_URL, services_required
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_COMMANDS = ["mnist_bench.throughput", "study.depth"]
 COMMANDS = [*DATA_COMMANDS, "study.report", "study.scaleout"]
-TINY = ["--preset", "quick", "--experiments", "tuned", "--depths", "2", "--n-trials", "1", "--seeds", "1",
-        "--train-subset", "300", "--no-report"]
+TINY = [
+    "--preset",
+    "quick",
+    "--experiments",
+    "tuned",
+    "--depths",
+    "2",
+    "--n-trials",
+    "1",
+    "--seeds",
+    "1",
+    "--train-subset",
+    "300",
+    "--no-report",
+]
 
 
 def run(*args, cwd=None, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def assert_one_line(p: subprocess.CompletedProcess, code: int, words: str = ""):
@@ -61,15 +80,22 @@ def storage_with(tmp: Path, final: bool, name: str = "s.db") -> str:
     """An SQLite storage holding a tuning study with one finished trial; its final study only if `final`."""
     url = f"sqlite:///{tmp / name}"
     from study.config import PRESETS, Cell
+
     config = PRESETS["quick"].identity(Cell("tuned", 2))
     tune = optuna.create_study(storage=url, study_name="quick-tuned-depth2", direction="maximize")
     tune.set_user_attr("config", config)
-    tune.add_trial(optuna.trial.create_trial(
-        params={"lr": 0.1, "epochs": 1, "width": 16},
-        distributions={"lr": optuna.distributions.FloatDistribution(1e-3, 1.0, log=True),
-                       "epochs": optuna.distributions.IntDistribution(1, 4),
-                       "width": optuna.distributions.IntDistribution(16, 256, log=True)},
-        value=0.9, user_attrs={"curve": [[1, 1.0, 1.0, 0.9, 1.0]], "diverged": False}))
+    tune.add_trial(
+        optuna.trial.create_trial(
+            params={"lr": 0.1, "epochs": 1, "width": 16},
+            distributions={
+                "lr": optuna.distributions.FloatDistribution(1e-3, 1.0, log=True),
+                "epochs": optuna.distributions.IntDistribution(1, 4),
+                "width": optuna.distributions.IntDistribution(16, 256, log=True),
+            },
+            value=0.9,
+            user_attrs={"curve": [[1, 1.0, 1.0, 0.9, 1.0]], "diverged": False},
+        )
+    )
     if final:
         optuna.create_study(storage=url, study_name="quick-tuned-depth2-final", direction="maximize")
     return url
@@ -80,7 +106,7 @@ def damaged_storage(tmp: Path) -> str:
     path = tmp / "damaged.db"
     raw = bytearray(path.read_bytes())
     for page in range(2, len(raw) // 4096):
-        raw[4096 * page: 4096 * page + 200] = b"\xab" * 200
+        raw[4096 * page : 4096 * page + 200] = b"\xab" * 200
     path.write_bytes(bytes(raw))
     return url
 
@@ -104,12 +130,14 @@ CASES = {
     "depth-out-under-proc": Case("study.depth", [*TINY, "--out", "/proc/mnist-bench"], 2, "cannot write"),
     "depth-out-read-only": Case("study.depth", [*TINY, "--out", "/sys/mnist-bench"], 2, "cannot write"),
     "depth-storage-url-with-bad-out": Case(
-        "study.depth", lambda t: [*TINY, "--storage", f"sqlite:///{t / 'ok.db'}", "--out", "/proc/x"], 2,
-        "cannot write"),
-    "report-out-is-a-file": Case("study.report", lambda t: ["--results", str(study_tables(t)),
-                                                           "--out", str(a_file(t))], 2, "is a file"),
-    "report-storage-out-under-proc": Case("study.report", lambda t: ["--storage", storage_with(t, True),
-                                                                    "--out", "/proc/x"], 2, "cannot write"),
+        "study.depth", lambda t: [*TINY, "--storage", f"sqlite:///{t / 'ok.db'}", "--out", "/proc/x"], 2, "cannot write"
+    ),
+    "report-out-is-a-file": Case(
+        "study.report", lambda t: ["--results", str(study_tables(t)), "--out", str(a_file(t))], 2, "is a file"
+    ),
+    "report-storage-out-under-proc": Case(
+        "study.report", lambda t: ["--storage", storage_with(t, True), "--out", "/proc/x"], 2, "cannot write"
+    ),
     "throughput-empty-name": Case("mnist_bench.throughput", ["--name", ""], 2, "plain file name"),
     "throughput-name-with-folder": Case("mnist_bench.throughput", ["--name", "a/b.csv"], 2, "plain file name"),
     "throughput-out-is-a-file": Case("mnist_bench.throughput", lambda t: ["--out", str(a_file(t))], 2, "is a file"),
@@ -117,35 +145,58 @@ CASES = {
     # Datasets: only the two pinned ones, and a file of one is not accepted as the other.
     "depth-unknown-dataset": Case("study.depth", [*TINY, "--dataset", "cifar10"], 2, "--dataset"),
     "depth-margin-negative": Case("study.depth", [*TINY, "--margin", "-0.2"], 2, "--margin"),
-    "report-margin-nan": Case("study.report", lambda t: ["--results", str(study_tables(t)), "--margin", "nan"], 2,
-                              "(0, 10] points"),
-    "depth-fashion-files-as-mnist": Case("study.depth", [*TINY, "--data-dir", str(ROOT / "data" / "fashion-mnist")], 1,
-                                         "is the fashion-mnist file, not mnist's"),
-    "throughput-mnist-files-as-fashion": Case("mnist_bench.throughput", ["--dataset", "fashion-mnist", "--data-dir",
-                                                                         str(ROOT / "data" / "mnist")], 1, "is the mnist file"),
+    "report-margin-nan": Case(
+        "study.report", lambda t: ["--results", str(study_tables(t)), "--margin", "nan"], 2, "(0, 10] points"
+    ),
+    "depth-fashion-files-as-mnist": Case(
+        "study.depth",
+        [*TINY, "--data-dir", str(ROOT / "data" / "fashion-mnist")],
+        1,
+        "is the fashion-mnist file, not mnist's",
+    ),
+    "throughput-mnist-files-as-fashion": Case(
+        "mnist_bench.throughput",
+        ["--dataset", "fashion-mnist", "--data-dir", str(ROOT / "data" / "mnist")],
+        1,
+        "is the mnist file",
+    ),
     # Devices: only what the machine has.
     "depth-device-meta": Case("study.depth", [*TINY, "--device", "meta"], 2, "auto, cpu, cuda"),
     "depth-device-mps": Case("study.depth", [*TINY, "--device", "mps"], 2, "auto, cpu, cuda"),
     "throughput-device-mps": Case("mnist_bench.throughput", ["--device", "mps"], 2, "auto, cpu, cuda"),
     # Report inputs.
     "report-no-such-folder": Case("study.report", ["--results", "/nonexistent/results"], 2, "not a folder"),
-    "report-zero-byte-trials": Case("study.report", lambda t: ["--results", str(study_tables(t, trials=""))], 1,
-                                    "empty (0 bytes)"),
-    "report-garbled-final": Case("study.report", lambda t: ["--results", str(study_tables(
-        t, final='depth,seed\n1,2,3,4\n"unterminated\xff\n'))], 1, "final.csv"),
-    "report-final-without-columns": Case("study.report", lambda t: ["--results", str(study_tables(
-        t, final="a,b\n1,2\n"))], 1, "no column"),
-    "report-mistyped-sqlite-storage": Case("study.report", lambda t: ["--storage", f"sqlite:///{t / 'typo.db'}",
-                                                                     "--out", str(t / "r")], 1, "no storage file"),
-    "report-final-study-missing": Case("study.report", lambda t: ["--storage", storage_with(t, False),
-                                                                 "--out", str(t / "r")], 1, "has no study"),
-    "report-final-study-empty": Case("study.report", lambda t: ["--storage", storage_with(t, True),
-                                                               "--out", str(t / "r")], 1, "no retrained runs"),
+    "report-zero-byte-trials": Case(
+        "study.report", lambda t: ["--results", str(study_tables(t, trials=""))], 1, "empty (0 bytes)"
+    ),
+    "report-garbled-final": Case(
+        "study.report",
+        lambda t: ["--results", str(study_tables(t, final='depth,seed\n1,2,3,4\n"unterminated\xff\n'))],
+        1,
+        "final.csv",
+    ),
+    "report-final-without-columns": Case(
+        "study.report", lambda t: ["--results", str(study_tables(t, final="a,b\n1,2\n"))], 1, "no column"
+    ),
+    "report-mistyped-sqlite-storage": Case(
+        "study.report",
+        lambda t: ["--storage", f"sqlite:///{t / 'typo.db'}", "--out", str(t / "r")],
+        1,
+        "no storage file",
+    ),
+    "report-final-study-missing": Case(
+        "study.report", lambda t: ["--storage", storage_with(t, False), "--out", str(t / "r")], 1, "has no study"
+    ),
+    "report-final-study-empty": Case(
+        "study.report", lambda t: ["--storage", storage_with(t, True), "--out", str(t / "r")], 1, "no retrained runs"
+    ),
     # Storage files.
-    "report-damaged-storage": Case("study.report", lambda t: ["--storage", damaged_storage(t),
-                                                             "--out", str(t / "r")], 1, "is damaged"),
-    "depth-damaged-storage": Case("study.depth", lambda t: [*TINY, "--storage", damaged_storage(t),
-                                                           "--out", str(t / "o")], 1, "is damaged"),
+    "report-damaged-storage": Case(
+        "study.report", lambda t: ["--storage", damaged_storage(t), "--out", str(t / "r")], 1, "is damaged"
+    ),
+    "depth-damaged-storage": Case(
+        "study.depth", lambda t: [*TINY, "--storage", damaged_storage(t), "--out", str(t / "o")], 1, "is damaged"
+    ),
     # Limits.
     "depth-huge-seeds": Case("study.depth", [*TINY, "--seeds", "1000000000"], 2, "1..1000"),
     "depth-huge-n-trials": Case("study.depth", [*TINY, "--n-trials", "1000000000"], 2, "1..10000"),
@@ -159,10 +210,20 @@ CASES = {
     "depth-unknown-storage-scheme": Case("study.depth", [*TINY, "--storage", "nosuchdb://x"], 1, "cannot open"),
     "throughput-threads-zero": Case("mnist_bench.throughput", ["--threads", "0"], 2, "threads"),
     "scaleout-depth-99": Case("study.scaleout", ["--depth", "99"], 2, "1..8"),
-    "scaleout-bogus-pg-url": Case("study.scaleout", lambda t: ["--out", str(t / "o")], 1, "not reachable",
-                                  env={"MNIST_BENCH_PG_URL": "bogus://nowhere"}),
-    "scaleout-unreachable-pg": Case("study.scaleout", lambda t: ["--out", str(t / "o")], 1, "not reachable",
-                                    env={"MNIST_BENCH_PG_URL": "postgresql://nobody@127.0.0.1:1/none"}),
+    "scaleout-bogus-pg-url": Case(
+        "study.scaleout",
+        lambda t: ["--out", str(t / "o")],
+        1,
+        "not reachable",
+        env={"MNIST_BENCH_PG_URL": "bogus://nowhere"},
+    ),
+    "scaleout-unreachable-pg": Case(
+        "study.scaleout",
+        lambda t: ["--out", str(t / "o")],
+        1,
+        "not reachable",
+        env={"MNIST_BENCH_PG_URL": "postgresql://nobody@127.0.0.1:1/none"},
+    ),
 }
 
 
@@ -188,8 +249,13 @@ def ours(tmp: Path) -> list[Path]:
 
 
 def start(*args, env=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, **(env or {})})
+    return subprocess.Popen(
+        [sys.executable, "-m", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def wait_for_line(proc: subprocess.Popen, words: str, timeout: float = 120) -> None:
@@ -216,8 +282,21 @@ def stopped(proc: subprocess.Popen, sig: int = signal.SIGTERM, again: bool = Fal
 
 def test_sigterm_to_a_lone_worker_keeps_what_finished(tmp_path: Path):
     out = tmp_path / "out"
-    proc = start("study.depth", "--preset", "quick", "--experiments", "recipe", "--depths", "4", "--seeds", "30",
-                 "--train-subset", "5000", "--out", str(out))
+    proc = start(
+        "study.depth",
+        "--preset",
+        "quick",
+        "--experiments",
+        "recipe",
+        "--depths",
+        "4",
+        "--seeds",
+        "30",
+        "--train-subset",
+        "5000",
+        "--out",
+        str(out),
+    )
     import sqlite3
 
     def states() -> list[str]:
@@ -238,8 +317,17 @@ def test_sigterm_to_a_lone_worker_keeps_what_finished(tmp_path: Path):
 def test_sigterm_to_throughput_removes_its_temporary_folder(tmp_path: Path):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    proc = start("mnist_bench.throughput", "--quick", "--device", "cpu", "--threads", "1", "--out",
-                 str(tmp_path / "out"), env={"TMPDIR": str(tmp)})
+    proc = start(
+        "mnist_bench.throughput",
+        "--quick",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path / "out"),
+        env={"TMPDIR": str(tmp)},
+    )
     wait_for_line(proc, "matmul peak")
     code, err = stopped(proc)
     assert code == 130 and "temporary files removed" in err
@@ -324,6 +412,7 @@ def test_corrupted_data_fails_fast_with_one_line(module, data_copy: Path, tmp_pa
 
 def test_cuda_without_cuda_is_a_usage_error(tmp_path: Path):
     import torch
+
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     assert_one_line(run("study.depth", *TINY, "--device", "cuda", "--out", str(tmp_path)), 2, "CUDA")
@@ -337,8 +426,21 @@ def test_throughput_quick_writes_documented_columns(tmp_path: Path, monkeypatch)
     monkeypatch.setattr(throughput, "DEPTHS", (1, 4))
     tiny = throughput.Timing(warmup_seconds=0.01, min_seconds=0.01, repeats=2)
     df = throughput.sweep([throughput.torch.device("cpu")], [1], tiny, None, log=lambda s: None)
-    assert {"pipeline", "model", "depth", "batch_size", "device", "threads", "samples_per_s", "ms_per_step",
-            "gflops", "peak_gflops", "torch_version", "cpu", "gpu"} <= set(df.columns)
+    assert {
+        "pipeline",
+        "model",
+        "depth",
+        "batch_size",
+        "device",
+        "threads",
+        "samples_per_s",
+        "ms_per_step",
+        "gflops",
+        "peak_gflops",
+        "torch_version",
+        "cpu",
+        "gpu",
+    } <= set(df.columns)
     assert set(df.pipeline) == {"harness", "source-dataloader"}
     assert len(df[df.pipeline == "harness"]) == 2 * 2 + 2  # grid plus two optimizer variants
     assert (df.samples_per_s > 0).all() and (df.peak_gflops > 0).all()

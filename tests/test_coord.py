@@ -2,6 +2,7 @@
 own connection to one SQLite storage, take their steps in the order the test dictates (claim, crash,
 recover, resume, race for the last slot and the last seed). Deterministic and fast; one end-to-end
 multi-process test per storage kind lives in test_study.py and test_postgres.py."""
+
 import datetime
 from pathlib import Path
 
@@ -9,8 +10,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from study.coord import (HEARTBEAT_SEEN, SURPLUS, TUNE, Ledger, TrialSeededSampler, best_trial, final_key,
-                         open_storage)
+from study.coord import HEARTBEAT_SEEN, SURPLUS, TUNE, Ledger, TrialSeededSampler, best_trial, final_key, open_storage
 
 GRACE = 30
 
@@ -41,8 +41,13 @@ def worker(url: str, clock: Clock, name: str = "s", heartbeat: int | None = 10) 
 
 
 def finished(ledger: Ledger, key: str | None = None) -> list:
-    return [t for t in ledger.trials() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-            and not t.user_attrs.get(SURPLUS) and (key is None or t.user_attrs.get("claim", TUNE) == key)]
+    return [
+        t
+        for t in ledger.trials()
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        and not t.user_attrs.get(SURPLUS)
+        and (key is None or t.user_attrs.get("claim", TUNE) == key)
+    ]
 
 
 def tune_claim(ledger: Ledger, n: int):
@@ -134,6 +139,7 @@ def test_a_stale_heartbeat_fails_the_trial(tmp_path: Path):
     with ledger.heartbeat(claim.trial_id, interval=1):
         pass
     import time
+
     time.sleep(2.2)  # SQLite's clock has one-second steps
     assert ledger.recover_stale() == [claim.number]
 
@@ -157,8 +163,7 @@ def resumed_proposals(url: str, runs: int = 3, per_run: int = 2) -> list[float]:
     proposals = []
     for _ in range(runs):
         sampler = TrialSeededSampler(0, lambda s: optuna.samplers.TPESampler(seed=s, n_startup_trials=10))
-        study = optuna.create_study(storage=open_storage(url), study_name="s", sampler=sampler,
-                                    load_if_exists=True)
+        study = optuna.create_study(storage=open_storage(url), study_name="s", sampler=sampler, load_if_exists=True)
         for _ in range(per_run):
             trial = study.ask()
             proposals.append(trial.suggest_float("lr", 1e-3, 1.0, log=True))
@@ -178,8 +183,9 @@ def test_best_trial_skips_diverged_and_surplus_and_ties_go_to_the_earliest():
     from optuna.trial import create_trial
 
     def t(number, value, **attrs):
-        trial = create_trial(params={"lr": 0.1}, distributions={"lr": FloatDistribution(1e-3, 1.0)},
-                             value=value, user_attrs=attrs)
+        trial = create_trial(
+            params={"lr": 0.1}, distributions={"lr": FloatDistribution(1e-3, 1.0)}, value=value, user_attrs=attrs
+        )
         trial.number = number
         return trial
 

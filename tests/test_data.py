@@ -52,7 +52,9 @@ def test_raw_and_torchvision_layouts(data_copy: Path, tmp_path: Path):
     raw_dir.mkdir(parents=True)
     for name in FILES:  # decompressed, in torchvision's layout
         (raw_dir / name).write_bytes(gzip.decompress((data_copy / f"{name}.gz").read_bytes()))
-    assert torch.equal(load_raw(tmp_path / "tv")["t10k-labels-idx1-ubyte"], load_raw(data_copy)["t10k-labels-idx1-ubyte"])
+    assert torch.equal(
+        load_raw(tmp_path / "tv")["t10k-labels-idx1-ubyte"], load_raw(data_copy)["t10k-labels-idx1-ubyte"]
+    )
 
 
 def _assert_one_line_naming(exc: pytest.ExceptionInfo, name: str):
@@ -138,6 +140,7 @@ def test_fashion_mnist_loads_verified_with_its_own_pins():
     assert torch.bincount(raw["t10k-labels-idx1-ubyte"].long()).tolist() == [1000] * 10
     assert abs(raw["train-images-idx3-ubyte"].double().div(255).mean().item() - 0.2860405969887955) < 1e-9
     from mnist_bench.data import PINNED
+
     for line in (FASHION / "SHA256SUMS").read_text().splitlines():
         digest, name = line.split()[:2]
         if not name.endswith(".gz"):

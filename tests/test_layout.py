@@ -1,4 +1,5 @@
 """The house: imports run one way (entry points -> experiments -> shared vocabulary -> library)."""
+
 import ast
 from pathlib import Path
 
@@ -62,3 +63,84 @@ def test_library_never_imports_the_study_and_vocabulary_imports_nothing_above_it
 
 def test_cycle_detector_finds_a_cycle():
     assert cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]
+
+
+def test_statistics_figures_and_document_each_have_their_module():
+    study = imports("study")
+    assert study["stats"] == set()  # scipy and statsmodels only
+    assert study["analysis"] <= {"stats", "config"}
+    assert study["figures"] <= {"analysis"}
+    assert "stats" not in study["figures"] and "figures" not in study["analysis"]
+
+
+def locked() -> dict[str, str]:
+    """{distribution name (normalised): version} pinned in requirements.lock."""
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        spec = line.split("#")[0].strip()
+        if "==" in spec:
+            name, version = spec.split("==")
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+def test_the_lock_pins_every_dependency_exactly_and_the_environment_matches_it():
+    """What `make study` / `make test` install is exactly the lock: every locked distribution that is
+    installed has the locked version, and every direct dependency of the project is locked."""
+    import importlib.metadata as md
+    import re
+
+    import tomllib
+
+    pins = locked()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    direct = project["dependencies"] + project["optional-dependencies"]["dev"]
+    names = {re.match(r"[A-Za-z0-9_.-]+", d)[0].lower().replace("_", "-") for d in direct}
+    assert names <= set(pins), f"not in requirements.lock: {sorted(names - set(pins))}"
+    installed = {d.metadata["Name"].lower().replace("_", "-"): d.version for d in md.distributions()}
+    wrong = {n: (installed[n], v) for n, v in pins.items() if n in installed and installed[n] != v}
+    assert not wrong, f"installed (left) differs from requirements.lock (right): {wrong}; run make clean test"
+    assert names <= set(installed)
+
+
+def test_the_committed_study_opens_in_optuna_dashboard(tmp_path):
+    """`make dashboard` serves a storage with optuna-dashboard: the committed study answers HTTP 200
+    (served from a copy, so the committed file is never opened for writing)."""
+    import json
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    exe = Path(sys.executable).parent / "optuna-dashboard"
+    if not exe.exists():
+        import pytest
+
+        pytest.skip("optuna-dashboard is not installed (the dashboard extra)")
+    shutil.copy(ROOT / "results" / "study.db", tmp_path / "study.db")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [str(exe), f"sqlite:///{tmp_path / 'study.db'}", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(600):  # it is up when it answers; the wait is for a slow machine, not a bound on speed
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as r:
+                    assert r.status == 200
+                    names = {s["study_name"] for s in json.load(r)["study_summaries"]}
+                    break
+            except OSError:
+                assert proc.poll() is None, "optuna-dashboard exited"
+                time.sleep(0.2)
+        else:
+            raise AssertionError("optuna-dashboard never answered")
+        assert "full-matched-params242762-depth4" in names and "full-tuned-depth4-final" in names
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

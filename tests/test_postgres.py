@@ -1,6 +1,7 @@
 """Several workers on one PostgreSQL-backed study, end to end: a worker killed while holding a final
 run, a lost connection, and the report read back from the storage (the protocol itself is tested step
 by step in test_coord.py). Needs the server on 127.0.0.1:5432 (see conftest.pg_url)."""
+
 import signal
 import socket
 import subprocess
@@ -16,13 +17,31 @@ from optuna.trial import TrialState
 
 pytestmark = pytest.mark.postgres
 
-BASE = ["--preset", "quick", "--experiments", "tuned", "--depths", "2", "3", "--seeds", "3", "--train-subset", "1500",
-        "--threads", "1", "--no-report"]
+BASE = [
+    "--preset",
+    "quick",
+    "--experiments",
+    "tuned",
+    "--depths",
+    "2",
+    "3",
+    "--seeds",
+    "3",
+    "--train-subset",
+    "1500",
+    "--threads",
+    "1",
+    "--no-report",
+]
 
 
 def start_worker(url: str, out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "study.depth", *BASE, "--storage", url, "--out", str(out),
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "study.depth", *BASE, "--storage", url, "--out", str(out), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: int = 300) -> tuple[int, str]:
@@ -41,8 +60,11 @@ def assert_exact(url: str, n_trials: int, seeds: int, depths=(2, 3)):
         assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == n_trials
         assert TrialState.RUNNING not in states
         final = optuna.load_study(study_name=f"quick-tuned-depth{d}-final", storage=url)
-        done = [t for t in final.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if not t.user_attrs.get("surplus")]
+        done = [
+            t
+            for t in final.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if not t.user_attrs.get("surplus")
+        ]
         assert sorted(t.user_attrs["seed"] for t in done) == list(range(1, seeds + 1))
         assert len({t.user_attrs["source_trial"] for t in done}) == 1
         assert not final.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
@@ -84,14 +106,16 @@ def test_worker_killed_holding_a_final_run_the_others_finish_exactly(pg_url: str
         assert code == 0, err
     assert_exact(pg_url, n_trials=4, seeds=4, depths=(2,))
     final = optuna.load_study(study_name="quick-tuned-depth2-final", storage=pg_url)
-    assert any(t.state == TrialState.FAIL and not t.user_attrs.get("surplus")
-               for t in final.get_trials(deepcopy=False))  # the dead run, failed by its heartbeat
+    assert any(
+        t.state == TrialState.FAIL and not t.user_attrs.get("surplus") for t in final.get_trials(deepcopy=False)
+    )  # the dead run, failed by its heartbeat
     table = pd.read_csv(tmp_path / "restarted" / "final.csv")
     assert sorted(table.seed) == [1, 2, 3, 4] and table.source_trial.nunique() == 1
     survivor = next(w for w in workers.values() if w is not victim)
     out = tmp_path / f"w{list(workers.values()).index(survivor)}"
-    pd.testing.assert_frame_equal(pd.read_csv(out / "final.csv").drop(columns="command"),
-                                  table.drop(columns="command"))  # every worker writes the same tables
+    pd.testing.assert_frame_equal(
+        pd.read_csv(out / "final.csv").drop(columns="command"), table.drop(columns="command")
+    )  # every worker writes the same tables
 
 
 class Proxy:
@@ -165,14 +189,19 @@ def test_lost_connection_is_one_line_and_a_restart_continues(pg_url: str, tmp_pa
     lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "lost the connection to the storage" in lines[0], err
     assert "Traceback" not in err
-    code, err = finish(start_worker(pg_url, tmp_path / "w", "--n-trials", "6", "--heartbeat", "1",
-                                    "--train-subset", "6000"))
+    code, err = finish(
+        start_worker(pg_url, tmp_path / "w", "--n-trials", "6", "--heartbeat", "1", "--train-subset", "6000")
+    )
     assert code == 0, err
     assert_exact(pg_url, n_trials=6, seeds=3)
     # The report renders from the storage alone, as on any machine that can reach it.
     out = tmp_path / "report"
-    p = subprocess.run([sys.executable, "-m", "study.report", "--storage", pg_url, "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "study.report", "--storage", pg_url, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     assert (out / "report.md").read_text().startswith("# Why four layers?")
     assert len(pd.read_csv(out / "final.csv")) == 2 * 3

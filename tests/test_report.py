@@ -12,8 +12,17 @@ import pytest
 from scipy import stats as sp
 
 from study import stats
-from study.analysis import (Group, analyse, contrast_family, cost_thresholds, edge_warnings,
-                            flops_to_reach, groups_of, interactions, opening_sentence)
+from study.analysis import (
+    Group,
+    analyse,
+    contrast_family,
+    cost_thresholds,
+    edge_warnings,
+    flops_to_reach,
+    groups_of,
+    interactions,
+    opening_sentence,
+)
 from study.config import FAILED_AT, SearchSpace
 from study.report import render
 
@@ -125,10 +134,19 @@ def test_inconclusive_says_how_many_seeds_would_resolve_it():
 
 
 def test_a_failed_run_is_counted_not_averaged():
-    final = pd.DataFrame({"depth": [6] * 4 + [4] * 4, "seed": [1, 2, 3, 4] * 2,
-                          "test_accuracy": [0.96, 0.1135, 0.961, 0.962, 0.97, 0.971, 0.969, 0.972],
-                          "test_loss": [0.1, math.log(10), 0.1, 0.1] + [0.1] * 4, "diverged": [False] * 8,
-                          "n_params": 1, "train_flops": 1.0, "train_seconds": 1.0, "widths": ""})
+    final = pd.DataFrame(
+        {
+            "depth": [6] * 4 + [4] * 4,
+            "seed": [1, 2, 3, 4] * 2,
+            "test_accuracy": [0.96, 0.1135, 0.961, 0.962, 0.97, 0.971, 0.969, 0.972],
+            "test_loss": [0.1, math.log(10), 0.1, 0.1] + [0.1] * 4,
+            "diverged": [False] * 8,
+            "n_params": 1,
+            "train_flops": 1.0,
+            "train_seconds": 1.0,
+            "widths": "",
+        }
+    )
     g = groups_of(final)
     assert g[6].n == 3 and g[6].runs == 4 and g[6].failed == {2: 0.1135} and g[6].unreliable
     assert g[6].mean == pytest.approx(0.961) and 0 <= g[6].ci[0] <= g[6].ci[1] <= 1
@@ -161,13 +179,35 @@ def test_identical_differences_are_refused_not_given_p_zero():
 # --- the document --------------------------------------------------------------------------------------
 
 SPACE = {"lr": [0.001, 1.0], "width": [32, 1024], "taper": [0.25, 1.0], "max_epochs": 10, "min_width": 8}
-CONFIG = {"name": "full", "batch_size": 64, "optimizer": "sgd", "momentum": 0.9, "split_seed": 0, "sampler_seed": 0,
-          "experiments": {
-              "recipe": {"depths": [1, 2, 3, 4, 5, 6], "funnel": [256, 128, 64, 32, 16], "lr": 0.03, "epochs": 10,
-                         "seeds": 8, "claims": [[1, 2, 0.9211], [4, 2, 0.96], [4, 10, 0.98]]},
-              "matched": {"depths": [1, 2, 3, 4, 5, 6], "budgets": [242762], "lr": [0.001, 1.0], "lr_points": 7,
-                          "epochs": 10, "seeds": 8, "min_width": 8, "tolerance": 0.02},
-              "tuned": {"depths": [3, 4, 5], "n_trials": 4, "seeds": 8, "space": SPACE}}}
+CONFIG = {
+    "name": "full",
+    "batch_size": 64,
+    "optimizer": "sgd",
+    "momentum": 0.9,
+    "split_seed": 0,
+    "sampler_seed": 0,
+    "experiments": {
+        "recipe": {
+            "depths": [1, 2, 3, 4, 5, 6],
+            "funnel": [256, 128, 64, 32, 16],
+            "lr": 0.03,
+            "epochs": 10,
+            "seeds": 8,
+            "claims": [[1, 2, 0.9211], [4, 2, 0.96], [4, 10, 0.98]],
+        },
+        "matched": {
+            "depths": [1, 2, 3, 4, 5, 6],
+            "budgets": [242762],
+            "lr": [0.001, 1.0],
+            "lr_points": 7,
+            "epochs": 10,
+            "seeds": 8,
+            "min_width": 8,
+            "tolerance": 0.02,
+        },
+        "tuned": {"depths": [3, 4, 5], "n_trials": 4, "seeds": 8, "space": SPACE},
+    },
+}
 
 
 def runs(experiment: str, means: dict[int, float], noise: float = 0.0005, n: int = 8, budget=None, seed: int = 0):
@@ -177,38 +217,104 @@ def runs(experiment: str, means: dict[int, float], noise: float = 0.0005, n: int
     rows = []
     for d, m in means.items():
         for s in range(1, n + 1):
-            rows.append({"experiment": experiment, "budget": budget, "depth": d, "seed": s,
-                         "source_trial": -1 if experiment == "recipe" else 0,
-                         "test_accuracy": m + shared[s - 1] + noise * rng.standard_normal(), "test_loss": 0.1,
-                         "diverged": False, "widths": WIDTHS[d], "n_params": PARAMS[d],
-                         "train_flops": 3 * PARAMS[d] * 600_000, "train_seconds": 10.0 + d, "samples_per_s": 1e5,
-                         "param_lr": 0.03, "param_epochs": 10, "curve": "[]", "device": "cpu",
-                         "device_name": "test cpu", "threads": 1, "torch_version": "x", "command": "synthetic"})
+            rows.append(
+                {
+                    "experiment": experiment,
+                    "budget": budget,
+                    "depth": d,
+                    "seed": s,
+                    "source_trial": -1 if experiment == "recipe" else 0,
+                    "test_accuracy": m + shared[s - 1] + noise * rng.standard_normal(),
+                    "test_loss": 0.1,
+                    "diverged": False,
+                    "widths": WIDTHS[d],
+                    "n_params": PARAMS[d],
+                    "train_flops": 3 * PARAMS[d] * 600_000,
+                    "train_seconds": 10.0 + d,
+                    "samples_per_s": 1e5,
+                    "param_lr": 0.03,
+                    "param_epochs": 10,
+                    "curve": "[]",
+                    "device": "cpu",
+                    "device_name": "test cpu",
+                    "threads": 1,
+                    "torch_version": "x",
+                    "command": "synthetic",
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def study_tables(recipe_means, matched_means, tuned_means, noise=0.0005, n=8, seed=0):
-    final = pd.concat([runs("recipe", recipe_means, noise, n, seed=seed),
-                       runs("matched", matched_means, noise, n, 242762, seed=seed),
-                       runs("tuned", tuned_means, noise, n, seed=seed)], ignore_index=True)
+    final = pd.concat(
+        [
+            runs("recipe", recipe_means, noise, n, seed=seed),
+            runs("matched", matched_means, noise, n, 242762, seed=seed),
+            runs("tuned", tuned_means, noise, n, seed=seed),
+        ],
+        ignore_index=True,
+    )
     rec = final[final.experiment == "recipe"]
-    epochs = [{"experiment": "recipe", "budget": None, "depth": r.depth, "run": "final", "trial": 0, "seed": r.seed,
-               "epoch": e, "train_loss": 1 / e, "val_loss": None, "val_accuracy": None, "train_seconds": e,
-               "test_accuracy": r.test_accuracy - (0.02 if e == 2 else 0)} for r in rec.itertuples() for e in range(1, 11)]
+    epochs = [
+        {
+            "experiment": "recipe",
+            "budget": None,
+            "depth": r.depth,
+            "run": "final",
+            "trial": 0,
+            "seed": r.seed,
+            "epoch": e,
+            "train_loss": 1 / e,
+            "val_loss": None,
+            "val_accuracy": None,
+            "train_seconds": e,
+            "test_accuracy": r.test_accuracy - (0.02 if e == 2 else 0),
+        }
+        for r in rec.itertuples()
+        for e in range(1, 11)
+    ]
     trials = []
     for exp, depths in (("matched", [1, 2, 3, 4, 5, 6]), ("tuned", [3, 4, 5])):
         for d in depths:
-            for t, (lr, acc, state) in enumerate([(0.03, 0.98, "complete"), (0.01, 0.96, "complete"),
-                                                  (0.002, 0.90, "pruned"), (0.9, 0.10, "diverged")]):
-                trials.append({"experiment": exp, "budget": 242762 if exp == "matched" and d > 1 else None,
-                               "depth": d, "trial": t, "state": state, "retrained": t == 0, "param_lr": lr,
-                               "param_width": 256, "param_taper": 0.5, "param_epochs": 3, "val_accuracy": acc,
-                               "best_epoch_val_accuracy": acc, "n_params": PARAMS[d],
-                               "train_flops": (t + 1) * d * 1e11, "epochs_run": 3})
-                epochs += [{"experiment": exp, "budget": trials[-1]["budget"], "depth": d, "run": "tuning",
-                            "trial": t, "seed": None, "epoch": e, "train_loss": 1 / e, "val_loss": 1 / e,
-                            "val_accuracy": acc - 0.01 * (3 - e), "train_seconds": e, "test_accuracy": None}
-                           for e in (1, 2, 3)]
+            for t, (lr, acc, state) in enumerate(
+                [(0.03, 0.98, "complete"), (0.01, 0.96, "complete"), (0.002, 0.90, "pruned"), (0.9, 0.10, "diverged")]
+            ):
+                trials.append(
+                    {
+                        "experiment": exp,
+                        "budget": 242762 if exp == "matched" and d > 1 else None,
+                        "depth": d,
+                        "trial": t,
+                        "state": state,
+                        "retrained": t == 0,
+                        "param_lr": lr,
+                        "param_width": 256,
+                        "param_taper": 0.5,
+                        "param_epochs": 3,
+                        "val_accuracy": acc,
+                        "best_epoch_val_accuracy": acc,
+                        "n_params": PARAMS[d],
+                        "train_flops": (t + 1) * d * 1e11,
+                        "epochs_run": 3,
+                    }
+                )
+                epochs += [
+                    {
+                        "experiment": exp,
+                        "budget": trials[-1]["budget"],
+                        "depth": d,
+                        "run": "tuning",
+                        "trial": t,
+                        "seed": None,
+                        "epoch": e,
+                        "train_loss": 1 / e,
+                        "val_loss": 1 / e,
+                        "val_accuracy": acc - 0.01 * (3 - e),
+                        "train_seconds": e,
+                        "test_accuracy": None,
+                    }
+                    for e in (1, 2, 3)
+                ]
     return pd.DataFrame(trials), pd.DataFrame(epochs), final
 
 
@@ -238,7 +344,8 @@ def test_opening_sentence_is_computed_and_short():
 def test_primary_family_holds_exactly_the_declared_contrasts():
     an = analyse(*study_tables(FOUR_WINS, FOUR_WINS, TUNED)[1:], CONFIG)
     assert [(c.setting, c.a, c.b) for c in an.primary] == [
-        (s, 4, n) for s in ("recipe, 10 epochs", "matched, 242,762 parameters", "tuned") for n in (3, 5)]
+        (s, 4, n) for s in ("recipe, 10 epochs", "matched, 242,762 parameters", "tuned") for n in (3, 5)
+    ]
     two = an.setting("recipe, 2 epochs")
     assert two is not None and not two.primary and len(two.secondary) == 15  # a check, not a primary setting
     assert len(an.setting("tuned").secondary) == 1  # 5 minus 3
@@ -280,8 +387,9 @@ def test_a_failed_run_is_shown_and_no_interval_leaves_0_100(tmp_path: Path):
 
 
 def test_a_tuning_trial_at_chance_is_failed_not_complete():
-    from study.tables import trial_state
     from optuna.trial import TrialState, create_trial
+
+    from study.tables import trial_state
 
     at_chance = create_trial(state=TrialState.COMPLETE, value=0.1135, user_attrs={})
     fine = create_trial(state=TrialState.COMPLETE, value=0.97, user_attrs={})
@@ -307,8 +415,13 @@ def test_cross_dataset_is_judged_by_the_interaction_paired_by_seed():
     assert len(result) == 6 and all(x.n == 8 for x in result)
     assert {x.outcome for x in result} == {"carries over"}
     flipped = {1: 0.82, 2: 0.86, 3: 0.89, 4: 0.88, 5: 0.895, 6: 0.86}  # depth 4 now worse than both
-    result = interactions(same, analyse(*study_tables(flipped, flipped, {3: 0.89, 4: 0.88, 5: 0.895}, seed=1)[1:],
-                                        {**CONFIG, "dataset": "fashion-mnist"}))
+    result = interactions(
+        same,
+        analyse(
+            *study_tables(flipped, flipped, {3: 0.89, 4: 0.88, 5: 0.895}, seed=1)[1:],
+            {**CONFIG, "dataset": "fashion-mnist"},
+        ),
+    )
     assert all(x.outcome == "differs" for x in result)
     x = result[0]  # recipe, depth 4 minus 3: +1 point on one, -1 on the other
     assert x.diff == pytest.approx(x.diff_first - x.diff_second) and x.ci[0] > 0
@@ -338,6 +451,7 @@ def test_missing_tables_is_a_usage_error(tmp_path: Path):
     import subprocess
     import sys
 
-    p = subprocess.run([sys.executable, "-m", "study.report", "--results", str(tmp_path)], capture_output=True,
-                       text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "study.report", "--results", str(tmp_path)], capture_output=True, text=True
+    )
     assert p.returncode == 2 and "trials.csv" in p.stderr and "Traceback" not in p.stderr

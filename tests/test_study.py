@@ -1,4 +1,5 @@
 """The depth study end to end on a tiny budget: tables, resumption, interruption, a killed worker."""
+
 import json
 import signal
 import sqlite3
@@ -19,16 +20,69 @@ from study.config import PRESETS, Cell, RunConfig, SearchSpace, StudyConfig, Tun
 from study.coord import open_storage
 from study.engine import Worker
 
-TINY = ["--preset", "quick", "--experiments", "tuned", "--depths", "2", "3", "--seeds", "2", "--train-subset", "600",
-        "--no-report"]
+TINY = [
+    "--preset",
+    "quick",
+    "--experiments",
+    "tuned",
+    "--depths",
+    "2",
+    "3",
+    "--seeds",
+    "2",
+    "--train-subset",
+    "600",
+    "--no-report",
+]
 
-TRIALS_COLUMNS = {"depth", "trial", "state", "retrained", "param_lr", "param_width", "param_epochs",
-                  "val_accuracy", "epochs_run", "n_params", "train_seconds", "samples_per_s", "device", "threads",
-                  "torch_version", "device_name", "study"}
-EPOCHS_COLUMNS = {"run", "seed", "test_accuracy", "depth", "trial", "epoch", "train_loss", "val_loss", "val_accuracy", "study",
-                  "train_seconds"}
-FINAL_COLUMNS = {"depth", "seed", "source_trial", "widths", "param_lr", "param_epochs", "test_accuracy",
-                 "test_loss", "train_seconds", "samples_per_s", "device", "threads", "torch_version", "study"}
+TRIALS_COLUMNS = {
+    "depth",
+    "trial",
+    "state",
+    "retrained",
+    "param_lr",
+    "param_width",
+    "param_epochs",
+    "val_accuracy",
+    "epochs_run",
+    "n_params",
+    "train_seconds",
+    "samples_per_s",
+    "device",
+    "threads",
+    "torch_version",
+    "device_name",
+    "study",
+}
+EPOCHS_COLUMNS = {
+    "run",
+    "seed",
+    "test_accuracy",
+    "depth",
+    "trial",
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "study",
+    "train_seconds",
+}
+FINAL_COLUMNS = {
+    "depth",
+    "seed",
+    "source_trial",
+    "widths",
+    "param_lr",
+    "param_epochs",
+    "test_accuracy",
+    "test_loss",
+    "train_seconds",
+    "samples_per_s",
+    "device",
+    "threads",
+    "torch_version",
+    "study",
+}
 
 
 # A trial that used its budget slot: "failed" ran to the end at or below twice chance ("interrupted" did not).
@@ -36,14 +90,14 @@ FINISHED_STATES = ["complete", "pruned", "diverged", "failed"]
 
 
 def run_study(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "study.depth", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "study.depth", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def trial_states(db: Path, suffix: str = "") -> list[tuple[str, str]]:
     with sqlite3.connect(db) as con:
-        rows = con.execute("select s.study_name, t.state from trials t join studies s using (study_id) "
-                           "order by t.trial_id").fetchall()
+        rows = con.execute(
+            "select s.study_name, t.state from trials t join studies s using (study_id) order by t.trial_id"
+        ).fetchall()
     return [r for r in rows if r[0].endswith(suffix)] if suffix else rows
 
 
@@ -113,11 +167,18 @@ def test_a_new_best_trial_gets_its_own_seeds_and_old_runs_are_reported_supersede
     # A better configuration appears in the storage (another worker's budget, an imported trial).
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
     tune = optuna.load_study(study_name="quick-tuned-depth2", storage=storage)
-    tune.add_trial(create_trial(
-        params={"lr": 0.05, "epochs": 2, "width": 32},
-        distributions={"lr": FloatDistribution(1e-3, 1.0, log=True), "epochs": IntDistribution(1, 4),
-                       "width": IntDistribution(16, 256, log=True)},
-        value=0.999, user_attrs={"diverged": False, "curve": []}))
+    tune.add_trial(
+        create_trial(
+            params={"lr": 0.05, "epochs": 2, "width": 32},
+            distributions={
+                "lr": FloatDistribution(1e-3, 1.0, log=True),
+                "epochs": IntDistribution(1, 4),
+                "width": IntDistribution(16, 256, log=True),
+            },
+            value=0.999,
+            user_attrs={"diverged": False, "curve": []},
+        )
+    )
     study_depth.main([*args, "--n-trials", "3"])  # the budget now holds the imported trial
     final = pd.read_csv(tmp_path / "final.csv")
     superseded = pd.read_csv(tmp_path / "superseded.csv")
@@ -128,9 +189,14 @@ def test_a_new_best_trial_gets_its_own_seeds_and_old_runs_are_reported_supersede
 
 def test_the_pruner_never_stops_a_trial_at_its_last_epoch(small: MNIST, tmp_path: Path):
     # One-epoch trials, pruning from the first epoch on: a worse trial would be pruned at its last epoch.
-    cfg = StudyConfig(name="p", experiments=("tuned",), tuned=Tuned(
-        depths=(2,), n_trials=6, seeds=1, space=SearchSpace(width=(16, 32), max_epochs=1)),
-        sampler_startup_trials=6, pruner_startup_trials=1, pruner_warmup_epochs=0)
+    cfg = StudyConfig(
+        name="p",
+        experiments=("tuned",),
+        tuned=Tuned(depths=(2,), n_trials=6, seeds=1, space=SearchSpace(width=(16, 32), max_epochs=1)),
+        sampler_startup_trials=6,
+        pruner_startup_trials=1,
+        pruner_warmup_epochs=0,
+    )
     run = RunConfig(storage=f"sqlite:///{tmp_path / 's.db'}", out=tmp_path)
     Worker(cfg, run, {"split": small}, open_storage(run.storage, 10, 30), env={}).work()
     study = optuna.load_study(study_name="p-tuned-depth2", storage=run.storage)
@@ -158,13 +224,14 @@ def _running(suffix: str):
 def test_ctrl_c_stops_a_lone_worker_cleanly_and_a_rerun_completes(tmp_path: Path):
     out = tmp_path / "out"
     args = [*TINY, "--depths", "2", "--n-trials", "3", "--train-subset", "20000", "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "study.depth", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "study.depth", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     _wait_for(out / "study.db", lambda st: any(s in ("COMPLETE", "PRUNED") for _, s in st) and _running("")(st))
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err
-    assert err.strip().splitlines() == [l for l in err.strip().splitlines() if l.startswith("interrupted")]
+    assert err.strip().splitlines() == [x for x in err.strip().splitlines() if x.startswith("interrupted")]
     assert not any(s == "RUNNING" for _, s in trial_states(out / "study.db"))  # given back at a safe point
     done = run_study(*args)
     assert done.returncode == 0, done.stderr
@@ -175,16 +242,32 @@ def test_kill_9_during_the_last_final_run_then_the_same_command_finishes_exactly
     # README's recovery path: the killed run's trial is failed once its heartbeat (1 s) is 3 s stale,
     # its seed is given back, and the rerun runs it.
     out = tmp_path / "out"
-    args = [*TINY, "--depths", "2", "--n-trials", "2", "--seeds", "3", "--train-subset", "20000", "--heartbeat", "1",
-            "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "study.depth", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    args = [
+        *TINY,
+        "--depths",
+        "2",
+        "--n-trials",
+        "2",
+        "--seeds",
+        "3",
+        "--train-subset",
+        "20000",
+        "--heartbeat",
+        "1",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "study.depth", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     # Killed during the last seed: a claimed-but-dead seed must not count as done.
-    _wait_for(out / "study.db", lambda st: [s for n, s in st if n.endswith("-final")].count("COMPLETE") == 2
-              and _running("-final")(st))
+    _wait_for(
+        out / "study.db",
+        lambda st: [s for n, s in st if n.endswith("-final")].count("COMPLETE") == 2 and _running("-final")(st),
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert ("RUNNING" in [s for _, s in trial_states(out / "study.db", "-final")])
+    assert "RUNNING" in [s for _, s in trial_states(out / "study.db", "-final")]
     done = run_study(*args)
     assert done.returncode == 0, done.stderr
     assert_exact(out, 2, 3, depths=(2,))
@@ -193,10 +276,10 @@ def test_kill_9_during_the_last_final_run_then_the_same_command_finishes_exactly
 
 def test_sigterm_reaches_every_worker_process(tmp_path: Path):
     out = tmp_path / "out"
-    args = [*TINY, "--depths", "2", "--n-trials", "20", "--train-subset", "20000", "--workers", "2",
-            "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "study.depth", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    args = [*TINY, "--depths", "2", "--n-trials", "20", "--train-subset", "20000", "--workers", "2", "--out", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "study.depth", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     _wait_for(out / "study.db", lambda st: [s for _, s in st].count("RUNNING") == 2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -209,11 +292,20 @@ def test_sigterm_reaches_every_worker_process(tmp_path: Path):
     assert not (out / "trials.csv").exists()
 
 
-@pytest.mark.parametrize("bad", [
-    ["--depths", "0"], ["--n-trials", "-1"], ["--preset", "huge"], ["--seeds", "0"], ["--depths", "2", "2"],
-    ["--storage", "nosuchdb://x"], ["--storage", "postgresql://nobody@127.0.0.1:1/none"],
-    ["--workers", "0"], ["--heartbeat", "10000000000"],
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--depths", "0"],
+        ["--n-trials", "-1"],
+        ["--preset", "huge"],
+        ["--seeds", "0"],
+        ["--depths", "2", "2"],
+        ["--storage", "nosuchdb://x"],
+        ["--storage", "postgresql://nobody@127.0.0.1:1/none"],
+        ["--workers", "0"],
+        ["--heartbeat", "10000000000"],
+    ],
+)
 def test_bad_input_exits_without_traceback_or_touching_results(tmp_path: Path, bad):
     sentinel = tmp_path / "trials.csv"
     sentinel.write_text("keep me\n")
@@ -226,6 +318,7 @@ def test_bad_input_exits_without_traceback_or_touching_results(tmp_path: Path, b
 
 def test_cuda_without_cuda_exits_2(tmp_path: Path):
     import torch
+
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     p = run_study(*TINY, "--out", str(tmp_path), "--device", "cuda")
@@ -270,8 +363,18 @@ EXPERIMENT_ARGS = {
 
 @pytest.mark.parametrize("experiment", EXPERIMENT_ARGS)
 def test_each_experiment_end_to_end_and_resumed(experiment: str, tmp_path: Path):
-    args = ["--preset", "quick", *EXPERIMENT_ARGS[experiment], "--seeds", "2", "--train-subset", "300",
-            "--no-report", "--out", str(tmp_path)]
+    args = [
+        "--preset",
+        "quick",
+        *EXPERIMENT_ARGS[experiment],
+        "--seeds",
+        "2",
+        "--train-subset",
+        "300",
+        "--no-report",
+        "--out",
+        str(tmp_path),
+    ]
     study_depth.main(args)
     trials, epochs, final = (pd.read_csv(tmp_path / f"{k}.csv") for k in ("trials", "epochs", "final"))
     assert set(final.experiment) == {experiment}
@@ -318,15 +421,38 @@ def test_another_split_or_sampler_seed_is_its_own_study(tmp_path: Path):
 
 
 def test_fashion_mnist_study_end_to_end_and_resume_across_datasets_refused(tmp_path: Path):
-    args = ["--preset", "quick", "--dataset", "fashion-mnist", *EXPERIMENT_ARGS["tuned"], "--seeds", "2",
-            "--train-subset", "300", "--no-report", "--out", str(tmp_path)]
+    args = [
+        "--preset",
+        "quick",
+        "--dataset",
+        "fashion-mnist",
+        *EXPERIMENT_ARGS["tuned"],
+        "--seeds",
+        "2",
+        "--train-subset",
+        "300",
+        "--no-report",
+        "--out",
+        str(tmp_path),
+    ]
     study_depth.main(args)
     final = pd.read_csv(tmp_path / "final.csv")
     assert sorted(final.seed) == [1, 2] and final.study.str.startswith("quick-fashion-mnist-tuned").all()
     assert json.loads((tmp_path / "config.json").read_text())["dataset"] == "fashion-mnist"
     # Both datasets share one storage under their own names...
-    study_depth.main([*args[:2], *EXPERIMENT_ARGS["tuned"], "--seeds", "1", "--train-subset", "300", "--no-report",
-                      "--out", str(tmp_path)])
+    study_depth.main(
+        [
+            *args[:2],
+            *EXPERIMENT_ARGS["tuned"],
+            "--seeds",
+            "1",
+            "--train-subset",
+            "300",
+            "--no-report",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     names = {s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'study.db'}")}
     assert {"quick-tuned-depth3", "quick-fashion-mnist-tuned-depth3"} <= names
     # ... and resuming a study with the other dataset is refused.

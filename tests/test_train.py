@@ -33,15 +33,26 @@ def test_divergence_is_reported_not_raised(small):
 
 def test_callback_can_stop_and_test_can_be_skipped(small):
     seen = []
-    result = train(mlp(()), small, TrainConfig(epochs=5),
-                   on_epoch=lambda m: seen.append(m) or m.epoch == 2, evaluate_test=False)
+    result = train(
+        mlp(()), small, TrainConfig(epochs=5), on_epoch=lambda m: seen.append(m) or m.epoch == 2, evaluate_test=False
+    )
     assert result.stopped and [m.epoch for m in seen] == [1, 2]
     assert result.test_accuracy is None
     assert 0 <= seen[0].val_accuracy <= 1 and math.isfinite(seen[0].val_loss)
 
 
-@pytest.mark.parametrize("bad", [dict(lr=0), dict(lr=float("nan")), dict(batch_size=0), dict(epochs=0),
-                                 dict(optimizer="lbfgs"), dict(momentum=1.0), dict(threads=0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(lr=0),
+        dict(lr=float("nan")),
+        dict(batch_size=0),
+        dict(epochs=0),
+        dict(optimizer="lbfgs"),
+        dict(momentum=1.0),
+        dict(threads=0),
+    ],
+)
 def test_config_rejects_impossible_values(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)
@@ -60,15 +71,18 @@ def test_device_resolution():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_cuda_training_step(small):
     from mnist_bench.data import MNIST
-    cuda = MNIST(*(t.cuda() for t in (small.train_x, small.train_y, small.val_x, small.val_y,
-                                      small.test_x, small.test_y)))
+
+    cuda = MNIST(
+        *(t.cuda() for t in (small.train_x, small.train_y, small.val_x, small.val_y, small.test_x, small.test_y))
+    )
     result = train(mlp((64,)), cuda, TrainConfig(lr=0.1, epochs=2))
     assert result.test_accuracy > 0.8
 
 
 def test_should_stop_ends_the_run_after_the_current_step(small):
     calls = []
-    result = train(mlp((16,)), small, TrainConfig(epochs=3, batch_size=100),
-                   should_stop=lambda: calls.append(1) or len(calls) >= 5)
+    result = train(
+        mlp((16,)), small, TrainConfig(epochs=3, batch_size=100), should_stop=lambda: calls.append(1) or len(calls) >= 5
+    )
     assert result.interrupted and result.epochs == [] and result.test_accuracy is None
     assert len(calls) == 5 and result.samples_seen == 500

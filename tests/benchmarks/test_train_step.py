@@ -4,6 +4,7 @@ Run with timing:      pytest tests/benchmarks --benchmark-enable --benchmark-aut
 Compare to baseline:  pytest tests/benchmarks --benchmark-enable --benchmark-compare --benchmark-compare-fail=mean:10%
 The default test command runs each once with benchmarking disabled, proving they work.
 """
+
 import pytest
 import torch
 
@@ -30,8 +31,13 @@ def test_train_step(benchmark, data, depth):
     step = HarnessStep(depth, BATCH, data)
     loss = benchmark.pedantic(step.steps, args=(STEPS,), rounds=10, iterations=1, warmup_rounds=2)
     assert torch.isfinite(loss)
-    benchmark.extra_info.update(device=data.device.type, threads=torch.get_num_threads(), batch_size=BATCH,
-                                steps_per_round=STEPS, train_flops_per_sample=step.flops_per_sample)
+    benchmark.extra_info.update(
+        device=data.device.type,
+        threads=torch.get_num_threads(),
+        batch_size=BATCH,
+        steps_per_round=STEPS,
+        train_flops_per_sample=step.flops_per_sample,
+    )
     if benchmark.stats is not None:  # None under --benchmark-disable
         seconds_per_step = benchmark.stats.stats.median / STEPS
         benchmark.extra_info["samples_per_s"] = BATCH / seconds_per_step
