@@ -90,7 +90,9 @@ def margin_points(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number of accuracy points, got {text!r}") from None
     if not 0 < value <= 10:  # also refuses nan and inf
-        raise argparse.ArgumentTypeError(f"must be in (0, 10] points of accuracy, got {text}")
+        raise argparse.ArgumentTypeError(
+            f"must be in (0, 10] points of accuracy (a wider margin would call any two depths equivalent), got {text}"
+        )
     return value
 
 

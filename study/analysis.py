@@ -136,6 +136,12 @@ class Contrast:
         return f"{self.a} minus {self.b}"
 
 
+def clip(ci: tuple[float, float], bound: float) -> tuple[float, float]:
+    """An interval cut to the values the quantity can take (a difference of two accuracies lies in
+    [-1, 1], a difference of two such differences in [-2, 2]): still a valid confidence set."""
+    return (max(ci[0], -bound), min(ci[1], bound))
+
+
 def contrast_family(pairs: list[tuple[str, Group, Group]], margin: float, alpha: float = ALPHA) -> list[Contrast]:
     """Every declared contrast (setting, a, b) of one Holm family, a minus b. A contrast that cannot be
     computed stays in the family with p = 1, so the family never shrinks."""
@@ -176,11 +182,11 @@ def contrast_family(pairs: list[tuple[str, Group, Group]], margin: float, alpha:
                 t.mean,
                 t.sd,
                 t.corr,
-                stats.paired_interval(x, y, levels[i]),
+                clip(stats.paired_interval(x, y, levels[i]), 1.0),
                 levels[i],
                 t.p,
                 p_holm[i],
-                stats.paired_interval(x, y, min(2 * levels_eq[i], 1.0)),
+                clip(stats.paired_interval(x, y, min(2 * levels_eq[i], 1.0)), 1.0),
                 p_eq_holm[i],
                 t.p_wilcoxon,
                 stats.seeds_to_resolve(t.sd, margin, strictest) if outcome == "inconclusive" else None,
@@ -311,14 +317,18 @@ def opening_sentence(an: Analysis) -> str:
             '"why four layers?"; the sections below describe what it ran.'
         )
     counts = {o: sum(c.outcome == o for c in an.primary) for o in (*OUTCOMES, "not computed")}
-    listed = ", ".join(f"{o} {k}" for o, k in counts.items() if k)
+    listed = ", ".join(f"{k} {o}" for o, k in counts.items() if k)
     wins, both = an.four_beats_both()
-    settings = len({c.setting for c in an.primary})
+    verdict = "in none" if wins == 0 else "in every one" if wins == both else f"in {wins}"
     return (
-        f"On {an.name}, depth 4 against depths 3 and 5 in {settings} settings ({len(an.primary)} paired "
-        f"contrasts, Holm, margin ±{100 * an.margin:.2f} points): {listed}; it beats both neighbours in "
-        f"{wins} of {both} settings."
+        f"On {an.name}, four layers beats both three and five {verdict} of {plural(both, 'setting')}; of its "
+        f"{plural(len(an.primary), 'paired contrast')} with them (Holm, margin ±{100 * an.margin:.2f} points): "
+        f"{listed}."
     )
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 # --- across datasets -------------------------------------------------------------------------------
@@ -392,10 +402,10 @@ def interactions(first: Analysis, second: Analysis, alpha: float = ALPHA) -> lis
                 float(y.mean()),
                 t.mean,
                 t.corr,
-                stats.paired_interval(x, y, levels[i]),
+                clip(stats.paired_interval(x, y, levels[i]), 2.0),
                 levels[i],
                 p_holm[i],
-                stats.paired_interval(x, y, min(2 * levels_eq[i], 1.0)),
+                clip(stats.paired_interval(x, y, min(2 * levels_eq[i], 1.0)), 2.0),
                 p_eq_holm[i],
             )
         )

@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     from . import engine, tables
     from .coord import guarded, open_storage
 
+    if run.render_report:
+        from . import report  # before any training: a broken install fails now, not after the study
+
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our progress bars and tables report trials
     resolve_device(run.device)  # usage errors before anything is written
     data = engine.load_data(cfg, run)  # verified before anything is written; reused by a lone worker

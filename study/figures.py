@@ -146,7 +146,7 @@ def recipe_figure(path: Path, settings: list[Setting], claims: list) -> str:
         failed_legend(ax, failed)
         _integer_depths(ax, s.groups)
         ax.set(ylabel="test accuracy (%)", title=f"The text's recipe, after {epoch} epochs")
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # off the dots
     _save(plt, fig, path)
     return (
         "The text's recipe (plain SGD, lr 0.03, batch 64, every training image) across depths, after "
@@ -168,7 +168,7 @@ def matched_figure(path: Path, settings: list[Setting], softmax: float | None) -
             ax.axhline(100 * softmax, ls="--", color="0.4", label=f"softmax regression ({100 * softmax:.2f}%)")
         _integer_depths(ax, s.groups)
         ax.set(ylabel="test accuracy (%)" if ax is axes[0][0] else None, title=s.key.split(", ")[1])
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # off the dots
     _save(plt, fig, path)
     below = "" if softmax is None else f" Softmax regression ({100 * softmax:.2f}%) is drawn where it lies on the axis."
     return (
@@ -186,7 +186,7 @@ def tuned_figure(path: Path, setting: Setting, trials: pd.DataFrame) -> str:
     failed_legend(left, failed)
     _integer_depths(left, setting.groups)
     left.set(ylabel="test accuracy (%)", title="Each depth tuned: retrained seeds")
-    left.legend(fontsize=7, loc="lower right")
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # off the dots
     done = trials[(trials["experiment"] == "tuned") & (trials["state"] == "complete")].dropna(subset=["train_flops"])
     for d, g in done.groupby("depth"):
         c = depth_colour(colours, int(d))
@@ -296,7 +296,13 @@ def answer_figure(path: Path, analyses: list[Analysis]) -> str:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the rows, never on one
     _save(plt, fig, path)
     return (
-        "Every primary contrast: mean per-seed difference (marker), its interval at the Holm-consistent level "
+        "Every primary contrast"
+        + (
+            f" ({', '.join(f'{a.name} {shape}' for a, shape in zip(analyses, ('circles', 'squares')))})"
+            if len(analyses) > 1
+            else ""
+        )
+        + ": mean per-seed difference (marker), its interval at the Holm-consistent level "
         "(thin line: excludes 0 exactly when the outcome is better or worse) and the two-one-sided-tests "
         f"interval (thick line: inside the ±{margin:.2f}-point band exactly when the outcome is equivalent)."
     )

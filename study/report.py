@@ -114,7 +114,8 @@ def outcome_words(c: Contrast) -> str:
     if c.outcome == "equivalent":
         return "equivalent within the margin"
     if c.outcome == "inconclusive":
-        return f"inconclusive (planning: {c.seeds_needed} paired seeds)"
+        seeds = f"{c.seeds_needed}" if c.seeds_needed <= 1000 else "more than 1,000"
+        return f"inconclusive (planning: {seeds} paired seeds)"
     if math.isfinite(c.p_equivalence_holm) and c.p_equivalence_holm <= ALPHA:
         return f"{c.outcome}, by less than the margin"
     return c.outcome
@@ -193,43 +194,59 @@ def section(an: Analysis, s: Setting, title: str) -> list[str]:
 # --- parts of the document -------------------------------------------------------------------------
 
 
+def training_images(config: dict) -> str:
+    subset = config.get("train_subset")
+    return f"a {int(subset):,}-image training subset" if subset else "every training image"
+
+
 def quick_banner(config: dict, out: Path) -> list[str]:
     """A study on a training subset is a check that every stage runs, not an answer: say so first."""
     subset = config.get("train_subset")
     if not subset and not str(config.get("name", "")).startswith("quick"):
         return []
     committed = Path(os.path.relpath(cli.RESULTS_DIR.resolve() / "report.md", out.resolve())).as_posix()
-    what = f"a {int(subset):,}-image training subset" if subset else "small budgets"
+    ran = " and ".join(config.get("experiments", {})) or "no experiment"
     return [
-        f"> **This is a quick check, not the answer.** The `{config.get('name')}` study ran every experiment on "
-        f"{what} with small budgets and few seeds, to show that every stage runs end to end; its numbers are "
+        f"> **This is a quick check, not the answer.** The `{config.get('name')}` study ran {ran} on "
+        f"{training_images(config)} with small budgets and few seeds, to show that every stage runs end to end; its "
+        "numbers are "
         f"not findings. The committed answer of the full study is [`results/report.md`]({committed}).",
         "",
     ]
 
 
-def how_to_read(an: Analysis) -> str:
+def how_to_read(an: Analysis) -> list[str]:
     m = 100 * an.margin
-    return (
-        f"**How to read it.** Margin ±{m:.2f} points of test accuracy (`--margin`): the smallest difference "
-        f"that matters. Each contrast pairs the seeds both depths trained (seed k fixes initialisation and "
-        f"batch order for every depth: common random numbers) and takes the per-seed differences: paired t "
-        f"interval, n, and the correlation r of the two depths over seeds. The primary family holds depth 4 "
-        f"minus 3 and depth 4 minus 5 in each setting and is corrected with Holm; every other pair is "
-        f"exploratory, in its own Holm family per setting. *Better* or *worse*: the interval, drawn at the "
-        f"contrast's Holm-consistent level (the level shown), excludes 0. *Equivalent*: two one-sided tests "
-        f"(TOST), Holm-corrected as their own family, put the difference inside ±{m:.2f}. Each of the two "
-        f"families holds its error rate at {ALPHA}, so all claims of both kinds together at most "
-        f"{2 * ALPHA:.2f}; the intervals are not simultaneous. Otherwise *inconclusive*, with a planning "
-        f"number: the paired seeds that would give {POWER:.0%} power at the family's strictest level if the "
-        f"true difference were ±{m:.2f} (to find it) or 0 (to show equivalence), from the spread of the seeds "
-        f"at hand; a true difference in between needs more. The Wilcoxon signed-rank p is unadjusted, a check "
-        f"on the direction and on outliers (with 8 seeds its smallest possible p, 0.0078, cannot reach the "
-        f"Holm levels). A run ending at or below {pts(FAILED_AT)}% (twice chance) or with a loss that is not "
-        f"finite is *failed*: counted, compared with Fisher's exact test, and kept out of every mean and "
-        f"interval. Intervals cover seed-to-seed variation on one fixed test set of 10,000 images (0.01 points "
-        f"is one image); sampling of the test set itself is not in them."
+    n = min((c.n for c in an.primary if c.n), default=0)
+    floor = (
+        f" (with {n} seeds its smallest possible p is {2 / 2**n:.2g}, so it cannot confirm at the Holm levels)"
+        if n
+        else ""
     )
+    return [
+        "**How to read it.**",
+        "",
+        f"- *Margin* ±{m:.2f} points of test accuracy (`--margin`): the smallest difference that matters.",
+        "- *Paired by seed*: seed k fixes initialisation and batch order for every depth (common random numbers), "
+        "so each contrast takes the per-seed differences of the seeds both depths trained: a paired t interval, "
+        "n, and the correlation r of the two depths over seeds.",
+        "- *Primary contrasts*: depth 4 minus 3 and depth 4 minus 5 in each setting, one Holm family. Every other "
+        "pair is exploratory, in its own Holm family per setting.",
+        "- *Better* or *worse*: the interval, drawn at the contrast's Holm-consistent level (the level shown), "
+        "excludes 0; *better/worse by less than the margin* when it is also inside the margin.",
+        f"- *Equivalent*: two one-sided tests (TOST), Holm-corrected as their own family, put the difference "
+        f"inside ±{m:.2f}. Each family holds its error rate at {ALPHA}, so all claims of both kinds together at "
+        f"most {2 * ALPHA:.2f}; the intervals are not simultaneous.",
+        f"- *Inconclusive*: neither, with a planning number: the paired seeds that would give {POWER:.0%} power "
+        f"at the family's strictest level if the true difference were ±{m:.2f} (to find it) or 0 (to show "
+        "equivalence), from the spread of the seeds at hand; a true difference in between needs more.",
+        f"- The *Wilcoxon* signed-rank p is unadjusted, a check on direction and outliers{floor}.",
+        f"- *Failed run*: at or below {pts(FAILED_AT)}% (twice chance) or a loss that is not finite; counted, "
+        "compared with Fisher's exact test, and kept out of every mean and interval.",
+        "- Intervals cover seed-to-seed variation on one fixed test set of 10,000 images (0.01 points is one "
+        "image); sampling of the test set itself is not in them.",
+        "",
+    ]
 
 
 def claims_table(an: Analysis, claims: list) -> list[str]:
@@ -248,7 +265,7 @@ def claims_table(an: Analysis, claims: list) -> list[str]:
                 "95% CI": interval(lo, hi, signed_values=False),
                 "trained n": g.n,
                 "failed": len(g.failed),
-                "reached": "yes" if g.mean >= claim else ("within CI" if hi >= claim else "no"),
+                "reached": "yes" if g.mean >= claim else ("no, not excluded by the CI" if hi >= claim else "no"),
             }
         )
     if not rows:
@@ -477,7 +494,7 @@ def render(
     if an.primary:
         pictured = [an] + ([second] if second and second.primary else [])
         doc += ["![answer](answer.png)", "", figures.answer_figure(out / "answer.png", pictured), ""]
-    doc += [how_to_read(an), ""]
+    doc += how_to_read(an)
     if an.primary:
         doc += ["## The primary contrasts", "", contrast_table(an.primary, with_setting=True), ""]
         wins, both = an.four_beats_both()
@@ -493,7 +510,7 @@ def render(
         doc += [
             "## 1. The text's own recipe across depths",
             "",
-            f"Plain SGD, lr {r.get('lr', 0.03)}, batch 64, every training image, inputs in [0, 1], the text's "
+            f"Plain SGD, lr {r.get('lr', 0.03)}, batch 64, {training_images(config)}, inputs in [0, 1], the text's "
             f"funnel {'-'.join(map(str, r.get('funnel', [])))} cut to each depth, {r.get('epochs', 10)} epochs; "
             "test accuracy after every epoch of the same runs (nothing is tuned, so reading the test set per epoch "
             "selects nothing). The earlier epoch is a check of the text's claims, not a primary setting.",

@@ -334,10 +334,10 @@ def test_opening_sentence_is_computed_and_short():
     an = analyse(epochs, final, CONFIG)
     text = opening_sentence(an)
     assert len(text.split()) <= 40
-    assert "better 6" in text and "beats both neighbours in 3 of 3 settings" in text
+    assert "6 better" in text and "beats both three and five in every one of 3 settings" in text
     tie = {d: 0.98 for d in range(1, 7)}
     an = analyse(*study_tables(tie, tie, {3: 0.98, 4: 0.98, 5: 0.98}, noise=0.0002)[1:], CONFIG)
-    assert "equivalent" in opening_sentence(an) and "in 0 of 3 settings" in opening_sentence(an)
+    assert "equivalent" in opening_sentence(an) and "in none of 3 settings" in opening_sentence(an)
     assert all(c.p_equivalence_holm <= 0.05 for c in an.primary)  # within the margin, whatever else holds
 
 
@@ -355,11 +355,11 @@ def test_renders_every_experiment_with_the_answer_first(tmp_path: Path):
     path = render(write(tmp_path, *study_tables(FOUR_WINS, FOUR_WINS, TUNED)))
     text = path.read_text()
     lines = [x for x in text.splitlines() if x]
-    assert lines[0].startswith("# Why four layers?") and lines[1].startswith("On MNIST, depth 4 against")
+    assert lines[0].startswith("# Why four layers?") and lines[1].startswith("On MNIST, four layers beats both")
     assert lines[2] == "![answer](answer.png)"
     for png in ("answer.png", "recipe.png", "matched.png", "tuned.png", "curves.png"):
         assert (tmp_path / png).stat().st_size > 10_000 and f"({png})" in text
-    assert "| depth 4, 10 epochs | 98.00 |" in text and "Margin ±0.20 points" in text
+    assert "| depth 4, 10 epochs | 98.00 |" in text and "*Margin* ±0.20 points" in text
     assert "indistinguishable" not in text and "| nan" not in text and "nan%" not in text
     assert "momentum: 0.9" in text and "Against depth 4: depth 3 needed" in text
 

@@ -398,6 +398,10 @@ def test_each_experiment_end_to_end_and_resumed(experiment: str, tmp_path: Path)
     study_depth.main([*args, "--seeds", "3"])
     grown = pd.read_csv(tmp_path / "final.csv")
     assert len(grown) == len(final) * 3 // 2
+    # One experiment alone renders a report of what it ran (the recipe alone once died in the cost section).
+    from study.report import render
+
+    assert render(tmp_path).read_text().startswith("# Why four layers?")
     kept = grown.merge(final[["depth", "seed", "test_accuracy"]], on=["depth", "seed"], suffixes=("", "_before"))
     assert (kept.test_accuracy == kept.test_accuracy_before).all()
 
