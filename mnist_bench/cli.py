@@ -27,6 +27,7 @@ __all__ = [
     "margin_points",
     "device_name",
     "file_name",
+    "path_arg",
     "add_dataset",
     "add_common",
     "prepare_out",
@@ -109,7 +110,7 @@ def add_dataset(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--data-dir",
-        type=Path,
+        type=path_arg,
         default=None,
         help="folder with the dataset's four files, gzip or raw, flat or torchvision's "
         "MNIST/raw or FashionMNIST/raw (default: the pinned copy in data/<dataset>)",
@@ -125,19 +126,29 @@ def add_common(parser: argparse.ArgumentParser, out_help: str) -> None:
         default=1,
         help="CPU threads for PyTorch (default: 1; see README on OpenMP contention)",
     )
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"{out_help} (default: results/)")
+    parser.add_argument("--out", type=path_arg, default=RESULTS_DIR, help=f"{out_help} (default: results/)")
 
 
 def file_name(text: str) -> str:
-    """An argparse type: a plain file name (no folder part)."""
+    """An argparse type: a plain file name (no folder part) the file system can hold."""
     if not text or text in (".", "..") or "/" in text or "\0" in text:
         raise argparse.ArgumentTypeError(f"must be a plain file name, got {text!r}")
+    if len(text.encode()) > 255:
+        raise argparse.ArgumentTypeError(f"must be at most 255 bytes (a file system limit), got {len(text.encode())}")
     return text
 
 
-def prepare_out(folder: Path, name: str | None = None) -> Path:
-    """Create `folder` and prove a file can be written there (and `name` is a plain file name),
-    before any work whose results would have nowhere to go. Returns the folder (or the file path)."""
+def path_arg(text: str) -> Path:
+    """An argparse type: a path, never empty (an empty one would silently mean the current folder)."""
+    if not text.strip() or "\0" in text:
+        raise argparse.ArgumentTypeError(f"must be a path, got {text!r}")
+    return Path(text)
+
+
+def prepare_out(folder: Path, name: str | None = None, files: tuple[str, ...] = ()) -> Path:
+    """Create `folder` and prove a file can be written there (and `name` is a plain file name), and
+    that each of `files` (the outputs the command will write there) can be replaced, before any work
+    whose results would have nowhere to go. Returns the folder (or the file path)."""
     if name is not None:
         try:
             file_name(name)
@@ -152,6 +163,14 @@ def prepare_out(folder: Path, name: str | None = None) -> Path:
         probe.unlink()
     except OSError as e:
         raise UsageError(f"cannot write to --out {folder}: {e.strerror or e}") from None
+    for f in (*files, *([name] if name is not None else [])):
+        path = folder / f
+        if path.is_dir():
+            raise UsageError(
+                f"{path} is a folder; the command writes a file there: move it aside or pick another --out"
+            )
+        if path.exists() and not os.access(path, os.W_OK):
+            raise UsageError(f"cannot replace {path}: it is read-only; make it writable or pick another --out")
     return folder / name if name is not None else folder
 
 

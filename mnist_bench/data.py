@@ -11,6 +11,7 @@ no per-sample PIL/``ToTensor`` work and no DataLoader in the hot path.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import zlib
@@ -131,10 +132,18 @@ def download(data_dir: Path, dataset: str = "mnist") -> None:
     import torchvision.datasets
 
     cls = getattr(torchvision.datasets, RAW_FOLDERS[dataset])
+    created = [
+        p
+        for p in (data_dir, data_dir / RAW_FOLDERS[dataset], data_dir / RAW_FOLDERS[dataset] / "raw")
+        if not p.exists()
+    ]  # what a failed download must not leave behind
     try:
         cls(root=str(data_dir), train=True, download=True)
         cls(root=str(data_dir), train=False, download=True)
     except Exception as e:  # noqa: BLE001 - any network failure becomes one line
+        for folder in reversed(created):  # innermost first; only folders this call made, and only if empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(
             f"{dataset} files missing in {data_dir} and the download failed ({first}); copy the four "

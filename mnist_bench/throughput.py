@@ -33,6 +33,7 @@ from torch import nn
 
 from .data import FILES, MNIST, RAW_FOLDERS, find_file, load_mnist, read_verified, resolve_device
 from .env import environment
+from .errors import UserError
 from .interrupt import Interrupted
 from .models import funnel_widths, mlp, train_flops
 from .paths import default_data_dir
@@ -327,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help=f"CPU thread counts to sweep (default: 1 and all cores = {os.cpu_count()})",
     )
-    p.add_argument("--out", type=Path, default=cli.RESULTS_DIR, help="folder for throughput.csv (default: results/)")
+    p.add_argument(
+        "--out", type=cli.path_arg, default=cli.RESULTS_DIR, help="folder for throughput.csv (default: results/)"
+    )
     p.add_argument(
         "--name", type=cli.file_name, default="throughput.csv", help="file name of the table (default: throughput.csv)"
     )
@@ -337,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of the sweep, profile the depth-4 step at batch 64 on the CPU and print where time goes",
     )
     args = p.parse_args(argv)
+    if args.threads and len(set(args.threads)) != len(args.threads):
+        p.error(f"--threads must be distinct, got {args.threads}")
     if args.profile:
         for threads in args.threads or [1]:
             print(profile(4, SOURCE_BATCH, threads, args.data_dir, dataset=args.dataset))
@@ -354,8 +359,16 @@ def main(argv: list[str] | None = None) -> int:
         raise Interrupted(
             f"interrupted: nothing written ({path} is written when the sweep ends); temporary files removed"
         ) from None
-    df.to_csv(path, index=False)
     print(summary(df))
+    partial = path.with_name(f".{path.name}.partial")
+    try:  # measurements are kept even when the table cannot take them
+        df.to_csv(partial, index=False)
+        partial.replace(path)
+    except OSError as e:
+        kept = Path(tempfile.gettempdir()) / f"mnist-bench-{path.name}"
+        df.to_csv(kept, index=False)
+        partial.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path} ({e.strerror or e}); the measurements are in {kept}") from None
     print(f"wrote {path}")
     return 0
 

@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mnist_bench.errors import UsageError
+
 MAX_DEPTH = 8
 EXPERIMENTS = ("recipe", "matched", "tuned")
 SOURCE_PARAMS = 242_762  # 784-256-128-64-10
@@ -253,3 +255,44 @@ def parse_study_name(study: str) -> tuple[str, Cell] | None:
         return None
     budget = int(m["budget"]) if m["budget"] else None
     return m["name"], Cell(m["experiment"], int(m["depth"]), budget)
+
+
+def refuse_other_study(out: Path, name: str, database: Path | None = None) -> None:
+    """A results folder belongs to one study: refuse (one line) to write study `name`'s tables or
+    report into `out` when its config.json, or the SQLite `database` the command would add to, holds
+    another study. So a quick run never rewrites the committed results/ of the full study."""
+    config = out / "config.json"
+    if config.is_file():
+        import json
+
+        try:
+            found = json.loads(config.read_text())
+            found = found.get("name") if isinstance(found, dict) else None
+        except (ValueError, UnicodeDecodeError):
+            found = None
+        if found != name:
+            what = f"study {found!r}" if found else "a config.json this command did not write"
+            raise UsageError(
+                f"{out} holds the tables of {what}, not {name!r}: pick another --out (a results folder is "
+                "rewritten only by the study that made it)"
+            )
+    if database is not None and database.is_file():
+        others = sorted({n for n in stored_study_names(database) if n != name})
+        if others:
+            raise UsageError(
+                f"{database} holds study {others[0]!r}, not {name!r}: pick another --out, or pass --storage to share "
+                "a storage on purpose"
+            )
+
+
+def stored_study_names(database: Path) -> set[str]:
+    """Study name prefixes of the depth studies in an SQLite file, read without writing to it."""
+    import contextlib
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as con:
+            rows = con.execute("select study_name from studies").fetchall()
+    except sqlite3.Error:
+        return set()  # empty, damaged or not Optuna's: the storage layer says so in its own words
+    return {parsed[0] for (study,) in rows if (parsed := parse_study_name(study))}

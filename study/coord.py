@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import os
 import random
 import threading
 import time
@@ -66,10 +67,17 @@ def sqlite_path(url: str) -> Path | None:
 def open_storage(
     url: str, heartbeat_interval: int | None = None, grace_period: int | None = None, must_exist: bool = False
 ) -> optuna.storages.RDBStorage:
-    """Optuna's RDBStorage for `url`. `must_exist` refuses to create a new SQLite file (readers)."""
+    """Optuna's RDBStorage for `url`. `must_exist` (readers) refuses a storage without Optuna's schema
+    instead of creating it: a reader never writes into the database it reads."""
     path = sqlite_path(url)
     if must_exist and path is not None and not path.is_file():
         raise StudyError(f"no storage file {path}; check the --storage URL")
+    if path is not None and not path.parent.is_dir():
+        raise StudyError(f"no folder {path.parent} for the storage file; check the --storage URL")
+    if path is not None and path.is_file() and not must_exist and not os.access(path, os.W_OK):
+        raise StudyError(f"storage file {path} is read-only; make it writable to add to the study")
+    if must_exist and (missing := not_optuna(url)):
+        raise StudyError(f"{url!r} is not an Optuna storage ({missing}); check the --storage URL")
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(5):
         try:
@@ -91,6 +99,31 @@ def open_storage(
                 ) from None
             raise StudyError(f"cannot open storage {url!r}: {first_line(e)}") from None
     raise AssertionError("unreachable")
+
+
+def not_optuna(url: str) -> str | None:
+    """Why the database at `url` holds no Optuna study schema (None when it does), read without writing."""
+    path = sqlite_path(url)
+    if path is not None:
+        if path.stat().st_size == 0:
+            return "an empty file"
+        if sqlite_damage(path):
+            return None  # damaged: the opener names the damage in SQLite's own words
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
+            tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
+    else:
+        engine = None
+        try:
+            engine = sqlalchemy.create_engine(url)
+            tables = set(sqlalchemy.inspect(engine).get_table_names())
+        except Exception:  # noqa: BLE001 - unreachable or a bad URL: the opener says so in one line
+            return None
+        finally:
+            if engine is not None:
+                engine.dispose()
+    return None if {"studies", "trials"} <= tables else "no studies table"
 
 
 def sqlite_damage(path: Path) -> str | None:

@@ -22,7 +22,7 @@ import dataclasses
 import os
 import re
 
-from .config import DEFAULT_MARGIN, EXPERIMENTS, MAX_DEPTH, PRESETS, RunConfig, StudyConfig
+from .config import DEFAULT_MARGIN, EXPERIMENTS, MAX_DEPTH, PRESETS, RunConfig, StudyConfig, refuse_other_study
 
 MAX_HEARTBEAT = 3600  # seconds; beyond an hour a dead worker's slot would sit idle for hours
 MAX_TRIALS = 10_000  # per depth
@@ -137,7 +137,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         values = getattr(args, flag)
         if values and len(set(values)) != len(values):
             p.error(f"--{flag} must be distinct, got {values}")
+    deepest = len(PRESETS[args.preset].recipe.funnel) + 1
+    if args.depths and max(args.depths) > deepest and (not args.experiments or "recipe" in args.experiments):
+        p.error(
+            f"--depths {max(args.depths)} is beyond the recipe's funnel (depths 1-{deepest}: the text's widths cut or "
+            "extended); run deeper networks with --experiments matched tuned"
+        )
+    if args.storage is not None and in_memory(args.storage):
+        p.error(f"--storage {args.storage!r} is an in-memory database: nothing would be kept; give a file or a server")
+    if args.storage is None and set("?#%") & set(str(args.out.resolve())):
+        p.error(
+            f"--out {args.out} contains '?', '#' or '%', which the default storage URL (sqlite:///OUT/study.db) would "
+            "misread; pick another folder, or pass --storage with the path percent-encoded"
+        )
     return args
+
+
+def in_memory(url: str) -> bool:
+    """sqlite://, sqlite:///, sqlite:///:memory: and mode=memory URLs keep nothing when the command ends."""
+    rest = url.removeprefix("sqlite:").lstrip("/") if url.startswith("sqlite:") else None
+    return rest is not None and (rest in ("", ":memory:") or rest.startswith(":memory:") or "mode=memory" in rest)
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[StudyConfig, RunConfig]:
@@ -202,8 +221,12 @@ def main(argv: list[str] | None = None) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our progress bars and tables report trials
     resolve_device(run.device)  # usage errors before anything is written
+    # Never over another study's tables (the committed results/ are rewritten only by the study that made them).
+    default_storage = args.storage is None
+    refuse_other_study(run.out, cfg.name, run.out / "study.db" if default_storage else None)
     data = engine.load_data(cfg, run)  # verified before anything is written; reused by a lone worker
-    cli.prepare_out(run.out)  # before any training: results must have somewhere to go
+    outputs = (*tables.OUTPUT_FILES, *(report.OUTPUT_FILES if run.render_report else ()))
+    cli.prepare_out(run.out, files=outputs)  # before any training: results must have somewhere to go
     storage = open_storage(run.storage)
 
     def study() -> dict:

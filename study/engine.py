@@ -16,6 +16,8 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Callable
 
@@ -367,6 +369,10 @@ class holding:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None and issubclass(exc_type, UpdateFinishedTrialError):
             return True
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            return (
+                False  # a second signal stops at once: no write that could wait on a lock; the heartbeat rule fails it
+            )
         if exc_type is not None:
             try:
                 self.ledger.give_back(self.trial_id)
@@ -384,6 +390,9 @@ def work(cfg: StudyConfig, run: RunConfig, index: int = 0, data: dict[str, MNIST
     storage = open_storage(run.storage, run.heartbeat_interval, run.grace_period)
     from tqdm import tqdm
 
+    # A thread lock, not tqdm's default multiprocessing one: a worker killed with -9 then leaks no semaphore
+    # (the resource tracker would print a warning about it when the command ends).
+    tqdm.set_lock(threading.RLock())
     total = sum(cfg.n_trials(c) + cfg.seeds(c) for c in cfg.cells())
     with tqdm(
         total=total, desc=f"worker {index}", position=index, leave=True, unit="run", mininterval=1.0, disable=None
@@ -406,11 +415,36 @@ def work(cfg: StudyConfig, run: RunConfig, index: int = 0, data: dict[str, MNIST
 # --- several worker processes --------------------------------------------------------------------
 
 
-def _worker_process(cfg: StudyConfig, run: RunConfig, index: int) -> None:
+def die_with_parent(parent: int) -> None:
+    """Stop this worker at its next safe point, like a first signal, when its parent dies (even by
+    kill -9), instead of running on as an orphan. Linux: prctl(PR_SET_PDEATHSIG) with a signal of its
+    own, because the kernel sends it again each time a thread of a multi-threaded parent exits (a
+    second SIGTERM would mean "stop at once"); elsewhere a thread watches the parent's pid."""
+    signal.signal(signal.SIGUSR1, lambda signum, frame: interrupt.STOP.set())
+    try:
+        import ctypes
+
+        if ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGUSR1), 0, 0, 0) == 0:  # PR_SET_PDEATHSIG = 1
+            if os.getppid() != parent:  # the parent died before the request took effect
+                interrupt.STOP.set()
+            return
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        interrupt.STOP.set()
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def _worker_process(cfg: StudyConfig, run: RunConfig, index: int, parent: int) -> None:
     """A spawned worker. SIGINT is ignored (inherited): the parent is the one controller and
     forwards SIGTERM, whose first arrival stops at a safe point and second at once."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # as in the command: our bars and tables report trials
     with interrupt.graceful(signals=(signal.SIGTERM,)):
+        die_with_parent(parent)
         try:
             guarded(lambda: work(cfg, run, index), run.storage)
         except (KeyboardInterrupt, interrupt.Interrupted):
@@ -428,7 +462,10 @@ def run_workers(cfg: StudyConfig, run: RunConfig, data: dict[str, MNIST] | None 
             work(cfg, run, data=data)
         return
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker_process, args=(cfg, run, i), name=f"worker-{i}") for i in range(run.workers)]
+    procs = [
+        ctx.Process(target=_worker_process, args=(cfg, run, i, os.getpid()), name=f"worker-{i}")
+        for i in range(run.workers)
+    ]
     started: list = []
 
     def forward(signum: int, count: int) -> bool:
@@ -461,6 +498,16 @@ def run_workers(cfg: StudyConfig, run: RunConfig, data: dict[str, MNIST] | None 
             "interrupted: every worker stopped; runs in flight are recorded as failed (or, after a second "
             "signal, failed by their heartbeat); run the same command again to continue"
         )
-    failed = [p.name for p in started if p.exitcode != 0]
+    failed = [exit_words(p.name, p.exitcode) for p in started if p.exitcode != 0]
     if failed:
-        raise StudyError(f"{', '.join(failed)} exited with an error (see above); run the same command to resume")
+        raise StudyError(f"{'; '.join(failed)}; everything finished is in the storage: run the same command to resume")
+
+
+def exit_words(name: str, code: int | None) -> str:
+    """'worker-1 was killed by SIGKILL' or 'worker-1 exited with code 1 (its error is above)'."""
+    if code is not None and code < 0:
+        try:
+            return f"{name} was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"{name} was killed by signal {-code}"
+    return f"{name} exited with code {code} (its one-line error is above)"

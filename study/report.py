@@ -46,8 +46,11 @@ from .analysis import (
     retrained_origin,
     state_counts,
 )
-from .config import DEFAULT_MARGIN, FAILED_AT, SearchSpace
+from .config import DEFAULT_MARGIN, FAILED_AT, SearchSpace, refuse_other_study
 from .stats import ALPHA, POWER, fisher
+
+FIGURES = ("answer.png", "recipe.png", "matched.png", "tuned.png", "curves.png", "cross-dataset.png", "throughput.png")
+OUTPUT_FILES = ("report.md", *FIGURES)  # what render may write; proven replaceable before any work
 
 # --- numbers as the report prints them -----------------------------------------------------------
 
@@ -476,11 +479,27 @@ def render(
 ) -> Path:
     """Render report.md and the figures from the tables in `results` into `out` (default: the same
     folder); with `compare_with`, another dataset's results folder, add the cross-dataset section.
+    `margin` is the equivalence margin as an accuracy fraction (0.002 = 0.2 points). A figure or the
+    report that cannot be written ends in one line; the tables are never touched."""
+    try:
+        return _render(results, out, compare_with, margin)
+    except OSError as e:
+        where = e.filename or out or results
+        raise UserError(f"cannot write {where} ({e.strerror or e}); the tables it comes from are kept") from None
+
+
+def _render(
+    results: Path, out: Path | None = None, compare_with: Path | None = None, margin: float = DEFAULT_MARGIN
+) -> Path:
+    """Render report.md and the figures from the tables in `results` into `out` (default: the same
+    folder); with `compare_with`, another dataset's results folder, add the cross-dataset section.
     `margin` is the equivalence margin as an accuracy fraction (0.002 = 0.2 points)."""
     out = out or results
     trials, epochs, final, config = load_results(results)
     other = load_results(compare_with) if compare_with is not None else None
-    throughput = read_optional(results / "throughput.csv")
+    if out.resolve() != results.resolve():
+        refuse_other_study(out, config.get("name"))
+    throughput = read_optional(results / "throughput.csv", CHECKS["throughput"])
     out.mkdir(parents=True, exist_ok=True)
 
     an = analyse(epochs, final, config, margin)
@@ -573,8 +592,12 @@ def render(
     doc += caveats(config) + environment(final)
     path = out / "report.md"
     partial = out / ".report.md.partial"
-    partial.write_text("\n".join(doc))
-    partial.replace(path)  # a reader never sees half a report
+    try:
+        partial.write_text("\n".join(doc))
+        partial.replace(path)  # a reader never sees half a report
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path} ({e.strerror or e}); the tables it comes from are kept") from None
     return path
 
 
@@ -614,10 +637,85 @@ REQUIRED = {  # the columns the report reads
     ),
 }
 DTYPES = {"widths": "string", "command": "string", "budget": "Int64"}
+# What a column may hold (checked on read, so a damaged cell is one line, never a wrong number);
+# "!" marks a column that may not be empty.
+CHECKS = {
+    "trials": {
+        "depth": "count!",
+        "trial": "index!",
+        "val_accuracy": "fraction",
+        "best_epoch_val_accuracy": "fraction",
+        "n_params": "count",
+        "train_flops": "amount",
+        "epochs_run": "index",
+        "retrained": "flag!",
+    },
+    "epochs": {
+        "depth": "count!",
+        "epoch": "count!",
+        "seed": "count",
+        "trial": "index",
+        "val_accuracy": "fraction",
+        "test_accuracy": "fraction",
+        "train_loss": "number",
+        "train_seconds": "amount",
+    },
+    "final": {
+        "depth": "count!",
+        "seed": "count!",
+        "test_accuracy": "fraction",
+        "test_loss": "number",
+        "n_params": "count!",
+        "train_flops": "amount",
+        "train_seconds": "amount",
+        "diverged": "flag",
+    },
+    "throughput": {"samples_per_s": "positive!", "batch_size": "count!", "threads": "count!", "depth": "index!"},
+}
+KINDS = {
+    "fraction": ("an accuracy in [0, 1]", lambda x: x.between(0, 1)),
+    "count": ("a whole number of at least 1", lambda x: (x >= 1) & (x % 1 == 0)),
+    "index": ("a whole number of at least 0", lambda x: (x >= 0) & (x % 1 == 0)),
+    "amount": ("a number of at least 0", lambda x: x >= 0),
+    "positive": ("a number above 0", lambda x: x > 0),
+    "number": ("a number", lambda x: x == x),  # nan/inf are values here (a diverged loss)
+}
+FLAGS = {"True": True, "False": False, "true": True, "false": False, "1": True, "0": False, True: True, False: False}
 
 
-def read_table(path: Path, required: tuple[str, ...] = ()) -> pd.DataFrame:
-    """A CSV written by study.tables, or one line saying what is wrong with it."""
+def validate(df: pd.DataFrame, path: Path, checks: dict[str, str]) -> pd.DataFrame:
+    """Columns as numbers of the kind `checks` says, or one line naming the file, row and column."""
+
+    def refuse(col: str, i, what: str) -> None:
+        row = df.index.get_loc(i) + 2  # line 1 is the header
+        raise UserError(f"{path} row {row}, column {col!r}: {df[col][i]!r} is not {what}")
+
+    for col, kind in checks.items():
+        if col not in df:
+            continue
+        required, kind = kind.endswith("!"), kind.rstrip("!")
+        raw = df[col]
+        if required and raw.isna().any():
+            refuse(col, raw.isna().idxmax(), "allowed to be empty")
+        if kind == "flag":
+            bad = raw.notna() & ~raw.map(lambda v: isinstance(v, (bool, str)) and v in FLAGS)
+            if bad.any():
+                refuse(col, bad.idxmax(), "True or False")
+            df[col] = raw.map(lambda v: FLAGS.get(v, v) if isinstance(v, (bool, str)) else v)
+            continue
+        num = pd.to_numeric(raw, errors="coerce")
+        what, ok = KINDS[kind]
+        bad = (raw.notna() & num.isna() & (raw.astype(str).str.lower() != "nan")) | (num.notna() & ~ok(num))
+        if kind != "number":
+            bad |= num.isin([math.inf, -math.inf])
+        if bad.any():
+            refuse(col, bad.idxmax(), what)
+        df[col] = num
+    return df
+
+
+def read_table(path: Path, required: tuple[str, ...] = (), checks: dict[str, str] | None = None) -> pd.DataFrame:
+    """A CSV written by study.tables (or throughput), or one line saying what is wrong with it."""
     try:
         head = pd.read_csv(path, nrows=0).columns
         df = pd.read_csv(path, dtype={k: v for k, v in DTYPES.items() if k in head})
@@ -636,11 +734,11 @@ def read_table(path: Path, required: tuple[str, ...] = ()) -> pd.DataFrame:
             f"{path} has no column {missing[0]!r}: not a table written by study.depth (or written by "
             "an older version; regenerate with python -m study.report --storage URL --out DIR)"
         )
-    return df
+    return validate(df, path, checks or {})
 
 
-def read_optional(path: Path) -> pd.DataFrame | None:
-    return read_table(path) if path.is_file() else None
+def read_optional(path: Path, checks: dict[str, str] | None = None) -> pd.DataFrame | None:
+    return read_table(path, checks=checks) if path.is_file() else None
 
 
 def load_results(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
@@ -648,7 +746,9 @@ def load_results(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
     missing = [f for f in ("trials.csv", "epochs.csv", "final.csv") if not (results / f).is_file()]
     if missing:
         raise UsageError(f"{results} has no {missing[0]}: run python -m study.depth first, or pass --storage")
-    trials, epochs, final = (read_table(results / f"{k}.csv", REQUIRED[k]) for k in ("trials", "epochs", "final"))
+    trials, epochs, final = (
+        read_table(results / f"{k}.csv", REQUIRED[k], CHECKS[k]) for k in ("trials", "epochs", "final")
+    )
     if final.empty:
         raise UserError(f"{results / 'final.csv'} has no rows: the study has no retrained runs yet (still tuning?)")
     config_path = results / "config.json"
@@ -656,18 +756,26 @@ def load_results(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{config_path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("experiments", {}), dict):
+        raise UserError(f"{config_path} is not a study's config.json (an object with 'experiments')")
+    if config.get("dataset", "mnist") not in DATASET_NAMES:
+        raise UserError(f"{config_path}: unknown dataset {config.get('dataset')!r} (known: {', '.join(DATASET_NAMES)})")
     return trials, epochs, final, config
 
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.Parser("python -m study.report", __doc__)
-    p.add_argument("--results", type=Path, default=None, help="folder with trials/epochs/final.csv (default: results/)")
+    p.add_argument(
+        "--results", type=cli.path_arg, default=None, help="folder with trials/epochs/final.csv (default: results/)"
+    )
     p.add_argument("--storage", default=None, help="Optuna storage URL to read the study from instead of CSVs")
     p.add_argument("--name", default=None, help="study name prefix in the storage (default: the only one)")
-    p.add_argument("--out", type=Path, default=None, help="where to write report.md and plots (default: --results)")
+    p.add_argument(
+        "--out", type=cli.path_arg, default=None, help="where to write report.md and plots (default: --results)"
+    )
     p.add_argument(
         "--compare",
-        type=Path,
+        type=cli.path_arg,
         default=None,
         help="results folder of the same study on another dataset: adds the cross-dataset section",
     )
@@ -691,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
             results = args.results or cli.RESULTS_DIR
             if not results.is_dir():
                 raise UsageError(f"--results {results} is not a folder")
-            cli.prepare_out(args.out or results)
+            cli.prepare_out(args.out or results, files=OUTPUT_FILES)
             path = render(results, args.out, args.compare, margin)
     except KeyboardInterrupt:
         raise Interrupted("interrupted: report.md was not rewritten (tables written so far are kept)") from None
@@ -705,7 +813,7 @@ def from_storage(
     """Write the tables of study `name` (the only one when None) from the storage into `out`, then render."""
     from study import coord, tables
 
-    cli.prepare_out(out)
+    cli.prepare_out(out, files=(*tables.OUTPUT_FILES, *OUTPUT_FILES))
     storage = coord.open_storage(url, must_exist=True)
 
     def write() -> None:
@@ -715,6 +823,7 @@ def from_storage(
         chosen = name or next(iter(names))
         if chosen not in names:
             raise UsageError(f"no study named {chosen!r} in the storage (found {sorted(names)})")
+        refuse_other_study(out, chosen)
         tables.write_tables(storage, chosen, names[chosen], out)
 
     coord.guarded(write, url)

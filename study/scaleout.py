@@ -27,7 +27,7 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from mnist_bench.env import environment
-from mnist_bench.errors import UserError
+from mnist_bench.errors import UsageError, UserError
 from mnist_bench.interrupt import Interrupted
 
 from .config import MAX_DEPTH, Cell, study_name
@@ -131,8 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--depth", type=cli.bounded_int(1, MAX_DEPTH, "Linear layers"), default=4, help="the depth tuned (default: 4)"
     )
-    p.add_argument("--out", type=Path, default=cli.RESULTS_DIR, help="folder for scaleout.csv (default: results/)")
+    p.add_argument(
+        "--out", type=cli.path_arg, default=cli.RESULTS_DIR, help="folder for scaleout.csv (default: results/)"
+    )
     args = p.parse_args(argv)
+    if not ADMIN_URL.startswith("postgresql"):
+        raise UsageError(
+            f"MNIST_BENCH_PG_URL must be a postgresql:// URL (it creates a database per run), got {ADMIN_URL!r}"
+        )
     path = cli.prepare_out(args.out, "scaleout.csv")
     try:
         admin = sqlalchemy.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")

@@ -56,6 +56,18 @@ def _cost(widths, samples: int | None) -> dict:
     }
 
 
+def _trial_cost(cell: Cell, t: optuna.trial.FrozenTrial, settings: dict) -> dict:
+    """Widths, parameters and FLOPs of a tuning trial; nothing for a trial stopped before it had
+    suggested every hyperparameter its model needs (killed while suggesting: it trained nothing)."""
+    if not t.params:
+        return {}
+    try:
+        widths = cell_widths(cell, t.params, settings)
+    except KeyError:
+        return {}
+    return _cost(widths, t.user_attrs.get("samples_seen"))
+
+
 def _number(x) -> float:
     return float("nan") if x is None else float(x)
 
@@ -116,11 +128,7 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
                 "val_accuracy": t.value if t.state == TrialState.COMPLETE else (vals[-1] if vals else None),
                 "best_epoch_val_accuracy": max(vals) if vals else None,
                 "epochs_run": len(curve),
-                **(
-                    _cost(cell_widths(cell, t.params, config["experiment"]), t.user_attrs.get("samples_seen"))
-                    if t.params
-                    else {}
-                ),
+                **_trial_cost(cell, t, config["experiment"]),
                 "train_seconds": t.user_attrs.get("train_seconds"),
                 "samples_per_s": t.user_attrs.get("samples_per_s"),
                 **fixed,
@@ -175,6 +183,7 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
 
 
 TABLES = ("trials", "epochs", "final", "superseded")
+OUTPUT_FILES = (*(f"{k}.csv" for k in TABLES), "config.json")  # what write_tables writes
 EMPTY_COLUMNS = {
     "trials": [
         "study",

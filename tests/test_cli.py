@@ -56,10 +56,62 @@ def assert_one_line(p: subprocess.CompletedProcess, code: int, words: str = ""):
 # --- the table of bad inputs ---------------------------------------------------------------------
 
 
-def a_file(tmp: Path) -> Path:
+def a_file(tmp: Path, content: bytes = b"not a folder\n") -> Path:
     f = tmp / "a-file"
-    f.write_text("not a folder\n")
+    f.write_bytes(content)
     return f
+
+
+def other_study(tmp: Path, name: str = "full", db: bool = False) -> Path:
+    """A results folder of another study: its config.json, or (db) only its storage."""
+    folder = tmp / "their-results"
+    folder.mkdir()
+    if db:
+        optuna.create_study(storage=f"sqlite:///{folder / 'study.db'}", study_name=f"{name}-tuned-depth2")
+    else:
+        (folder / "config.json").write_text(json.dumps({"name": name, "experiments": {}}))
+    return folder
+
+
+def folder_with(folder: Path, name: str) -> Path:
+    """`folder` with a sub-folder where the command writes the file `name`."""
+    (folder / name).mkdir(parents=True)
+    return folder
+
+
+def foreign_sqlite(tmp: Path) -> Path:
+    import sqlite3
+
+    path = tmp / "other-program.db"
+    with sqlite3.connect(path) as con:
+        con.execute("create table notes (text)")
+    return path
+
+
+def edited(tmp: Path, table: str, column: str, value) -> Path:
+    """Valid synthetic tables with one cell of `table` replaced by `value`."""
+    import pandas as pd
+
+    folder = study_tables(tmp)
+    df = pd.read_csv(folder / f"{table}.csv")
+    df[column] = df[column].astype(object)
+    df.loc[df.index[len(df) // 2], column] = value
+    df.to_csv(folder / f"{table}.csv", index=False)
+    return folder
+
+
+def with_config(tmp: Path, config) -> Path:
+    folder = study_tables(tmp)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def bad_throughput(tmp: Path) -> Path:
+    folder = study_tables(tmp)
+    (folder / "throughput.csv").write_text(
+        "model,depth,batch_size,pipeline,device,threads,samples_per_s\nmlp,4,64,harness,cpu,1,fast\n"
+    )
+    return folder
 
 
 def study_tables(tmp: Path, **replace: str) -> Path:
@@ -150,7 +202,7 @@ CASES = {
     ),
     "depth-fashion-files-as-mnist": Case(
         "study.depth",
-        [*TINY, "--data-dir", str(ROOT / "data" / "fashion-mnist")],
+        lambda t: [*TINY, "--data-dir", str(ROOT / "data" / "fashion-mnist"), "--out", str(t / "o")],
         1,
         "is the fashion-mnist file, not mnist's",
     ),
@@ -201,21 +253,132 @@ CASES = {
     "depth-huge-seeds": Case("study.depth", [*TINY, "--seeds", "1000000000"], 2, "1..1000"),
     "depth-huge-n-trials": Case("study.depth", [*TINY, "--n-trials", "1000000000"], 2, "1..10000"),
     "depth-huge-heartbeat": Case("study.depth", [*TINY, "--heartbeat", "10000000000"], 2, "1..3600"),
-    "depth-huge-train-subset": Case("study.depth", [*TINY, "--train-subset", "1000000000000"], 2, "1..55000"),
+    "depth-huge-train-subset": Case(
+        "study.depth", lambda t: [*TINY, "--train-subset", "1000000000000", "--out", str(t / "o")], 2, "1..55000"
+    ),
     "depth-repeated-depths": Case("study.depth", [*TINY, "--depths", "2", "2"], 2, "distinct"),
     "depth-depth-too-large": Case("study.depth", [*TINY, "--depths", "99"], 2, "1..8"),
     "depth-empty-study-name": Case("study.depth", [*TINY, "--study-name", ""], 2, "study-name"),
     "depth-threads-zero": Case("study.depth", [*TINY, "--threads", "0"], 2, "threads"),
     "depth-workers-huge": Case("study.depth", [*TINY, "--workers", "100000"], 2, "1..256"),
-    "depth-unknown-storage-scheme": Case("study.depth", [*TINY, "--storage", "nosuchdb://x"], 1, "cannot open"),
+    "depth-unknown-storage-scheme": Case(
+        "study.depth", lambda t: [*TINY, "--storage", "nosuchdb://x", "--out", str(t / "o")], 1, "cannot open"
+    ),
     "throughput-threads-zero": Case("mnist_bench.throughput", ["--threads", "0"], 2, "threads"),
     "scaleout-depth-99": Case("study.scaleout", ["--depth", "99"], 2, "1..8"),
     "scaleout-bogus-pg-url": Case(
         "study.scaleout",
         lambda t: ["--out", str(t / "o")],
-        1,
-        "not reachable",
+        2,
+        "postgresql://",
         env={"MNIST_BENCH_PG_URL": "bogus://nowhere"},
+    ),
+    "scaleout-sqlite-pg-url": Case(
+        "study.scaleout",
+        lambda t: ["--out", str(t / "o")],
+        2,
+        "postgresql://",
+        env={"MNIST_BENCH_PG_URL": "sqlite:///x.db"},
+    ),
+    # Another study's results are never written over (a quick run into the committed results/).
+    "depth-over-another-studys-tables": Case(
+        "study.depth", lambda t: [*TINY, "--out", str(other_study(t))], 2, "holds the tables of study 'full'"
+    ),
+    "depth-into-another-studys-storage": Case(
+        "study.depth", lambda t: [*TINY, "--out", str(other_study(t, db=True))], 2, "holds study 'full'"
+    ),
+    "report-over-another-studys-report": Case(
+        "study.report",
+        lambda t: ["--results", str(study_tables(t)), "--out", str(other_study(t, name="else"))],
+        2,
+        "holds the tables of study 'else'",
+    ),
+    "report-storage-over-another-studys-tables": Case(
+        "study.report",
+        lambda t: ["--storage", storage_with(t, True), "--out", str(other_study(t))],
+        2,
+        "holds the tables of study 'full'",
+    ),
+    # Names that name nothing.
+    "depth-recipe-depth-beyond-funnel": Case(
+        "study.depth", [*TINY[:2], "--experiments", "recipe", "--depths", "6", "7", "--no-report"], 2, "recipe's funnel"
+    ),
+    "depth-empty-out": Case("study.depth", [*TINY, "--out", ""], 2, "must be a path"),
+    "depth-empty-data-dir": Case("study.depth", [*TINY, "--data-dir", ""], 2, "must be a path"),
+    "throughput-repeated-threads": Case("mnist_bench.throughput", ["--threads", "1", "1"], 2, "distinct"),
+    "throughput-300-character-name": Case("mnist_bench.throughput", ["--name", "x" * 300], 2, "255 bytes"),
+    # Every output proven replaceable before the work.
+    "depth-folder-named-final-csv": Case(
+        "study.depth", lambda t: [*TINY, "--out", str(folder_with(t, "final.csv"))], 2, "is a folder"
+    ),
+    "depth-folder-named-report-md": Case(
+        "study.depth",
+        lambda t: [*TINY[:-1], "--out", str(folder_with(t, "report.md"))],
+        2,
+        "is a folder",
+    ),
+    "report-folder-named-matched-png": Case(
+        "study.report", lambda t: ["--results", str(folder_with(study_tables(t), "matched.png"))], 2, "is a folder"
+    ),
+    "throughput-table-is-a-folder": Case(
+        "mnist_bench.throughput", lambda t: ["--out", str(folder_with(t, "throughput.csv"))], 2, "is a folder"
+    ),
+    # Storage URLs and paths.
+    "depth-out-with-question-mark": Case("study.depth", lambda t: [*TINY, "--out", str(t / "a?b")], 2, "'?'"),
+    "depth-out-with-percent": Case("study.depth", lambda t: [*TINY, "--out", str(t / "a%41")], 2, "'%'"),
+    "depth-storage-in-memory": Case("study.depth", [*TINY, "--storage", "sqlite:///:memory:"], 2, "in-memory"),
+    "depth-storage-sqlite-nothing": Case("study.depth", [*TINY, "--storage", "sqlite:///"], 2, "in-memory"),
+    "depth-storage-missing-folder": Case(
+        "study.depth",
+        lambda t: [*TINY, "--storage", f"sqlite:///{t / 'no' / 'such' / 's.db'}", "--out", str(t / "o")],
+        1,
+        "no folder",
+    ),
+    "report-storage-zero-byte-file": Case(
+        "study.report",
+        lambda t: ["--storage", f"sqlite:///{a_file(t, b'')}", "--out", str(t / "r")],
+        1,
+        "not an Optuna storage",
+    ),
+    "report-storage-another-programs-sqlite": Case(
+        "study.report",
+        lambda t: ["--storage", f"sqlite:///{foreign_sqlite(t)}", "--out", str(t / "r")],
+        1,
+        "not an Optuna storage",
+    ),
+    # Tables are read for what they hold, not only for their column names.
+    "report-non-numeric-accuracy": Case(
+        "study.report", lambda t: ["--results", str(edited(t, "final", "test_accuracy", "abc"))], 1, "'test_accuracy'"
+    ),
+    "report-accuracy-above-1": Case(
+        "study.report", lambda t: ["--results", str(edited(t, "final", "test_accuracy", 5.0))], 1, "accuracy in [0, 1]"
+    ),
+    "report-non-numeric-depth": Case(
+        "study.report", lambda t: ["--results", str(edited(t, "final", "depth", "four"))], 1, "column 'depth'"
+    ),
+    "report-empty-n-params": Case(
+        "study.report", lambda t: ["--results", str(edited(t, "final", "n_params", None))], 1, "column 'n_params'"
+    ),
+    "report-non-numeric-epoch": Case(
+        "study.report", lambda t: ["--results", str(edited(t, "epochs", "epoch", "x"))], 1, "column 'epoch'"
+    ),
+    "report-non-numeric-flops": Case(
+        "study.report", lambda t: ["--results", str(edited(t, "trials", "train_flops", "lots"))], 1, "'train_flops'"
+    ),
+    "report-non-numeric-val-accuracy": Case(
+        "study.report", lambda t: ["--results", str(edited(t, "trials", "val_accuracy", "n/a?"))], 1, "'val_accuracy'"
+    ),
+    "report-config-is-a-list": Case(
+        "study.report", lambda t: ["--results", str(with_config(t, []))], 1, "not a study's config.json"
+    ),
+    "report-config-unknown-dataset": Case(
+        "study.report", lambda t: ["--results", str(with_config(t, {"dataset": "cifar10"}))], 1, "unknown dataset"
+    ),
+    "report-config-null-dataset": Case(
+        "study.report", lambda t: ["--results", str(with_config(t, {"dataset": None}))], 1, "unknown dataset"
+    ),
+    "report-non-numeric-throughput": Case(
+        "study.report", lambda t: ["--results", str(bad_throughput(t))], 1, "'samples_per_s'"
     ),
     "scaleout-unreachable-pg": Case(
         "study.scaleout",

@@ -16,16 +16,18 @@ GRACE = 30
 
 
 class Clock:
-    """A clock the test moves forward (for the "never sent a heartbeat" rule)."""
+    """Real time plus what the test moved it forward (for the "never sent a heartbeat" rule). Never a
+    fixed instant: trials are stamped with real time when created, so a frozen clock taken before a
+    slow start on a loaded machine could see a trial as younger than the test meant it to be."""
 
     def __init__(self):
-        self.now = datetime.datetime.now()
+        self.offset = datetime.timedelta(0)
 
     def __call__(self):
-        return self.now
+        return datetime.datetime.now() + self.offset
 
     def advance(self, seconds: float):
-        self.now += datetime.timedelta(seconds=seconds)
+        self.offset += datetime.timedelta(seconds=seconds)
 
 
 @pytest.fixture
@@ -205,6 +207,9 @@ def test_work_on_a_claim_failed_while_its_worker_was_paused_is_dropped_not_raise
     with holding(a, paused.trial_id):  # A wakes up and writes to its trial: refused, dropped, A goes on
         a.storage.set_trial_user_attr(paused.trial_id, "curve", [])
         raise AssertionError("unreachable: the write above is refused")
-    with pytest.raises(KeyboardInterrupt), holding(a, tune_claim(a, 2).trial_id):
-        raise KeyboardInterrupt  # any other exit gives the claim back
+    with pytest.raises(RuntimeError), holding(a, tune_claim(a, 2).trial_id):
+        raise RuntimeError  # any other error gives the claim back
     assert [t.state for t in a.trials()][-1] == TrialState.FAIL
+    with pytest.raises(KeyboardInterrupt), holding(a, tune_claim(a, 3).trial_id):
+        raise KeyboardInterrupt  # a second signal stops at once: no write that could wait on a lock
+    assert [t.state for t in a.trials()][-1] == TrialState.RUNNING  # the heartbeat rule fails it later

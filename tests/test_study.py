@@ -1,6 +1,7 @@
 """The depth study end to end on a tiny budget: tables, resumption, interruption, a killed worker."""
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -20,6 +21,7 @@ from study.config import PRESETS, Cell, RunConfig, SearchSpace, StudyConfig, Tun
 from study.coord import open_storage
 from study.engine import Worker
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--preset",
     "quick",
@@ -416,11 +418,12 @@ def test_running_one_experiment_keeps_the_other_experiments_rows(tmp_path: Path)
 def test_another_split_or_sampler_seed_is_its_own_study(tmp_path: Path):
     base = ["--preset", "quick", *EXPERIMENT_ARGS["tuned"], "--seeds", "1", "--train-subset", "300", "--no-report"]
     study_depth.main([*base, "--out", str(tmp_path / "a")])
-    p = run_study(*base, "--split-seed", "1", "--sampler-seed", "2", "--out", str(tmp_path / "a"))
+    shared = ["--storage", f"sqlite:///{tmp_path / 'a' / 'study.db'}"]  # one storage on purpose, own tables
+    p = run_study(*base, "--split-seed", "1", "--sampler-seed", "2", *shared, "--out", str(tmp_path / "b"))
     assert p.returncode == 0, p.stderr
     names = {s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'a' / 'study.db'}")}
     assert {"quick-tuned-depth3", "quick-split1-sampler2-tuned-depth3"} <= names
-    p = run_study(*base, "--split-seed", "1", "--study-name", "quick", "--out", str(tmp_path / "a"))
+    p = run_study(*base, "--split-seed", "1", "--study-name", "quick", *shared, "--out", str(tmp_path / "a"))
     assert p.returncode == 1 and "split_seed" in p.stderr  # same names, other hold-out: refused
 
 
@@ -443,9 +446,11 @@ def test_fashion_mnist_study_end_to_end_and_resume_across_datasets_refused(tmp_p
     final = pd.read_csv(tmp_path / "final.csv")
     assert sorted(final.seed) == [1, 2] and final.study.str.startswith("quick-fashion-mnist-tuned").all()
     assert json.loads((tmp_path / "config.json").read_text())["dataset"] == "fashion-mnist"
-    # Both datasets share one storage under their own names...
+    # Both datasets share one storage under their own names (tables in their own folders)...
     study_depth.main(
         [
+            "--storage",
+            f"sqlite:///{tmp_path / 'study.db'}",
             *args[:2],
             *EXPERIMENT_ARGS["tuned"],
             "--seeds",
@@ -454,11 +459,102 @@ def test_fashion_mnist_study_end_to_end_and_resume_across_datasets_refused(tmp_p
             "300",
             "--no-report",
             "--out",
-            str(tmp_path),
+            str(tmp_path / "mnist"),
         ]
     )
     names = {s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'study.db'}")}
     assert {"quick-tuned-depth3", "quick-fashion-mnist-tuned-depth3"} <= names
     # ... and resuming a study with the other dataset is refused.
-    p = run_study(*args[:2], "--dataset", "mnist", "--study-name", "quick-fashion-mnist", *args[4:])
+    shared = ["--storage", f"sqlite:///{tmp_path / 'study.db'}"]
+    p = run_study(*args[:2], "--dataset", "mnist", "--study-name", "quick-fashion-mnist", *args[4:], *shared)
     assert p.returncode == 1 and "dataset" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of `pid` (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")  # a zombie is gone too
+    except FileNotFoundError:
+        return True
+
+
+def _workers_started(tmp_path: Path):
+    out = tmp_path / "out"
+    args = [*TINY, "--depths", "2", "--n-trials", "20", "--train-subset", "20000", "--workers", "2", "--out", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "study.depth", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _wait_for(out / "study.db", lambda st: [s for _, s in st].count("RUNNING") == 2)
+    workers = [c for c in _children(proc.pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+    assert len(workers) == 2
+    return proc, workers, out
+
+
+def test_workers_stop_when_their_parent_is_killed(tmp_path: Path):
+    proc, workers, out = _workers_started(tmp_path)
+    proc.send_signal(signal.SIGKILL)  # no chance to forward anything: the workers must notice by themselves
+    proc.wait()
+    for _ in range(1200):  # each finishes its current training step, gives its run back and exits
+        if all(_gone(w) for w in workers):
+            break
+        time.sleep(0.1)
+    assert all(_gone(w) for w in workers), "orphaned workers kept running"
+    assert "RUNNING" not in [s for _, s in trial_states(out / "study.db")]  # both runs given back
+
+
+def test_a_killed_worker_is_one_line_naming_it(tmp_path: Path):
+    proc, workers, out = _workers_started(tmp_path)
+    os.kill(workers[1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)  # the other worker finishes the budget, redoing the dead run
+    assert proc.returncode == 1 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "worker-1 was killed by SIGKILL" in lines[0] and "see above" not in lines[0], err
+
+
+def test_a_trial_killed_while_suggesting_never_blocks_tables_or_reruns(tmp_path: Path):
+    """A worker stopped hard between suggesting lr and width leaves a failed trial with only lr."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study_depth.main(
+        [*TINY, "--depths", "2", "--n-trials", "1", "--seeds", "1", "--storage", url, "--out", str(tmp_path)]
+    )
+    tune = optuna.load_study(study_name="quick-tuned-depth2", storage=url)
+    tune.add_trial(
+        create_trial(
+            state=TrialState.FAIL,
+            params={"lr": 0.1},
+            distributions={"lr": FloatDistribution(1e-3, 1.0, log=True)},
+            user_attrs={"claim": "tune"},
+        )
+    )
+    study_depth.main(
+        [*TINY, "--depths", "2", "--n-trials", "2", "--seeds", "1", "--storage", url, "--out", str(tmp_path)]
+    )
+    trials = pd.read_csv(tmp_path / "trials.csv")
+    assert len(budget_rows(tmp_path, 2)) == 2 and "interrupted" in set(trials.state)
+    from study.report import render
+
+    assert render(tmp_path).read_text().startswith("# Why four layers?")
+
+
+def test_a_quick_study_in_a_checkout_never_rewrites_the_committed_results(tmp_path: Path):
+    """The default --out is results/: a quick study there is refused before any work."""
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "config.json").write_text((ROOT / "results" / "config.json").read_text())
+    before = sorted(results.iterdir())
+    p = subprocess.run(
+        [sys.executable, "-m", "study.depth", *TINY, "--depths", "2", "--n-trials", "1", "--seeds", "1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert p.returncode == 2 and "holds the tables of study 'full'" in p.stderr and "Traceback" not in p.stderr
+    assert sorted(results.iterdir()) == before
