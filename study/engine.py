@@ -439,11 +439,20 @@ def die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
+def stop_at_once_on_the_second(signum: int, count: int) -> bool:
+    """A worker's second signal: exit now, writing nothing (a write could wait on a database lock, and an
+    exception raised at an arbitrary point can surface as "Exception ignored" noise). Its run in flight
+    stays RUNNING until the heartbeat rule fails it; the parent says the one line."""
+    if count > 1:
+        os._exit(130)
+    return False
+
+
 def _worker_process(cfg: StudyConfig, run: RunConfig, index: int, parent: int) -> None:
     """A spawned worker. SIGINT is ignored (inherited): the parent is the one controller and
     forwards SIGTERM, whose first arrival stops at a safe point and second at once."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # as in the command: our bars and tables report trials
-    with interrupt.graceful(signals=(signal.SIGTERM,)):
+    with interrupt.graceful(signals=(signal.SIGTERM,), on_signal=stop_at_once_on_the_second):
         die_with_parent(parent)
         try:
             guarded(lambda: work(cfg, run, index), run.storage)

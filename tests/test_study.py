@@ -558,3 +558,13 @@ def test_a_quick_study_in_a_checkout_never_rewrites_the_committed_results(tmp_pa
     )
     assert p.returncode == 2 and "holds the tables of study 'full'" in p.stderr and "Traceback" not in p.stderr
     assert sorted(results.iterdir()) == before
+
+
+def test_a_second_sigterm_stops_every_worker_at_once(tmp_path: Path):
+    proc, workers, out = _workers_started(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # forwarded: each worker exits without writing anything more
+    _, err = proc.communicate(timeout=120)  # liveness, not speed: before, a give-back could wait 60 s per lock
+    assert proc.returncode == 130 and "Traceback" not in err and "Exception ignored" not in err, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("interrupted"), err
+    assert all(_gone(w) for w in workers)
