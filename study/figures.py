@@ -242,6 +242,16 @@ def curves_figure(path: Path, trials: pd.DataFrame, epochs: pd.DataFrame) -> str
     return "Learning curves of the retrained tuning trial of each depth (tuned experiment)."
 
 
+def forest_row(ax, y: float, c: Contrast | Interaction, colour, text: str, marker: str = "o") -> None:
+    """One row of a forest plot: the Holm-level interval (thin), the TOST interval (thick), the mean
+    difference (marker) and the outcome in words, in points."""
+    ax.plot([100 * c.ci[0], 100 * c.ci[1]], [y, y], color=colour, lw=1.2)
+    ax.plot([100 * c.ci_equivalence[0], 100 * c.ci_equivalence[1]], [y, y], color=colour, lw=4, alpha=0.6)
+    ax.scatter([100 * c.diff], [y], marker=marker, color=colour, edgecolor="k", zorder=5, s=40)
+    right = 100 * max(c.ci[1], c.ci_equivalence[1])
+    ax.annotate(text, (right, y), xytext=(5, 0), textcoords="offset points", fontsize=7, va="center")
+
+
 def _forest_rows(analyses: list[Analysis]) -> list[tuple[str, int, int]]:
     rows = []
     for an in analyses:
@@ -268,18 +278,8 @@ def answer_figure(path: Path, analyses: list[Analysis]) -> str:
             if c is None or c.outcome == "not computed":
                 ax.text(0, y, "not computed", fontsize=7, va="center", ha="center", color="0.4")
                 continue
-            col = colours[OUTCOME_COLOURS[c.outcome]]
-            ax.plot([100 * c.ci[0], 100 * c.ci[1]], [y, y], color=col, lw=1.2)
-            ax.plot([100 * c.ci_equivalence[0], 100 * c.ci_equivalence[1]], [y, y], color=col, lw=4, alpha=0.6)
-            ax.scatter([100 * c.diff], [y], marker=DATASET_MARKERS[k % 2], color=col, edgecolor="k", zorder=5, s=40)
-            ax.annotate(
-                f"{c.outcome} (n={c.n})",
-                (100 * max(c.ci[1], c.ci_equivalence[1]), y),
-                xytext=(5, 0),
-                textcoords="offset points",
-                fontsize=7,
-                va="center",
-            )
+            colour = colours[OUTCOME_COLOURS[c.outcome]]
+            forest_row(ax, y, c, colour, f"{c.outcome} (n={c.n})", DATASET_MARKERS[k % 2])
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"{s}: depth {a} minus {b}" for s, a, b in rows], fontsize=8)
     ax.invert_yaxis()
@@ -318,18 +318,7 @@ def cross_dataset_figure(path: Path, inter: list[Interaction], names: list[str],
         if x.outcome == "not computed":
             ax.text(0, i, "not computed", fontsize=7, va="center", ha="center", color="0.4")
             continue
-        col = colours[OUTCOME_COLOURS[x.outcome]]
-        ax.plot([100 * x.ci[0], 100 * x.ci[1]], [i, i], color=col, lw=1.2)
-        ax.plot([100 * x.ci_equivalence[0], 100 * x.ci_equivalence[1]], [i, i], color=col, lw=4, alpha=0.6)
-        ax.scatter([100 * x.diff], [i], color=col, edgecolor="k", zorder=5, s=40)
-        ax.annotate(
-            x.outcome,
-            (100 * max(x.ci[1], x.ci_equivalence[1]), i),
-            xytext=(5, 0),
-            textcoords="offset points",
-            fontsize=7,
-            va="center",
-        )
+        forest_row(ax, i, x, colours[OUTCOME_COLOURS[x.outcome]], x.outcome)
     ax.set_yticks(range(len(inter)))
     ax.set_yticklabels([f"{x.setting}: depth {x.a} minus {x.b}" for x in inter], fontsize=8)
     ax.invert_yaxis()

@@ -18,7 +18,6 @@ from mnist_bench import cli
 
 cli.starting(__name__)
 
-import json
 import math
 import os
 from pathlib import Path
@@ -48,6 +47,7 @@ from .analysis import (
 )
 from .config import DEFAULT_MARGIN, FAILED_AT, SearchSpace, refuse_other_study
 from .stats import ALPHA, POWER, fisher
+from .tables import CHECKS, load_results, read_optional
 
 FIGURES = ("answer.png", "recipe.png", "matched.png", "tuned.png", "curves.png", "cross-dataset.png", "throughput.png")
 OUTPUT_FILES = ("report.md", *FIGURES)  # what render may write; proven replaceable before any work
@@ -605,162 +605,6 @@ def analyse_softmax(final: pd.DataFrame):
     """The matched experiment's softmax-regression reference (depth 1), or None."""
     g = groups_of(final[(final["experiment"] == "matched") & (final["depth"] == 1)]).get(1)
     return g if g is not None and g.n else None
-
-
-# --- reading the tables ----------------------------------------------------------------------------
-
-REQUIRED = {  # the columns the report reads
-    "trials": ("experiment", "budget", "depth", "trial", "state", "retrained", "val_accuracy", "n_params"),
-    "epochs": (
-        "experiment",
-        "budget",
-        "depth",
-        "run",
-        "trial",
-        "seed",
-        "epoch",
-        "train_loss",
-        "val_loss",
-        "val_accuracy",
-        "test_accuracy",
-    ),
-    "final": (
-        "experiment",
-        "budget",
-        "depth",
-        "seed",
-        "test_accuracy",
-        "widths",
-        "n_params",
-        "train_flops",
-        "train_seconds",
-    ),
-}
-DTYPES = {"widths": "string", "command": "string", "budget": "Int64"}
-# What a column may hold (checked on read, so a damaged cell is one line, never a wrong number);
-# "!" marks a column that may not be empty.
-CHECKS = {
-    "trials": {
-        "depth": "count!",
-        "trial": "index!",
-        "val_accuracy": "fraction",
-        "best_epoch_val_accuracy": "fraction",
-        "n_params": "count",
-        "train_flops": "amount",
-        "epochs_run": "index",
-        "retrained": "flag!",
-    },
-    "epochs": {
-        "depth": "count!",
-        "epoch": "count!",
-        "seed": "count",
-        "trial": "index",
-        "val_accuracy": "fraction",
-        "test_accuracy": "fraction",
-        "train_loss": "number",
-        "train_seconds": "amount",
-    },
-    "final": {
-        "depth": "count!",
-        "seed": "count!",
-        "test_accuracy": "fraction",
-        "test_loss": "number",
-        "n_params": "count!",
-        "train_flops": "amount",
-        "train_seconds": "amount",
-        "diverged": "flag",
-    },
-    "throughput": {"samples_per_s": "positive!", "batch_size": "count!", "threads": "count!", "depth": "index!"},
-}
-KINDS = {
-    "fraction": ("an accuracy in [0, 1]", lambda x: x.between(0, 1)),
-    "count": ("a whole number of at least 1", lambda x: (x >= 1) & (x % 1 == 0)),
-    "index": ("a whole number of at least 0", lambda x: (x >= 0) & (x % 1 == 0)),
-    "amount": ("a number of at least 0", lambda x: x >= 0),
-    "positive": ("a number above 0", lambda x: x > 0),
-    "number": ("a number", lambda x: x == x),  # nan/inf are values here (a diverged loss)
-}
-FLAGS = {"True": True, "False": False, "true": True, "false": False, "1": True, "0": False, True: True, False: False}
-
-
-def validate(df: pd.DataFrame, path: Path, checks: dict[str, str]) -> pd.DataFrame:
-    """Columns as numbers of the kind `checks` says, or one line naming the file, row and column."""
-
-    def refuse(col: str, i, what: str) -> None:
-        row = df.index.get_loc(i) + 2  # line 1 is the header
-        raise UserError(f"{path} row {row}, column {col!r}: {df[col][i]!r} is not {what}")
-
-    for col, kind in checks.items():
-        if col not in df:
-            continue
-        required, kind = kind.endswith("!"), kind.rstrip("!")
-        raw = df[col]
-        if required and raw.isna().any():
-            refuse(col, raw.isna().idxmax(), "allowed to be empty")
-        if kind == "flag":
-            bad = raw.notna() & ~raw.map(lambda v: isinstance(v, (bool, str)) and v in FLAGS)
-            if bad.any():
-                refuse(col, bad.idxmax(), "True or False")
-            df[col] = raw.map(lambda v: FLAGS.get(v, v) if isinstance(v, (bool, str)) else v)
-            continue
-        num = pd.to_numeric(raw, errors="coerce")
-        what, ok = KINDS[kind]
-        bad = (raw.notna() & num.isna() & (raw.astype(str).str.lower() != "nan")) | (num.notna() & ~ok(num))
-        if kind != "number":
-            bad |= num.isin([math.inf, -math.inf])
-        if bad.any():
-            refuse(col, bad.idxmax(), what)
-        df[col] = num
-    return df
-
-
-def read_table(path: Path, required: tuple[str, ...] = (), checks: dict[str, str] | None = None) -> pd.DataFrame:
-    """A CSV written by study.tables (or throughput), or one line saying what is wrong with it."""
-    try:
-        head = pd.read_csv(path, nrows=0).columns
-        df = pd.read_csv(path, dtype={k: v for k, v in DTYPES.items() if k in head})
-    except pd.errors.EmptyDataError:
-        raise UserError(
-            f"{path} is empty (0 bytes): regenerate it with python -m study.depth, or "
-            "python -m study.report --storage URL"
-        ) from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, TypeError) as e:
-        raise UserError(
-            f"{path} is not a readable table ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-        ) from None
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise UserError(
-            f"{path} has no column {missing[0]!r}: not a table written by study.depth (or written by "
-            "an older version; regenerate with python -m study.report --storage URL --out DIR)"
-        )
-    return validate(df, path, checks or {})
-
-
-def read_optional(path: Path, checks: dict[str, str] | None = None) -> pd.DataFrame | None:
-    return read_table(path, checks=checks) if path.is_file() else None
-
-
-def load_results(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
-    """(trials, epochs, final, config) of a results folder, or one line saying what is wrong."""
-    missing = [f for f in ("trials.csv", "epochs.csv", "final.csv") if not (results / f).is_file()]
-    if missing:
-        raise UsageError(f"{results} has no {missing[0]}: run python -m study.depth first, or pass --storage")
-    trials, epochs, final = (
-        read_table(results / f"{k}.csv", REQUIRED[k], CHECKS[k]) for k in ("trials", "epochs", "final")
-    )
-    if final.empty:
-        raise UserError(f"{results / 'final.csv'} has no rows: the study has no retrained runs yet (still tuning?)")
-    config_path = results / "config.json"
-    try:
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{config_path} is not valid JSON ({e})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("experiments", {}), dict):
-        raise UserError(f"{config_path} is not a study's config.json (an object with 'experiments')")
-    if config.get("dataset", "mnist") not in DATASET_NAMES:
-        raise UserError(f"{config_path}: unknown dataset {config.get('dataset')!r} (known: {', '.join(DATASET_NAMES)})")
-    return trials, epochs, final, config
 
 
 def main(argv: list[str] | None = None) -> int:
