@@ -360,14 +360,18 @@ def main(argv: list[str] | None = None) -> int:
             f"interrupted: nothing written ({path} is written when the sweep ends); temporary files removed"
         ) from None
     print(summary(df))
-    partial = path.with_name(f".{path.name}.partial")
+    partial = None
     try:  # measurements are kept even when the table cannot take them
+        fd, partial = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=".csv")  # short: any name fits
+        os.close(fd)
         df.to_csv(partial, index=False)
-        partial.replace(path)
+        os.replace(partial, path)
     except OSError as e:
-        kept = Path(tempfile.gettempdir()) / f"mnist-bench-{path.name}"
+        if partial is not None:
+            Path(partial).unlink(missing_ok=True)
+        fd, kept = tempfile.mkstemp(prefix="mnist-bench-throughput-", suffix=".csv")  # never over an earlier one
+        os.close(fd)
         df.to_csv(kept, index=False)
-        partial.unlink(missing_ok=True)
         raise UserError(f"cannot write {path} ({e.strerror or e}); the measurements are in {kept}") from None
     print(f"wrote {path}")
     return 0

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .config import DEFAULT_MARGIN, failed_run
+from .config import DEFAULT_MARGIN, TRIAL_STATES, failed_run
 from .stats import ALPHA
 
 SOURCE_DEPTH = 4
@@ -497,20 +497,18 @@ def edge_warnings(trials: pd.DataFrame, config: dict, caps_declared: dict) -> tu
     return warnings, caps
 
 
-TRIAL_STATES = ("complete", "failed", "diverged", "pruned", "interrupted")
-
-
 def state_counts(trials: pd.DataFrame) -> pd.DataFrame:
     keys = ["experiment", "budget", "depth"]
     if trials.empty:
-        return pd.DataFrame(columns=[*keys, *TRIAL_STATES])
+        return pd.DataFrame(columns=[*keys, *TRIAL_STATES[:5]])
     counts = trials.assign(budget=trials["budget"].astype("string").fillna("")).pivot_table(
         index=keys, columns="state", values="trial", aggfunc="count", fill_value=0
     )
-    for s in TRIAL_STATES:
+    shown = [s for s in TRIAL_STATES if s in TRIAL_STATES[:5] or s in counts]  # in flight only where there is some
+    for s in shown:
         if s not in counts:
             counts[s] = 0
-    return counts[list(TRIAL_STATES)].reset_index()
+    return counts[shown].reset_index()
 
 
 def pareto(df: pd.DataFrame, cost: str, value: str) -> pd.DataFrame:

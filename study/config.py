@@ -23,6 +23,9 @@ EXPERIMENTS = ("recipe", "matched", "tuned")
 SOURCE_PARAMS = 242_762  # 784-256-128-64-10
 CLASSES = 10
 FAILED_AT = 2 / CLASSES  # a run ending at or below twice chance accuracy learned nothing
+# A tuning trial in the tables: complete; failed (ran to the end at or below twice chance); diverged
+# (NaN/inf loss); pruned; interrupted (killed or stopped, then redone); running or waiting (in flight).
+TRIAL_STATES = ("complete", "failed", "diverged", "pruned", "interrupted", "running", "waiting")
 DEFAULT_MARGIN = 0.002  # the report's equivalence margin: 0.2 points, the smallest difference that matters
 
 

@@ -631,6 +631,8 @@ def main(argv: list[str] | None = None) -> int:
         f"(default: {100 * DEFAULT_MARGIN:g})",
     )
     args = p.parse_args(argv)
+    if args.storage and args.results:
+        p.error("give --results (saved tables) or --storage (an Optuna storage), not both")
     margin = args.margin / 100
     try:
         if args.compare is not None and not args.compare.is_dir():

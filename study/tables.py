@@ -23,13 +23,12 @@ from mnist_bench.errors import UsageError, UserError
 from mnist_bench.models import forward_flops, mlp, n_params, train_flops
 from mnist_bench.paths import DATASETS
 
-from .config import Cell, cell_widths, failed_run, parse_study_name, study_name
+from .config import EXPERIMENTS, MAX_DEPTH, TRIAL_STATES, Cell, cell_widths, failed_run, parse_study_name, study_name
 from .coord import FIXED, SURPLUS, StudyError, best_trial, decode_curve
 
 ENV_COLUMNS = ("device", "device_name", "cpu", "gpu", "threads", "torch_version", "python_version", "command", "worker")
-# A tuning trial is complete, failed (it ran to the end but learned nothing: at or below twice chance),
-# diverged (NaN/inf loss), pruned (stopped by the median pruner) or interrupted (killed or stopped and
-# redone); running and waiting ones are in flight.
+# Optuna's states by the names of config.TRIAL_STATES ("failed" and "diverged" come from what a
+# completed trial holds, in trial_state).
 STATES = {
     TrialState.COMPLETE: "complete",
     TrialState.PRUNED: "pruned",
@@ -346,7 +345,9 @@ DTYPES = {"widths": "string", "command": "string", "budget": "Int64"}
 # "!" marks a column that may not be empty.
 CHECKS = {
     "trials": {
-        "depth": "count!",
+        "experiment": "experiment!",
+        "state": "state!",
+        "depth": "depth!",
         "trial": "index!",
         "val_accuracy": "fraction",
         "best_epoch_val_accuracy": "fraction",
@@ -356,7 +357,8 @@ CHECKS = {
         "retrained": "flag!",
     },
     "epochs": {
-        "depth": "count!",
+        "experiment": "experiment!",
+        "depth": "depth!",
         "epoch": "count!",
         "seed": "count",
         "trial": "index",
@@ -366,7 +368,8 @@ CHECKS = {
         "train_seconds": "amount",
     },
     "final": {
-        "depth": "count!",
+        "experiment": "experiment!",
+        "depth": "depth!",
         "seed": "count!",
         "test_accuracy": "fraction",
         "test_loss": "number",
@@ -377,7 +380,12 @@ CHECKS = {
     },
     "throughput": {"samples_per_s": "positive!", "batch_size": "count!", "threads": "count!", "depth": "index!"},
 }
+NAMES = {  # columns that hold one of a few names
+    "experiment": ("one of " + ", ".join(EXPERIMENTS), set(EXPERIMENTS)),
+    "state": ("a trial state (" + ", ".join(TRIAL_STATES) + ")", set(TRIAL_STATES)),
+}
 KINDS = {
+    "depth": (f"a depth in 1..{MAX_DEPTH}", lambda x: x.between(1, MAX_DEPTH) & (x % 1 == 0)),
     "fraction": ("an accuracy in [0, 1]", lambda x: x.between(0, 1)),
     "count": ("a whole number of at least 1", lambda x: (x >= 1) & (x % 1 == 0)),
     "index": ("a whole number of at least 0", lambda x: (x >= 0) & (x % 1 == 0)),
@@ -393,7 +401,9 @@ def validate(df: pd.DataFrame, path: Path, checks: dict[str, str]) -> pd.DataFra
 
     def refuse(col: str, i, what: str) -> None:
         row = df.index.get_loc(i) + 2  # line 1 is the header
-        raise UserError(f"{path} row {row}, column {col!r}: {df[col][i]!r} is not {what}")
+        value = df[col][i]
+        shown = "an empty cell" if pd.isna(value) else repr(value.item() if hasattr(value, "item") else value)
+        raise UserError(f"{path} row {row}, column {col!r}: {shown} is not {what}")
 
     for col, kind in checks.items():
         if col not in df:
@@ -402,6 +412,12 @@ def validate(df: pd.DataFrame, path: Path, checks: dict[str, str]) -> pd.DataFra
         raw = df[col]
         if required and raw.isna().any():
             refuse(col, raw.isna().idxmax(), "allowed to be empty")
+        if kind in NAMES:
+            what, allowed = NAMES[kind]
+            bad = raw.notna() & ~raw.isin(allowed)
+            if bad.any():
+                refuse(col, bad.idxmax(), what)
+            continue
         if kind == "flag":
             bad = raw.notna() & ~raw.map(lambda v: isinstance(v, (bool, str)) and v in FLAGS)
             if bad.any():
@@ -439,7 +455,13 @@ def read_table(path: Path, required: tuple[str, ...] = (), checks: dict[str, str
             f"{path} has no column {missing[0]!r}: not a table written by study.depth (or written by "
             "an older version; regenerate with python -m study.report --storage URL --out DIR)"
         )
-    return validate(df, path, checks or {})
+    df = validate(df, path, checks or {})
+    if path.name == "final.csv" and {"experiment", "budget", "depth", "seed"} <= set(df.columns):
+        twice = df.duplicated(["experiment", "budget", "depth", "seed"], keep="first")
+        if twice.any():
+            row = df.index.get_loc(twice.idxmax()) + 2
+            raise UserError(f"{path} row {row}: a second run of the same cell and seed (one run per seed is counted)")
+    return df
 
 
 def read_optional(path: Path, checks: dict[str, str] | None = None) -> pd.DataFrame | None:

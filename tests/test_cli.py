@@ -100,6 +100,14 @@ def edited(tmp: Path, table: str, column: str, value) -> Path:
     return folder
 
 
+def seed_twice(tmp: Path) -> Path:
+    """final.csv with one run listed twice (the same cell and seed)."""
+    folder = study_tables(tmp)
+    lines = (folder / "final.csv").read_text().splitlines(keepends=True)
+    (folder / "final.csv").write_text("".join([*lines, lines[1]]))
+    return folder
+
+
 def with_config(tmp: Path, config) -> Path:
     folder = study_tables(tmp)
     (folder / "config.json").write_text(json.dumps(config))
@@ -368,6 +376,19 @@ CASES = {
     "report-non-numeric-val-accuracy": Case(
         "study.report", lambda t: ["--results", str(edited(t, "trials", "val_accuracy", "n/a?"))], 1, "'val_accuracy'"
     ),
+    "report-depth-beyond-any-study": Case(
+        "study.report", lambda t: ["--results", str(edited(t, "final", "depth", 99))], 1, "a depth in 1..8"
+    ),
+    "report-unknown-experiment": Case(
+        "study.report", lambda t: ["--results", str(edited(t, "final", "experiment", "bogus"))], 1, "one of recipe"
+    ),
+    "report-unknown-trial-state": Case(
+        "study.report", lambda t: ["--results", str(edited(t, "trials", "state", "weird"))], 1, "a trial state"
+    ),
+    "report-a-seed-twice": Case("study.report", lambda t: ["--results", str(seed_twice(t))], 1, "same cell and seed"),
+    "report-results-and-storage": Case(
+        "study.report", lambda t: ["--results", str(study_tables(t)), "--storage", storage_with(t, True)], 2, "not both"
+    ),
     "report-config-is-a-list": Case(
         "study.report", lambda t: ["--results", str(with_config(t, []))], 1, "not a study's config.json"
     ),
@@ -493,7 +514,7 @@ def test_sigterm_to_throughput_removes_its_temporary_folder(tmp_path: Path):
     )
     wait_for_line(proc, "matmul peak")
     code, err = stopped(proc)
-    assert code == 130 and "temporary files removed" in err
+    assert code == 130 and "temporary files removed" in err, (code, err)
     assert ours(tmp) == [] and list((tmp_path / "out").iterdir()) == []
 
 
@@ -608,6 +629,31 @@ def test_throughput_quick_writes_documented_columns(tmp_path: Path, monkeypatch)
     assert len(df[df.pipeline == "harness"]) == 2 * 2 + 2  # grid plus two optimizer variants
     assert (df.samples_per_s > 0).all() and (df.peak_gflops > 0).all()
     assert "harness / source" in throughput.summary(df)
+
+
+def test_throughput_keeps_its_measurements_when_the_table_cannot_be_written(tmp_path: Path, monkeypatch):
+    import pandas as pd
+
+    from mnist_bench import throughput
+    from mnist_bench.errors import UserError
+
+    measured = pd.DataFrame({"model": ["mlp4"], "samples_per_s": [123.0]})
+    monkeypatch.setattr(throughput, "load_mnist", lambda *a, **k: None)
+    monkeypatch.setattr(throughput, "sweep", lambda *a, **k: measured)
+    monkeypatch.setattr(throughput, "summary", lambda df: "")
+    name = "x" * 250 + ".csv"  # 254 bytes: the name fits, and so must whatever is written on the way
+    args = ["--device", "cpu", "--threads", "1", "--name", name, "--out", str(tmp_path)]
+    assert throughput.main(args) == 0 and pd.read_csv(tmp_path / name).equals(measured)
+
+    def full(*a):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(throughput.os, "replace", full)
+    with pytest.raises(UserError, match=r"No space left on device\); the measurements are in ") as e:
+        throughput.main(args)
+    kept = Path(str(e.value).rsplit("the measurements are in ", 1)[1])
+    assert pd.read_csv(kept).equals(measured) and [p.name for p in tmp_path.iterdir()] == [name]
+    kept.unlink()
 
 
 def test_the_table_covers_every_command():
