@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def study() -> dict:
         cells = cfg.cells()
+        engine.refuse_mixed_settings(storage, cfg)
         for cell in cells:
             engine.open_studies(storage, cfg, cell)  # refuse mismatched settings before any worker starts
         print(

@@ -32,7 +32,7 @@ from mnist_bench.errors import UserError
 from mnist_bench.models import mlp
 from mnist_bench.train import EpochMetrics, TrainConfig, train
 
-from .config import EXPERIMENTS, Cell, RunConfig, StudyConfig, cell_widths, lr_grid, study_name
+from .config import EXPERIMENTS, Cell, RunConfig, StudyConfig, cell_widths, lr_grid, parse_study_name, study_name
 from .coord import (
     FIXED,
     TUNE,
@@ -126,6 +126,29 @@ def data_of(data: dict[str, MNIST], cell: Cell) -> MNIST:
 
 
 # --- studies -------------------------------------------------------------------------------------
+
+
+def refuse_mixed_settings(storage, cfg: StudyConfig) -> None:
+    """The cells of one study share its study-level settings (dataset, training subset, hold-out,
+    seeds, batch size, ...), which its config.json and report state once. A command whose shared
+    settings differ from cells already stored under the same name is refused with one line, even when
+    it selects other experiments or depths (each cell's own settings are checked in open_studies)."""
+    cells = cfg.cells()
+    if not cells:
+        return
+    mine = {k: v for k, v in cfg.identity(cells[0]).items() if k not in ("experiment", "cell")}
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        parsed = parse_study_name(summary.study_name)
+        stored = summary.user_attrs.get("config")
+        if not parsed or parsed[0] != cfg.name or stored is None:
+            continue
+        theirs = {"dataset": "mnist", **stored}  # made before datasets were a setting: MNIST was the only one
+        changed = sorted(k for k in mine if theirs.get(k) != mine[k])
+        if changed:
+            raise StudyError(
+                f"study {cfg.name!r} in this storage has cells made with other settings ({', '.join(changed)}; "
+                f"e.g. {summary.study_name!r}); use another --storage, --out or --study-name"
+            )
 
 
 def open_studies(storage, cfg: StudyConfig, cell: Cell) -> tuple[optuna.Study, optuna.Study]:

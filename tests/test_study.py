@@ -568,3 +568,16 @@ def test_a_second_sigterm_stops_every_worker_at_once(tmp_path: Path):
     assert proc.returncode == 130 and "Traceback" not in err and "Exception ignored" not in err, err
     assert len(err.strip().splitlines()) == 1 and err.startswith("interrupted"), err
     assert all(_gone(w) for w in workers)
+
+
+def test_one_study_never_mixes_cells_of_other_shared_settings(tmp_path: Path):
+    """config.json and the report state the study-level settings once, so every cell must share them."""
+    tuned = ["--preset", "quick", *EXPERIMENT_ARGS["tuned"], "--seeds", "1", "--no-report", "--out", str(tmp_path)]
+    study_depth.main([*tuned, "--train-subset", "300"])
+    matched = ["--preset", "quick", "--experiments", "matched", "--depths", "1", "--seeds", "1", "--no-report"]
+    p = run_study(*matched, "--out", str(tmp_path))  # the preset's 5,000-image subset, not 300
+    assert p.returncode == 1 and "train_subset" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert json.loads((tmp_path / "config.json").read_text())["train_subset"] == 300
+    p = run_study(*matched, "--train-subset", "300", "--out", str(tmp_path))  # the same settings: joins the study
+    assert p.returncode == 0, p.stderr
+    assert set(pd.read_csv(tmp_path / "final.csv").experiment) == {"tuned", "matched"}
