@@ -100,9 +100,14 @@ def groups_of(final: pd.DataFrame, depths=()) -> dict[int, Group]:
     return out
 
 
+def common_seeds(a: Group, b: Group) -> list[int]:
+    """The seeds both depths trained, in order: the pairs of a paired contrast."""
+    return sorted(set(a.trained.index) & set(b.trained.index))
+
+
 def aligned(a: Group, b: Group) -> tuple[np.ndarray, np.ndarray]:
-    """Accuracies of the seeds both depths trained, in seed order (the pairs of a paired contrast)."""
-    seeds = sorted(set(a.trained.index) & set(b.trained.index))
+    """Accuracies of the seeds both depths trained, in seed order."""
+    seeds = common_seeds(a, b)
     return a.trained.loc[seeds].to_numpy(float), b.trained.loc[seeds].to_numpy(float)
 
 
@@ -145,9 +150,10 @@ def clip(ci: tuple[float, float], bound: float) -> tuple[float, float]:
 def contrast_family(pairs: list[tuple[str, Group, Group]], margin: float, alpha: float = ALPHA) -> list[Contrast]:
     """Every declared contrast (setting, a, b) of one Holm family, a minus b. A contrast that cannot be
     computed stays in the family with p = 1, so the family never shrinks."""
-    tests, reasons = [], []
+    tests, reasons, samples = [], [], []
     for _, ga, gb in pairs:
         x, y = aligned(ga, gb)
+        samples.append((x, y))
         try:
             tests.append(stats.paired(x, y, margin))
             reasons.append(None)
@@ -165,7 +171,7 @@ def contrast_family(pairs: list[tuple[str, Group, Group]], margin: float, alpha:
         if t is None:
             out.append(Contrast(setting, ga.depth, gb.depth, "not computed", reason=reasons[i]))
             continue
-        x, y = aligned(ga, gb)
+        x, y = samples[i]
         if p_holm[i] <= alpha:
             outcome = "better" if t.mean > 0 else "worse"
         elif p_eq_holm[i] <= alpha:
@@ -358,7 +364,7 @@ class Interaction:
 def seed_differences(s: Setting, a: int, b: int) -> pd.Series:
     """Per-seed accuracy of depth a minus depth b, over the seeds both trained, indexed by seed."""
     ga, gb = s.groups[a], s.groups[b]
-    seeds = sorted(set(ga.trained.index) & set(gb.trained.index))
+    seeds = common_seeds(ga, gb)
     return ga.trained.loc[seeds] - gb.trained.loc[seeds]
 
 
