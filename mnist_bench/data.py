@@ -68,6 +68,19 @@ class MNIST:
     def device(self) -> torch.device:
         return self.train_x.device
 
+    def standardised(self) -> MNIST:
+        """Every split shifted and scaled by the training images' pixel mean and standard deviation
+        (one scalar each, as torchvision's Normalize((0.1307,), (0.3081,)) does for MNIST)."""
+        mean, std = self.train_x.mean(), self.train_x.std()
+        return MNIST(
+            (self.train_x - mean) / std,
+            self.train_y,
+            (self.val_x - mean) / std,
+            self.val_y,
+            (self.test_x - mean) / std,
+            self.test_y,
+        )
+
 
 def resolve_device(device: str = "auto") -> torch.device:
     """'auto' picks CUDA when available; cpu, cuda and cuda:N are accepted only where they exist."""

@@ -80,17 +80,34 @@ def halving_funnel(depth: int, width: int, min_width: int = 8) -> tuple[int, ...
     return tuple(max(min_width, round(width / 2**i)) for i in range(depth - 1))
 
 
-def funnel_for_budget(depth: int, budget: int, min_width: int = 8) -> tuple[int, ...]:
-    """The halving funnel of `depth` Linear layers whose parameter count is closest to `budget`.
-    Depth 1 (softmax regression) has no hidden layer and one size: 7,850 parameters."""
+def constant_width(depth: int, width: int, min_width: int = 8) -> tuple[int, ...]:
+    """Every hidden layer `width` units wide (at least `min_width`)."""
+    return (max(min_width, width),) * (depth - 1)
+
+
+SHAPES = {"funnel": halving_funnel, "constant": constant_width}
+
+
+def widths_for_budget(depth: int, budget: int, min_width: int = 8, shape: str = "funnel") -> tuple[int, ...]:
+    """Hidden widths of `shape` ("funnel": halving, the text's 256-128-64; "constant": every hidden layer
+    equally wide) with `depth` Linear layers whose parameter count is closest to `budget`. Depth 1
+    (softmax regression) has no hidden layer and one size: 7,850 parameters."""
+    if shape not in SHAPES:
+        raise UsageError(f"shape must be one of {sorted(SHAPES)}, got {shape!r}")
+    widths = SHAPES[shape]
     if depth <= 1:
         return ()
     lo, hi = min_width, max(min_width, budget)  # count_params grows with the first width
     while lo < hi:
         mid = (lo + hi) // 2
-        if count_params(halving_funnel(depth, mid, min_width)) < budget:
+        if count_params(widths(depth, mid, min_width)) < budget:
             lo = mid + 1
         else:
             hi = mid
-    candidates = [halving_funnel(depth, w, min_width) for w in (max(min_width, lo - 1), lo)]
+    candidates = [widths(depth, w, min_width) for w in (max(min_width, lo - 1), lo)]
     return min(candidates, key=lambda h: abs(count_params(h) - budget))
+
+
+def funnel_for_budget(depth: int, budget: int, min_width: int = 8) -> tuple[int, ...]:
+    """The halving funnel of `depth` Linear layers whose parameter count is closest to `budget`."""
+    return widths_for_budget(depth, budget, min_width, "funnel")

@@ -20,6 +20,7 @@ from .data import MNIST
 from .errors import UsageError
 
 OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "linear")  # linear: the step size decays to zero over the run, step by step
 DIVERGENCE_CHECK_EVERY = 50  # steps between finite-loss checks (each check syncs the device)
 
 
@@ -33,6 +34,7 @@ class TrainConfig:
     optimizer: str = "sgd"  # "sgd" or "adam"
     momentum: float = 0.0  # SGD only
     weight_decay: float = 0.0  # L2 coefficient, coupled (torch's weight_decay)
+    schedule: str = "constant"  # or "linear": lr * (1 - t/T) at step t of T, so the run ends at rest
     seed: int = 0  # parameter init and batch order
     threads: int = 1  # CPU intra-op threads; 1 per worker avoids OpenMP contention on few cores
     eval_batch_size: int = 10_000
@@ -43,6 +45,7 @@ class TrainConfig:
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
             (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
             (self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
@@ -91,6 +94,15 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.SGD(
         params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, foreach=True
     )
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
+    """Per-step learning-rate schedule; None for a constant rate. Linear: lr * (1 - t/T), T the run's steps,
+    so the last step is taken at lr/T and the final weights are not a snapshot of a noisy walk."""
+    if config.schedule == "constant":
+        return None
+    total = config.epochs * steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: max(0.0, 1.0 - t / total))
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -154,8 +166,9 @@ def train(
     reset_parameters(model, config.seed)
     model.to(device).train()
     optimizer = make_optimizer(model, config)
-    order_gen = torch.Generator(device=device).manual_seed(config.seed)
     n = len(data.train_x)
+    scheduler = make_schedule(optimizer, config, -(-n // config.batch_size))
+    order_gen = torch.Generator(device=device).manual_seed(config.seed)
     result = TrainResult()
     has_val = len(data.val_x) > 0
 
@@ -167,6 +180,8 @@ def train(
         for step, i in enumerate(range(0, n, config.batch_size), 1):
             idx = perm[i : i + config.batch_size]
             loss_sum += train_step(model, optimizer, data.train_x[idx], data.train_y[idx]) * len(idx)
+            if scheduler is not None:
+                scheduler.step()
             if step % DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(loss_sum):
                 result.diverged = True
                 break

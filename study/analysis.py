@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .config import DEFAULT_MARGIN, TRIAL_STATES, failed_run
+from .config import CHECKS, DEFAULT_MARGIN, TRIAL_STATES, VARIANTS, failed_run
 from .stats import ALPHA
 
 SOURCE_DEPTH = 4
@@ -28,6 +28,7 @@ NEIGHBOURS = (3, 5)  # "why four layers, not three or five?"
 UNRELIABLE_SHARE = 0.25  # a depth failing in this share of its runs is unreliable to train there
 DATASET_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
 OUTCOMES = ("better", "worse", "equivalent", "inconclusive")
+CHECK_WORDS = {"horizon": "twice the epochs", "runnerup": "runner-up learning rate"}
 
 
 # --- groups ----------------------------------------------------------------------------------------
@@ -240,6 +241,7 @@ def secondary_family(key: str, groups: dict[int, Group], exclude: list[tuple[int
 
 def recipe_at_epoch(epochs: pd.DataFrame, final: pd.DataFrame, epoch: int) -> pd.DataFrame:
     """The recipe's final runs as rows of (depth, seed, test accuracy, cost so far) after `epoch` epochs."""
+    epochs, final = declared(epochs), declared(final)
     runs = epochs[(epochs["experiment"] == "recipe") & (epochs["run"] == "final") & (epochs["epoch"] == epoch)]
     rec = final[final["experiment"] == "recipe"]
     keep = [c for c in ("depth", "seed", "n_params", "widths", "train_flops", "param_epochs") if c in rec]
@@ -253,29 +255,52 @@ def recipe_at_epoch(epochs: pd.DataFrame, final: pd.DataFrame, epoch: int) -> pd
     return merged
 
 
+def declared(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of cells as declared: not a recipe variant nor a matched check (tables from before variants
+    have no such column: every row is declared)."""
+    return df[df["variant"].fillna("") == ""] if "variant" in df else df
+
+
+def of_shape(df: pd.DataFrame, shape: str) -> pd.DataFrame:
+    return df[df["shape"].fillna("funnel") == shape] if "shape" in df else (df if shape == "funnel" else df.iloc[:0])
+
+
+def matched_key(budget: int, shape: str = "funnel", check: str = "") -> str:
+    key = f"matched, {int(budget):,} parameters" + (", constant width" if shape == "constant" else "")
+    return key + (f", {CHECK_WORDS[check]}" if check else "")
+
+
 def settings_of(epochs: pd.DataFrame, final: pd.DataFrame, config: dict) -> list[Setting]:
-    """Every setting of the experiments the study ran, in report order."""
+    """Every setting of the experiments the study ran, in report order. The constant-width setting
+    borrows depth 2 from the funnel: with one hidden layer both shapes are the same network."""
     exps = config.get("experiments", {})
     out: list[Setting] = []
-    rec = final[final["experiment"] == "recipe"]
+    final_declared = declared(final)
+    rec = final_declared[final_declared["experiment"] == "recipe"]
     if "recipe" in exps or len(rec):
         r = exps.get("recipe", {})
         depths = r.get("depths", [])
         last = int(r.get("epochs", 10))
         checks = sorted({int(ep) for _, ep, _ in r.get("claims", [])} - {last})
+        checks = [ep for ep in checks if ep < last]
         out.append(Setting(f"recipe, {last} epochs", "recipe", groups_of(rec, depths), True))
         out += [
             Setting(f"recipe, {ep} epochs", "recipe", groups_of(recipe_at_epoch(epochs, final, ep), depths), False)
             for ep in checks
         ]
-    m = final[(final["experiment"] == "matched") & (final["depth"] > 1)]
-    budgets = exps.get("matched", {}).get("budgets", []) or sorted(int(b) for b in m["budget"].dropna().unique())
-    depths = [d for d in exps.get("matched", {}).get("depths", []) if d > 1]
-    out += [
-        Setting(f"matched, {int(b):,} parameters", "matched", groups_of(m[m["budget"] == b], depths), True)
-        for b in budgets
-    ]
-    tuned = final[final["experiment"] == "tuned"]
+    m = final_declared[(final_declared["experiment"] == "matched") & (final_declared["depth"] > 1)]
+    mexp = exps.get("matched", {})
+    budgets = mexp.get("budgets", []) or sorted(int(b) for b in m["budget"].dropna().unique())
+    for b in budgets:
+        at = m[m["budget"] == b]
+        thin = b in mexp.get("thin_budgets", [])
+        depths = [d for d in mexp.get("depths", []) if d > 1 and (not thin or d in (3, 4, 5))]
+        out.append(Setting(matched_key(b), "matched", groups_of(of_shape(at, "funnel"), depths), True))
+        constant = of_shape(at, "constant")
+        if len(constant) or b in mexp.get("constant_budgets", []):
+            both = pd.concat([constant, of_shape(at, "funnel")[lambda x: x["depth"] == 2]])
+            out.append(Setting(matched_key(b, "constant"), "matched", groups_of(both, depths), True))
+    tuned = final_declared[final_declared["experiment"] == "tuned"]
     if "tuned" in exps or len(tuned):
         out.append(Setting("tuned", "tuned", groups_of(tuned, exps.get("tuned", {}).get("depths", [])), True))
     return out
@@ -415,6 +440,200 @@ def interactions(first: Analysis, second: Analysis, alpha: float = ALPHA) -> lis
                 p_eq_holm[i],
             )
         )
+    return out
+
+
+# --- the design's own checks ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """A primary contrast at the text's budget beside the same contrast retrained with one change."""
+
+    check: str  # a key of config.CHECKS
+    base: Contrast
+    changed: Contrast  # its own Holm family with the check's other contrast
+
+    @property
+    def verdict(self) -> str:
+        a, b = self.base.outcome, self.changed.outcome
+        if "not computed" in (a, b):
+            return "not computed"
+        if a == b:
+            return "holds"
+        if b == "inconclusive":
+            return f"not confirmed with {self.changed.n} seeds"
+        return "horizon-dependent" if self.check == "horizon" else "rate-sensitive"
+
+
+def checks(an: Analysis, final: pd.DataFrame, budget: int, margin: float) -> list[Check]:
+    """The horizon and runner-up-rate checks: depth 4 minus 3 and minus 5 at `budget` (funnel), each
+    check one Holm family, set beside the primary contrast it checks."""
+    base = {(c.a, c.b): c for c in an.primary if c.setting == matched_key(budget)}
+    out = []
+    for check in CHECKS:
+        rows = final[(final["experiment"] == "matched") & (final.get("variant", "") == check)]
+        rows = rows[rows["budget"] == budget]
+        if rows.empty:
+            continue
+        groups = groups_of(rows)
+        pairs = [
+            (matched_key(budget, check=check), groups[a], groups[b]) for a, b in base if a in groups and b in groups
+        ]
+        out += [Check(check, base[(c.a, c.b)], c) for c in contrast_family(pairs, margin)]
+    return out
+
+
+def claims(epochs: pd.DataFrame, config: dict) -> pd.DataFrame:
+    """The text's claims against the recipe and the recipe with one change at a time: test accuracy of
+    every seed at the claimed epoch (twice it for "twice the epochs"), mean and 95% t interval, and
+    whether the claim is reached (interval above it), not reached (interval below) or undecided."""
+    r = config.get("experiments", {}).get("recipe", {})
+    runs = epochs[(epochs["experiment"] == "recipe") & (epochs["run"] == "final")]
+    if "variant" not in runs:
+        runs = runs.assign(variant="")
+    rows = []
+    for depth, ep, claim in r.get("claims", []):
+        for variant in ["", *r.get("variants", [])]:
+            at = 2 * ep if variant == "twice" else ep
+            acc = runs[(runs["variant"].fillna("") == variant) & (runs["depth"] == depth) & (runs["epoch"] == at)]
+            acc = pd.to_numeric(acc["test_accuracy"], errors="coerce").dropna().to_numpy(float)
+            if not len(acc):
+                continue
+            lo, hi = stats.t_interval(acc) if len(acc) > 1 else (math.nan, math.nan)
+            verdict = "reached" if lo >= claim else "not reached" if hi < claim else "undecided"
+            rows.append(
+                {
+                    "depth": int(depth),
+                    "claimed_epoch": int(ep),
+                    "claim": float(claim),
+                    "change": VARIANTS.get(variant, "none (the recipe)"),
+                    "variant": variant,
+                    "epoch": at,
+                    "n": len(acc),
+                    "mean": float(acc.mean()),
+                    "lo": lo,
+                    "hi": hi,
+                    "verdict": verdict if len(acc) > 1 else "undecided",
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+LATE_EPOCHS = 3
+
+
+def late_gains(epochs: pd.DataFrame) -> pd.DataFrame:
+    """Per matched cell as declared: the retrained runs' mean gain in validation accuracy over their last
+    LATE_EPOCHS epochs (a cell still gaining as much as the margin there has not converged)."""
+    runs = declared(epochs)
+    runs = runs[(runs["experiment"] == "matched") & (runs["run"] == "final")]
+    if runs.empty:
+        return pd.DataFrame(columns=["budget", "shape", "depth", "gain", "n"])
+    runs = runs.assign(shape=runs["shape"] if "shape" in runs else "funnel")
+    rows = []
+    for (budget, shape, depth), g in runs.groupby(["budget", "shape", "depth"], dropna=False):
+        gains = []
+        for _, seed in g.groupby("trial"):
+            curve = seed.sort_values("epoch")["val_accuracy"].to_numpy(float)
+            if len(curve) > LATE_EPOCHS:
+                gains.append(curve[-1] - curve[-1 - LATE_EPOCHS])
+        if gains:
+            rows.append(
+                {"budget": budget, "shape": shape, "depth": int(depth), "gain": float(np.mean(gains)), "n": len(gains)}
+            )
+    return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class SeedPlan:
+    """How many seeds the primary contrasts at the text's budget need, from their measured spread."""
+
+    sd: float  # the largest spread of per-seed differences among those contrasts
+    level: float  # the Holm family's strictest level (alpha / family size)
+    needed: int
+    used: int
+
+
+def seed_plan(an: Analysis, budget: int) -> SeedPlan | None:
+    at = [c for c in an.primary if c.setting == matched_key(budget) and math.isfinite(c.sd) and c.sd > 0]
+    if not at:
+        return None
+    sd = max(c.sd for c in at)
+    level = ALPHA / len(an.primary)
+    return SeedPlan(sd, level, stats.seeds_to_resolve(sd, an.margin, level), min(c.n for c in at))
+
+
+def column(df: pd.DataFrame, name: str) -> pd.Series:
+    return df[name] if name in df else pd.Series(math.nan, index=df.index)
+
+
+def time_by_part(trials: pd.DataFrame, final: pd.DataFrame) -> pd.DataFrame:
+    """Training seconds (summed over workers) by part of the study: where the time goes."""
+
+    def name(experiment: str, variant: str, tuning: bool) -> str:
+        if experiment == "recipe":
+            return "recipe, one change at a time" if variant else "recipe"
+        if variant:
+            return f"matched, check: {CHECK_WORDS.get(variant, variant)}"
+        if experiment == "matched":
+            return "matched, learning-rate grid" if tuning else "matched, retraining"
+        return "tuned, search" if tuning else "tuned, retraining"
+
+    frames = []
+    for df, tuning in ((trials, True), (final, False)):
+        if df.empty:
+            continue
+        variant = df["variant"].fillna("") if "variant" in df else pd.Series("", index=df.index)
+        epochs_col = "epochs_run" if tuning else "param_epochs"
+        frames.append(
+            pd.DataFrame(
+                {
+                    "part": [name(e, v, tuning) for e, v in zip(df["experiment"], variant)],
+                    "runs": 1,
+                    "epochs": pd.to_numeric(column(df, epochs_col), errors="coerce"),
+                    "seconds": pd.to_numeric(column(df, "train_seconds"), errors="coerce"),
+                },
+                index=df.index,
+            ).fillna(0)
+        )
+    if not frames:
+        return pd.DataFrame(columns=["part", "runs", "epochs", "seconds", "share"])
+    t = pd.concat(frames).groupby("part", sort=False).sum().reset_index()
+    order = {p: i for i, p in enumerate(TIME_PARTS)}
+    t = t.sort_values("part", key=lambda p: p.map(lambda x: order.get(x, len(order)))).reset_index(drop=True)
+    return t.assign(share=t["seconds"] / t["seconds"].sum())
+
+
+TIME_PARTS = (
+    "recipe",
+    "recipe, one change at a time",
+    "matched, learning-rate grid",
+    "matched, retraining",
+    *(f"matched, check: {w}" for w in CHECK_WORDS.values()),
+    "tuned, search",
+    "tuned, retraining",
+)
+
+
+def caps_binding(trials: pd.DataFrame, config: dict) -> dict[str, list[int]]:
+    """Per declared cap of the tuned search, the depths whose retrained trial sits at it (within
+    EDGE_FRACTION of its range)."""
+    space = config.get("experiments", {}).get("tuned", {}).get("space", {})
+    best = trials[(trials["experiment"] == "tuned") & trials["retrained"].astype(bool)]
+    ranges = {"width": (space.get("width"), True), "epochs": ([1, space.get("max_epochs")], False)}
+    out: dict[str, list[int]] = {}
+    for name, (rng, log) in ranges.items():
+        col = f"param_{name}"
+        if not rng or None in rng or col not in best or rng[0] == rng[1]:
+            continue
+        lo, hi = (math.log(v) for v in rng) if log else rng
+        at = []
+        for _, row in best.iterrows():
+            v = row[col]
+            if pd.notna(v) and ((math.log(v) if log else v) - lo) / (hi - lo) >= 1 - EDGE_FRACTION:
+                at.append(int(row["depth"]))
+        out[name] = sorted(at)
     return out
 
 

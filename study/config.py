@@ -20,6 +20,7 @@ from mnist_bench.errors import UsageError
 
 MAX_DEPTH = 8
 EXPERIMENTS = ("recipe", "matched", "tuned")
+SHAPES = ("funnel", "constant")  # hidden widths halving layer to layer (the text's), or all equal
 SOURCE_PARAMS = 242_762  # 784-256-128-64-10
 CLASSES = 10
 FAILED_AT = 2 / CLASSES  # a run ending at or below twice chance accuracy learned nothing
@@ -40,24 +41,34 @@ def failed_run(accuracy: float, loss: float = 0.0, diverged: bool = False) -> bo
 class SearchSpace:
     """The tuned experiment's nuisance hyperparameters. Widths taper: w[i] = w0 * taper**i."""
 
-    lr: tuple[float, float] = (1e-3, 1.0)  # SGD step size, log scale
+    lr: tuple[float, float] = (1e-3, 1.0)  # SGD peak step size (it then decays to zero), log scale
     width: tuple[int, int] = (32, 1024)  # first hidden width, log scale; the upper limit is a cost cap
     taper: tuple[float, float] = (0.25, 1.0)  # ratio of consecutive widths; 1.0 caps the funnel shape
-    max_epochs: int = 10  # epochs tuned in 1..max_epochs; a cost cap (the source's longest run)
-    min_width: int = 8  # no hidden layer narrower than this
+    max_epochs: int = 15  # epochs tuned in 1..max_epochs; a cost cap
+    min_width: int = 16  # no hidden layer narrower than this (wider than the 10 classes)
 
     # Upper limits that are caps of the design, declared in the report, not edges to widen.
     CAPS = {
         "width": "cost cap: first hidden layer at most 1,024 units",
         "taper": "shape cap: no layer wider than the one before (the source's funnel)",
-        "epochs": "cost cap: at most 10 epochs, the source text's longest run",
+        "epochs": "cost cap: at most 15 epochs (with the learning rate decaying to zero over the run)",
     }
+
+
+# The recipe plus one change at a time: what could have produced the text's claims (docs/method.md).
+VARIANTS = {
+    "momentum": "momentum 0.9",
+    "fastlr": "learning rate 0.1",
+    "standardised": "inputs standardised",
+    "twice": "twice the epochs",
+}
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """The source text's recipe exactly: plain SGD, lr 0.03, batch 64, all 60k training images,
-    inputs in [0, 1], its funnel cut or extended to each depth. Test accuracy after every epoch."""
+    """The source text's recipe exactly: plain SGD, lr 0.03 constant, batch 64, all 60k training images,
+    inputs in [0, 1], its funnel cut or extended to each depth. Test accuracy after every epoch.
+    `variants` retrain the claimed depths with one change each (VARIANTS) to explain the claims."""
 
     depths: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
     funnel: tuple[int, ...] = (256, 128, 64, 32, 16)  # hidden widths; depth d keeps the first d-1
@@ -67,30 +78,72 @@ class Recipe:
     seeds: int = 10
     # (depth, epochs, claimed test accuracy) as the source text states them
     claims: tuple[tuple[int, int, float], ...] = ((1, 2, 0.9211), (4, 2, 0.96), (4, 10, 0.98))
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    variant_seeds: int = 5
+    variant_momentum: float = 0.9
+    variant_lr: float = 0.1
+
+    def variant(self, name: str) -> dict:
+        """lr, momentum, epochs and input scaling of the recipe with one change (`name`; "" is the recipe)."""
+        out = {"lr": self.lr, "momentum": self.momentum, "epochs": self.epochs, "standardised": False}
+        change = {
+            "": {},
+            "momentum": {"momentum": self.variant_momentum},
+            "fastlr": {"lr": self.variant_lr},
+            "standardised": {"standardised": True},
+            "twice": {"epochs": 2 * self.epochs},
+        }[name]
+        return out | change
+
+    @property
+    def claim_depths(self) -> tuple[int, ...]:
+        return tuple(sorted({d for d, _, _ in self.claims}))
+
+
+CHECKS = {
+    "horizon": "twice the epochs at the chosen learning rate",
+    "runnerup": "the runner-up learning rate",
+}
 
 
 @dataclass(frozen=True)
 class Matched:
-    """Depth at a matched parameter budget: hidden widths halve layer to layer (floored at
-    `min_width`), scaled so each model is within 2% of its budget; softmax (depth 1) is the reference."""
+    """Depth at a matched parameter budget: hidden widths halve layer to layer (the funnel) or stay
+    equal (constant, at `constant_budgets`), floored at `min_width`, each model within 2% of its budget;
+    softmax (depth 1) is the reference. The learning rate is chosen per cell on a log grid, every grid
+    point trained `replicates` times with different seeds and never pruned; the choice is the best mean."""
 
     depths: tuple[int, ...] = (1, 2, 3, 4, 5, 6)  # depth 1 has one size (7,850 parameters): one cell
     budgets: tuple[int, ...] = (60_000, SOURCE_PARAMS, 1_000_000)
-    lr: tuple[float, float] = (1e-3, 1.0)  # tuned per cell on a log grid over this range
-    lr_points: int = 7  # grid points (half a decade apart), the same in every cell: the per-cell trial budget
-    epochs: int = 10  # fixed, as in the recipe
-    seeds: int = 8
-    min_width: int = 8
+    constant_budgets: tuple[int, ...] = (SOURCE_PARAMS,)  # the second shape (depth 2: the same network)
+    lr: tuple[float, float] = (10**-1.75, 10**-0.5)  # peak learning rate: a quarter-decade grid over this
+    lr_points: int = 6
+    replicates: int = 2  # runs per grid point (tuning seeds 0, 1, ...): a choice above the seed noise
+    # Thinned where it informs the primary contrasts least: these budgets run depths 3-5 only, one run
+    # per grid point and `thin_seeds` seeds (docs/method.md: what the 90 minutes hold).
+    thin_budgets: tuple[int, ...] = (1_000_000,)
+    thin_seeds: int = 6
+    epochs: int = 10  # the learning rate decays to zero over them
+    seeds: int = 10  # from the paired spread measured at 242,762 parameters (docs/method.md)
+    min_width: int = 16
     tolerance: float = 0.02  # parameter count within 2% of the budget
+    # The checks at the text's budget: depths 3-5 retrained at twice the epochs, and at the runner-up rate.
+    checks: tuple[str, ...] = tuple(CHECKS)
+    check_budget: int = SOURCE_PARAMS
+    check_seeds: int = 4
+
+    def replicates_at(self, budget: int | None) -> int:
+        return 1 if budget in self.thin_budgets else self.replicates
 
 
 @dataclass(frozen=True)
 class Tuned:
-    """Each depth at its best: one search per depth over learning rate, widths and epochs."""
+    """Each depth at its best: one search per depth over learning rate, widths and epochs, sampled
+    independently per depth, never pruned; `n_trials` completed trials (failed ones are replaced)."""
 
     depths: tuple[int, ...] = (3, 4, 5)
-    n_trials: int = 16  # per depth
-    seeds: int = 8
+    n_trials: int = 24  # completed, trained (not failed) trials per depth
+    seeds: int = 6  # fewer than matched: what the 90 minutes hold (docs/method.md)
     space: SearchSpace = field(default_factory=SearchSpace)
 
 
@@ -110,30 +163,55 @@ class StudyConfig:
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
+    schedule: str = "linear"  # the learning rate decays linearly to zero over each run
     train_subset: int | None = None  # None: every training image (recipe: 60k; others: 50k after the hold-out)
     val_size: int = 10_000
     split_seed: int = 0
-    tuning_seed: int = 0  # init/batch-order seed of every tuning trial (common random numbers)
-    sampler_seed: int = 0  # TPE seed, the same for every cell; each trial draws from (seed, trial number)
+    tuning_seed: int = 0  # init/batch-order seed of a tuning trial (matched replicate r: tuning_seed + r)
+    sampler_seed: int = 0  # TPE seed; each cell's search draws from (seed, cell, trial number): independent
     sampler_startup_trials: int = 10  # TPE: random trials before it models the space
-    pruner_startup_trials: int = 5  # MedianPruner: trials before any pruning
-    pruner_warmup_epochs: int = 2  # MedianPruner: epochs before a trial can be pruned
 
     def cells(self) -> list[Cell]:
         out: list[Cell] = []
+        r, m = self.recipe, self.matched
         if "recipe" in self.experiments:
-            out += [Cell("recipe", d) for d in self.recipe.depths]
+            out += [Cell("recipe", d) for d in r.depths]
+            if self.dataset == "mnist":  # the text's claims are about MNIST
+                out += [Cell("recipe", d, variant=v) for v in r.variants for d in r.claim_depths if d in r.depths]
         if "matched" in self.experiments:
-            out += [Cell("matched", 1)] if 1 in self.matched.depths else []
-            out += [Cell("matched", d, b) for b in self.matched.budgets for d in self.matched.depths if d > 1]
+            out += [Cell("matched", 1)] if 1 in m.depths else []
+            for b in m.budgets:
+                depths = [d for d in m.depths if d > 1 and (b not in m.thin_budgets or d in NEIGHBOURHOOD)]
+                out += [Cell("matched", d, b) for d in depths]
+                if b in m.constant_budgets:
+                    out += [Cell("matched", d, b, shape="constant") for d in depths if d > 2]
+            if m.check_budget in m.budgets:
+                out += [
+                    Cell("matched", d, m.check_budget, variant=v)
+                    for v in m.checks
+                    for d in m.depths
+                    if d in NEIGHBOURHOOD
+                ]
         if "tuned" in self.experiments:
             out += [Cell("tuned", d) for d in self.tuned.depths]
         return out
 
     def n_trials(self, cell: Cell) -> int:
-        return {"recipe": 0, "matched": self.matched.lr_points, "tuned": self.tuned.n_trials}[cell.experiment]
+        """Tuning trials of a cell: the matched grid's runs, the tuned search's completed trials, none
+        for the recipe, its variants and the checks (which retrain another cell's choice)."""
+        if cell.variant or cell.experiment == "recipe":
+            return 0
+        if cell.experiment == "matched":
+            return self.matched.lr_points * self.matched.replicates_at(cell.budget)
+        return self.tuned.n_trials
 
     def seeds(self, cell: Cell) -> int:
+        if cell.experiment == "recipe" and cell.variant:
+            return self.recipe.variant_seeds
+        if cell.experiment == "matched" and cell.variant:
+            return self.matched.check_seeds
+        if cell.experiment == "matched" and cell.budget in self.matched.thin_budgets:
+            return self.matched.thin_seeds
         return getattr(self, cell.experiment).seeds
 
     def identity(self, cell: Cell) -> dict:
@@ -142,9 +220,12 @@ class StudyConfig:
         for k in ("name", "experiments", *EXPERIMENTS):
             d.pop(k)
         exp = dataclasses.asdict(getattr(self, cell.experiment))
-        for k in ("depths", "budgets", "n_trials", "seeds"):  # lr_points stays: it defines the grid
-            exp.pop(k, None)
+        for k in ("depths", "budgets", "n_trials", "seeds", "variant_seeds", "check_seeds", "thin_seeds"):
+            exp.pop(k, None)  # budgets of runs may grow; lr_points and replicates stay: they define the grid
         return jsonable({**d, "experiment": exp, "cell": cell.key})
+
+
+NEIGHBOURHOOD = (3, 4, 5)  # the depths of "why four layers, not three or five?"
 
 
 def jsonable(x):
@@ -158,16 +239,31 @@ def jsonable(x):
 
 @dataclass(frozen=True, order=True)
 class Cell:
-    """One independent unit of a study: a depth within an experiment (and a budget, for matched)."""
+    """One independent unit of a study: a depth within an experiment (and a budget, for matched), of
+    a shape, as declared or with one change (`variant`: a recipe variant or a matched check)."""
 
     experiment: str
     depth: int
     budget: int | None = None  # matched: parameter budget (None for the softmax reference)
+    shape: str = "funnel"  # matched: "funnel" (halving) or "constant" (equal widths)
+    variant: str = ""  # recipe: a key of VARIANTS; matched: a key of CHECKS; "" the cell as declared
 
     @property
     def key(self) -> str:
+        shape = f"-{self.shape}" if self.shape != "funnel" else ""
+        variant = f"-{self.variant}" if self.variant else ""
         budget = f"-params{self.budget}" if self.budget is not None else ""
-        return f"{self.experiment}{budget}-depth{self.depth}"
+        return f"{self.experiment}{shape}{variant}{budget}-depth{self.depth}"
+
+    @property
+    def place(self) -> int:
+        """Which of the base cell's ranked choices this cell retrains: 0 the best, 1 the runner-up."""
+        return 1 if self.variant == "runnerup" else 0
+
+    @property
+    def base(self) -> Cell:
+        """The cell a matched check retrains the choice of (itself when it is not a check)."""
+        return dataclasses.replace(self, variant="") if self.experiment == "matched" else self
 
 
 @dataclass(frozen=True)
@@ -186,19 +282,25 @@ class RunConfig:
 
 
 PRESETS = {
-    # Small budgets on a 5k training subset: the tests' and the README's first command.
+    # Every experiment and check, small, on a 2k training subset: the tests' and the README's first command.
     "quick": StudyConfig(
         name="quick",
-        train_subset=5_000,
-        val_size=5_000,
-        recipe=Recipe(seeds=3),
-        matched=Matched(budgets=(60_000, SOURCE_PARAMS), epochs=3, lr_points=4, seeds=3),
-        tuned=Tuned(n_trials=8, seeds=3, space=SearchSpace(width=(16, 256), max_epochs=4)),
-        sampler_startup_trials=5,
-        pruner_startup_trials=3,
-        pruner_warmup_epochs=1,
+        train_subset=2_000,
+        val_size=2_000,
+        recipe=Recipe(epochs=3, seeds=3, variant_seeds=2),
+        matched=Matched(
+            budgets=(60_000, SOURCE_PARAMS),
+            thin_budgets=(60_000,),
+            thin_seeds=2,
+            epochs=3,
+            lr_points=3,
+            seeds=3,
+            check_seeds=2,
+        ),
+        tuned=Tuned(n_trials=5, seeds=3, space=SearchSpace(width=(16, 128), max_epochs=3)),
+        sampler_startup_trials=3,
     ),
-    # The committed study, sized for under an hour on 2 CPU cores with --workers 2.
+    # The committed study, sized for at most 90 minutes per dataset on 2 CPU cores (--workers 2).
     "full": StudyConfig(),
 }
 
@@ -208,6 +310,12 @@ def lr_grid(m: Matched) -> tuple[float, ...]:
     lo, hi = m.lr
     n = m.lr_points
     return tuple(lo * (hi / lo) ** (i / (n - 1)) for i in range(n)) if n > 1 else (lo,)
+
+
+def grid_runs(m: Matched, budget: int | None) -> list[tuple[int, int]]:
+    """(grid point, replicate) of a matched cell's tuning runs, replicate-major: every point once
+    before any twice, so a partly run grid is still an even one."""
+    return [(i, r) for r in range(m.replicates_at(budget)) for i in range(m.lr_points)]
 
 
 def hidden_widths(depth: int, width: int, taper: float, space: SearchSpace) -> tuple[int, ...]:
@@ -234,16 +342,19 @@ def cell_widths(cell: Cell, params: dict, settings: dict) -> tuple[int, ...]:
     if cell.experiment == "recipe":
         return tuple(settings["funnel"][: cell.depth - 1])
     if cell.experiment == "matched":
-        from mnist_bench.models import funnel_for_budget  # noqa: PLC0415 - keeps this module free of PyTorch
+        from mnist_bench.models import widths_for_budget  # noqa: PLC0415 - keeps this module free of PyTorch
 
-        return funnel_for_budget(cell.depth, cell.budget or 0, settings["min_width"])
+        return widths_for_budget(cell.depth, cell.budget or 0, settings["min_width"], cell.shape)
     return widths_of(cell.depth, params, space_from_dict(settings["space"]))
 
 
 # --- names in the storage ------------------------------------------------------------------------
 
 FINAL_SUFFIX = "-final"
-NAME = re.compile(r"(?P<name>.+)-(?P<experiment>recipe|matched|tuned)(-params(?P<budget>\d+))?-depth(?P<depth>\d+)")
+NAME = re.compile(
+    r"(?P<name>.+)-(?P<experiment>recipe|matched|tuned)(-(?P<shape>constant))?"
+    rf"(-(?P<variant>{'|'.join([*VARIANTS, *CHECKS])}))?(-params(?P<budget>\d+))?-depth(?P<depth>\d+)"
+)
 
 
 def study_name(name: str, cell: Cell, final: bool = False) -> str:
@@ -257,7 +368,7 @@ def parse_study_name(study: str) -> tuple[str, Cell] | None:
     if not m:
         return None
     budget = int(m["budget"]) if m["budget"] else None
-    return m["name"], Cell(m["experiment"], int(m["depth"]), budget)
+    return m["name"], Cell(m["experiment"], int(m["depth"]), budget, m["shape"] or "funnel", m["variant"] or "")
 
 
 def refuse_other_study(out: Path, name: str, database: Path | None = None) -> None:

@@ -185,7 +185,7 @@ def guarded(fn: Callable, url: str):
 # --- the sampler ---------------------------------------------------------------------------------
 
 
-def derived_seed(seed: int, number: int) -> int:
+def derived_seed(seed: int, number: int | str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{number}".encode()).digest()[:4], "big")
 
 
@@ -246,18 +246,35 @@ def final_key(source_trial: int, seed: int) -> str:
 FIXED = -1  # source_trial of final runs of a cell with nothing to tune (the recipe)
 
 
-def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
-    """The tuning trial that is retrained: highest validation accuracy among completed, non-diverged
-    trials; ties go to the earliest. The one rule, used by the workers and by the tables."""
+GRID = "grid"  # user attr of a grid run: its grid point's index (a matched cell's learning rate)
+
+
+def ranking(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """Tuning trials in order of preference: the first is retrained, the second is the runner-up. The
+    one rule, used by the workers and by the tables.
+
+    A search (tuned): completed, non-diverged trials by validation accuracy; ties go to the earliest.
+    A grid (matched; trials carry GRID): grid points by the mean validation accuracy of their completed
+    runs (a diverged run counts at 0: a rate that diverges for some seeds is a bad rate), each point
+    represented by its earliest run; ties go to the lower point; points whose every run diverged are out."""
     done = [
-        t
-        for t in trials
-        if t.state == TrialState.COMPLETE
-        and t.value is not None
-        and not t.user_attrs.get("diverged")
-        and not t.user_attrs.get(SURPLUS)
+        t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and not t.user_attrs.get(SURPLUS)
     ]
-    return max(done, key=lambda t: (t.value, -t.number)) if done else None
+    if not any(GRID in t.user_attrs for t in done):
+        live = [t for t in done if not t.user_attrs.get("diverged")]
+        return sorted(live, key=lambda t: (-t.value, t.number))
+    points: dict[int, list[FrozenTrial]] = {}
+    for t in done:
+        points.setdefault(int(t.user_attrs[GRID]), []).append(t)
+    usable = {i: ts for i, ts in points.items() if not all(t.user_attrs.get("diverged") for t in ts)}
+    order = sorted(usable, key=lambda i: (-sum(t.value for t in usable[i]) / len(usable[i]), i))
+    return [min(usable[i], key=lambda t: t.number) for i in order]
+
+
+def best_trial(trials: list[FrozenTrial], place: int = 0) -> FrozenTrial | None:
+    """The tuning trial that is retrained (see ranking); place 1: the runner-up."""
+    ranked = ranking(trials)
+    return ranked[place] if len(ranked) > place else None
 
 
 # --- the protocol --------------------------------------------------------------------------------

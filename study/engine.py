@@ -1,12 +1,14 @@
-"""The depth study's experiment loop: tune every cell, then retrain each cell's best with K seeds.
+"""The depth study's experiment loop: tune every cell, then retrain each cell's choice with K seeds.
 
-A cell is a depth within an experiment (and a parameter budget, for matched; see study.config). A
-cell with something to tune has one Optuna study over it, with the same seeded TPE sampler and
-median pruner as every other cell, on a seeded validation hold-out; its best configuration is then
-retrained from scratch with seeds 1..K and scored on the test set, which nothing else touches. The
-recipe cells tune nothing: their K runs are the source text's recipe itself, with test accuracy after
-every epoch. Who runs which trial or seed is settled by `study.coord`; this module turns a trial
-into a training config (the trainer never sees Optuna) and records what came back.
+A cell is a depth within an experiment (and a parameter budget and shape, for matched; see
+study.config). A matched cell trains every point of its learning-rate grid (each `replicates` times);
+a tuned cell runs a TPE search of its own; nothing is pruned (with a learning rate that decays over
+the run, an early epoch does not predict the last). Both read only a seeded validation hold-out; the
+choice is then retrained from scratch with seeds 1..K and scored on the test set, which nothing else
+touches. The recipe cells and their variants tune nothing; a matched check retrains its base cell's
+choice for twice the epochs, or its runner-up rate. Who runs which trial or seed is settled by
+`study.coord`; this module turns a trial into a training config (the trainer never sees Optuna) and
+records what came back.
 """
 
 from __future__ import annotations
@@ -32,14 +34,28 @@ from mnist_bench.errors import UserError
 from mnist_bench.models import mlp
 from mnist_bench.train import EpochMetrics, TrainConfig, train
 
-from .config import EXPERIMENTS, Cell, RunConfig, StudyConfig, cell_widths, lr_grid, parse_study_name, study_name
+from .config import (
+    EXPERIMENTS,
+    Cell,
+    RunConfig,
+    StudyConfig,
+    cell_widths,
+    failed_run,
+    grid_runs,
+    lr_grid,
+    parse_study_name,
+    study_name,
+)
 from .coord import (
     FIXED,
+    GRID,
+    SURPLUS,
     TUNE,
     Ledger,
     StudyError,
     TrialSeededSampler,
     best_trial,
+    derived_seed,
     encode_curve,
     final_key,
     guarded,
@@ -56,15 +72,17 @@ INTERRUPTED = (
 # --- a cell's hyperparameters ----------------------------------------------------------------------
 
 
-GRID_KEY = "lr-grid"  # + the grid point's index: a matched cell's keyed tuning slot
+GRID_KEY = "lr-grid"  # + grid point + "r" + replicate: a matched cell's keyed tuning slot
 
 
-def grid_key(i: int) -> str:
-    return f"{GRID_KEY}{i}"
+def grid_key(i: int, r: int = 0) -> str:
+    return f"{GRID_KEY}{i}r{r}"
 
 
-def grid_index(key: str) -> int:
-    return int(key.removeprefix(GRID_KEY))
+def grid_index(key: str) -> tuple[int, int]:
+    """(grid point, replicate) of a grid key."""
+    point, _, replicate = key.removeprefix(GRID_KEY).partition("r")
+    return int(point), int(replicate or 0)
 
 
 def suggest(trial: optuna.Trial, cfg: StudyConfig, cell: Cell) -> dict:
@@ -86,9 +104,14 @@ def suggest(trial: optuna.Trial, cfg: StudyConfig, cell: Cell) -> dict:
 
 def train_config(cfg: StudyConfig, cell: Cell, params: dict, seed: int, threads: int) -> TrainConfig:
     if cell.experiment == "recipe":
-        r = cfg.recipe
-        return TrainConfig(lr=r.lr, epochs=r.epochs, batch_size=64, momentum=r.momentum, seed=seed, threads=threads)
-    epochs = cfg.matched.epochs if cell.experiment == "matched" else int(params["epochs"])
+        v = cfg.recipe.variant(cell.variant)
+        return TrainConfig(
+            lr=v["lr"], epochs=v["epochs"], batch_size=64, momentum=v["momentum"], seed=seed, threads=threads
+        )
+    if cell.experiment == "matched":
+        epochs = cfg.matched.epochs * (2 if cell.variant == "horizon" else 1)
+    else:
+        epochs = int(params["epochs"])
     return TrainConfig(
         lr=params["lr"],
         epochs=epochs,
@@ -96,6 +119,7 @@ def train_config(cfg: StudyConfig, cell: Cell, params: dict, seed: int, threads:
         optimizer=cfg.optimizer,
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
+        schedule=cfg.schedule,
         seed=seed,
         threads=threads,
     )
@@ -118,11 +142,15 @@ def load_data(cfg: StudyConfig, run: RunConfig) -> dict[str, MNIST]:
         data["full"] = load_mnist(
             run.data_dir, val_size=0, device=run.device, train_subset=cfg.train_subset, dataset=cfg.dataset
         )
+        if any(c.variant == "standardised" for c in cfg.cells()):
+            data["standardised"] = data["full"].standardised()
     return data
 
 
 def data_of(data: dict[str, MNIST], cell: Cell) -> MNIST:
-    return data["full" if cell.experiment == "recipe" else "split"]
+    if cell.experiment != "recipe":
+        return data["split"]
+    return data["standardised" if cell.variant == "standardised" else "full"]
 
 
 # --- studies -------------------------------------------------------------------------------------
@@ -155,12 +183,10 @@ def open_studies(storage, cfg: StudyConfig, cell: Cell) -> tuple[optuna.Study, o
     """(tuning study, final-runs study) of `cell`, created if new, checked if resumed. A study
     remembers the largest budget it was given; asking for less is refused (its tables hold more)."""
     sampler = TrialSeededSampler(
-        cfg.sampler_seed,
+        derived_seed(cfg.sampler_seed, cell.key),  # each cell's search independent of the others'
         lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.sampler_startup_trials),
     )
-    pruner = optuna.pruners.MedianPruner(
-        n_startup_trials=cfg.pruner_startup_trials, n_warmup_steps=cfg.pruner_warmup_epochs
-    )
+    pruner = optuna.pruners.NopPruner()  # every trial runs to its end: see the module docstring
     tune = optuna.create_study(
         storage=storage,
         study_name=study_name(cfg.name, cell),
@@ -219,6 +245,7 @@ class Worker:
     ):
         self.cfg, self.run, self.data, self.env, self.progress = cfg, run, data, env, progress
         self.cells = cfg.cells()
+        self.done: set[Cell] = set()
         self.settings = {e: dataclasses.asdict(getattr(cfg, e)) for e in EXPERIMENTS}  # for cell_widths
         self.studies = {c: open_studies(storage, cfg, c) for c in self.cells}
         self.ledgers = {
@@ -227,23 +254,36 @@ class Worker:
         }
 
     def tune_demand(self, cell: Cell) -> dict[str, int]:
-        """Tuned cells: `n_trials` anonymous slots; matched cells: one keyed slot per grid point."""
+        """Matched cells: one keyed slot per grid point and replicate. Tuned cells: `n_trials` anonymous
+        slots plus one for each failed trial (diverged or at chance), so `n_trials` trials train, up to
+        twice the budget in all. The demand only grows, as the claim protocol needs."""
+        n = self.cfg.n_trials(cell)
         if cell.experiment == "matched":
-            return {grid_key(i): 1 for i in range(self.cfg.n_trials(cell))}
-        return {TUNE: self.cfg.n_trials(cell)} if self.cfg.n_trials(cell) else {}
+            return {grid_key(i, r): 1 for i, r in grid_runs(self.cfg.matched, cell.budget)} if n else {}
+        if not n:
+            return {}
+        failed = sum(
+            1
+            for t in self.ledgers[cell][0].trials()
+            if t.state == TrialState.COMPLETE
+            and not t.user_attrs.get(SURPLUS)
+            and failed_run(t.value if t.value is not None else float("nan"), diverged=t.user_attrs.get("diverged"))
+        )
+        return {TUNE: n + min(failed, n)}
 
     def final_demand(self, cell: Cell) -> tuple[dict[str, int], dict[str, int], int]:
-        """(demand, seed of each key, source trial) of a cell whose tuning is finished."""
-        if self.cfg.n_trials(cell) == 0:
+        """(demand, seed of each key, source trial) of a cell whose tuning (or its base cell's) is finished."""
+        if self.cfg.n_trials(cell.base) == 0:
             source = FIXED
         else:
-            best = best_trial(self.ledgers[cell][0].trials())
-            if best is None:
+            chosen = best_trial(self.ledgers[cell.base][0].trials(), cell.place)
+            if chosen is None:
                 raise StudyError(
-                    f"{cell.key}: no completed, non-diverged tuning trial to retrain; "
-                    "widen the search space or grow --n-trials"
+                    f"{cell.key}: no completed, non-diverged tuning trial to retrain"
+                    + (" (a runner-up needs two grid points)" if cell.place else "")
+                    + "; widen the search space or grow --n-trials"
                 )
-            source = best.number
+            source = chosen.number
         seeds = {final_key(source, s): s for s in range(1, self.cfg.seeds(cell) + 1)}
         return {k: 1 for k in seeds}, seeds, source
 
@@ -252,13 +292,17 @@ class Worker:
         left) or 'done' (every budget finished)."""
         waiting = False
         for cell in self.cells:
-            tune, final = self.ledgers[cell]
-            demand = self.tune_demand(cell)
+            if cell in self.done:
+                continue
+            final = self.ledgers[cell][1]
+            tune = self.ledgers[cell.base][0]  # a check waits for its base cell's tuning (claimed there)
+            demand = self.tune_demand(cell.base)
             if demand:
-                tune.recover_stale()
-                if (key := tune.open_key(demand)) is not None:
-                    self.tune_one(cell, key)
-                    return "ran"
+                if cell.base == cell:
+                    tune.recover_stale()
+                    if (key := tune.open_key(demand)) is not None:
+                        self.tune_one(cell, key)
+                        return "ran"
                 if not tune.finished(demand):
                     waiting = True
                     continue
@@ -268,7 +312,10 @@ class Worker:
             if key is not None:
                 self.final_one(cell, source, seeds[key], key)
                 return "ran"
-            waiting |= not final.finished(demand)
+            if final.finished(demand):
+                self.done.add(cell)  # finished work stays finished: never read this cell again
+            else:
+                waiting = True
         return "wait" if waiting else "done"
 
     def work(self) -> None:
@@ -287,11 +334,13 @@ class Worker:
             warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
             if key == TUNE:  # the sampler proposes; the slot is settled after creation
                 trial = study.ask()
-                claim = ledger.settle(trial._trial_id, capacity=self.cfg.n_trials(cell))
+                claim = ledger.settle(trial._trial_id, capacity=self.tune_demand(cell)[TUNE])
             else:  # a grid point, claimed with its learning rate in the creating transaction
-                lr = lr_grid(self.cfg.matched)[grid_index(key)]
+                point, replicate = grid_index(key)
+                lr = lr_grid(self.cfg.matched)[point]
                 claim = ledger.claim(
                     key,
+                    attrs={GRID: point, "replicate": replicate},
                     params={"lr": lr},
                     distributions={"lr": optuna.distributions.FloatDistribution(*self.cfg.matched.lr, log=True)},
                 )
@@ -301,7 +350,8 @@ class Worker:
         with ledger.heartbeat(claim.trial_id, self.run.heartbeat_interval), holding(ledger, claim.trial_id):
             ledger.storage.set_trial_user_attr(claim.trial_id, "worker", self.env.get("worker"))
             params = suggest(trial, self.cfg, cell)
-            config = train_config(self.cfg, cell, params, self.cfg.tuning_seed, self.run.threads)
+            seed = self.cfg.tuning_seed + (grid_index(key)[1] if key != TUNE else 0)
+            config = train_config(self.cfg, cell, params, seed, self.run.threads)
             lost = False
 
             def on_epoch(m: EpochMetrics) -> bool:
@@ -333,6 +383,7 @@ class Worker:
                 "samples_seen": result.samples_seen,
                 "samples_per_s": result.samples_per_s,
                 "diverged": result.diverged,
+                "tuning_seed": seed,
                 "env": self.env,
             }
             if result.diverged:  # worse than chance: the sampler learns to avoid it; tables say "diverged"
@@ -344,7 +395,8 @@ class Worker:
 
     def final_one(self, cell: Cell, source: int, seed: int, key: str) -> None:
         ledger = self.ledgers[cell][1]
-        params = {} if source == FIXED else next(t for t in self.ledgers[cell][0].trials() if t.number == source).params
+        tuning = self.ledgers[cell.base][0]
+        params = {} if source == FIXED else next(t for t in tuning.trials() if t.number == source).params
         claim = ledger.claim(key, {"source_trial": source, "seed": seed, "worker": self.env.get("worker")})
         if not claim.won:
             return
@@ -364,6 +416,8 @@ class Worker:
                 **{f"param_{k}": v for k, v in params.items()},
                 "param_lr": config.lr,
                 "param_epochs": config.epochs,
+                "param_momentum": config.momentum,
+                "schedule": config.schedule,
                 "widths": list(widths),
                 "curve": encode_curve(result.epochs),
                 "test_accuracy": result.test_accuracy,

@@ -365,3 +365,66 @@ def throughput_figure(path: Path, throughput: pd.DataFrame) -> str:
     g.figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(g.figure)
     return "Training-step samples/s per model and batch size: harness vs source pipeline, per device and thread count."
+
+
+def lr_figure(path: Path, trials: pd.DataFrame, panels: list[tuple[str, pd.DataFrame]]) -> str | None:
+    """Per matched setting, validation accuracy against the learning rate: every grid run a dot, each
+    depth's mean per grid point a line, the chosen rate a ring."""
+    panels = [(title, t) for title, t in panels if not t.empty]
+    if not panels:
+        return None
+    plt, colours = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
+    for ax, (title, t) in zip(axes[0], panels):
+        done = t[t["state"].isin(["complete", "failed"])].dropna(subset=["val_accuracy"])
+        good = done[done["state"] == "complete"]
+        for d, g in done.groupby("depth"):
+            c = depth_colour(colours, int(d))
+            ax.scatter(g["param_lr"], 100 * g["val_accuracy"], s=12, alpha=0.5, color=c)
+            mean = g.groupby("param_lr")["val_accuracy"].mean()
+            ax.plot(mean.index, 100 * mean.to_numpy(), color=c, lw=1, label=f"depth {d}")
+            chosen = g[g["retrained"].astype(bool)]
+            ax.scatter(
+                chosen["param_lr"], 100 * mean.loc[chosen["param_lr"]].to_numpy(), s=90, facecolors="none",
+                edgecolors=c, linewidths=1.6,
+            )  # fmt: skip
+        if not good.empty:
+            top = 100 * good["val_accuracy"].max()
+            ax.set_ylim(max(top - 3, 100 * good["val_accuracy"].min() - 0.2), top + 0.3)
+        ax.set(xscale="log", xlabel="peak learning rate", ylabel="validation accuracy (%)", title=title)
+        ax.legend(fontsize=7, loc="lower center")
+    _save(plt, fig, path)
+    return (
+        "The learning-rate choice of every matched cell: validation accuracy of every grid run (dots; each grid "
+        "point trained with more than one seed where the grid has replicates), each depth's mean per grid point "
+        "(line), the chosen rate ringed. Runs below the panel's floor are off the axis (see the state counts)."
+    )
+
+
+def claims_figure(path: Path, table: pd.DataFrame) -> str | None:
+    """One panel per claim: the recipe and each single change, mean test accuracy with its 95% interval,
+    every seed a dot, the claim a dashed line."""
+    if table.empty:
+        return None
+    plt, colours = _plt()
+    groups = list(table.groupby(["depth", "claimed_epoch", "claim"], sort=False))
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.2), squeeze=False)
+    for ax, ((depth, ep, claim), g) in zip(axes[0], groups):
+        y = np.arange(len(g))[::-1]
+        for yi, row in zip(y, g.itertuples()):
+            colour = (
+                colours[2] if row.verdict == "reached" else colours[7] if row.verdict == "undecided" else colours[3]
+            )
+            ax.errorbar(
+                100 * row.mean, yi, xerr=[[100 * (row.mean - row.lo)], [100 * (row.hi - row.mean)]], fmt="o",
+                color=colour, capsize=3,
+            )  # fmt: skip
+        ax.axvline(100 * claim, ls="--", color="k", lw=1)
+        ax.set_yticks(y, [f"{c} (epoch {e})" for c, e in zip(g["change"], g["epoch"])], fontsize=8)
+        ax.set(xlabel="test accuracy (%)", title=f"claim: depth {depth}, {ep} epochs, {100 * claim:.2f}%")
+    _save(plt, fig, path)
+    return (
+        "The text's claims (dashed) against its recipe and the recipe with one change at a time: mean test "
+        "accuracy at the claimed epoch with its 95% interval; green: reached (interval above the claim), red: not "
+        "reached (interval below), grey: undecided."
+    )

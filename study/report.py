@@ -29,27 +29,46 @@ from mnist_bench.interrupt import Interrupted
 
 from . import figures
 from .analysis import (
+    CHECK_WORDS,
     DATASET_NAMES,
+    LATE_EPOCHS,
     SOURCE_DEPTH,
     UNRELIABLE_SHARE,
     Analysis,
     Contrast,
     Setting,
     analyse,
+    caps_binding,
+    checks,
+    claims,
     cost_thresholds,
     edge_warnings,
     flops_to_reach,
     groups_of,
     interactions,
+    late_gains,
+    matched_key,
     opening_sentence,
     retrained_origin,
+    seed_plan,
     state_counts,
+    time_by_part,
 )
-from .config import DEFAULT_MARGIN, FAILED_AT, SearchSpace, refuse_other_study
+from .config import DEFAULT_MARGIN, FAILED_AT, SOURCE_PARAMS, SearchSpace, refuse_other_study
 from .stats import ALPHA, POWER, fisher
 from .tables import CHECKS, load_results, read_optional
 
-FIGURES = ("answer.png", "recipe.png", "matched.png", "tuned.png", "curves.png", "cross-dataset.png", "throughput.png")
+FIGURES = (
+    "answer.png",
+    "recipe.png",
+    "claims.png",
+    "matched.png",
+    "lr.png",
+    "tuned.png",
+    "curves.png",
+    "cross-dataset.png",
+    "throughput.png",
+)
 OUTPUT_FILES = ("report.md", *FIGURES)  # what render may write; proven replaceable before any work
 
 # --- numbers as the report prints them -----------------------------------------------------------
@@ -252,65 +271,226 @@ def how_to_read(an: Analysis) -> list[str]:
     ]
 
 
-def claims_table(an: Analysis, claims: list) -> list[str]:
-    rows = []
-    for depth, ep, claim in claims:
-        s = an.setting(f"recipe, {ep} epochs")
-        g = s.groups.get(depth) if s else None
-        if g is None or not g.n:
-            continue
-        lo, hi = g.ci
-        rows.append(
-            {
-                "claim": f"depth {depth}, {ep} epochs",
-                "claimed": pts(claim),
-                "measured mean": pts(g.mean),
-                "95% CI": interval(lo, hi, signed_values=False),
-                "trained n": g.n,
-                "failed": len(g.failed),
-                "reached": "yes" if g.mean >= claim else ("no, not excluded by the CI" if hi >= claim else "no"),
-            }
-        )
-    if not rows:
+def claims_section(epochs: pd.DataFrame, config: dict, out: Path) -> list[str]:
+    """The text's claims against its recipe and the recipe with one change at a time."""
+    table = claims(epochs, config)
+    if table.empty:
         return []
-    reached = sum(r["reached"] == "yes" for r in rows)
+    rows = [
+        {
+            "claim": f"depth {r.depth}, {r.claimed_epoch} epochs: {pts(r.claim)}%",
+            "change": r.change,
+            "epoch read": r.epoch,
+            "n": r.n,
+            "test acc mean": pts(r.mean),
+            "95% CI": interval(r.lo, r.hi, signed_values=False),
+            "verdict": r.verdict,
+        }
+        for r in table.itertuples()
+    ]
+    shown = pd.DataFrame(rows)
+    lines = []
+    for (depth, ep, claim), g in table.groupby(["depth", "claimed_epoch", "claim"], sort=False):
+        base = g[g["variant"] == ""]
+        reach = g[(g["variant"] != "") & (g["verdict"] == "reached")]["change"].tolist()
+        recipe = base["verdict"].iloc[0] if len(base) else "not run"
+        lines.append(
+            f"- Depth {depth} after {ep} epochs ({pts(claim)}%): the recipe as printed: {recipe}; "
+            + (
+                f"reached with one change: {', '.join(reach)}."
+                if reach
+                else "no single change reaches it with its interval above the claim."
+            )
+        )
+    caption = figures.claims_figure(out / "claims.png", table)
     return [
-        f"The text's claims against the same runs ({reached} of {len(rows)} reached):",
+        "### The text's claims, explained",
+        "",
+        "The recipe as printed, then with one change at a time (momentum 0.9; learning rate 0.1; inputs "
+        "standardised by the training pixels' mean and standard deviation; twice the epochs, read at twice the "
+        "claimed epoch), each at the claimed depth and epoch. *Reached*: the 95% interval lies above the claim; "
+        "*not reached*: below it; *undecided*: it contains the claim.",
+        "",
+        md_table(shown),
+        "",
+        *lines,
+        "",
+    ] + (["![claims](claims.png)", "", caption, ""] if caption else [])
+
+
+def tuned_origin(trials: pd.DataFrame, config: dict) -> list[str]:
+    """Where each tuned depth's retrained configuration came from: "at its best" means the best of one
+    search per depth, each search drawn independently."""
+    origin = retrained_origin(trials, config)
+    if not origin:
+        return []
+    startup = int(config.get("sampler_startup_trials", 0))
+    parts = [
+        f"depth {d} trial {n}" + (" (a random start-up trial)" if s else " (proposed by TPE)")
+        for d, (n, s) in sorted(origin.items())
+    ]
+    return [
+        f'"At its best" means the best of one search per depth, each drawn independently (its first {startup} '
+        f"trials at random, then TPE); retrained: {', '.join(parts)}. The seed intervals below do not include the "
+        "variation from the search; the retrained models differ in width and parameters (see the table), so this "
+        "setting compares searches, not depth alone.",
+        "",
+    ]
+
+
+def caps_lines(trials: pd.DataFrame, config: dict) -> list[str]:
+    """Which declared caps of the tuned search bind, and whether they bind for some depths only."""
+    bound = caps_binding(trials, config)
+    if not bound:
+        return []
+    depths = sorted(int(d) for d in trials[trials["experiment"] == "tuned"]["depth"].unique())
+    lines = []
+    for cap, at in bound.items():
+        if not at:
+            lines.append(f"- The {cap} cap binds for no depth.")
+        elif len(at) == len(depths):
+            lines.append(f"- The {cap} cap binds for every depth ({', '.join(map(str, at))}): all are held back alike.")
+        else:
+            lines.append(
+                f"- The {cap} cap binds for depth {', '.join(map(str, at))} only: a caveat on the tuned contrasts "
+                "involving it (that depth might gain more from a looser cap than the others)."
+            )
+    return ["Caps of the search (at or within 5% of the upper limit, for the retrained trial):", "", *lines, ""]
+
+
+def lr_section(trials: pd.DataFrame, out: Path) -> list[str]:
+    m = trials[(trials["experiment"] == "matched") & (trials["depth"] > 1)]
+    if m.empty:
+        return []
+    shape = m["shape"] if "shape" in m else pd.Series("funnel", index=m.index)
+    panels = [
+        (matched_key(int(b), sh).removeprefix("matched, "), g)
+        for (b, sh), g in m.assign(shape=shape).groupby(["budget", "shape"], sort=True)
+    ]
+    caption = figures.lr_figure(out / "lr.png", m, panels)
+    return ["![learning rates](lr.png)", "", caption, ""] if caption else []
+
+
+def late_section(epochs: pd.DataFrame, margin: float) -> list[str]:
+    gains = late_gains(epochs)
+    if gains.empty:
+        return []
+    flagged = gains[gains["gain"] >= margin]
+    rows = [
+        {
+            "cell": matched_key(int(r.budget), r.shape).removeprefix("matched, ") if pd.notna(r.budget) else "softmax",
+            "depth": r.depth,
+            f"gain over the last {LATE_EPOCHS} epochs (points)": signed(r.gain),
+            "seeds": r.n,
+            "flag": "still gaining at least the margin" if r.gain >= margin else "",
+        }
+        for r in gains.itertuples()
+    ]
+    verdict = (
+        f"Every matched cell gained less than the margin (±{pts(margin)} points) in validation accuracy over its "
+        f"last {LATE_EPOCHS} epochs."
+        if flagged.empty
+        else f"{len(flagged)} of {len(gains)} matched cells gained at least the margin over their last {LATE_EPOCHS} "
+        "epochs (flagged). With a learning rate that decays to zero, part of a late gain is the decay itself "
+        "settling the weights; whether more epochs would change a contrast is what the horizon check below tests."
+    )
+    return [
+        "### Converged?",
+        "",
+        verdict,
         "",
         md_table(pd.DataFrame(rows)),
         "",
     ]
 
 
-def tuned_origin(trials: pd.DataFrame, config: dict) -> list[str]:
-    """Where each tuned depth's retrained configuration came from: "at its best" means the best of one
-    search, and a random start-up trial is the same configuration in every depth's search."""
-    origin = retrained_origin(trials, config)
-    if not origin:
+def checks_section(an: Analysis, final: pd.DataFrame, budget: int) -> list[str]:
+    found = checks(an, final, budget, an.margin)
+    if not found:
         return []
-    startup = sorted(d for d, (_, s) in origin.items() if s)
-    searched = sorted(d for d, (_, s) in origin.items() if not s)
-    parts = [f"depth {d} trial {origin[d][0]}" for d in sorted(origin)]
-    text = (
-        f'"At its best" means the best of one {config.get("experiments", {}).get("tuned", {}).get("n_trials")}-'
-        f"trial search per depth, along one search path (retrained: {', '.join(parts)}). "
-    )
-    if startup:
-        text += (
-            f"For depth{'s' if len(startup) > 1 else ''} {', '.join(map(str, startup))} it is one of the "
-            f"{config.get('sampler_startup_trials')} random start-up trials, which are the same configurations in "
-            "every depth's search; "
-        )
-        text += (
-            f"only depth {', '.join(map(str, searched))}'s came from the TPE search itself. "
-            if searched
-            else "none came from the TPE search itself. "
-        )
-    text += (
-        "The seed intervals below do not include the variation from the search; the retrained models differ in "
-        "width and parameters (see the table), so this setting compares searches, not depth alone."
-    )
-    return [text, ""]
+    rows = [
+        {
+            "check": CHECK_WORDS[c.check],
+            "contrast": f"depth {c.base.a} minus {c.base.b}",
+            "primary outcome": outcome_words(c.base),
+            "with the check": outcome_words(c.changed),
+            "n": c.changed.n or "n/a",
+            "difference": signed(c.changed.diff),
+            "interval (Holm level)": (
+                f"{interval(*c.changed.ci)} at {100 * (1 - c.changed.level):.2f}%"
+                if math.isfinite(c.changed.level)
+                else "n/a"
+            ),
+            "verdict": c.verdict,
+        }
+        for c in found
+    ]
+    changed = [c for c in found if c.verdict in ("horizon-dependent", "rate-sensitive")]
+    return [
+        f"### Checks at {budget:,} parameters: twice the epochs, and the runner-up learning rate",
+        "",
+        "Depths 3, 4 and 5 (funnel) retrained at twice the epochs with the chosen learning rate (is 10 epochs "
+        "enough?), and at the runner-up rate of their grid (does the conclusion hang on the choice?). Each check is "
+        "its own Holm family of two contrasts. *Holds*: the same outcome; *horizon-dependent* or *rate-sensitive*: "
+        "another decided outcome; *not confirmed*: the check's fewer seeds leave it inconclusive.",
+        "",
+        md_table(pd.DataFrame(rows)),
+        "",
+        (
+            "No primary contrast at this budget changes outcome under either check."
+            if not changed
+            else "Changes outcome: "
+            + "; ".join(f"{c.base.label} ({c.verdict})" for c in changed)
+            + ". The primary outcome of those contrasts depends on that choice."
+        ),
+        "",
+    ]
+
+
+def seed_section(an: Analysis, budget: int) -> list[str]:
+    plan = seed_plan(an, budget)
+    if plan is None:
+        return []
+    enough = plan.used >= plan.needed
+    return [
+        "### Enough seeds?",
+        "",
+        f"At {budget:,} parameters the primary contrasts' per-seed differences spread by up to {pts(plan.sd)} points "
+        f"(standard deviation). To find a true difference of the margin (±{pts(an.margin)} points), or show a true "
+        f"difference of 0 equivalent, with {POWER:.0%} power at the Holm family's strictest level "
+        f"({ALPHA} / {len(an.primary)} = {plan.level:.4f}), a paired t-test needs "
+        f"{plan.needed if plan.needed <= 1000 else 'more than 1,000'} seeds "
+        f"(statsmodels' t-test power); this study ran {plan.used}"
+        + (": enough." if enough else ": fewer, so an inconclusive outcome here may be a matter of seeds.")
+        + " The number of seeds was chosen from a pilot of the same cells before the study (docs/method.md).",
+        "",
+    ]
+
+
+def time_section(trials: pd.DataFrame, final: pd.DataFrame) -> list[str]:
+    t = time_by_part(trials, final)
+    if t.empty:
+        return []
+    rows = [
+        {
+            "part": r.part,
+            "runs": int(r.runs),
+            "epochs": int(r.epochs),
+            "training minutes": f"{r.seconds / 60:,.1f}",
+            "share": f"{r.share:.0%}",
+        }
+        for r in t.itertuples()
+    ]
+    total = t["seconds"].sum() / 60
+    return [
+        "## Where the time goes",
+        "",
+        f"Training time by part of the study, summed over workers ({total:,.0f} minutes in all; evaluation and "
+        "storage are not in it, and seconds depend on the machine and its load):",
+        "",
+        md_table(pd.DataFrame(rows)),
+        "",
+    ]
 
 
 def cost_section(trials: pd.DataFrame, epochs: pd.DataFrame) -> list[str]:
@@ -411,7 +591,8 @@ def sanity_checks(trials: pd.DataFrame, config: dict) -> list[str]:
         doc += [
             "",
             "Tuning trials per cell by state (failed: ran to the end at or below twice chance; diverged: "
-            "NaN/inf loss; pruned: stopped by the median pruner; interrupted: killed or stopped, then redone):",
+            "NaN/inf loss; pruned: stopped by a pruner, in studies made before nothing was pruned; interrupted: "
+            "killed or stopped, then redone):",
             "",
             md_table(state_counts(trials)),
         ]
@@ -441,8 +622,11 @@ def caveats(config: dict) -> list[str]:
         if k in config
     ]
     return doc + [
-        "- activation: ReLU; loss: cross-entropy; init: PyTorch default; constant learning rate; inputs scaled to "
-        "[0, 1], no augmentation; the shape is the halving funnel (matched) or a tapered funnel (tuned)",
+        f"- schedule: {config.get('schedule', 'constant')} decay of the learning rate to zero over each run (matched "
+        "and tuned; the recipe keeps the text's constant rate)",
+        "- activation: ReLU; loss: cross-entropy; init: PyTorch default; inputs scaled to [0, 1] (except the "
+        "recipe's standardised-inputs change), no augmentation; the shapes are the halving funnel and constant width "
+        "(matched) and a tapered funnel (tuned); an answer holds for these, not for other shapes",
         "- tuning used the validation hold-out only; the test set was read only by retrained runs (and, in the "
         "recipe, where nothing is tuned, after every epoch)",
         "- cost is exact training FLOPs (forward and backward of the Linear layers, per sample, times samples seen); "
@@ -506,7 +690,7 @@ def _render(
     second = analyse(other[1], other[2], other[3], margin) if other is not None else None
     dataset = config.get("dataset", "mnist")
     exps = config.get("experiments", {})
-    claims = exps.get("recipe", {}).get("claims", []) if dataset == "mnist" else []  # the text's claims are MNIST's
+    text_claims = exps.get("recipe", {}).get("claims", []) if dataset == "mnist" else []  # the text's are MNIST's
 
     title = "# Why four layers? A measured answer" + ("" if dataset == "mnist" else f" ({DATASET_NAMES[dataset]})")
     doc = [title, ""] + quick_banner(config, out) + [opening_sentence(an), ""]
@@ -535,21 +719,34 @@ def _render(
             "selects nothing). The earlier epoch is a check of the text's claims, not a primary setting.",
             "",
         ]
-        caption = figures.recipe_figure(out / "recipe.png", recipe, claims)
-        doc += ["![recipe](recipe.png)", "", caption, ""] + claims_table(an, claims)
+        caption = figures.recipe_figure(out / "recipe.png", recipe, text_claims)
+        doc += ["![recipe](recipe.png)", "", caption, ""]
+        doc += claims_section(epochs, config, out) if text_claims else []
         for s in recipe:
             doc += section(an, s, f"After {s.key.split(', ')[1]}")
     matched = [s for s in an.settings if s.experiment == "matched"]
     if matched:
         m = exps.get("matched", {})
+        constant = ", ".join(f"{b:,}" for b in m.get("constant_budgets", []))
+        thin = ", ".join(f"{b:,}" for b in m.get("thin_budgets", []))
+        grid = m.get("lr", [0, 0])
         doc += [
             "## 2. Depth at a matched parameter budget",
             "",
-            f"Hidden widths halve layer to layer (the text's 256-128-64 shape), floored at {m.get('min_width', 8)} "
-            f"units, scaled so every model is within {100 * m.get('tolerance', 0.02):.0f}% of its budget; SGD with "
-            f"momentum {config.get('momentum')}, {m.get('epochs')} epochs; the learning rate is tuned per cell on "
-            f"the validation hold-out over the same {m.get('lr_points')}-point log grid {m.get('lr')}, then the "
-            f"best is retrained with {m.get('seeds')} seeds.",
+            f"Two shapes: hidden widths that halve layer to layer (the text's 256-128-64 funnel) and, at {constant} "
+            f"parameters, every hidden layer equally wide (depth 2, one hidden layer, is the same network in both). "
+            f"No hidden layer is narrower than {m.get('min_width')} units; every model is within "
+            f"{100 * m.get('tolerance', 0.02):.0f}% of its budget. SGD with momentum {config.get('momentum')}, batch "
+            f"{config.get('batch_size')}, {m.get('epochs')} epochs, the learning rate decaying "
+            f"{config.get('schedule', 'constant')}ly to zero over the run. Each cell's peak learning rate is chosen on "
+            f"the validation hold-out from a {m.get('lr_points')}-point log grid {grid[0]:.3g} to {grid[1]:.3g}, every "
+            f"point trained {m.get('replicates')} times (tuning seeds {config.get('tuning_seed')} onwards) and never "
+            f"pruned; the point with the best mean is retrained with {m.get('seeds')} seeds."
+            + (
+                f" Thinned at {thin} parameters: depths 3-5 only, one run per grid point, {m.get('thin_seeds')} seeds."
+                if thin
+                else ""
+            ),
             "",
         ]
         soft = analyse_softmax(final)
@@ -562,8 +759,12 @@ def _render(
                 f"{interval(*soft.ci, signed_values=False)}).",
                 "",
             ]
+        doc += lr_section(trials, out)
         for s in matched:
-            doc += section(an, s, s.key.split(", ")[1])
+            doc += section(an, s, s.key.split(", ", 1)[1])
+        doc += late_section(epochs, an.margin)
+        doc += checks_section(an, final, m.get("check_budget", SOURCE_PARAMS))
+        doc += seed_section(an, m.get("check_budget", SOURCE_PARAMS))
     tuned = an.setting("tuned")
     if tuned is not None:
         t = exps.get("tuned", {})
@@ -571,12 +772,14 @@ def _render(
         doc += [
             "## 3. Each depth at its best",
             "",
-            f"One search per depth over learning rate {space.get('lr')}, first width {space.get('width')}, taper "
-            f"{space.get('taper')} and epochs 1-{space.get('max_epochs')} ({t.get('n_trials')} trials, seeded "
-            f"TPE, median pruner, validation hold-out); the best of each depth retrained with {t.get('seeds')} "
-            "seeds.",
+            f"One search per depth over peak learning rate {space.get('lr')}, first width {space.get('width')}, "
+            f"taper {space.get('taper')} and epochs 1-{space.get('max_epochs')} (the learning rate decaying to zero "
+            f"over the run), each depth's TPE sampler seeded independently, nothing pruned, on the validation "
+            f"hold-out, until {t.get('n_trials')} trials trained (a failed trial is replaced); the best of each depth "
+            f"retrained with {t.get('seeds')} seeds.",
             "",
         ]
+        doc += caps_lines(trials, config)
         caption = figures.tuned_figure(out / "tuned.png", tuned, trials)
         doc += ["![tuned](tuned.png)", "", caption, ""] + tuned_origin(trials, config)
         doc += section(an, tuned, "Each depth tuned")
@@ -586,6 +789,7 @@ def _render(
             doc += ["![curves](curves.png)", "", curves, ""]
     if second is not None:
         doc += cross_dataset_section(out, an, second)
+    doc += time_section(trials, final)
     doc += sanity_checks(trials, config)
     if throughput is not None and not throughput.empty:
         doc += ["![throughput](throughput.png)", "", figures.throughput_figure(out / "throughput.png", throughput), ""]

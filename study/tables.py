@@ -23,7 +23,19 @@ from mnist_bench.errors import UsageError, UserError
 from mnist_bench.models import forward_flops, mlp, n_params, train_flops
 from mnist_bench.paths import DATASETS
 
-from .config import EXPERIMENTS, MAX_DEPTH, TRIAL_STATES, Cell, cell_widths, failed_run, parse_study_name, study_name
+from .config import CHECKS as CHECK_NAMES
+from .config import (
+    EXPERIMENTS,
+    MAX_DEPTH,
+    SHAPES,
+    TRIAL_STATES,
+    VARIANTS,
+    Cell,
+    cell_widths,
+    failed_run,
+    parse_study_name,
+    study_name,
+)
 from .coord import FIXED, SURPLUS, StudyError, best_trial, decode_curve
 
 ENV_COLUMNS = ("device", "device_name", "cpu", "gpu", "threads", "torch_version", "python_version", "command", "worker")
@@ -101,17 +113,25 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
     config = tune.user_attrs["config"]
     tuning = tune.get_trials(deepcopy=False)
     best = best_trial(tuning)
-    source = FIXED if cell.experiment == "recipe" else (best.number if best else None)
+    if cell.experiment == "recipe":
+        source = FIXED
+    else:  # a matched check retrains its base cell's choice (or runner-up)
+        base = tuning if cell.base == cell else load(storage, study_name(name, cell.base)).get_trials(deepcopy=False)
+        chosen = best_trial(base, cell.place)
+        source = chosen.number if chosen else None
     where = {
         "dataset": config.get("dataset", "mnist"),
         "experiment": cell.experiment,
         "budget": cell.budget,
+        "shape": cell.shape,
+        "variant": cell.variant,
         "depth": cell.depth,
     }
     fixed = {
         "batch_size": config["batch_size"],
         "optimizer": config["optimizer"],
         "momentum": config["experiment"].get("momentum", config["momentum"]),
+        "schedule": "constant" if cell.experiment == "recipe" else config.get("schedule", "constant"),
     }
     trials, epochs, finals, superseded = [], [], [], []
     for t in tuning:
@@ -157,6 +177,7 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
             **{k: v for k, v in a.items() if k.startswith("param_")},
             **_cost(a["widths"], a.get("samples_seen")),
             **fixed,
+            "momentum": a.get("param_momentum", fixed["momentum"]),
             "test_accuracy": a["test_accuracy"],
             "test_loss": a["test_loss"],
             "diverged": a["diverged"],
@@ -192,6 +213,8 @@ EMPTY_COLUMNS = {
         "study",
         "experiment",
         "budget",
+        "shape",
+        "variant",
         "depth",
         "trial",
         "state",
@@ -204,6 +227,8 @@ EMPTY_COLUMNS = {
         "study",
         "experiment",
         "budget",
+        "shape",
+        "variant",
         "depth",
         "run",
         "trial",
@@ -219,6 +244,8 @@ EMPTY_COLUMNS = {
         "study",
         "experiment",
         "budget",
+        "shape",
+        "variant",
         "depth",
         "seed",
         "source_trial",
@@ -234,7 +261,7 @@ EMPTY_COLUMNS = {
         "samples_per_s",
         "curve",
     ],
-    "superseded": ["experiment", "budget", "depth", "seed", "source_trial", "run_trial", "reason"],
+    "superseded": ["experiment", "budget", "shape", "variant", "depth", "seed", "source_trial", "run_trial", "reason"],
 }
 
 
@@ -256,7 +283,12 @@ def study_names(storage) -> dict[str, list[Cell]]:
         parsed = parse_study_name(s.study_name)
         if parsed:
             found.setdefault(parsed[0], []).append(parsed[1])
-    return {k: sorted(v, key=lambda c: (c.experiment, c.budget or 0, c.depth)) for k, v in found.items()}
+    return {
+        k: sorted(
+            v, key=lambda c: (c.experiment, bool(c.variant), c.variant, c.shape != "funnel", c.budget or 0, c.depth)
+        )
+        for k, v in found.items()
+    }
 
 
 def write_tables(storage, name: str, cells, out: Path) -> dict[str, pd.DataFrame]:
@@ -278,8 +310,14 @@ def write_tables(storage, name: str, cells, out: Path) -> dict[str, pd.DataFrame
             exp["depths"].append(cell.depth)
         if cell.budget is not None and cell.budget not in exp["budgets"]:
             exp["budgets"].append(cell.budget)
-        exp["n_trials"] = tune.user_attrs.get("n_trials")
-        exp["seeds"] = load(storage, study_name(name, cell, final=True)).user_attrs.get("seeds")
+        seeds = load(storage, study_name(name, cell, final=True)).user_attrs.get("seeds")
+        if cell.variant:  # a recipe variant or a matched check: their own seed budgets
+            exp["variant_seeds" if cell.experiment == "recipe" else "check_seeds"] = seeds
+        elif cell.budget is not None and cell.budget in exp.get("thin_budgets", []):
+            exp["thin_seeds"] = seeds
+        else:
+            exp["n_trials"] = tune.user_attrs.get("n_trials")
+            exp["seeds"] = seeds
     config = {
         "name": name,
         "dataset": "mnist",
@@ -295,12 +333,17 @@ def summary(final: pd.DataFrame) -> str:
     """One line per cell: test accuracy mean, spread and n over trained seeds (failed runs counted
     apart), parameters, seconds."""
     lines = []
-    for (experiment, budget, depth), g in final.groupby(["experiment", "budget", "depth"], dropna=False, sort=False):
+    for (experiment, budget, shape, variant, depth), g in final.groupby(CELL_COLUMNS, dropna=False, sort=False):
         acc = g[~g["failed"].astype(bool)]["test_accuracy"]
         spread = f"+- {acc.std(ddof=1):.4f} " if len(acc) > 1 else ""
         diverged = f", {len(g) - len(acc)} failed" if len(acc) < len(g) else ""
         mean = f"{acc.mean():.4f} " if len(acc) else "none "
-        where = f"{experiment}" + (f" {int(budget):,} params" if pd.notna(budget) else "")
+        where = (
+            f"{experiment}"
+            + (f" {shape}" if shape != "funnel" else "")
+            + (f" {variant}" if isinstance(variant, str) and variant else "")
+            + (f" {int(budget):,} params" if pd.notna(budget) else "")
+        )
         widths = g["widths"].iloc[0] if isinstance(g["widths"].iloc[0], str) and g["widths"].iloc[0] else "-"
         lines.append(
             f"{where}, depth {depth}: test accuracy {mean}{spread}(n={len(acc)}{diverged}), "
@@ -318,6 +361,8 @@ REQUIRED = {  # the columns the report reads
     "epochs": (
         "experiment",
         "budget",
+        "shape",
+        "variant",
         "depth",
         "run",
         "trial",
@@ -331,6 +376,8 @@ REQUIRED = {  # the columns the report reads
     "final": (
         "experiment",
         "budget",
+        "shape",
+        "variant",
         "depth",
         "seed",
         "test_accuracy",
@@ -340,12 +387,15 @@ REQUIRED = {  # the columns the report reads
         "train_seconds",
     ),
 }
-DTYPES = {"widths": "string", "command": "string", "budget": "Int64"}
+CELL_COLUMNS = ["experiment", "budget", "shape", "variant", "depth"]  # what names a cell in every table
+DTYPES = {"widths": "string", "command": "string", "budget": "Int64", "shape": "string", "variant": "string"}
 # What a column may hold (checked on read, so a damaged cell is one line, never a wrong number);
 # "!" marks a column that may not be empty.
 CHECKS = {
     "trials": {
         "experiment": "experiment!",
+        "shape": "shape!",
+        "variant": "variant",
         "state": "state!",
         "depth": "depth!",
         "trial": "index!",
@@ -358,6 +408,8 @@ CHECKS = {
     },
     "epochs": {
         "experiment": "experiment!",
+        "shape": "shape!",
+        "variant": "variant",
         "depth": "depth!",
         "epoch": "count!",
         "seed": "count",
@@ -369,6 +421,8 @@ CHECKS = {
     },
     "final": {
         "experiment": "experiment!",
+        "shape": "shape!",
+        "variant": "variant",
         "depth": "depth!",
         "seed": "count!",
         "test_accuracy": "fraction",
@@ -383,6 +437,8 @@ CHECKS = {
 NAMES = {  # columns that hold one of a few names
     "experiment": ("one of " + ", ".join(EXPERIMENTS), set(EXPERIMENTS)),
     "state": ("a trial state (" + ", ".join(TRIAL_STATES) + ")", set(TRIAL_STATES)),
+    "shape": ("one of " + ", ".join(SHAPES), set(SHAPES)),
+    "variant": ("empty or one of " + ", ".join([*VARIANTS, *CHECK_NAMES]), {"", *VARIANTS, *CHECK_NAMES}),
 }
 KINDS = {
     "depth": (f"a depth in 1..{MAX_DEPTH}", lambda x: x.between(1, MAX_DEPTH) & (x % 1 == 0)),
@@ -449,6 +505,9 @@ def read_table(path: Path, required: tuple[str, ...] = (), checks: dict[str, str
         raise UserError(
             f"{path} is not a readable table ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
         ) from None
+    if "experiment" in df:  # tables from before shapes and variants: every cell a funnel, as declared
+        df["shape"] = df["shape"] if "shape" in df else "funnel"
+        df["variant"] = df["variant"].fillna("") if "variant" in df else ""
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise UserError(
@@ -456,8 +515,8 @@ def read_table(path: Path, required: tuple[str, ...] = (), checks: dict[str, str
             "an older version; regenerate with python -m study.report --storage URL --out DIR)"
         )
     df = validate(df, path, checks or {})
-    if path.name == "final.csv" and {"experiment", "budget", "depth", "seed"} <= set(df.columns):
-        twice = df.duplicated(["experiment", "budget", "depth", "seed"], keep="first")
+    if path.name == "final.csv" and {*CELL_COLUMNS, "seed"} <= set(df.columns):
+        twice = df.duplicated([*CELL_COLUMNS, "seed"], keep="first")
         if twice.any():
             row = df.index.get_loc(twice.idxmax()) + 2
             raise UserError(f"{path} row {row}: a second run of the same cell and seed (one run per seed is counted)")

@@ -24,6 +24,15 @@ def test_normalisation_matches_published_mean(mnist):
     assert abs(full.double().mean().item() - 0.1306604762738429) < 1e-6
 
 
+def test_standardised_copy_has_zero_mean_unit_spread_on_training_pixels_only(small):
+    z = small.standardised()
+    assert abs(z.train_x.mean().item()) < 1e-5 and abs(z.train_x.std().item() - 1) < 1e-5
+    mean, std = small.train_x.mean(), small.train_x.std()
+    assert torch.allclose(z.test_x, (small.test_x - mean) / std)  # the test set scaled by training statistics
+    assert torch.equal(z.train_y, small.train_y) and torch.equal(z.test_y, small.test_y)
+    assert 0.0 <= small.train_x.min()  # the original is untouched
+
+
 def test_split_sizes_and_disjointness(mnist):
     assert len(mnist.train_x) == 50000 and len(mnist.val_x) == 10000 and len(mnist.test_x) == 10000
     train_idx, val_idx = split_indices(60000, 10000, seed=0)

@@ -57,3 +57,25 @@ def test_the_source_network_is_its_own_matched_funnel():
     from mnist_bench.models import funnel_for_budget
 
     assert funnel_for_budget(4, 242_762) == (256, 128, 64) and funnel_for_budget(1, 242_762) == ()
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4, 5, 6])
+@pytest.mark.parametrize("budget", [60_000, 242_762, 1_000_000])
+def test_constant_width_shape_is_equally_wide_within_two_percent_and_never_under_16(depth, budget):
+    from mnist_bench.models import count_params, widths_for_budget
+
+    constant = widths_for_budget(depth, budget, 16, "constant")
+    funnel = widths_for_budget(depth, budget, 16, "funnel")
+    assert len(constant) == depth - 1 and len(set(constant)) == 1
+    assert abs(count_params(constant) / budget - 1) <= 0.02 and abs(count_params(funnel) / budget - 1) <= 0.02
+    assert min(constant) >= 16 and min(funnel) >= 16
+    if depth == 2:
+        assert constant == funnel  # one hidden layer: the same network
+
+
+def test_an_unknown_shape_is_a_usage_error():
+    from mnist_bench.errors import UsageError
+    from mnist_bench.models import widths_for_budget
+
+    with pytest.raises(UsageError, match="shape"):
+        widths_for_budget(3, 60_000, 16, "pyramid")

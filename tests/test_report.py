@@ -13,15 +13,23 @@ from scipy import stats as sp
 
 from study import stats
 from study.analysis import (
+    Check,
+    Contrast,
     Group,
     analyse,
+    caps_binding,
+    checks,
+    claims,
     contrast_family,
     cost_thresholds,
     edge_warnings,
     flops_to_reach,
     groups_of,
     interactions,
+    late_gains,
     opening_sentence,
+    seed_plan,
+    time_by_part,
 )
 from study.config import FAILED_AT, SearchSpace
 from study.report import render
@@ -359,7 +367,8 @@ def test_renders_every_experiment_with_the_answer_first(tmp_path: Path):
     assert lines[2] == "![answer](answer.png)"
     for png in ("answer.png", "recipe.png", "matched.png", "tuned.png", "curves.png"):
         assert (tmp_path / png).stat().st_size > 10_000 and f"({png})" in text
-    assert "| depth 4, 10 epochs | 98.00 |" in text and "*Margin* ±0.20 points" in text
+    assert "| depth 4, 10 epochs: 98.00% | none (the recipe) | 10 | 8 | 98.05 |" in text
+    assert "*Margin* ±0.20 points" in text and (tmp_path / "claims.png").stat().st_size > 10_000
     assert "indistinguishable" not in text and "| nan" not in text and "nan%" not in text
     assert "momentum: 0.9" in text and "Against depth 4: depth 3 needed" in text
 
@@ -455,3 +464,106 @@ def test_missing_tables_is_a_usage_error(tmp_path: Path):
         [sys.executable, "-m", "study.report", "--results", str(tmp_path)], capture_output=True, text=True
     )
     assert p.returncode == 2 and "trials.csv" in p.stderr and "Traceback" not in p.stderr
+
+
+# --- the design's checks ------------------------------------------------------------------------------
+
+
+def curve_rows(experiment, variant, depth, seed, accs, test=None, budget=None, shape="funnel"):
+    return [
+        {
+            "experiment": experiment,
+            "budget": budget,
+            "shape": shape,
+            "variant": variant,
+            "depth": depth,
+            "run": "final",
+            "trial": 100 * depth + seed,
+            "seed": seed,
+            "epoch": e,
+            "val_accuracy": a,
+            "test_accuracy": a if test is None else test,
+        }
+        for e, a in enumerate(accs, 1)
+    ]
+
+
+def test_claims_are_read_at_the_claimed_epoch_twice_it_for_twice_the_epochs_with_a_t_interval():
+    config = {"experiments": {"recipe": {"claims": [[4, 2, 0.96]], "variants": ["momentum", "twice"]}}}
+    rows = []
+    for seed, jitter in enumerate([0.0, 0.002, -0.002, 0.001, -0.001], 1):
+        rows += curve_rows("recipe", "", 4, seed, [0.90 + jitter, 0.95 + jitter])
+        rows += curve_rows("recipe", "momentum", 4, seed, [0.96 + jitter, 0.97 + jitter])
+        rows += curve_rows("recipe", "twice", 4, seed, [0.90, 0.95, 0.955, 0.958 + jitter])
+    table = claims(pd.DataFrame(rows), config).set_index("variant")
+    assert list(table["epoch"]) == [2, 2, 4]
+    base = table.loc[""]
+    lo, hi = sp.t.interval(0.95, 4, loc=0.95, scale=sp.sem([0.95, 0.952, 0.948, 0.951, 0.949]))
+    assert base["mean"] == pytest.approx(0.95) and (base["lo"], base["hi"]) == pytest.approx((lo, hi))
+    assert base["verdict"] == "not reached" and table.loc["momentum", "verdict"] == "reached"
+    assert table.loc["twice", "verdict"] == "not reached" and table.loc["twice", "change"] == "twice the epochs"
+
+
+def test_late_gain_is_the_mean_last_three_epoch_gain_of_each_matched_cell():
+    rows = curve_rows("matched", "", 4, 1, [0.9, 0.95, 0.96, 0.97, 0.975], budget=242762)
+    rows += curve_rows("matched", "", 4, 2, [0.9, 0.95, 0.96, 0.965, 0.968], budget=242762)
+    rows += curve_rows("matched", "horizon", 4, 1, [0.5] * 5, budget=242762)  # a check: not a declared cell
+    gains = late_gains(pd.DataFrame(rows))
+    assert len(gains) == 1 and gains["gain"].iloc[0] == pytest.approx(((0.975 - 0.95) + (0.968 - 0.95)) / 2)
+
+
+def _contrast(outcome, n=8, sd=0.001):
+    return Contrast("s", 4, 3, outcome, n=n, sd=sd)
+
+
+@pytest.mark.parametrize(
+    "check, base, changed, verdict",
+    [
+        ("horizon", "better", "better", "holds"),
+        ("horizon", "better", "worse", "horizon-dependent"),
+        ("runnerup", "equivalent", "better", "rate-sensitive"),
+        ("runnerup", "worse", "inconclusive", "not confirmed with 4 seeds"),
+        ("horizon", "inconclusive", "inconclusive", "holds"),
+    ],
+)
+def test_a_check_verdict_names_a_changed_outcome(check, base, changed, verdict):
+    assert Check(check, _contrast(base), _contrast(changed, n=4)).verdict == verdict
+
+
+def test_checks_pair_the_retrained_depths_within_each_check_beside_the_primary_contrast():
+    trials, epochs, final = study_tables(FOUR_WINS, FOUR_WINS, TUNED)
+    horizon = runs("matched", {3: 0.985, 4: 0.98, 5: 0.975}, n=4, budget=242762, seed=3).assign(variant="horizon")
+    final = pd.concat([final.assign(variant=""), horizon], ignore_index=True)
+    an = analyse(epochs, final, CONFIG)
+    found = checks(an, final, 242762, an.margin)
+    assert [(c.check, c.base.b, c.changed.n) for c in found] == [("horizon", 3, 4), ("horizon", 5, 4)]
+    assert found[0].base.outcome == "better" and found[0].changed.outcome == "worse"
+    assert found[0].verdict == "horizon-dependent"
+
+
+def test_the_seed_plan_uses_the_largest_spread_at_the_budget_and_the_strictest_holm_level():
+    trials, epochs, final = study_tables(FOUR_WINS, FOUR_WINS, TUNED)
+    an = analyse(epochs, final, CONFIG)
+    plan = seed_plan(an, 242762)
+    at = [c for c in an.primary if c.setting == "matched, 242,762 parameters"]
+    assert plan.sd == max(c.sd for c in at) and plan.level == pytest.approx(0.05 / len(an.primary))
+    assert plan.needed == stats.seeds_to_resolve(plan.sd, an.margin, plan.level) and plan.used == 8
+
+
+def test_time_by_part_sums_training_seconds_and_caps_binding_names_depths():
+    trials, epochs, final = study_tables(FOUR_WINS, FOUR_WINS, TUNED)
+    t = time_by_part(trials.assign(train_seconds=1.0), final).set_index("part")
+    assert t.loc["tuned, retraining", "seconds"] == sum(10.0 + d for d in (3, 4, 5)) * 8
+    assert t.loc["matched, learning-rate grid", "runs"] == 4 * 6 and t["share"].sum() == pytest.approx(1)
+    space = {"width": [32, 1024], "max_epochs": 15}
+    config = {"experiments": {"tuned": {"space": space}}}
+    best = pd.DataFrame(
+        {
+            "experiment": "tuned",
+            "depth": [3, 4, 5],
+            "retrained": True,
+            "param_width": [1000, 200, 1024],
+            "param_epochs": [15, 15, 15],
+        }
+    )
+    assert caps_binding(best, config) == {"width": [3, 5], "epochs": [3, 4, 5]}

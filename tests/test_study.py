@@ -1,5 +1,6 @@
 """The depth study end to end on a tiny budget: tables, resumption, interruption, a killed worker."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,8 +18,20 @@ from optuna.trial import TrialState, create_trial
 
 from mnist_bench.data import MNIST
 from study import depth as study_depth
-from study.config import PRESETS, Cell, RunConfig, SearchSpace, StudyConfig, Tuned, hidden_widths
-from study.coord import open_storage
+from study.config import (
+    PRESETS,
+    Cell,
+    RunConfig,
+    SearchSpace,
+    StudyConfig,
+    Tuned,
+    cell_widths,
+    failed_run,
+    hidden_widths,
+    parse_study_name,
+    study_name,
+)
+from study.coord import StudyError, open_storage
 from study.engine import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,21 +202,56 @@ def test_a_new_best_trial_gets_its_own_seeds_and_old_runs_are_reported_supersede
     assert superseded.reason.str.contains("no longer the best").all()
 
 
-def test_the_pruner_never_stops_a_trial_at_its_last_epoch(small: MNIST, tmp_path: Path):
-    # One-epoch trials, pruning from the first epoch on: a worse trial would be pruned at its last epoch.
+def test_nothing_is_pruned_and_failed_trials_are_replaced_up_to_twice_the_budget(small: MNIST, tmp_path: Path):
+    # Peak learning rates from 3 to 30 with momentum 0.9: most trials diverge or stay at chance.
     cfg = StudyConfig(
         name="p",
         experiments=("tuned",),
-        tuned=Tuned(depths=(2,), n_trials=6, seeds=1, space=SearchSpace(width=(16, 32), max_epochs=1)),
-        sampler_startup_trials=6,
-        pruner_startup_trials=1,
-        pruner_warmup_epochs=0,
+        tuned=Tuned(depths=(2,), n_trials=3, seeds=1, space=SearchSpace(lr=(3.0, 30.0), width=(16, 32), max_epochs=2)),
+        sampler_startup_trials=3,
     )
     run = RunConfig(storage=f"sqlite:///{tmp_path / 's.db'}", out=tmp_path)
-    Worker(cfg, run, {"split": small}, open_storage(run.storage, 10, 30), env={}).work()
+    worker = Worker(cfg, run, {"split": small}, open_storage(run.storage, 10, 30), env={})
+    try:
+        worker.work()
+    except StudyError:
+        pass  # every trial failed: nothing to retrain, said in one line
     study = optuna.load_study(study_name="p-tuned-depth2", storage=run.storage)
-    states = [t.state for t in study.get_trials() if not t.user_attrs.get("surplus")]
-    assert states.count(TrialState.COMPLETE) == 6 and TrialState.PRUNED not in states
+    done = [t for t in study.get_trials() if not t.user_attrs.get("surplus")]
+    assert all(t.state == TrialState.COMPLETE for t in done)  # never pruned
+    assert all(len(t.user_attrs["curve"]) == t.params["epochs"] for t in done if not t.user_attrs["diverged"])
+    failed = [t for t in done if failed_run(t.value, diverged=t.user_attrs["diverged"])]
+    assert failed, "the search space was meant to fail some trials"
+    assert len(done) == min(3 + len(failed), 6)  # each failure replaced, at most twice the budget
+    assert len(done) - len(failed) == 3 or len(done) == 6
+
+
+def _frozen(number: int, value: float, grid: int | None = None, diverged: bool = False):
+    attrs = {"diverged": diverged} | ({"grid": grid} if grid is not None else {})
+    trial = create_trial(value=value, user_attrs=attrs, state=TrialState.COMPLETE)
+    trial.number = number
+    return trial
+
+
+def test_the_grid_choice_is_the_best_mean_over_replicates_and_the_runner_up_is_next():
+    from study.coord import best_trial, ranking
+
+    trials = [
+        _frozen(0, 0.970, grid=0),
+        _frozen(1, 0.980, grid=1),
+        _frozen(2, 0.975, grid=2),
+        _frozen(3, 0.972, grid=0),
+        _frozen(4, 0.960, grid=1),  # point 1: one lucky run, mean 0.970
+        _frozen(5, 0.976, grid=2),  # point 2: best mean 0.9755
+        _frozen(6, 0.0, grid=3, diverged=True),
+        _frozen(7, 0.0, grid=3, diverged=True),  # every run of point 3 diverged: out
+    ]
+    assert [t.number for t in ranking(trials)] == [2, 0, 1]
+    assert best_trial(trials).number == 2 and best_trial(trials, 1).number == 0
+    assert best_trial(trials[:2], 2) is None
+    # A search (no grid): the best value, ties to the earliest, diverged never retrained.
+    search = [_frozen(0, 0.95), _frozen(1, 0.97), _frozen(2, 0.97), _frozen(3, 0.99, diverged=True)]
+    assert [t.number for t in ranking(search)] == [1, 2, 0]
 
 
 def _wait_for(db: Path, condition, timeout: float = 120):
@@ -341,26 +389,50 @@ def test_help():
 def test_widths_taper_and_floor():
     space = SearchSpace()
     assert hidden_widths(4, 256, 0.5, space) == (256, 128, 64)
-    assert hidden_widths(5, 32, 0.25, space) == (32, 8, 8, 8)
+    assert hidden_widths(5, 32, 0.25, space) == (32, 16, 16, 16)  # no hidden layer under 16 units
     assert hidden_widths(1, 256, 0.5, space) == ()
 
 
 def test_presets_share_the_documented_defaults():
     full = PRESETS["full"]
-    assert full.experiments == ("recipe", "matched", "tuned")
-    assert full.recipe.depths == (1, 2, 3, 4, 5, 6) and full.recipe.seeds >= 10
+    assert full.experiments == ("recipe", "matched", "tuned") and full.schedule == "linear"
+    assert full.recipe.depths == (1, 2, 3, 4, 5, 6) and full.recipe.seeds >= 10 and full.recipe.variant_seeds >= 5
     assert full.matched.budgets == (60_000, 242_762, 1_000_000) and full.matched.seeds >= 8
-    assert full.tuned.depths == (3, 4, 5) and full.tuned.seeds >= 8
+    assert full.matched.replicates >= 2 and full.matched.min_width >= 16 and full.matched.check_seeds >= 4
+    assert full.tuned.depths == (3, 4, 5) and full.tuned.n_trials >= 24 and full.tuned.space.max_epochs == 15
+    assert full.tuned.space.width[1] == 1024 and full.tuned.space.min_width >= 16
     assert isinstance(PRESETS["quick"], StudyConfig)
     cells = full.cells()
-    assert Cell("matched", 1) in cells and Cell("matched", 4, 242_762) in cells and len(cells) == 6 + 16 + 3
+    assert len(cells) == len(set(cells)) == 14 + 24 + 3
+    assert Cell("matched", 1) in cells and Cell("matched", 4, 242_762) in cells
+    assert {c.depth for c in cells if c.shape == "constant"} == {3, 4, 5, 6}  # depth 2: the funnel's network
+    assert {(c.variant, c.depth) for c in cells if c.experiment == "matched" and c.variant} == {
+        (v, d) for v in ("horizon", "runnerup") for d in (3, 4, 5)
+    }
+    assert {c.depth for c in cells if c.budget == 1_000_000} == {3, 4, 5}  # thinned
+    assert {(c.variant, c.depth) for c in cells if c.experiment == "recipe" and c.variant} == {
+        (v, d) for v in ("momentum", "fastlr", "standardised", "twice") for d in (1, 4)
+    }
+    fashion = dataclasses.replace(full, dataset="fashion-mnist").cells()
+    assert not [c for c in fashion if c.experiment == "recipe" and c.variant]  # the text's claims are MNIST's
+    settings = {e: dataclasses.asdict(getattr(full, e)) for e in ("recipe", "matched")}
+    for c in cells:
+        assert parse_study_name(study_name("full", c)) == ("full", c)  # every cell's name reads back
+        if c.experiment == "matched":
+            assert min(cell_widths(c, {}, settings["matched"]), default=16) >= 16
+    assert [full.seeds(c) for c in (Cell("matched", 4, 1_000_000), Cell("matched", 4, 242_762, variant="horizon"))] == [
+        full.matched.thin_seeds,
+        full.matched.check_seeds,
+    ]
+    assert full.n_trials(Cell("matched", 4, 242_762)) == 12 and full.n_trials(Cell("matched", 4, 1_000_000)) == 6
 
 
 EXPERIMENT_ARGS = {
     "recipe": ["--experiments", "recipe", "--depths", "1", "4"],
-    "matched": ["--experiments", "matched", "--depths", "1", "3", "--budgets", "60000"],
+    "matched": ["--experiments", "matched", "--depths", "1", "3", "--budgets", "242762"],
     "tuned": ["--experiments", "tuned", "--depths", "3", "--n-trials", "3"],
 }
+CELL = ["experiment", "budget", "shape", "variant", "depth"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENT_ARGS)
@@ -378,34 +450,51 @@ def test_each_experiment_end_to_end_and_resumed(experiment: str, tmp_path: Path)
         str(tmp_path),
     ]
     study_depth.main(args)
-    trials, epochs, final = (pd.read_csv(tmp_path / f"{k}.csv") for k in ("trials", "epochs", "final"))
+    trials, epochs, final = (
+        pd.read_csv(tmp_path / f"{k}.csv", keep_default_na=False) for k in ("trials", "epochs", "final")
+    )
     assert set(final.experiment) == {experiment}
-    cells = final.groupby(["budget", "depth"], dropna=False)
-    assert all(sorted(g.seed) == [1, 2] and g.source_trial.nunique() == 1 for _, g in cells)
+    cells = final.groupby(CELL, dropna=False)
+    assert all(sorted(g.seed) == [1, 2] and g.source_trial.nunique() == 1 for _, g in cells)  # quick: 2 per check
+    base = final[final.variant == ""]
     if experiment == "recipe":
-        assert trials.empty and set(final.source_trial) == {-1} and set(final.param_lr) == {0.03}
-        curves = epochs[epochs.run == "final"]
-        assert set(curves.epoch) == set(range(1, 11)) and curves.test_accuracy.between(0, 1).all()
-        assert len(curves) == 2 * 2 * 10  # depths x seeds x epochs: the 2- and 10-epoch claims, same runs
+        assert trials.empty and set(final.source_trial) == {-1} and set(base.param_lr) == {0.03}
+        curves = epochs[(epochs.run == "final") & (epochs.variant == "")]
+        assert set(curves.epoch) == {1, 2, 3} and curves.test_accuracy.between(0, 1).all()
+        assert len(curves) == 2 * 2 * 3  # depths x seeds x epochs: the claims are read from the same runs
+        change = final.set_index(["variant", "depth", "seed"])
+        assert change.loc[("momentum", 4, 1), "momentum"] == 0.9 and change.loc[("fastlr", 4, 1), "param_lr"] == 0.1
+        assert change.loc[("twice", 1, 1), "param_epochs"] == 6 and change.loc[("", 1, 1), "momentum"] == 0.0
+        z = change.loc[("standardised", 4, 1)]
+        assert z.param_lr == 0.03 and z.momentum == 0.0 and z.test_accuracy != change.loc[("", 4, 1), "test_accuracy"]
     if experiment == "matched":
-        assert len(cells) == 2 and set(final[final.depth == 3].widths) == {"73-36"}
-        grid = sorted(trials[trials.depth == 3].param_lr)
-        assert len(grid) == 4 and grid[0] == pytest.approx(1e-3) and grid[-1] == pytest.approx(1.0)
-        assert final[final.depth == 3].n_params.iloc[0] == pytest.approx(60_000, rel=0.02)
+        assert len(cells) == 5  # softmax, funnel and constant depth 3, its two checks
+        assert set(base[(base.depth == 3) & (base["shape"] == "funnel")].widths) == {"263-132"}
+        assert set(base[(base.depth == 3) & (base["shape"] == "constant")].widths) == {"235-235"}
+        grid = trials[(trials.depth == 3) & (trials["shape"] == "funnel")]
+        assert len(grid) == 6 and sorted(grid.groupby("param_lr").size()) == [2, 2, 2]  # 3 points x 2 replicates
+        assert set(grid.state) == {"complete"} or "pruned" not in set(grid.state)
+        means = grid.groupby("param_lr").val_accuracy.mean().sort_values(ascending=False)
+        chosen = final[(final.depth == 3) & (final["shape"] == "funnel") & (final.variant == "")]
+        assert chosen.param_lr.iloc[0] == pytest.approx(means.index[0])
+        horizon = final[final.variant == "horizon"]
+        runner = final[final.variant == "runnerup"]
+        assert set(horizon.param_lr) == set(chosen.param_lr) and set(horizon.param_epochs) == {6}
+        assert runner.param_lr.iloc[0] == pytest.approx(means.index[1]) and set(runner.param_epochs) == {3}
     if experiment == "tuned":
         assert len(budget_rows(tmp_path, 3)) == 3
     # Resume: the same command adds nothing; more seeds add exactly the missing runs, old ones kept.
     study_depth.main(args)
-    pd.testing.assert_frame_equal(final, pd.read_csv(tmp_path / "final.csv"))
+    pd.testing.assert_frame_equal(final, pd.read_csv(tmp_path / "final.csv", keep_default_na=False))
     study_depth.main([*args, "--seeds", "3"])
-    grown = pd.read_csv(tmp_path / "final.csv")
-    assert len(grown) == len(final) * 3 // 2
+    grown = pd.read_csv(tmp_path / "final.csv", keep_default_na=False)
+    assert len(grown) == len(final) + len(base) // 2  # declared cells grow; variants and checks keep their seeds
     # One experiment alone renders a report of what it ran (the recipe alone once died in the cost section).
     from study.report import render
 
     assert render(tmp_path).read_text().startswith("# Why four layers?")
-    kept = grown.merge(final[["depth", "seed", "test_accuracy"]], on=["depth", "seed"], suffixes=("", "_before"))
-    assert (kept.test_accuracy == kept.test_accuracy_before).all()
+    kept = grown.merge(final[[*CELL, "seed", "test_accuracy"]], on=[*CELL, "seed"], suffixes=("", "_before"))
+    assert len(kept) == len(final) and (kept.test_accuracy == kept.test_accuracy_before).all()
 
 
 def test_running_one_experiment_keeps_the_other_experiments_rows(tmp_path: Path):
