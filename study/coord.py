@@ -8,7 +8,10 @@ repeating or double-counting work. One protocol for tuning trials and final seed
   claims became visible. A claim wins when fewer than `capacity` live claims of its key have lower
   numbers; the loser is marked ``surplus`` and failed at once (it ran nothing, tables skip it).
 - A claim is live while its trial is running or finished (complete or pruned); a failed trial
-  holds nothing, so its slot or seed is claimed again.
+  holds nothing, so its slot or seed is claimed again. A waiting trial holds nothing either: this
+  protocol never creates one, and one re-enqueued by another tool (Optuna's RetryFailedTrialCallback
+  copies a failed claim, key included, as WAITING) would otherwise hold a slot nobody runs. A tuning
+  worker's ``ask`` may pick such a copy up and run it; then it claims like any other trial.
 - A worker with nothing left to claim waits until every slot is *finished*, not merely claimed,
   failing stale claims while it waits: a running trial whose heartbeat is older than the grace
   period, or that never recorded one and was created longer ago than that (its worker died
@@ -43,7 +46,7 @@ from mnist_bench.errors import UserError
 from mnist_bench.train import EpochMetrics
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-LIVE = (TrialState.RUNNING, TrialState.WAITING, *FINISHED)
+LIVE = (TrialState.RUNNING, *FINISHED)  # WAITING is not live: see the module docstring
 TUNE = "tune"  # the key every tuning trial claims
 SURPLUS = "surplus"  # user attr of a claim that lost its race
 HEARTBEAT_SEEN = "heartbeat"  # system attr set once a trial's first heartbeat is stored
@@ -86,13 +89,16 @@ def open_storage(
                 return optuna.storages.RDBStorage(
                     url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval, grace_period=grace_period
                 )
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-            # Workers started at once on an empty database race to create Optuna's tables; the
-            # loser sees "already exists" and simply opens what the winner made.
-            if attempt == 4:
-                raise
-            time.sleep(0.5 + random.random())
         except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors of every kind become one line
+            # Workers or commands started at once on an empty database race to create Optuna's tables;
+            # the loser sees "already exists" (PostgreSQL: an integrity or programming error; SQLite: an
+            # operational error) and simply opens what the winner made.
+            racing = isinstance(e, (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)) or (
+                isinstance(e, sqlalchemy.exc.OperationalError) and "already exists" in str(e)
+            )
+            if racing and attempt < 4:
+                time.sleep(0.5 + random.random())
+                continue
             if path is not None and (damage := sqlite_damage(path)):
                 raise StudyError(
                     f"storage file {path} is damaged ({damage}); move it aside to start afresh, or restore a copy"

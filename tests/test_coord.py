@@ -213,3 +213,90 @@ def test_work_on_a_claim_failed_while_its_worker_was_paused_is_dropped_not_raise
     with pytest.raises(KeyboardInterrupt), holding(a, tune_claim(a, 3).trial_id):
         raise KeyboardInterrupt  # a second signal stops at once: no write that could wait on a lock
     assert [t.state for t in a.trials()][-1] == TrialState.RUNNING  # the heartbeat rule fails it later
+
+
+def test_a_retry_callbacks_waiting_copy_never_holds_a_seed_or_a_slot(url):
+    """Optuna's RetryHeartbeatStaleTrialCallback (RetryFailedTrialCallback before 4.9), attached elsewhere,
+    re-enqueues a dead claim as WAITING with its claim key: counted as live, it held the seed forever and
+    the study never finished."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    clock = Clock()
+    a, b = worker(url, clock, "f"), worker(url, clock, "f")
+    demand = {final_key(0, 1): 1}
+    dead = a.claim(final_key(0, 1), {"source_trial": 0, "seed": 1})
+    clock.advance(GRACE + 1)
+    assert b.recover_stale() == [dead.number]
+    RetryHeartbeatStaleTrialCallback()(b.study, b.storage.get_trial(dead.trial_id))
+    waiting = [t for t in b.trials() if t.state == TrialState.WAITING]
+    assert len(waiting) == 1 and waiting[0].user_attrs["claim"] == final_key(0, 1)
+    assert b.open_key(demand) == final_key(0, 1)  # the copy holds nothing: the seed is free
+    redo = b.claim(final_key(0, 1), {"source_trial": 0, "seed": 1})
+    assert redo.won
+    b.finish(redo.trial_id, TrialState.COMPLETE, 0.97)
+    assert a.finished(demand) and b.finished(demand)
+
+
+def test_a_waiting_copy_in_a_search_is_run_by_the_next_ask_and_counts_once(url):
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    clock = Clock()
+    a, b = worker(url, clock), worker(url, clock)
+    demand = {TUNE: 2}
+    dead = tune_claim(a, 2)
+    clock.advance(GRACE + 1)
+    assert b.recover_stale() == [dead.number]
+    RetryHeartbeatStaleTrialCallback()(b.study, b.storage.get_trial(dead.trial_id))
+    assert b.open_key(demand) == TUNE
+    first, second = tune_claim(b, 2), tune_claim(b, 2)  # the first ask runs the re-enqueued copy
+    assert first.won and second.won and b.open_key(demand) is None
+    for claim in (first, second):
+        b.finish(claim.trial_id, TrialState.COMPLETE, 0.9)
+    assert b.finished(demand) and len(finished(b)) == 2
+    assert not [t for t in b.trials() if t.state == TrialState.WAITING]
+
+
+def test_a_creation_race_on_a_fresh_database_is_retried_not_an_error(tmp_path, monkeypatch):
+    """Scripted: the first attempt loses the race to create Optuna's tables (SQLite says 'table ...
+    already exists'); the opener waits and opens what the winner made."""
+    import sqlalchemy.exc
+
+    import study.coord as coord
+
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    real, calls = optuna.storages.RDBStorage, []
+
+    def losing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            real(*args, **kwargs)  # the winner creates the schema ...
+            raise sqlalchemy.exc.OperationalError("CREATE TABLE studies", {}, Exception("table studies already exists"))
+        return real(*args, **kwargs)  # ... and the loser opens it
+
+    monkeypatch.setattr(coord.optuna.storages, "RDBStorage", losing_once)
+    monkeypatch.setattr(coord.time, "sleep", lambda s: None)
+    assert open_storage(url).get_all_studies() == [] and len(calls) == 2
+
+
+def _open_at_once(url, barrier, errors):
+    barrier.wait()
+    try:
+        open_storage(url)
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        errors.put(f"{type(e).__name__}: {e}")
+
+
+def test_six_commands_opening_one_fresh_sqlite_file_at_once_all_succeed(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(3):
+        url = f"sqlite:///{tmp_path / f'fresh{round_}.db'}"
+        barrier, errors = ctx.Barrier(6), ctx.Queue()
+        procs = [ctx.Process(target=_open_at_once, args=(url, barrier, errors)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+        assert [p.exitcode for p in procs] == [0] * 6
+        assert errors.empty(), errors.get()
