@@ -38,6 +38,7 @@ from pathlib import Path
 
 import optuna
 import sqlalchemy
+import sqlalchemy.event
 import sqlalchemy.exc
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
@@ -81,13 +82,18 @@ def open_storage(
         raise StudyError(f"storage file {path} is read-only; make it writable to add to the study")
     if must_exist and (missing := not_optuna(url)):
         raise StudyError(f"{url!r} is not an Optuna storage ({missing}); check the --storage URL")
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else server_engine_kwargs(url)
     for attempt in range(5):
         try:
             with warnings.catch_warnings():  # heartbeats: documented fault tolerance, still tagged experimental
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
-                    url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval, grace_period=grace_period
+                return utc_sessions(
+                    optuna.storages.RDBStorage(
+                        url,
+                        engine_kwargs=engine_kwargs,
+                        heartbeat_interval=heartbeat_interval,
+                        grace_period=grace_period,
+                    )
                 )
         except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors of every kind become one line
             # Workers or commands started at once on an empty database race to create Optuna's tables;
@@ -105,6 +111,43 @@ def open_storage(
                 ) from None
             raise StudyError(f"cannot open storage {url!r}: {first_line(e)}") from None
     raise AssertionError("unreachable")
+
+
+# A PostgreSQL connection: the session's clock in UTC whatever PGTZ or the server's default say (Optuna
+# stores heartbeats as timestamps without time zone in the writing session's time zone, and judges them
+# in the reading session's), TCP keepalives so a silently dropped connection is noticed, and timeouts so
+# no statement or lock wait can hang a worker.
+PG_CONNECT = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "options": "-c timezone=UTC -c statement_timeout=120000 -c lock_timeout=60000",
+}
+
+
+def server_engine_kwargs(url: str) -> dict:
+    kwargs: dict = {"pool_pre_ping": True}
+    if url.startswith("postgresql"):
+        kwargs["connect_args"] = dict(PG_CONNECT)
+    return kwargs
+
+
+def utc_sessions(storage: optuna.storages.RDBStorage) -> optuna.storages.RDBStorage:
+    """Every PostgreSQL session of `storage` in UTC. The "-c timezone=UTC" option is not enough: libpq
+    applies PGTZ after it, so SET it on each new connection (and drop those opened before)."""
+    if storage.engine.dialect.name != "postgresql":
+        return storage
+
+    def set_utc(dbapi_connection, record) -> None:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SET TIME ZONE 'UTC'")
+        dbapi_connection.commit()  # a SET inside a transaction that is rolled back would be undone
+
+    sqlalchemy.event.listen(storage.engine, "connect", set_utc)
+    storage.engine.dispose()
+    return storage
 
 
 def not_optuna(url: str) -> str | None:

@@ -205,3 +205,49 @@ def test_lost_connection_is_one_line_and_a_restart_continues(pg_url: str, tmp_pa
     assert p.returncode == 0, p.stderr
     assert (out / "report.md").read_text().startswith("# Why four layers?")
     assert len(pd.read_csv(out / "final.csv")) == 2 * 3
+
+
+ZONE_SCRIPT = """
+import sys, datetime, optuna
+from study.coord import open_storage
+storage = open_storage(sys.argv[1], heartbeat_interval=10, grace_period=30)
+study = optuna.load_study(study_name="tz", storage=storage)
+if sys.argv[2] == "beat":
+    storage.record_heartbeat(int(sys.argv[3]))
+print(storage._get_stale_trial_ids(study._study_id))
+"""
+
+
+def _stale_from(pg_url: str, zone: str, *args: str) -> str:
+    env = {**__import__("os").environ, "PGTZ": zone, "TZ": zone}
+    p = subprocess.run([sys.executable, "-c", ZONE_SCRIPT, pg_url, *args], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip()
+
+
+def test_sessions_in_other_time_zones_agree_on_every_heartbeat(pg_url: str):
+    """A worker with PGTZ=Asia/Tokyo once wrote heartbeats 9 hours ahead (never stale to a UTC reader),
+    and a Tokyo reader failed a live UTC worker's runs as stale. Every session now runs in UTC."""
+    import datetime
+
+    import sqlalchemy
+
+    from study.coord import open_storage
+
+    storage = open_storage(pg_url, heartbeat_interval=10, grace_period=30)
+    study = optuna.create_study(study_name="tz", storage=storage)
+    live_utc = study.ask()._trial_id
+    live_tokyo = study.ask()._trial_id
+    storage.record_heartbeat(live_utc)  # a live worker in UTC
+    assert _stale_from(pg_url, "Asia/Tokyo", "beat", str(live_tokyo)) == "[]"  # Tokyo judges the UTC beat fresh
+    assert _stale_from(pg_url, "America/Los_Angeles", "look") == "[]"
+    assert storage._get_stale_trial_ids(study._study_id) == []  # UTC judges the Tokyo beat fresh
+    engine = sqlalchemy.create_engine(pg_url)
+    with engine.connect() as con:
+        beats = con.execute(sqlalchemy.text("select heartbeat from trial_heartbeats")).scalars().all()
+        server_utc = con.execute(sqlalchemy.text("select now() at time zone 'UTC'")).scalar()
+    engine.dispose()
+    assert len(beats) == 2 and all(abs(server_utc - b) < datetime.timedelta(minutes=10) for b in beats)
+    with storage.engine.connect() as con:
+        assert con.execute(sqlalchemy.text("show timezone")).scalar() == "UTC"
+        assert con.execute(sqlalchemy.text("show statement_timeout")).scalar() == "2min"
