@@ -384,6 +384,16 @@ class Interaction:
     ci_equivalence: tuple[float, float] = (math.nan, math.nan)
     p_equivalence_holm: float = math.nan
     reason: str | None = None
+    sd: float = math.nan  # spread of the per-seed differences-in-differences
+    strictest: float = math.nan  # the family's strictest level (alpha / family size)
+
+    @property
+    def detectable(self) -> float:
+        """The smallest difference-in-differences found with 80% power at the strictest level, at the
+        measured spread and n (nan when it cannot be computed)."""
+        if not (self.n > 1 and self.sd > 0 and math.isfinite(self.strictest)):
+            return math.nan
+        return stats.detectable(self.sd, self.n, self.strictest)
 
 
 def seed_differences(s: Setting, a: int, b: int) -> pd.Series:
@@ -397,12 +407,20 @@ def interactions(first: Analysis, second: Analysis, alpha: float = ALPHA) -> lis
     """For each primary contrast both datasets declare, the difference between datasets of its per-seed
     differences. Seed k fixes the same initialisation and batch order on both datasets, so the two are
     paired by seed: paired t and TOST within +-margin on the difference-in-differences, one Holm family."""
-    margin = first.margin
     keys = [(c.setting, c.a, c.b) for c in first.primary]
     keys = [k for k in keys if any((c.setting, c.a, c.b) == k for c in second.primary)]
+    items = [
+        ((key, a, b), seed_differences(first.setting(key), a, b), seed_differences(second.setting(key), a, b))
+        for key, a, b in keys
+    ]
+    return difference_family(items, first.margin, alpha)
+
+
+def difference_family(items: list[tuple[tuple, pd.Series, pd.Series]], margin: float, alpha: float = ALPHA):
+    """Per item ((setting, a, b), per-seed differences d1, per-seed differences d2), d1 minus d2 over the
+    seeds both have, paired by seed: paired t and TOST within +-margin, one Holm family."""
     pairs, tests, reasons = [], [], []
-    for key, a, b in keys:
-        d1, d2 = (seed_differences(an.setting(key), a, b) for an in (first, second))
+    for _, d1, d2 in items:
         seeds = sorted(set(d1.index) & set(d2.index))
         x, y = d1.loc[seeds].to_numpy(float), d2.loc[seeds].to_numpy(float)
         pairs.append((x, y))
@@ -417,7 +435,7 @@ def interactions(first: Analysis, second: Analysis, alpha: float = ALPHA) -> lis
     p_holm, p_eq_holm = stats.holm(p, alpha), stats.holm(p_eq, alpha)
     levels, levels_eq = stats.holm_levels(p, alpha), stats.holm_levels(p_eq, alpha)
     out = []
-    for i, ((key, a, b), t, (x, y)) in enumerate(zip(keys, tests, pairs)):
+    for i, (((key, a, b), _, _), t, (x, y)) in enumerate(zip(items, tests, pairs)):
         if t is None:
             out.append(Interaction(key, a, b, "not computed", reason=reasons[i]))
             continue
@@ -438,6 +456,8 @@ def interactions(first: Analysis, second: Analysis, alpha: float = ALPHA) -> lis
                 p_holm[i],
                 clip(stats.paired_interval(x, y, min(2 * levels_eq[i], 1.0)), 2.0),
                 p_eq_holm[i],
+                sd=float(np.std(x - y, ddof=1)) if len(x) > 1 else math.nan,
+                strictest=alpha / max(len(items), 1),
             )
         )
     return out
@@ -448,40 +468,50 @@ def interactions(first: Analysis, second: Analysis, alpha: float = ALPHA) -> lis
 
 @dataclass(frozen=True)
 class Check:
-    """A primary contrast at the text's budget beside the same contrast retrained with one change."""
+    """A primary contrast at the text's budget beside the same contrast retrained with one change,
+    judged by the per-seed change of the contrast (the check's per-seed difference minus the primary
+    one, over the seeds both ran), never by comparing two significance results."""
 
     check: str  # a key of config.CHECKS
-    base: Contrast
-    changed: Contrast  # its own Holm family with the check's other contrast
+    base: Contrast  # the primary contrast
+    changed: Contrast  # the same depths under the check (its own Holm family with the check's other contrast)
+    change: Interaction  # check minus primary, per seed: one Holm family over every check contrast
 
     @property
     def verdict(self) -> str:
-        a, b = self.base.outcome, self.changed.outcome
-        if "not computed" in (a, b):
-            return "not computed"
-        if a == b:
+        if self.base.outcome in ("inconclusive", "not computed") or self.change.outcome == "not computed":
+            return "uninformative (the primary contrast is undecided)"
+        flipped = {self.base.outcome, self.changed.outcome} == {"better", "worse"}
+        if self.change.outcome == "differs" or flipped:
+            return "horizon-dependent" if self.check == "horizon" else "rate-sensitive"
+        if self.change.outcome == "carries over":
             return "holds"
-        if b == "inconclusive":
-            return f"not confirmed with {self.changed.n} seeds"
-        return "horizon-dependent" if self.check == "horizon" else "rate-sensitive"
+        return "unresolved"
 
 
 def checks(an: Analysis, final: pd.DataFrame, budget: int, margin: float) -> list[Check]:
-    """The horizon and runner-up-rate checks: depth 4 minus 3 and minus 5 at `budget` (funnel), each
-    check one Holm family, set beside the primary contrast it checks."""
+    """The horizon and runner-up-rate checks: depth 4 minus 3 and minus 5 at `budget` (funnel). Each
+    check's two contrasts are one Holm family (shown); whether a primary contrast changes under a check
+    is the paired difference-in-differences over the seeds both ran, one Holm family over all checks."""
+    setting = an.setting(matched_key(budget))
     base = {(c.a, c.b): c for c in an.primary if c.setting == matched_key(budget)}
-    out = []
+    if setting is None or not base:
+        return []
+    found, items = [], []
     for check in CHECKS:
-        rows = final[(final["experiment"] == "matched") & (final.get("variant", "") == check)]
-        rows = rows[rows["budget"] == budget]
+        rows = final[(final["experiment"] == "matched") & (final["budget"] == budget)]
+        rows = rows[rows["variant"].fillna("") == check] if "variant" in rows else rows.iloc[:0]
         if rows.empty:
             continue
         groups = groups_of(rows)
-        pairs = [
-            (matched_key(budget, check=check), groups[a], groups[b]) for a, b in base if a in groups and b in groups
-        ]
-        out += [Check(check, base[(c.a, c.b)], c) for c in contrast_family(pairs, margin)]
-    return out
+        keys = [(a, b) for a, b in base if a in groups and b in groups]
+        pairs = [(matched_key(budget, check=check), groups[a], groups[b]) for a, b in keys]
+        for (a, b), changed in zip(keys, contrast_family(pairs, margin)):
+            moved = groups[a].trained - groups[b].trained
+            items.append(((check, a, b), moved.dropna(), seed_differences(setting, a, b)))
+            found.append((check, base[(a, b)], changed))
+    changes = difference_family(items, margin)
+    return [Check(check, b, c, ch) for (check, b, c), ch in zip(found, changes)]
 
 
 def claims(epochs: pd.DataFrame, config: dict) -> pd.DataFrame:

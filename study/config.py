@@ -119,8 +119,9 @@ class Matched:
     lr: tuple[float, float] = (10**-1.75, 10**-0.5)  # peak learning rate: a quarter-decade grid over this
     lr_points: int = 6
     replicates: int = 2  # runs per grid point (tuning seeds 0, 1, ...): a choice above the seed noise
-    # Thinned where it informs the primary contrasts least: these budgets run depths 3-5 only, one run
-    # per grid point and `thin_seeds` seeds (docs/method.md: what the 90 minutes hold).
+    # Thinned where it informs the primary contrasts least (docs/method.md: what the 90 minutes hold):
+    # these budgets run depths 3-5 only, with no grid of their own (each depth retrains the learning
+    # rate its cell chose at `check_budget`) and `thin_seeds` seeds.
     thin_budgets: tuple[int, ...] = (1_000_000,)
     thin_seeds: int = 6
     epochs: int = 10  # the learning rate decays to zero over them
@@ -130,10 +131,7 @@ class Matched:
     # The checks at the text's budget: depths 3-5 retrained at twice the epochs, and at the runner-up rate.
     checks: tuple[str, ...] = tuple(CHECKS)
     check_budget: int = SOURCE_PARAMS
-    check_seeds: int = 4
-
-    def replicates_at(self, budget: int | None) -> int:
-        return 1 if budget in self.thin_budgets else self.replicates
+    check_seeds: int = 6
 
 
 @dataclass(frozen=True)
@@ -167,9 +165,13 @@ class StudyConfig:
     train_subset: int | None = None  # None: every training image (recipe: 60k; others: 50k after the hold-out)
     val_size: int = 10_000
     split_seed: int = 0
-    tuning_seed: int = 0  # init/batch-order seed of a tuning trial (matched replicate r: tuning_seed + r)
+    tuning_seed: int = 0  # init/batch-order seed of a tuning trial (matched replicate r: tuning_seed - r), <= 0
     sampler_seed: int = 0  # TPE seed; each cell's search draws from (seed, cell, trial number): independent
     sampler_startup_trials: int = 10  # TPE: random trials before it models the space
+
+    def __post_init__(self) -> None:
+        if self.tuning_seed > 0:  # final runs use seeds 1..K: a tuning run must never be one of them
+            raise UsageError(f"tuning_seed must be 0 or below (final runs use seeds 1, 2, ...), got {self.tuning_seed}")
 
     def cells(self) -> list[Cell]:
         out: list[Cell] = []
@@ -202,7 +204,8 @@ class StudyConfig:
         if cell.variant or cell.experiment == "recipe":
             return 0
         if cell.experiment == "matched":
-            return self.matched.lr_points * self.matched.replicates_at(cell.budget)
+            thin = cell.budget in self.matched.thin_budgets
+            return 0 if thin else self.matched.lr_points * self.matched.replicates
         return self.tuned.n_trials
 
     def seeds(self, cell: Cell) -> int:
@@ -257,13 +260,20 @@ class Cell:
 
     @property
     def place(self) -> int:
-        """Which of the base cell's ranked choices this cell retrains: 0 the best, 1 the runner-up."""
+        """Which of the chooser's ranked choices this cell retrains: 0 the best, 1 the runner-up."""
         return 1 if self.variant == "runnerup" else 0
 
-    @property
-    def base(self) -> Cell:
-        """The cell a matched check retrains the choice of (itself when it is not a check)."""
-        return dataclasses.replace(self, variant="") if self.experiment == "matched" else self
+
+def chooser(cell: Cell, matched: dict) -> Cell:
+    """The cell whose tuning chooses `cell`'s learning rate (`matched`: the matched experiment's settings,
+    dataclasses.asdict or as stored): a check's own cell as declared; at a thinned budget, the same depth
+    and shape at the check budget (242,762); otherwise the cell itself."""
+    if cell.experiment != "matched":
+        return cell
+    cell = dataclasses.replace(cell, variant="")
+    if cell.budget is not None and cell.budget in matched.get("thin_budgets", ()):
+        return dataclasses.replace(cell, budget=matched["check_budget"])
+    return cell
 
 
 @dataclass(frozen=True)
@@ -312,10 +322,10 @@ def lr_grid(m: Matched) -> tuple[float, ...]:
     return tuple(lo * (hi / lo) ** (i / (n - 1)) for i in range(n)) if n > 1 else (lo,)
 
 
-def grid_runs(m: Matched, budget: int | None) -> list[tuple[int, int]]:
+def grid_runs(m: Matched) -> list[tuple[int, int]]:
     """(grid point, replicate) of a matched cell's tuning runs, replicate-major: every point once
     before any twice, so a partly run grid is still an even one."""
-    return [(i, r) for r in range(m.replicates_at(budget)) for i in range(m.lr_points)]
+    return [(i, r) for r in range(m.replicates) for i in range(m.lr_points)]
 
 
 def hidden_widths(depth: int, width: int, taper: float, space: SearchSpace) -> tuple[int, ...]:

@@ -143,6 +143,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             f"--depths {max(args.depths)} is beyond the recipe's funnel (depths 1-{deepest}: the text's widths cut or "
             "extended); run deeper networks with --experiments matched tuned"
         )
+    matched = PRESETS[args.preset].matched
+    budgets = args.budgets or matched.budgets
+    thin = sorted(set(budgets) & set(matched.thin_budgets))
+    if thin and matched.check_budget not in budgets and (not args.experiments or "matched" in args.experiments):
+        p.error(
+            f"--budgets {thin[0]} retrains the learning rate each depth chose at {matched.check_budget}: add "
+            f"{matched.check_budget} to --budgets"
+        )
     if args.storage is not None and in_memory(args.storage):
         p.error(f"--storage {args.storage!r} is an in-memory database: nothing would be kept; give a file or a server")
     if args.storage is None and set("?#%") & set(str(args.out.resolve())):
@@ -233,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = cfg.cells()
         engine.refuse_mixed_settings(storage, cfg)
         for cell in cells:
-            engine.open_studies(storage, cfg, cell)  # refuse mismatched settings before any worker starts
+            engine.open_studies(storage, cfg, cell, run.heartbeat_interval)  # refuse mismatches before any work
         print(
             f"study {cfg.name!r}: {', '.join(cfg.experiments)}: {len(cells)} cells, "
             f"{sum(cfg.n_trials(c) for c in cells)} tuning trials and {sum(cfg.seeds(c) for c in cells)} final "

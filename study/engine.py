@@ -40,6 +40,7 @@ from .config import (
     RunConfig,
     StudyConfig,
     cell_widths,
+    chooser,
     failed_run,
     grid_runs,
     lr_grid,
@@ -179,9 +180,14 @@ def refuse_mixed_settings(storage, cfg: StudyConfig) -> None:
             )
 
 
-def open_studies(storage, cfg: StudyConfig, cell: Cell) -> tuple[optuna.Study, optuna.Study]:
+def open_studies(
+    storage, cfg: StudyConfig, cell: Cell, heartbeat: int | None = None
+) -> tuple[optuna.Study, optuna.Study]:
     """(tuning study, final-runs study) of `cell`, created if new, checked if resumed. A study
-    remembers the largest budget it was given; asking for less is refused (its tables hold more)."""
+    remembers the largest budget it was given; asking for less is refused (its tables hold more). It
+    also remembers the heartbeat interval it was started with: every command on it must judge a
+    worker dead after the same grace period (a command with a shorter one failed another command's
+    live runs as stale), so another `heartbeat` is refused."""
     sampler = TrialSeededSampler(
         derived_seed(cfg.sampler_seed, cell.key),  # each cell's search independent of the others'
         lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.sampler_startup_trials),
@@ -225,6 +231,14 @@ def open_studies(storage, cfg: StudyConfig, cell: Cell) -> tuple[optuna.Study, o
             )
         if budget > attrs.get(budget_key, 0):
             study.set_user_attr(budget_key, budget)
+        if heartbeat is not None and attrs.get("heartbeat") is None:
+            study.set_user_attr("heartbeat", heartbeat)
+        elif heartbeat is not None and attrs["heartbeat"] != heartbeat:
+            raise StudyError(
+                f"study {study.study_name!r} runs with --heartbeat {attrs['heartbeat']} (a silent worker's run is "
+                f"redone after {3 * attrs['heartbeat']} s); pass --heartbeat {attrs['heartbeat']}: every command on "
+                "one study must judge liveness alike"
+            )
     return tune, final
 
 
@@ -246,8 +260,9 @@ class Worker:
         self.cfg, self.run, self.data, self.env, self.progress = cfg, run, data, env, progress
         self.cells = cfg.cells()
         self.done: set[Cell] = set()
+        self.base = {c: chooser(c, dataclasses.asdict(cfg.matched)) for c in self.cells}
         self.settings = {e: dataclasses.asdict(getattr(cfg, e)) for e in EXPERIMENTS}  # for cell_widths
-        self.studies = {c: open_studies(storage, cfg, c) for c in self.cells}
+        self.studies = {c: open_studies(storage, cfg, c, run.heartbeat_interval) for c in self.cells}
         self.ledgers = {
             c: (Ledger(storage, t, run.grace_period), Ledger(storage, f, run.grace_period))
             for c, (t, f) in self.studies.items()
@@ -259,7 +274,7 @@ class Worker:
         twice the budget in all. The demand only grows, as the claim protocol needs."""
         n = self.cfg.n_trials(cell)
         if cell.experiment == "matched":
-            return {grid_key(i, r): 1 for i, r in grid_runs(self.cfg.matched, cell.budget)} if n else {}
+            return {grid_key(i, r): 1 for i, r in grid_runs(self.cfg.matched)} if n else {}
         if not n:
             return {}
         failed = sum(
@@ -273,10 +288,11 @@ class Worker:
 
     def final_demand(self, cell: Cell) -> tuple[dict[str, int], dict[str, int], int]:
         """(demand, seed of each key, source trial) of a cell whose tuning (or its base cell's) is finished."""
-        if self.cfg.n_trials(cell.base) == 0:
+        base = self.base[cell]
+        if self.cfg.n_trials(base) == 0:
             source = FIXED
         else:
-            chosen = best_trial(self.ledgers[cell.base][0].trials(), cell.place)
+            chosen = best_trial(self.ledgers[base][0].trials(), cell.place)
             if chosen is None:
                 raise StudyError(
                     f"{cell.key}: no completed, non-diverged tuning trial to retrain"
@@ -295,10 +311,11 @@ class Worker:
             if cell in self.done:
                 continue
             final = self.ledgers[cell][1]
-            tune = self.ledgers[cell.base][0]  # a check waits for its base cell's tuning (claimed there)
-            demand = self.tune_demand(cell.base)
+            base = self.base[cell]
+            tune = self.ledgers[base][0]  # a check waits for its chooser's tuning (claimed there)
+            demand = self.tune_demand(base)
             if demand:
-                if cell.base == cell:
+                if base == cell:
                     tune.recover_stale()
                     if (key := tune.open_key(demand)) is not None:
                         self.tune_one(cell, key)
@@ -350,7 +367,7 @@ class Worker:
         with ledger.heartbeat(claim.trial_id, self.run.heartbeat_interval), holding(ledger, claim.trial_id):
             ledger.storage.set_trial_user_attr(claim.trial_id, "worker", self.env.get("worker"))
             params = suggest(trial, self.cfg, cell)
-            seed = self.cfg.tuning_seed + (grid_index(key)[1] if key != TUNE else 0)
+            seed = self.cfg.tuning_seed - (grid_index(key)[1] if key != TUNE else 0)  # never a final seed (1..K)
             config = train_config(self.cfg, cell, params, seed, self.run.threads)
             lost = False
 
@@ -395,7 +412,7 @@ class Worker:
 
     def final_one(self, cell: Cell, source: int, seed: int, key: str) -> None:
         ledger = self.ledgers[cell][1]
-        tuning = self.ledgers[cell.base][0]
+        tuning = self.ledgers[self.base[cell]][0]
         params = {} if source == FIXED else next(t for t in tuning.trials() if t.number == source).params
         claim = ledger.claim(key, {"source_trial": source, "seed": seed, "worker": self.env.get("worker")})
         if not claim.won:

@@ -408,20 +408,27 @@ def checks_section(an: Analysis, final: pd.DataFrame, budget: int) -> list[str]:
     found = checks(an, final, budget, an.margin)
     if not found:
         return []
+
+    def verdict(c) -> str:
+        if c.verdict != "unresolved":
+            return c.verdict
+        d = c.change.detectable
+        return f"unresolved (would find a change of ±{pts(d)} points)" if math.isfinite(d) else "unresolved"
+
     rows = [
         {
             "check": CHECK_WORDS[c.check],
             "contrast": f"depth {c.base.a} minus {c.base.b}",
             "primary outcome": outcome_words(c.base),
-            "with the check": outcome_words(c.changed),
-            "n": c.changed.n or "n/a",
-            "difference": signed(c.changed.diff),
+            "under the check": outcome_words(c.changed),
+            "n": c.change.n or "n/a",
+            "change (check minus primary)": signed(c.change.diff),
             "interval (Holm level)": (
-                f"{interval(*c.changed.ci)} at {100 * (1 - c.changed.level):.2f}%"
-                if math.isfinite(c.changed.level)
+                f"{interval(*c.change.ci)} at {100 * (1 - c.change.level):.2f}%"
+                if math.isfinite(c.change.level)
                 else "n/a"
             ),
-            "verdict": c.verdict,
+            "verdict": verdict(c),
         }
         for c in found
     ]
@@ -429,17 +436,21 @@ def checks_section(an: Analysis, final: pd.DataFrame, budget: int) -> list[str]:
     return [
         f"### Checks at {budget:,} parameters: twice the epochs, and the runner-up learning rate",
         "",
-        "Depths 3, 4 and 5 (funnel) retrained at twice the epochs with the chosen learning rate (is 10 epochs "
-        "enough?), and at the runner-up rate of their grid (does the conclusion hang on the choice?). Each check is "
-        "its own Holm family of two contrasts. *Holds*: the same outcome; *horizon-dependent* or *rate-sensitive*: "
-        "another decided outcome; *not confirmed*: the check's fewer seeds leave it inconclusive.",
+        "Depths 3, 4 and 5 of the funnel retrained at twice the epochs with the chosen learning rate (were 10 "
+        "epochs enough?) and at the runner-up rate of their grid (does the conclusion hang on the choice?), with "
+        "the seeds the primary contrasts also ran. Whether a primary contrast changes is tested on its per-seed "
+        "change (the check's difference minus the primary one, paired by seed), one Holm family over every check "
+        "contrast: *horizon-dependent* or *rate-sensitive* when the change's interval excludes 0 or the direction "
+        "flips; *holds* when two one-sided tests put the change inside the margin; *uninformative* when the "
+        "primary contrast is itself undecided; otherwise *unresolved*, with the change the check could have "
+        "found (80% power). The other settings' contrasts are not checked this way.",
         "",
         md_table(pd.DataFrame(rows)),
         "",
         (
-            "No primary contrast at this budget changes outcome under either check."
+            "No primary contrast at this budget changes detectably under either check."
             if not changed
-            else "Changes outcome: "
+            else "Changes under a check: "
             + "; ".join(f"{c.base.label} ({c.verdict})" for c in changed)
             + ". The primary outcome of those contrasts depends on that choice."
         ),
@@ -740,10 +751,13 @@ def _render(
             f"{config.get('batch_size')}, {m.get('epochs')} epochs, the learning rate decaying "
             f"{config.get('schedule', 'constant')}ly to zero over the run. Each cell's peak learning rate is chosen on "
             f"the validation hold-out from a {m.get('lr_points')}-point log grid {grid[0]:.3g} to {grid[1]:.3g}, every "
-            f"point trained {m.get('replicates')} times (tuning seeds {config.get('tuning_seed')} onwards) and never "
+            f"point trained {m.get('replicates')} times (tuning seeds {config.get('tuning_seed')} and below, never a "
+            f"final run's seed) and never "
             f"pruned; the point with the best mean is retrained with {m.get('seeds')} seeds."
             + (
-                f" Thinned at {thin} parameters: depths 3-5 only, one run per grid point, {m.get('thin_seeds')} seeds."
+                f" Thinned at {thin} parameters: depths 3-5 only, no grid of their own (each depth retrains the "
+                f"learning rate it chose at {m.get('check_budget', SOURCE_PARAMS):,} parameters), "
+                f"{m.get('thin_seeds')} seeds."
                 if thin
                 else ""
             ),

@@ -104,6 +104,13 @@ def seeds_to_resolve(sd: float, margin: float, level: float, power: float = POWE
     return max(2, math.ceil(max(differ, equal)))
 
 
+def detectable(sd: float, n: int, level: float, power: float = POWER) -> float:
+    """The smallest true mean difference a two-sided paired t-test on n pairs with spread `sd` finds at
+    `level` with `power` (statsmodels' t-test power, solved for the effect size)."""
+    effect = TTestPower().solve_power(nobs=n, alpha=level, power=power, alternative="two-sided")
+    return float(effect * sd)
+
+
 def fisher(failed_a: int, runs_a: int, failed_b: int, runs_b: int) -> float:
     """Two-sided p of Fisher's exact test that two failure rates are equal (scipy)."""
     return float(stats.fisher_exact([[failed_a, runs_a - failed_a], [failed_b, runs_b - failed_b]]).pvalue)

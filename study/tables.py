@@ -32,6 +32,7 @@ from .config import (
     VARIANTS,
     Cell,
     cell_widths,
+    chooser,
     failed_run,
     parse_study_name,
     study_name,
@@ -116,7 +117,8 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
     if cell.experiment == "recipe":
         source = FIXED
     else:  # a matched check retrains its base cell's choice (or runner-up)
-        base = tuning if cell.base == cell else load(storage, study_name(name, cell.base)).get_trials(deepcopy=False)
+        by = chooser(cell, config["experiment"])
+        base = tuning if by == cell else load(storage, study_name(name, by)).get_trials(deepcopy=False)
         chosen = best_trial(base, cell.place)
         source = chosen.number if chosen else None
     where = {

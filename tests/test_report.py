@@ -516,29 +516,51 @@ def _contrast(outcome, n=8, sd=0.001):
     return Contrast("s", 4, 3, outcome, n=n, sd=sd)
 
 
+def _change(outcome):
+    from study.analysis import Interaction
+
+    return Interaction("horizon", 4, 3, outcome, n=6, sd=0.001, strictest=0.0125)
+
+
 @pytest.mark.parametrize(
-    "check, base, changed, verdict",
+    "check, base, changed, change, verdict",
     [
-        ("horizon", "better", "better", "holds"),
-        ("horizon", "better", "worse", "horizon-dependent"),
-        ("runnerup", "equivalent", "better", "rate-sensitive"),
-        ("runnerup", "worse", "inconclusive", "not confirmed with 4 seeds"),
-        ("horizon", "inconclusive", "inconclusive", "holds"),
+        ("horizon", "better", "better", "carries over", "holds"),
+        ("horizon", "better", "worse", "inconclusive", "horizon-dependent"),  # the direction flips
+        ("runnerup", "equivalent", "better", "differs", "rate-sensitive"),
+        ("runnerup", "worse", "inconclusive", "inconclusive", "unresolved"),
+        ("horizon", "inconclusive", "better", "differs", "uninformative (the primary contrast is undecided)"),
     ],
 )
-def test_a_check_verdict_names_a_changed_outcome(check, base, changed, verdict):
-    assert Check(check, _contrast(base), _contrast(changed, n=4)).verdict == verdict
+def test_a_check_verdict_rests_on_the_tested_change_not_on_two_significance_results(
+    check, base, changed, change, verdict
+):
+    assert Check(check, _contrast(base), _contrast(changed, n=6), _change(change)).verdict == verdict
 
 
-def test_checks_pair_the_retrained_depths_within_each_check_beside_the_primary_contrast():
+def test_checks_test_the_per_seed_change_of_each_primary_contrast():
     trials, epochs, final = study_tables(FOUR_WINS, FOUR_WINS, TUNED)
-    horizon = runs("matched", {3: 0.985, 4: 0.98, 5: 0.975}, n=4, budget=242762, seed=3).assign(variant="horizon")
-    final = pd.concat([final.assign(variant=""), horizon], ignore_index=True)
+    base = final[(final.experiment == "matched")].set_index(["depth", "seed"])["test_accuracy"]
+    rows = runs("matched", {3: 0.985, 4: 0.98, 5: 0.975}, n=6, budget=242762, seed=3).assign(variant="horizon")
+    noise = np.random.default_rng(7).normal(0, 0.0002, len(rows))
+    # 4 minus 5 keeps its per-seed differences (plus a little noise); 4 minus 3 drops by 1.5 points
+    rows["test_accuracy"] = [base[(d, s)] + (0.015 if d == 3 else 0) for d, s in zip(rows.depth, rows.seed)] + noise
+    final = pd.concat([final.assign(variant=""), rows], ignore_index=True)
     an = analyse(epochs, final, CONFIG)
     found = checks(an, final, 242762, an.margin)
-    assert [(c.check, c.base.b, c.changed.n) for c in found] == [("horizon", 3, 4), ("horizon", 5, 4)]
-    assert found[0].base.outcome == "better" and found[0].changed.outcome == "worse"
-    assert found[0].verdict == "horizon-dependent"
+    assert [(c.check, c.base.b, c.change.n) for c in found] == [("horizon", 3, 6), ("horizon", 5, 6)]
+    minus3, minus5 = found
+    assert minus3.base.outcome == "better" and minus3.change.diff == pytest.approx(-0.015, abs=0.0005)
+    assert minus3.verdict == "horizon-dependent" and minus3.change.outcome == "differs"
+    assert abs(minus5.change.diff) < 0.0005 and minus5.verdict == "holds"  # inside the margin by TOST
+
+
+def test_detectable_difference_matches_statsmodels():
+    from statsmodels.stats.power import TTestPower
+
+    d = stats.detectable(0.0015, 6, 0.0125)
+    power = TTestPower().power(effect_size=d / 0.0015, nobs=6, alpha=0.0125, alternative="two-sided")
+    assert power == pytest.approx(0.8, abs=1e-6)
 
 
 def test_the_seed_plan_uses_the_largest_spread_at_the_budget_and_the_strictest_holm_level():

@@ -17,6 +17,7 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
 from mnist_bench.data import MNIST
+from mnist_bench.errors import UsageError
 from study import depth as study_depth
 from study.config import (
     PRESETS,
@@ -26,6 +27,7 @@ from study.config import (
     StudyConfig,
     Tuned,
     cell_widths,
+    chooser,
     failed_run,
     hidden_widths,
     parse_study_name,
@@ -381,6 +383,16 @@ def test_resuming_with_other_settings_is_refused(tmp_path: Path):
     assert p.returncode == 1 and "other settings" in p.stderr and "train_subset" in p.stderr
 
 
+def test_a_command_with_another_heartbeat_is_refused_before_it_can_fail_live_runs(tmp_path: Path):
+    """A --heartbeat 1 command beside a --heartbeat 10 one failed the other's live run after 4.9 s."""
+    study_depth.main([*TINY, "--depths", "2", "--n-trials", "1", "--seeds", "1", "--out", str(tmp_path)])
+    p = run_study(*TINY, "--depths", "2", "--n-trials", "1", "--out", str(tmp_path), "--heartbeat", "1")
+    assert p.returncode == 1 and p.stderr.count("\n") == 1
+    assert "runs with --heartbeat 10" in p.stderr and "pass --heartbeat 10" in p.stderr
+    p = run_study(*TINY, "--depths", "2", "--n-trials", "1", "--out", str(tmp_path), "--heartbeat", "10")
+    assert p.returncode == 0, p.stderr
+
+
 def test_help():
     p = run_study("--help")
     assert p.returncode == 0 and "--storage" in p.stdout and "--preset" in p.stdout
@@ -424,7 +436,13 @@ def test_presets_share_the_documented_defaults():
         full.matched.thin_seeds,
         full.matched.check_seeds,
     ]
-    assert full.n_trials(Cell("matched", 4, 242_762)) == 12 and full.n_trials(Cell("matched", 4, 1_000_000)) == 6
+    assert full.n_trials(Cell("matched", 4, 242_762)) == 12 and full.n_trials(Cell("matched", 4, 1_000_000)) == 0
+    assert chooser(Cell("matched", 4, 1_000_000, "constant"), settings["matched"]) == Cell(
+        "matched", 4, 242_762, "constant"
+    )
+    assert chooser(Cell("matched", 4, 242_762, variant="runnerup"), settings["matched"]) == Cell("matched", 4, 242_762)
+    with pytest.raises(UsageError, match="tuning_seed"):
+        dataclasses.replace(full, tuning_seed=1)  # a tuning run would be a final run's twin
 
 
 EXPERIMENT_ARGS = {
