@@ -514,10 +514,17 @@ def checks(an: Analysis, final: pd.DataFrame, budget: int, margin: float) -> lis
     return [Check(check, b, c, ch) for (check, b, c), ch in zip(found, changes)]
 
 
+def claim_tolerance(claim: float) -> float:
+    """A claim stated as a whole percent ("about 96%", "98%") is a rounded number: read it as reached from
+    half a point below. One stated to the hundredth (92.11%) is read exactly."""
+    return 0.005 if abs(100 * claim - round(100 * claim)) < 1e-9 else 0.0
+
+
 def claims(epochs: pd.DataFrame, config: dict) -> pd.DataFrame:
     """The text's claims against the recipe and the recipe with one change at a time: test accuracy of
-    every seed at the claimed epoch (twice it for "twice the epochs"), mean and 95% t interval, and
-    whether the claim is reached (interval above it), not reached (interval below) or undecided."""
+    every seed at the claimed epoch (twice it for "twice the epochs"), mean and 95% t interval (each
+    uncorrected), the share of seeds at or above the claim, and whether the claim is reached (interval
+    above it), not reached (interval below) or undecided; a whole-percent claim from half a point below."""
     r = config.get("experiments", {}).get("recipe", {})
     runs = epochs[(epochs["experiment"] == "recipe") & (epochs["run"] == "final")]
     if "variant" not in runs:
@@ -531,7 +538,8 @@ def claims(epochs: pd.DataFrame, config: dict) -> pd.DataFrame:
             if not len(acc):
                 continue
             lo, hi = stats.t_interval(acc) if len(acc) > 1 else (math.nan, math.nan)
-            verdict = "reached" if lo >= claim else "not reached" if hi < claim else "undecided"
+            bar = claim - claim_tolerance(claim)
+            verdict = "reached" if lo >= bar else "not reached" if hi < bar else "undecided"
             rows.append(
                 {
                     "depth": int(depth),
@@ -545,6 +553,8 @@ def claims(epochs: pd.DataFrame, config: dict) -> pd.DataFrame:
                     "lo": lo,
                     "hi": hi,
                     "verdict": verdict if len(acc) > 1 else "undecided",
+                    "bar": bar,
+                    "share_at": float((acc >= bar).mean()),
                 }
             )
     return pd.DataFrame(rows)
@@ -575,6 +585,25 @@ def late_gains(epochs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def horizon_gains(final: pd.DataFrame, budget: int) -> pd.DataFrame:
+    """Per depth of the horizon check: test accuracy at twice the epochs minus at the declared epochs,
+    per seed (same seed, same peak rate), mean and 95% t interval: did the runs converge?"""
+    if "variant" not in final:
+        return pd.DataFrame(columns=["depth", "n", "mean", "lo", "hi"])
+    m = of_shape(final[(final["experiment"] == "matched") & (final["budget"] == budget)], "funnel")
+    long, short = groups_of(m[m["variant"] == "horizon"]), groups_of(declared(m))
+    rows = []
+    for d, g in long.items():
+        if d not in short or not g.n:
+            continue
+        diff = (g.trained - short[d].trained).dropna().to_numpy(float)
+        lo, hi = stats.t_interval(diff) if len(diff) > 1 else (math.nan, math.nan)
+        rows.append(
+            {"depth": d, "n": len(diff), "mean": float(diff.mean()) if len(diff) else math.nan, "lo": lo, "hi": hi}
+        )
+    return pd.DataFrame(rows)
+
+
 @dataclass(frozen=True)
 class SeedPlan:
     """How many seeds the primary contrasts at the text's budget need, from their measured spread."""
@@ -586,12 +615,30 @@ class SeedPlan:
 
 
 def seed_plan(an: Analysis, budget: int) -> SeedPlan | None:
-    at = [c for c in an.primary if c.setting == matched_key(budget) and math.isfinite(c.sd) and c.sd > 0]
+    """Seeds the primary contrasts at `budget` (both shapes) need, from their largest measured spread."""
+    keys = (matched_key(budget), matched_key(budget, "constant"))
+    at = [c for c in an.primary if c.setting in keys and math.isfinite(c.sd) and c.sd > 0]
     if not at:
         return None
     sd = max(c.sd for c in at)
     level = ALPHA / len(an.primary)
     return SeedPlan(sd, level, stats.seeds_to_resolve(sd, an.margin, level), min(c.n for c in at))
+
+
+def achieved_power(an: Analysis) -> pd.DataFrame:
+    """Per primary setting: its seeds, the largest spread of its contrasts' per-seed differences, and the
+    power those seeds give at the family's strictest level to find a true difference of the margin and
+    to show a true difference of 0 equivalent (if the spread is as measured)."""
+    level = ALPHA / max(len(an.primary), 1)
+    rows = []
+    for s in an.settings:
+        cs = [c for c in an.primary if c.setting == s.key and math.isfinite(c.sd) and c.sd > 0]
+        if not cs:
+            continue
+        sd, n = max(c.sd for c in cs), min(c.n for c in cs)
+        differ, equal = stats.resolving_power(sd, n, an.margin, level)
+        rows.append({"setting": s.key, "n": n, "sd": sd, "differ": differ, "equivalent": equal})
+    return pd.DataFrame(rows)
 
 
 def column(df: pd.DataFrame, name: str) -> pd.Series:
@@ -644,6 +691,28 @@ TIME_PARTS = (
     "tuned, search",
     "tuned, retraining",
 )
+
+
+def busy_minutes(trials: pd.DataFrame, final: pd.DataFrame) -> float:
+    """Wall-clock minutes during which at least one run of the study was training (the union of every
+    run's start-to-finish interval): the study's own wall time, gaps between commands left out."""
+    spans = []
+    for df in (trials, final):
+        if {"started", "finished"} <= set(df.columns):
+            start = pd.to_datetime(df["started"], utc=True, errors="coerce")
+            end = pd.to_datetime(df["finished"], utc=True, errors="coerce")
+            spans += [(a, b) for a, b in zip(start, end) if pd.notna(a) and pd.notna(b) and b >= a]
+    total, current = 0.0, None
+    for a, b in sorted(spans):
+        if current is None or a > current[1]:
+            if current is not None:
+                total += (current[1] - current[0]).total_seconds()
+            current = [a, b]
+        else:
+            current[1] = max(current[1], b)
+    if current is not None:
+        total += (current[1] - current[0]).total_seconds()
+    return total / 60 if spans else math.nan
 
 
 def caps_binding(trials: pd.DataFrame, config: dict) -> dict[str, list[int]]:

@@ -104,6 +104,32 @@ def seeds_to_resolve(sd: float, margin: float, level: float, power: float = POWE
     return max(2, math.ceil(max(differ, equal)))
 
 
+def resolving_power(sd: float, n: int, margin: float, level: float) -> tuple[float, float]:
+    """(power to find a true difference of +-margin, power to show a true difference of 0 equivalent
+    within +-margin) of a paired t-test / TOST on n pairs with spread `sd` at `level` (statsmodels' t-test
+    power; for TOST the union bound 1 - 2 (1 - one-sided power), as in seeds_to_resolve)."""
+    if not (sd > 0 and n > 1):
+        return math.nan, math.nan
+    effect = margin / sd
+    differ, one_sided = (t_power(effect, n, level, alt) for alt in ("two-sided", "larger"))
+    return differ, max(0.0, 1 - 2 * (1 - one_sided))
+
+
+def t_power(effect: float, n: int, level: float, alternative: str) -> float:
+    """Power of a one-sample (paired) t-test: statsmodels' TTestPower, or where it returns nan (scipy's
+    noncentral t gives nan for the far tail against a large effect), the noncentral-t tails from scipy
+    directly, that far tail (at most level / 2) counted as 0."""
+    power = TTestPower().power(effect_size=effect, nobs=n, alpha=level, alternative=alternative)
+    if math.isfinite(power):
+        return float(power)
+    df, nc = n - 1, effect * math.sqrt(n)
+    if alternative == "larger":
+        return float(stats.nct.sf(stats.t.isf(level, df), df, nc))
+    crit = stats.t.isf(level / 2, df)
+    lower = stats.nct.cdf(-crit, df, abs(nc))  # the far tail against the effect: below level / 2, often nan here
+    return float(stats.nct.sf(crit, df, abs(nc)) + (lower if math.isfinite(lower) else 0.0))
+
+
 def detectable(sd: float, n: int, level: float, power: float = POWER) -> float:
     """The smallest true mean difference a two-sided paired t-test on n pairs with spread `sd` finds at
     `level` with `power` (statsmodels' t-test power, solved for the effect size)."""

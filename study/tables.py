@@ -11,6 +11,7 @@ superseded.csv  completed final runs left out of final.csv, each with its reason
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 from pathlib import Path
@@ -82,6 +83,11 @@ def _trial_cost(cell: Cell, t: optuna.trial.FrozenTrial, settings: dict) -> dict
     except KeyError:
         return {}
     return _cost(widths, t.user_attrs.get("samples_seen"))
+
+
+def _utc(when) -> str | None:
+    """A trial's start or completion time (Optuna gives it naive, in this process's time zone) in UTC."""
+    return when.astimezone(datetime.timezone.utc).isoformat(timespec="seconds") if when is not None else None
 
 
 def _number(x) -> float:
@@ -156,6 +162,8 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
                 **_trial_cost(cell, t, config["experiment"]),
                 "train_seconds": t.user_attrs.get("train_seconds"),
                 "samples_per_s": t.user_attrs.get("samples_per_s"),
+                "started": _utc(t.datetime_start),
+                "finished": _utc(t.datetime_complete),
                 **fixed,
                 **_env(t),
             }
@@ -186,6 +194,8 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
             "failed": failed_run(_number(a["test_accuracy"]), _number(a["test_loss"]), a["diverged"]),
             "train_seconds": a["train_seconds"],
             "samples_per_s": a["samples_per_s"],
+            "started": _utc(t.datetime_start),
+            "finished": _utc(t.datetime_complete),
             "curve": json.dumps(curve),
             **_env(t),
         }

@@ -367,7 +367,7 @@ def test_renders_every_experiment_with_the_answer_first(tmp_path: Path):
     assert lines[2] == "![answer](answer.png)"
     for png in ("answer.png", "recipe.png", "matched.png", "tuned.png", "curves.png"):
         assert (tmp_path / png).stat().st_size > 10_000 and f"({png})" in text
-    assert "| depth 4, 10 epochs: 98.00% | none (the recipe) | 10 | 8 | 98.05 |" in text
+    assert "| depth 4, 10 epochs: 98.00% | none (the recipe) | 10 | 8 | 98.05 |" in text and "| reached |" in text
     assert "*Margin* ±0.20 points" in text and (tmp_path / "claims.png").stat().st_size > 10_000
     assert "indistinguishable" not in text and "| nan" not in text and "nan%" not in text
     assert "momentum: 0.9" in text and "Against depth 4: depth 3 needed" in text
@@ -500,8 +500,12 @@ def test_claims_are_read_at_the_claimed_epoch_twice_it_for_twice_the_epochs_with
     base = table.loc[""]
     lo, hi = sp.t.interval(0.95, 4, loc=0.95, scale=sp.sem([0.95, 0.952, 0.948, 0.951, 0.949]))
     assert base["mean"] == pytest.approx(0.95) and (base["lo"], base["hi"]) == pytest.approx((lo, hi))
+    # 96% is a rounded claim: reached from 95.5% on
     assert base["verdict"] == "not reached" and table.loc["momentum", "verdict"] == "reached"
-    assert table.loc["twice", "verdict"] == "not reached" and table.loc["twice", "change"] == "twice the epochs"
+    assert table.loc["twice", "verdict"] == "reached" and table.loc["twice", "change"] == "twice the epochs"
+    assert base["share_at"] == 0 and table.loc["twice", "share_at"] == 1
+    exact = claims(pd.DataFrame(rows), {"experiments": {"recipe": {"claims": [[4, 2, 0.9591]], "variants": []}}})
+    assert exact["bar"].iloc[0] == 0.9591  # stated to the hundredth: read exactly
 
 
 def test_late_gain_is_the_mean_last_three_epoch_gain_of_each_matched_cell():
@@ -589,3 +593,38 @@ def test_time_by_part_sums_training_seconds_and_caps_binding_names_depths():
         }
     )
     assert caps_binding(best, config) == {"width": [3, 5], "epochs": [3, 4, 5]}
+
+
+def test_resolving_power_agrees_with_the_planning_number():
+    sd, margin, level = 0.00125, 0.002, 0.05 / 12
+    n = stats.seeds_to_resolve(sd, margin, level)
+    differ, equal = stats.resolving_power(sd, n, margin, level)
+    assert differ >= 0.8 and equal >= 0.8
+    assert min(stats.resolving_power(sd, n - 1, margin, level)) < 0.8  # the smallest such n
+    from statsmodels.stats.power import TTestPower
+
+    assert differ == pytest.approx(TTestPower().power(effect_size=margin / sd, nobs=n, alpha=level))
+
+
+def test_horizon_gain_pairs_each_seed_at_twice_the_epochs_with_itself():
+    from study.analysis import horizon_gains
+
+    short = runs("matched", {3: 0.980, 4: 0.981}, n=4, budget=242762).assign(variant="", shape="funnel")
+    long = short.assign(variant="horizon", test_accuracy=short.test_accuracy + [0.001, 0.002, 0.003, 0.002] * 2)
+    other = short.assign(shape="constant", test_accuracy=0.5)  # another shape: not part of the check
+    gains = horizon_gains(pd.concat([short, long, other], ignore_index=True), 242762).set_index("depth")
+    assert list(gains.index) == [3, 4] and gains.loc[3, "n"] == 4
+    assert gains.loc[4, "mean"] == pytest.approx(0.002)
+    lo, hi = sp.t.interval(0.95, 3, loc=0.002, scale=sp.sem([0.001, 0.002, 0.003, 0.002]))
+    assert (gains.loc[4, "lo"], gains.loc[4, "hi"]) == pytest.approx((lo, hi))
+
+
+def test_t_power_falls_back_to_scipy_where_statsmodels_gives_nan():
+    from statsmodels.stats.power import TTestPower
+
+    for effect in (2.0, 10.0):
+        for alternative in ("two-sided", "larger"):
+            power = stats.t_power(effect, 8, 0.05 / 6, alternative)
+            reference = TTestPower().power(effect_size=effect, nobs=8, alpha=0.05 / 6, alternative=alternative)
+            assert 0 < power <= 1 and (math.isnan(reference) or power == pytest.approx(reference))
+    assert stats.t_power(10.0, 8, 0.05 / 6, "two-sided") == pytest.approx(1.0)
