@@ -715,6 +715,56 @@ def busy_minutes(trials: pd.DataFrame, final: pd.DataFrame) -> float:
     return total / 60 if spans else math.nan
 
 
+def trial_counts(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per tuned depth: trials trained (completed, not failed), proposals (every trial that ran to its
+    end), and failed ones (diverged or at or below twice chance)."""
+    t = trials[trials["experiment"] == "tuned"]
+    rows = []
+    for depth, g in t.groupby("depth"):
+        ran = g[g["state"].isin(["complete", "failed", "diverged", "pruned"])]
+        rows.append(
+            {
+                "depth": int(depth),
+                "trained": int((ran["state"] == "complete").sum()),
+                "proposals": len(ran),
+                "failed": int(ran["state"].isin(["failed", "diverged"]).sum()),
+            }
+        )
+    return pd.DataFrame(rows, columns=["depth", "trained", "proposals", "failed"])
+
+
+def grid_margins(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per matched cell with a grid: the chosen and runner-up learning rates and the chosen point's lead
+    in mean validation accuracy, with the lead per replicate (replicate r trains every grid point from
+    the same seed, so the leads are paired): is the choice above the seed noise?"""
+    m = trials[(trials["experiment"] == "matched") & (trials["state"] == "complete")]
+    if m.empty or "replicate" not in m:
+        return pd.DataFrame(columns=["budget", "shape", "depth", "chosen", "runner_up", "lead", "leads"])
+    m = m.assign(shape=m["shape"] if "shape" in m else "funnel")
+    rows = []
+    for (budget, shape, depth), g in m.groupby(["budget", "shape", "depth"], dropna=False):
+        means = g.groupby("param_lr")["val_accuracy"].mean().sort_values(ascending=False)
+        chosen = g[g["retrained"].astype(bool)]["param_lr"]
+        if len(means) < 2 or chosen.empty:
+            continue
+        best = float(chosen.iloc[0])
+        runner = float(next(lr for lr in means.index if lr != best))
+        per = g.pivot_table(index="replicate", columns="param_lr", values="val_accuracy")
+        leads = (per[best] - per[runner]).dropna().tolist() if {best, runner} <= set(per.columns) else []
+        rows.append(
+            {
+                "budget": budget,
+                "shape": shape,
+                "depth": int(depth),
+                "chosen": best,
+                "runner_up": runner,
+                "lead": float(means[best] - means[runner]),
+                "leads": leads,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def caps_binding(trials: pd.DataFrame, config: dict) -> dict[str, list[int]]:
     """Per declared cap of the tuned search, the depths whose retrained trial sits at it (within
     EDGE_FRACTION of its range)."""

@@ -46,6 +46,7 @@ from .analysis import (
     cost_thresholds,
     edge_warnings,
     flops_to_reach,
+    grid_margins,
     groups_of,
     horizon_gains,
     interactions,
@@ -56,6 +57,7 @@ from .analysis import (
     seed_plan,
     state_counts,
     time_by_part,
+    trial_counts,
 )
 from .config import DEFAULT_MARGIN, FAILED_AT, SOURCE_PARAMS, SearchSpace, refuse_other_study
 from .stats import ALPHA, POWER, fisher
@@ -377,7 +379,35 @@ def lr_section(trials: pd.DataFrame, out: Path) -> list[str]:
         for (b, sh), g in m.assign(shape=shape).groupby(["budget", "shape"], sort=True)
     ]
     caption = figures.lr_figure(out / "lr.png", m, panels)
-    return ["![learning rates](lr.png)", "", caption, ""] if caption else []
+    doc = ["![learning rates](lr.png)", "", caption, ""] if caption else []
+    margins = grid_margins(m)
+    if not margins.empty:
+        unstable = margins[margins["leads"].map(lambda x: bool(x) and min(x) <= 0)]
+        rows = [
+            {
+                "cell": matched_key(int(r.budget), r.shape).removeprefix("matched, "),
+                "depth": r.depth,
+                "chosen rate": f"{r.chosen:.3g}",
+                "runner-up": f"{r.runner_up:.3g}",
+                "lead (points)": signed(r.lead),
+                "lead per replicate": ", ".join(signed(x) for x in r.leads) or "n/a",
+            }
+            for r in margins.itertuples()
+        ]
+        doc += [
+            "How far each choice leads its runner-up in mean validation accuracy, and per replicate (the same seed "
+            "at every grid point, so the leads are paired): "
+            + (
+                "the chosen rate leads in every replicate of every cell."
+                if unstable.empty
+                else f"in {len(unstable)} of {len(margins)} cells a replicate prefers the runner-up, so that choice "
+                "is within the seed noise (the runner-up check below retrains it)."
+            ),
+            "",
+            md_table(pd.DataFrame(rows)),
+            "",
+        ]
+    return doc
 
 
 def late_section(epochs: pd.DataFrame, final: pd.DataFrame, margin: float, budget: int) -> list[str]:
@@ -853,6 +883,24 @@ def _render(
             f"retrained with {t.get('seeds')} seeds.",
             "",
         ]
+        counts = trial_counts(trials)
+        if not counts.empty:
+            short = counts[counts["trained"] < int(t.get("n_trials") or 0)]
+            doc += [
+                "Trials per depth: "
+                + "; ".join(
+                    f"depth {r.depth}: {r.trained} trained of {r.proposals} proposals ({r.failed} failed)"
+                    for r in counts.itertuples()
+                )
+                + (
+                    f". Short of {t.get('n_trials')} trained for depth {', '.join(map(str, short['depth']))}: a caveat "
+                    "on its contrasts."
+                    if not short.empty
+                    else "."
+                )
+                + " A depth with more failed trials got more proposals from its search.",
+                "",
+            ]
         doc += caps_lines(trials, config)
         caption = figures.tuned_figure(out / "tuned.png", tuned, trials)
         doc += ["![tuned](tuned.png)", "", caption, ""] + tuned_origin(trials, config)

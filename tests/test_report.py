@@ -628,3 +628,28 @@ def test_t_power_falls_back_to_scipy_where_statsmodels_gives_nan():
             reference = TTestPower().power(effect_size=effect, nobs=8, alpha=0.05 / 6, alternative=alternative)
             assert 0 < power <= 1 and (math.isnan(reference) or power == pytest.approx(reference))
     assert stats.t_power(10.0, 8, 0.05 / 6, "two-sided") == pytest.approx(1.0)
+
+
+def test_grid_margins_pair_each_replicate_and_trial_counts_separate_failures():
+    from study.analysis import grid_margins, trial_counts
+
+    grid = pd.DataFrame(
+        {
+            "experiment": "matched",
+            "budget": 242762,
+            "shape": "funnel",
+            "depth": 4,
+            "state": "complete",
+            "param_lr": [0.03, 0.1, 0.3, 0.03, 0.1, 0.3],
+            "replicate": [0, 0, 0, 1, 1, 1],
+            "val_accuracy": [0.970, 0.980, 0.950, 0.975, 0.974, 0.940],
+            "retrained": [False, True, False, False, False, False],
+        }
+    )
+    r = grid_margins(grid).iloc[0]
+    assert (r.chosen, r.runner_up) == (0.1, 0.03) and r.lead == pytest.approx(0.977 - 0.9725)
+    assert r.leads == pytest.approx([0.010, -0.001])  # replicate 1 prefers the runner-up
+    tuned = pd.DataFrame(
+        {"experiment": "tuned", "depth": [3, 3, 3, 3], "state": ["complete", "failed", "diverged", "interrupted"]}
+    )
+    assert trial_counts(tuned).to_dict("records") == [{"depth": 3, "trained": 1, "proposals": 3, "failed": 2}]
