@@ -788,7 +788,7 @@ def caps_binding(trials: pd.DataFrame, config: dict) -> dict[str, list[int]]:
 
 def retrained_origin(trials: pd.DataFrame, config: dict) -> dict[int, tuple[int, bool]]:
     """Per tuned depth, (the retrained trial's number, whether it was one of the sampler's random
-    start-up trials, which draw from (sampler seed, trial number) and so are the same in every depth)."""
+    start-up trials rather than a TPE proposal)."""
     startup = int(config.get("sampler_startup_trials", 0))
     best = trials[(trials["experiment"] == "tuned") & trials["retrained"].astype(bool)]
     return {int(r.depth): (int(r.trial), int(r.trial) < startup) for r in best.itertuples()}
@@ -840,7 +840,12 @@ def edge_warnings(trials: pd.DataFrame, config: dict, caps_declared: dict) -> tu
     best = trials[trials["retrained"].astype(bool)] if len(trials) else trials
     for _, row in best.iterrows():
         exp = exps.get(row["experiment"], {})
-        where = f"{row['experiment']}" + (f" {int(row['budget']):,} params" if pd.notna(row.get("budget")) else "")
+        shape = row.get("shape") if isinstance(row.get("shape"), str) and row.get("shape") != "funnel" else ""
+        where = (
+            f"{row['experiment']}"
+            + (f" {int(row['budget']):,} params" if pd.notna(row.get("budget")) else "")
+            + (f" {shape} width" if shape else "")
+        )
         if row["experiment"] == "matched":
             ranges, declared = {"lr": (exp.get("lr"), True)}, {}
         else:
@@ -862,7 +867,7 @@ def edge_warnings(trials: pd.DataFrame, config: dict, caps_declared: dict) -> tu
                 caps.append(
                     f"{where}, depth {row['depth']}: best {name} = {row[col]:.4g} is at or near its {declared[name]}."
                 )
-            elif frac <= EDGE_FRACTION or frac >= 1 - EDGE_FRACTION:
+            elif (frac <= EDGE_FRACTION and name != "epochs") or frac >= 1 - EDGE_FRACTION:  # 1 epoch: no lower
                 side = "lower" if frac <= EDGE_FRACTION else "upper"
                 warnings.append(
                     f"{where}, depth {row['depth']}: best {name} = {row[col]:.4g} sits on the {side} "
@@ -872,7 +877,7 @@ def edge_warnings(trials: pd.DataFrame, config: dict, caps_declared: dict) -> tu
 
 
 def state_counts(trials: pd.DataFrame) -> pd.DataFrame:
-    keys = ["experiment", "budget", "depth"]
+    keys = ["experiment", "budget", "shape", "depth"] if "shape" in trials else ["experiment", "budget", "depth"]
     if trials.empty:
         return pd.DataFrame(columns=[*keys, *TRIAL_STATES[:5]])
     counts = trials.assign(budget=trials["budget"].astype("string").fillna("")).pivot_table(
