@@ -19,6 +19,7 @@ cli.starting(__name__)
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 
@@ -261,6 +262,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{run.storage}; run the same command again to continue"
         ) from None
     print(tables.summary(written["final"]))
+    pending = json.loads((run.out / "config.json").read_text()).get("in_progress", [])
+    if pending:
+        print(
+            f"in progress: {len(pending)} part(s) below the budget the storage holds (another command is running "
+            "them): "
+            + "; ".join(f"{p['cell']} {p['what']} {p['done']} of {p['budget']}" for p in pending[:6])
+            + (" ..." if len(pending) > 6 else "")
+            + "; the tables describe the runs that exist now"
+        )
     if run.render_report:
         from . import report
 

@@ -244,6 +244,22 @@ def quick_banner(config: dict, out: Path) -> list[str]:
     ]
 
 
+def progress_banner(config: dict) -> list[str]:
+    """Cells below the budget the storage holds (another command is still running them, or was stopped):
+    said before any number, so an incomplete table is never read as the study's answer."""
+    pending = config.get("in_progress") or []
+    if not pending:
+        return []
+    listed = "; ".join(f"{p['cell']}: {p['what']} {p['done']} of {p['budget']}" for p in pending[:12])
+    more = f"; and {len(pending) - 12} more" if len(pending) > 12 else ""
+    return [
+        f"> **In progress.** {len(pending)} part(s) of this study are below the budget its storage holds "
+        f"(another command is running them, or was stopped): {listed}{more}. The numbers below describe the runs "
+        "that exist now; rerun the study command (or `python -m study.report --storage ...`) when they are done.",
+        "",
+    ]
+
+
 def how_to_read(an: Analysis) -> list[str]:
     m = 100 * an.margin
     n = min((c.n for c in an.primary if c.n), default=0)
@@ -794,7 +810,7 @@ def _render(
     text_claims = exps.get("recipe", {}).get("claims", []) if dataset == "mnist" else []  # the text's are MNIST's
 
     title = "# Why four layers? A measured answer" + ("" if dataset == "mnist" else f" ({DATASET_NAMES[dataset]})")
-    doc = [title, ""] + quick_banner(config, out) + [opening_sentence(an), ""]
+    doc = [title, ""] + quick_banner(config, out) + progress_banner(config) + [opening_sentence(an), ""]
     if an.primary:
         pictured = [an] + ([second] if second and second.primary else [])
         doc += ["![answer](answer.png)", "", figures.answer_figure(out / "answer.png", pictured), ""]

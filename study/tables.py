@@ -315,8 +315,10 @@ def write_tables(storage, name: str, cells, out: Path) -> dict[str, pd.DataFrame
         df.to_csv(out / f"{key}.csv", index=False)
     experiments: dict[str, dict] = {}
     shared: dict = {}
+    in_progress = []
     for cell in cells:
         tune = load(storage, study_name(name, cell))
+        in_progress += progress(tune, load(storage, study_name(name, cell, final=True)), cell, tables)
         config = dict(tune.user_attrs["config"])
         exp = experiments.setdefault(cell.experiment, {**config.pop("experiment"), "depths": [], "budgets": []})
         config.pop("cell")
@@ -339,9 +341,34 @@ def write_tables(storage, name: str, cells, out: Path) -> dict[str, pd.DataFrame
         **shared,
         "experiments": experiments,
         "superseded_final_runs": len(tables["superseded"]),
+        "in_progress": in_progress,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return tables
+
+
+def progress(tune: optuna.Study, final: optuna.Study, cell: Cell, tables: dict[str, pd.DataFrame]) -> list[dict]:
+    """What of `cell` is below the budget the storage holds (the largest any command asked for): its
+    tuning runs (the trained ones, for a search that replaces failed trials) and its final runs of the
+    current choice. Empty when the cell is complete."""
+    out = []
+    budget = tune.user_attrs.get("n_trials") or 0
+    if budget:
+        ran = [t for t in tune.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        ran = [t for t in ran if not t.user_attrs.get(SURPLUS)]
+        if cell.experiment == "tuned":  # failed trials are replaced, up to twice the budget
+            trained = sum(trial_state(t) in ("complete", "pruned") for t in ran)
+            done = budget if len(ran) >= 2 * budget else min(trained, budget)
+        else:
+            done = len(ran)
+        if done < budget:
+            out.append({"cell": cell.key, "what": "tuning runs", "done": done, "budget": budget})
+    seeds = final.user_attrs.get("seeds") or 0
+    rows = tables["final"]
+    done = int((rows["study"] == final.study_name).sum()) if len(rows) else 0
+    if done < seeds:
+        out.append({"cell": cell.key, "what": "final runs", "done": done, "budget": seeds})
+    return out
 
 
 def summary(final: pd.DataFrame) -> str:

@@ -393,6 +393,39 @@ def test_a_command_with_another_heartbeat_is_refused_before_it_can_fail_live_run
     assert p.returncode == 0, p.stderr
 
 
+def test_tables_and_report_say_what_is_still_below_the_stored_budget(tmp_path: Path, capsys):
+    """A --seeds 2 command finishing beside a --seeds 3 one (or a command of another experiment beside a
+    running one) wrote tables and a report as if they were complete."""
+    from study.report import render
+
+    study_depth.main([*TINY, "--depths", "2", "--n-trials", "1", "--seeds", "2", "--out", str(tmp_path)])
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    final = optuna.load_study(study_name="quick-tuned-depth2-final", storage=url)
+    final.set_user_attr("seeds", 3)  # what a larger command registered and is still running
+    capsys.readouterr()
+    study_depth.main([*BASE_RECIPE, "--out", str(tmp_path)])  # another experiment, run now
+    out = capsys.readouterr().out
+    assert "in progress: 1 part(s)" in out and "tuned-depth2 final runs 2 of 3" in out
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["in_progress"] == [{"cell": "tuned-depth2", "what": "final runs", "done": 2, "budget": 3}]
+    assert "**In progress.**" in render(tmp_path).read_text()
+
+
+BASE_RECIPE = [
+    "--preset",
+    "quick",
+    "--experiments",
+    "recipe",
+    "--depths",
+    "1",
+    "--seeds",
+    "1",
+    "--train-subset",
+    "600",
+    "--no-report",
+]
+
+
 def test_help():
     p = run_study("--help")
     assert p.returncode == 0 and "--storage" in p.stdout and "--preset" in p.stdout
