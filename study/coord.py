@@ -87,12 +87,14 @@ def open_storage(
         try:
             with warnings.catch_warnings():  # heartbeats: documented fault tolerance, still tagged experimental
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return utc_sessions(
-                    optuna.storages.RDBStorage(
-                        url,
-                        engine_kwargs=engine_kwargs,
-                        heartbeat_interval=heartbeat_interval,
-                        grace_period=grace_period,
+                return immediate_transactions(
+                    utc_sessions(
+                        optuna.storages.RDBStorage(
+                            url,
+                            engine_kwargs=engine_kwargs,
+                            heartbeat_interval=heartbeat_interval,
+                            grace_period=grace_period,
+                        )
                     )
                 )
         except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors of every kind become one line
@@ -132,6 +134,27 @@ def server_engine_kwargs(url: str) -> dict:
     if url.startswith("postgresql"):
         kwargs["connect_args"] = dict(PG_CONNECT)
     return kwargs
+
+
+def immediate_transactions(storage: optuna.storages.RDBStorage) -> optuna.storages.RDBStorage:
+    """Every SQLite transaction of `storage` takes the write lock when it begins (BEGIN IMMEDIATE), so
+    Optuna's "is this trial still running?" and the write that follows are one atomic step: without it
+    pysqlite begins the transaction only at the first write, and another worker could fail the claim as
+    stale in between (the first worker's result then landed over the failure, and the seed ran twice).
+    PostgreSQL gets the same from the row lock Optuna takes."""
+    if storage.engine.dialect.name != "sqlite":
+        return storage
+
+    def no_implicit_begin(dbapi_connection, record) -> None:
+        dbapi_connection.isolation_level = None  # pysqlite's own deferred BEGIN off; ours below
+
+    def begin_immediate(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    sqlalchemy.event.listen(storage.engine, "connect", no_implicit_begin)
+    sqlalchemy.event.listen(storage.engine, "begin", begin_immediate)
+    storage.engine.dispose()
+    return storage
 
 
 def utc_sessions(storage: optuna.storages.RDBStorage) -> optuna.storages.RDBStorage:

@@ -300,3 +300,46 @@ def test_six_commands_opening_one_fresh_sqlite_file_at_once_all_succeed(tmp_path
             p.join(120)
         assert [p.exitcode for p in procs] == [0] * 6
         assert errors.empty(), errors.get()
+
+
+def test_sqlite_still_mine_and_the_write_are_one_step(url):
+    """Scripted: worker A has checked that its claim is still running and is about to record its result
+    when worker B, judging A dead, fails the claim. On SQLite B used to get in between (pysqlite begins a
+    transaction only at the first write): A's result landed over the failure and B redid the seed. Now
+    B waits for A's transaction; its failure finds the run finished and does nothing."""
+    import threading
+
+    clock = Clock()
+    a, b = worker(url, clock, "f"), worker(url, clock, "f")
+    claim = a.claim(final_key(0, 1), {"source_trial": 0, "seed": 1})
+    checked, b_tried = threading.Event(), threading.Event()
+    original = a.storage.check_trial_is_updatable
+
+    def pause_after_checking(trial_id, state):
+        original(trial_id, state)
+        if not checked.is_set():
+            checked.set()
+            b_tried.wait(timeout=5)  # B's attempt either lands now (the bug) or waits for this transaction
+
+    a.storage.check_trial_is_updatable = pause_after_checking
+    result = {}
+    finisher = threading.Thread(
+        target=lambda: result.update(landed=a.finish(claim.trial_id, TrialState.COMPLETE, 0.97))
+    )
+    finisher.start()
+    assert checked.wait(timeout=60)
+
+    def fail_it():
+        try:
+            result["failed"] = b.storage.set_trial_state_values(claim.trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            result["failed"] = False
+        b_tried.set()
+
+    failer = threading.Thread(target=fail_it)
+    failer.start()
+    failer.join(timeout=120)
+    finisher.join(timeout=120)
+    assert result == {"landed": True, "failed": False}
+    assert b.storage.get_trial(claim.trial_id).state == TrialState.COMPLETE
+    assert b.open_key({final_key(0, 1): 1}) is None and b.finished({final_key(0, 1): 1})
