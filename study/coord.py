@@ -349,6 +349,19 @@ def best_trial(trials: list[FrozenTrial], place: int = 0) -> FrozenTrial | None:
     return ranked[place] if len(ranked) > place else None
 
 
+class Progress:
+    """When the work last moved: touched by the training loop at every step, read by the watchdog."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+    def idle(self) -> float:
+        return time.monotonic() - self.last
+
+
 # --- the protocol --------------------------------------------------------------------------------
 
 
@@ -491,8 +504,17 @@ class Ledger:
         return failed
 
     @contextlib.contextmanager
-    def heartbeat(self, trial_id: int, interval: float) -> Iterator[None]:
-        """Record the trial's heartbeat every `interval` seconds while the block runs."""
+    def heartbeat(
+        self,
+        trial_id: int,
+        interval: float,
+        idle: Callable[[], float] | None = None,
+        stall: float | None = None,
+    ) -> Iterator[None]:
+        """Record the trial's heartbeat every `interval` seconds while the block runs. With `idle` (seconds
+        since the work last made progress) the heartbeat is a watchdog too: it stops beating once the work
+        has made no progress for `stall` seconds, so a hung main thread loses its claim like a dead worker
+        (the claim is failed after the grace period and redone; the hung worker drops its late result)."""
         if not self.storage.get_heartbeat_interval() is not None:
             yield
             return
@@ -502,6 +524,10 @@ class Ledger:
             first = True
             while True:
                 try:
+                    if idle is not None and stall is not None and idle() > stall:
+                        if stop.wait(interval):
+                            return
+                        continue
                     self.storage.record_heartbeat(trial_id)
                     if first:
                         self.storage.set_trial_system_attr(trial_id, HEARTBEAT_SEEN, True)

@@ -53,6 +53,7 @@ from .coord import (
     SURPLUS,
     TUNE,
     Ledger,
+    Progress,
     StudyError,
     TrialSeededSampler,
     best_trial,
@@ -364,7 +365,9 @@ class Worker:
                 trial = optuna.Trial(study, claim.trial_id) if claim.won else None
         if not claim.won:
             return
-        with ledger.heartbeat(claim.trial_id, self.run.heartbeat_interval), holding(ledger, claim.trial_id):
+        progress = Progress()
+        beating = ledger.heartbeat(claim.trial_id, self.run.heartbeat_interval, progress.idle, self.run.grace_period)
+        with beating, holding(ledger, claim.trial_id):
             ledger.storage.set_trial_user_attr(claim.trial_id, "worker", self.env.get("worker"))
             params = suggest(trial, self.cfg, cell)
             seed = self.cfg.tuning_seed - (grid_index(key)[1] if key != TUNE else 0)  # never a final seed (1..K)
@@ -388,7 +391,7 @@ class Worker:
                 config,
                 on_epoch=on_epoch,
                 evaluate_test=False,
-                should_stop=interrupt.STOP.is_set,
+                should_stop=lambda: progress.touch() or interrupt.STOP.is_set(),
             )
             if result.interrupted:
                 raise interrupt.Interrupted(INTERRUPTED)
@@ -417,14 +420,16 @@ class Worker:
         claim = ledger.claim(key, {"source_trial": source, "seed": seed, "worker": self.env.get("worker")})
         if not claim.won:
             return
-        with ledger.heartbeat(claim.trial_id, self.run.heartbeat_interval), holding(ledger, claim.trial_id):
+        progress = Progress()
+        beating = ledger.heartbeat(claim.trial_id, self.run.heartbeat_interval, progress.idle, self.run.grace_period)
+        with beating, holding(ledger, claim.trial_id):
             widths = cell_widths(cell, params, self.settings[cell.experiment])
             config = train_config(self.cfg, cell, params, seed, self.run.threads)
             result = train(
                 mlp(widths),
                 data_of(self.data, cell),
                 config,
-                should_stop=interrupt.STOP.is_set,
+                should_stop=lambda: progress.touch() or interrupt.STOP.is_set(),
                 test_each_epoch=cell.experiment == "recipe",
             )
             if result.interrupted:

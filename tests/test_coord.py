@@ -343,3 +343,31 @@ def test_sqlite_still_mine_and_the_write_are_one_step(url):
     assert result == {"landed": True, "failed": False}
     assert b.storage.get_trial(claim.trial_id).state == TrialState.COMPLETE
     assert b.open_key({final_key(0, 1): 1}) is None and b.finished({final_key(0, 1): 1})
+
+
+def test_the_heartbeat_stops_when_the_work_stops_moving(url):
+    """Liveness was 'the heartbeat thread is alive': a hung main thread kept its claim forever. With a
+    progress clock the beat stops once the work has not moved for the stall time; the claim then goes
+    stale like a dead worker's and is redone."""
+    import time
+
+    from study.coord import Progress
+
+    clock = Clock()
+    a, b = worker(url, clock, "f", heartbeat=1), worker(url, clock, "f", heartbeat=1)
+    calls = []
+    real = a.storage.record_heartbeat
+    a.storage.record_heartbeat = lambda trial_id: (calls.append(trial_id), real(trial_id))
+    moving, stuck = Progress(), Progress()
+    stuck.last -= 1000  # no progress for 1,000 s
+    claim = a.claim(final_key(0, 1), {"source_trial": 0, "seed": 1})
+    with a.heartbeat(claim.trial_id, 0.01, moving.idle, stall=60):
+        time.sleep(0.05)
+    assert calls  # a moving run beats
+    calls.clear()
+    hung = a.claim(final_key(0, 2), {"source_trial": 0, "seed": 2})
+    with a.heartbeat(hung.trial_id, 0.01, stuck.idle, stall=60):
+        time.sleep(0.05)
+    assert calls == []  # a hung one never does ...
+    clock.advance(GRACE + 1)
+    assert b.recover_stale() == [hung.number]  # ... so it is failed and its seed given back
