@@ -257,6 +257,9 @@ CASES = {
     "depth-damaged-storage": Case(
         "study.depth", lambda t: [*TINY, "--storage", damaged_storage(t), "--out", str(t / "o")], 1, "is damaged"
     ),
+    "depth-thin-budget-alone": Case(
+        "study.depth", ["--preset", "full", "--experiments", "matched", "--budgets", "1000000"], 2, "add 242762"
+    ),
     # Limits.
     "depth-huge-seeds": Case("study.depth", [*TINY, "--seeds", "1000000000"], 2, "1..1000"),
     "depth-huge-n-trials": Case("study.depth", [*TINY, "--n-trials", "1000000000"], 2, "1..10000"),
