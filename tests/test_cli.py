@@ -265,7 +265,7 @@ CASES = {
     "depth-huge-n-trials": Case("study.depth", [*TINY, "--n-trials", "1000000000"], 2, "1..10000"),
     "depth-huge-heartbeat": Case("study.depth", [*TINY, "--heartbeat", "10000000000"], 2, "1..3600"),
     "depth-huge-train-subset": Case(
-        "study.depth", lambda t: [*TINY, "--train-subset", "1000000000000", "--out", str(t / "o")], 2, "1..55000"
+        "study.depth", lambda t: [*TINY, "--train-subset", "1000000000000", "--out", str(t / "o")], 2, "1..58000"
     ),
     "depth-repeated-depths": Case("study.depth", [*TINY, "--depths", "2", "2"], 2, "distinct"),
     "depth-depth-too-large": Case("study.depth", [*TINY, "--depths", "99"], 2, "1..8"),

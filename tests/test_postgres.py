@@ -182,7 +182,9 @@ class Proxy:
 def test_lost_connection_is_one_line_and_a_restart_continues(pg_url: str, tmp_path: Path):
     proxy = Proxy()
     via_proxy = pg_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
-    w = start_worker(via_proxy, tmp_path / "w", "--n-trials", "6", "--train-subset", "6000")
+    # --heartbeat 1 on both commands: a study keeps the heartbeat it started with, and the restart then
+    # redoes the run the cut left RUNNING after 3 s instead of 30.
+    w = start_worker(via_proxy, tmp_path / "w", "--n-trials", "6", "--train-subset", "6000", "--heartbeat", "1")
     deadline = time.time() + 120
     while time.time() < deadline:
         time.sleep(0.3)
