@@ -799,7 +799,7 @@ def retrained_origin(trials: pd.DataFrame, config: dict) -> dict[int, tuple[int,
 
 def flops_to_reach(trials: pd.DataFrame, epochs: pd.DataFrame, thresholds: list[float]) -> pd.DataFrame:
     """Per tuned depth and threshold, the fewest training FLOPs any trial spent until the first epoch at
-    which its validation accuracy reached the threshold (its curve, as the pruner saw it; nan if none)."""
+    which its validation accuracy reached the threshold (its validation curve; nan if none)."""
     t = trials[(trials["experiment"] == "tuned") & trials["state"].isin(["complete", "pruned"])]
     t = t.dropna(subset=["train_flops"])
     t = t[t["epochs_run"] > 0] if "epochs_run" in t else t

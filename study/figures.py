@@ -167,13 +167,13 @@ def matched_figure(path: Path, settings: list[Setting], softmax: float | None) -
         if softmax is not None and lo <= 100 * softmax <= hi:
             ax.axhline(100 * softmax, ls="--", color="0.4", label=f"softmax regression ({100 * softmax:.2f}%)")
         _integer_depths(ax, s.groups)
-        ax.set(ylabel="test accuracy (%)" if ax is axes[0][0] else None, title=s.key.split(", ")[1])
+        ax.set(ylabel="test accuracy (%)" if ax is axes[0][0] else None, title=s.key.split(", ", 1)[1])
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # off the dots
     _save(plt, fig, path)
     below = "" if softmax is None else f" Softmax regression ({100 * softmax:.2f}%) is drawn where it lies on the axis."
     return (
-        "Test accuracy against depth at each parameter budget (halving funnel scaled to the budget, learning "
-        "rate tuned per cell): every seed a dot, the mean of trained runs with its 95% interval, failed runs "
+        "Test accuracy against depth at each parameter budget and shape (the halving funnel scaled to the budget, "
+        "or constant width where the panel says so; learning rate chosen per cell): every seed a dot, the mean of trained runs with its 95% interval, failed runs "
         "as triangles at the floor." + below
     )
 
