@@ -173,7 +173,8 @@ def matched_figure(path: Path, settings: list[Setting], softmax: float | None) -
     below = "" if softmax is None else f" Softmax regression ({100 * softmax:.2f}%) is drawn where it lies on the axis."
     return (
         "Test accuracy against depth at each parameter budget and shape (the halving funnel scaled to the budget, "
-        "or constant width where the panel says so; learning rate chosen per cell): every seed a dot, the mean of trained runs with its 95% interval, failed runs "
+        "or constant width where the panel says so; learning rate chosen per cell): every seed a dot, the mean "
+        "of trained runs with its 95% interval, failed runs "
         "as triangles at the floor." + below
     )
 
