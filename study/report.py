@@ -263,8 +263,11 @@ def progress_banner(config: dict) -> list[str]:
 def how_to_read(an: Analysis) -> list[str]:
     m = 100 * an.margin
     n = min((c.n for c in an.primary if c.n), default=0)
+    strictest = ALPHA / max(len(an.primary), 1)
     floor = (
         f" (with {n} seeds its smallest possible p is {2 / 2**n:.2g}, so it cannot confirm at the Holm levels)"
+        if n and 2 / 2**n > strictest
+        else f" (with {n} seeds its smallest possible p is {2 / 2**n:.2g})"
         if n
         else ""
     )
