@@ -41,7 +41,6 @@ from .config import (
     StudyConfig,
     cell_widths,
     chooser,
-    failed_run,
     grid_runs,
     lr_grid,
     parse_study_name,
@@ -63,6 +62,7 @@ from .coord import (
     guarded,
     open_storage,
 )
+from .tables import trial_state
 
 POLL_SECONDS = 2.0
 INTERRUPTED = (
@@ -278,17 +278,12 @@ class Worker:
             return {grid_key(i, r): 1 for i, r in grid_runs(self.cfg.matched)} if n else {}
         if not n:
             return {}
-        failed = sum(
-            1
-            for t in self.ledgers[cell][0].trials()
-            if t.state == TrialState.COMPLETE
-            and not t.user_attrs.get(SURPLUS)
-            and failed_run(t.value if t.value is not None else float("nan"), diverged=t.user_attrs.get("diverged"))
-        )
+        trials = self.ledgers[cell][0].trials()
+        failed = sum(not t.user_attrs.get(SURPLUS) and trial_state(t) in ("failed", "diverged") for t in trials)
         return {TUNE: n + min(failed, n)}
 
     def final_demand(self, cell: Cell) -> tuple[dict[str, int], dict[str, int], int]:
-        """(demand, seed of each key, source trial) of a cell whose tuning (or its base cell's) is finished."""
+        """(demand, seed of each key, source trial) of a cell whose chooser's tuning is finished."""
         base = self.base[cell]
         if self.cfg.n_trials(base) == 0:
             source = FIXED
