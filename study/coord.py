@@ -46,6 +46,8 @@ from optuna.trial import FrozenTrial, TrialState
 from mnist_bench.errors import UserError
 from mnist_bench.train import EpochMetrics
 
+from .config import failed_run
+
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 LIVE = (TrialState.RUNNING, *FINISHED)  # WAITING is not live: see the module docstring
 TUNE = "tune"  # the key every tuning trial claims
@@ -341,6 +343,12 @@ def ranking(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     usable = {i: ts for i, ts in points.items() if not all(t.user_attrs.get("diverged") for t in ts)}
     order = sorted(usable, key=lambda i: (-sum(t.value for t in usable[i]) / len(usable[i]), i))
     return [min(usable[i], key=lambda t: t.number) for i in order]
+
+
+def failed_trial(t: FrozenTrial) -> bool:
+    """A trial that ran to its end and learned nothing: diverged, or completed at or below twice chance."""
+    value = t.value if t.value is not None else float("nan")
+    return bool(t.user_attrs.get("diverged")) or (t.state == TrialState.COMPLETE and failed_run(value))
 
 
 def best_trial(trials: list[FrozenTrial], place: int = 0) -> FrozenTrial | None:

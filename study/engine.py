@@ -58,11 +58,11 @@ from .coord import (
     best_trial,
     derived_seed,
     encode_curve,
+    failed_trial,
     final_key,
     guarded,
     open_storage,
 )
-from .tables import trial_state
 
 POLL_SECONDS = 2.0
 INTERRUPTED = (
@@ -279,7 +279,7 @@ class Worker:
         if not n:
             return {}
         trials = self.ledgers[cell][0].trials()
-        failed = sum(not t.user_attrs.get(SURPLUS) and trial_state(t) in ("failed", "diverged") for t in trials)
+        failed = sum(not t.user_attrs.get(SURPLUS) and failed_trial(t) for t in trials)
         return {TUNE: n + min(failed, n)}
 
     def final_demand(self, cell: Cell) -> tuple[dict[str, int], dict[str, int], int]:

@@ -38,7 +38,7 @@ from .config import (
     parse_study_name,
     study_name,
 )
-from .coord import FIXED, SURPLUS, StudyError, best_trial, decode_curve
+from .coord import FIXED, SURPLUS, StudyError, best_trial, decode_curve, failed_trial
 
 ENV_COLUMNS = ("device", "device_name", "cpu", "gpu", "threads", "torch_version", "python_version", "command", "worker")
 # Optuna's states by the names of config.TRIAL_STATES ("failed" and "diverged" come from what a
@@ -55,7 +55,7 @@ STATES = {
 def trial_state(t: optuna.trial.FrozenTrial) -> str:
     if t.user_attrs.get("diverged"):
         return "diverged"
-    if t.state == TrialState.COMPLETE and failed_run(t.value if t.value is not None else float("nan")):
+    if failed_trial(t):
         return "failed"
     return STATES.get(t.state, t.state.name.lower())
 
