@@ -13,9 +13,14 @@ repeating or double-counting work. One protocol for tuning trials and final seed
   copies a failed claim, key included, as WAITING) would otherwise hold a slot nobody runs. A tuning
   worker's ``ask`` may pick such a copy up and run it; then it claims like any other trial.
 - A worker with nothing left to claim waits until every slot is *finished*, not merely claimed,
-  failing stale claims while it waits: a running trial whose heartbeat is older than the grace
-  period, or that never recorded one and was created longer ago than that (its worker died
-  between creating it and the first heartbeat).
+  failing stale claims while it waits. Liveness is a counter (system attr ``beat``) that the
+  claiming worker raises every heartbeat interval while its work makes progress; an observer fails a
+  running trial whose counter it has seen unchanged for longer than the grace period *on its own
+  monotonic clock*. No two machines' clocks or time zones are ever compared, a claim that never beat
+  (its worker died right after creating it) is covered by the same rule, and it works through any
+  storage, Optuna's gRPC proxy included. Where the storage is a database with Optuna's heartbeats
+  on, workers also record those (Optuna's own tools read them) and observers also apply Optuna's
+  rule, judged in the database's clock, which needs no watching period.
 - A worker whose own trial was failed as stale (it was paused, or cut off) drops its result when
   it notices and carries on; the slot has been, or will be, redone by someone.
 
@@ -43,7 +48,7 @@ import sqlalchemy.exc
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_bench.errors import UserError
+from mnist_bench.errors import UsageError, UserError
 from mnist_bench.train import EpochMetrics
 
 from .config import failed_run
@@ -52,7 +57,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 LIVE = (TrialState.RUNNING, *FINISHED)  # WAITING is not live: see the module docstring
 TUNE = "tune"  # the key every tuning trial claims
 SURPLUS = "surplus"  # user attr of a claim that lost its race
-HEARTBEAT_SEEN = "heartbeat"  # system attr set once a trial's first heartbeat is stored
+BEAT = "beat"  # system attr: the claiming worker's heartbeat counter (see the module docstring)
 
 
 class StudyError(UserError):
@@ -72,9 +77,12 @@ def sqlite_path(url: str) -> Path | None:
 
 def open_storage(
     url: str, heartbeat_interval: int | None = None, grace_period: int | None = None, must_exist: bool = False
-) -> optuna.storages.RDBStorage:
-    """Optuna's RDBStorage for `url`. `must_exist` (readers) refuses a storage without Optuna's schema
-    instead of creating it: a reader never writes into the database it reads."""
+) -> optuna.storages.BaseStorage:
+    """Optuna's RDBStorage for `url`, or a client of Optuna's gRPC storage proxy for grpc://HOST:PORT
+    (see study.serve). `must_exist` (readers) refuses a storage without Optuna's schema instead of
+    creating it: a reader never writes into the database it reads."""
+    if grpc_address(url) is not None:
+        return open_proxy(url)
     path = sqlite_path(url)
     if must_exist and path is not None and not path.is_file():
         raise StudyError(f"no storage file {path}; check the --storage URL")
@@ -115,6 +123,50 @@ def open_storage(
                 ) from None
             raise StudyError(f"cannot open storage {url!r}: {first_line(e)}") from None
     raise AssertionError("unreachable")
+
+
+GRPC = "grpc://"
+
+
+def grpc_address(url: str) -> tuple[str, int] | None:
+    """(host, port) of a grpc://HOST:PORT storage URL; None for other URLs."""
+    if not url.startswith(GRPC):
+        return None
+    host, colon, port = url.removeprefix(GRPC).rstrip("/").rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"bad gRPC storage address {url!r}; expected grpc://HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def quiet_grpc() -> None:
+    """gRPC's C core logs its own errors to stderr (a second, cryptic line beside ours); off unless the
+    user asks for them with GRPC_VERBOSITY. Read when grpc is first imported, so call this before."""
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+
+def open_proxy(url: str, timeout: float = 10.0) -> optuna.storages.BaseStorage:
+    """A client of Optuna's gRPC storage proxy at `url`, once the proxy answers. The proxy relays every
+    storage call the claim protocol makes except Optuna's heartbeats, which the protocol does not need
+    (see the module docstring); the atomic "still running?" check happens in the proxy's database."""
+    host, port = grpc_address(url)
+    with warnings.catch_warnings():  # documented for scale-out, still tagged experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            quiet_grpc()
+            from optuna.storages import GrpcStorageProxy
+
+            proxy = GrpcStorageProxy(host=host, port=port)
+        except ImportError as e:
+            raise StudyError(f"the gRPC storage needs grpcio and protobuf ({e}); install the project again") from None
+    try:
+        proxy.wait_server_ready(timeout=timeout)
+    except ConnectionError:
+        proxy.close()
+        raise StudyError(
+            f"no gRPC storage proxy answers at {host}:{port} (waited {timeout:g} s); start one with "
+            f"`python -m study.serve --storage URL --port {port}` on that machine"
+        ) from None
+    return proxy
 
 
 # A PostgreSQL connection: the session's clock in UTC whatever PGTZ or the server's default say (Optuna
@@ -219,6 +271,12 @@ def first_line(e: BaseException) -> str:
 
 def storage_problem(url: str) -> str | None:
     """None when the storage answers a query now; otherwise why not, in one line."""
+    if (address := grpc_address(url)) is not None:
+        try:
+            open_proxy(url, timeout=5.0).close()
+            return None
+        except StudyError:
+            return f"no answer from the gRPC storage proxy at {address[0]}:{address[1]}"
     connect_args = {"timeout": 5} if url.startswith("sqlite") else {"connect_timeout": 5}
     engine = None
     try:
@@ -231,6 +289,17 @@ def storage_problem(url: str) -> str | None:
     finally:
         if engine is not None:
             engine.dispose()
+
+
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a storage raises for its own troubles (not for a bug in the caller)."""
+    errors: tuple[type[BaseException], ...] = (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)
+    try:
+        import grpc
+
+        return (*errors, grpc.RpcError)
+    except ImportError:
+        return errors
 
 
 def guarded(fn: Callable, url: str):
@@ -247,9 +316,7 @@ def guarded(fn: Callable, url: str):
                 f"storage file {path} is damaged ({damage}); move it aside to start afresh, or restore a copy"
             ) from None
         problem = storage_problem(url)
-        if problem is None and not isinstance(
-            e, (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)
-        ):
+        if problem is None and not isinstance(e, storage_errors()):
             raise  # a genuine bug: keep the traceback
         raise StudyError(
             f"lost the connection to the storage ({problem or first_line(e)}); run the same command again to continue"
@@ -357,6 +424,13 @@ def best_trial(trials: list[FrozenTrial], place: int = 0) -> FrozenTrial | None:
     return ranked[place] if len(ranked) > place else None
 
 
+def optuna_heartbeats(storage) -> bool:
+    """Whether `storage` keeps Optuna's heartbeats (a database opened with an interval; the gRPC proxy
+    does not relay them)."""
+    interval = getattr(storage, "get_heartbeat_interval", None)
+    return interval is not None and interval() is not None
+
+
 class Progress:
     """When the work last moved: touched by the training loop at every step, read by the watchdog."""
 
@@ -389,10 +463,11 @@ class Ledger:
         storage: optuna.storages.RDBStorage,
         study: optuna.Study,
         grace_seconds: float,
-        clock: Callable[[], datetime.datetime] = datetime.datetime.now,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.storage, self.study, self.grace, self.clock = storage, study, grace_seconds, clock
         self.study_id = storage.get_study_id_from_name(study.study_name)
+        self.seen: dict[int, tuple[object, float]] = {}  # running trial -> (its beat, when first seen so)
 
     def trials(self) -> list[FrozenTrial]:
         return self.storage.get_all_trials(self.study_id, deepcopy=False)
@@ -491,25 +566,40 @@ class Ledger:
 
     # Recovering.
     def recover_stale(self) -> list[int]:
-        """Fail running claims whose worker is gone; returns their trial numbers."""
+        """Fail running claims whose worker is gone; returns their trial numbers. A claim is gone when
+        its beat counter has not moved for the grace period on this observer's clock (a claim seen for
+        the first time, or with a new beat, starts a new watch); on a database with Optuna's heartbeats
+        also when Optuna's rule finds its last heartbeat older than that in the database's clock."""
         failed = []
-        if self.storage.get_heartbeat_interval() is not None:
-            for trial_id in self.storage._get_stale_trial_ids(self.study_id):  # Optuna's own (DB clock) rule
+        if optuna_heartbeats(self.storage):
+            for trial_id in self.storage._get_stale_trial_ids(self.study_id):
                 with contextlib.suppress(UpdateFinishedTrialError):
                     if self.storage.set_trial_state_values(trial_id, TrialState.FAIL):
                         failed.append(self.storage.get_trial(trial_id).number)
         now = self.clock()
+        watched: dict[int, tuple[object, float]] = {}
         for t in self.trials():
-            if (
-                t.state == TrialState.RUNNING
-                and not t.system_attrs.get(HEARTBEAT_SEEN)
-                and t.datetime_start is not None
-                and (now - t.datetime_start).total_seconds() > self.grace
-            ):
+            if t.state != TrialState.RUNNING or t.number in failed:
+                continue
+            beat = t.system_attrs.get(BEAT)
+            last = self.seen.get(t._trial_id)
+            if last is None or last[0] != beat:
+                watched[t._trial_id] = (beat, now)
+            elif now - last[1] > self.grace:
                 with contextlib.suppress(UpdateFinishedTrialError):
                     if self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
                         failed.append(t.number)
+            else:
+                watched[t._trial_id] = last
+        self.seen = watched
         return failed
+
+    def beat(self, trial_id: int, count: int) -> None:
+        """One heartbeat of a claim this worker holds: Optuna's where the storage keeps them, then the
+        counter every observer watches."""
+        if optuna_heartbeats(self.storage):
+            self.storage.record_heartbeat(trial_id)
+        self.storage.set_trial_system_attr(trial_id, BEAT, count)
 
     @contextlib.contextmanager
     def heartbeat(
@@ -523,23 +613,15 @@ class Ledger:
         since the work last made progress) the heartbeat is a watchdog too: it stops beating once the work
         has made no progress for `stall` seconds, so a hung main thread loses its claim like a dead worker
         (the claim is failed after the grace period and redone; the hung worker drops its late result)."""
-        if not self.storage.get_heartbeat_interval() is not None:
-            yield
-            return
         stop = threading.Event()
 
         def beat() -> None:
-            first = True
+            count = 0
             while True:
                 try:
-                    if idle is not None and stall is not None and idle() > stall:
-                        if stop.wait(interval):
-                            return
-                        continue
-                    self.storage.record_heartbeat(trial_id)
-                    if first:
-                        self.storage.set_trial_system_attr(trial_id, HEARTBEAT_SEEN, True)
-                        first = False
+                    if idle is None or stall is None or idle() <= stall:
+                        count += 1
+                        self.beat(trial_id, count)
                 except Exception:  # noqa: BLE001 - a lost beat shows as a stale trial; finish() notices
                     pass
                 if stop.wait(interval):

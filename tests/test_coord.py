@@ -3,31 +3,29 @@ own connection to one SQLite storage, take their steps in the order the test dic
 recover, resume, race for the last slot and the last seed). Deterministic and fast; one end-to-end
 multi-process test per storage kind lives in test_study.py and test_postgres.py."""
 
-import datetime
 from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from study.coord import HEARTBEAT_SEEN, SURPLUS, TUNE, Ledger, TrialSeededSampler, best_trial, final_key, open_storage
+from study.coord import BEAT, SURPLUS, TUNE, Ledger, TrialSeededSampler, best_trial, final_key, open_storage
 
 GRACE = 30
 
 
 class Clock:
-    """Real time plus what the test moved it forward (for the "never sent a heartbeat" rule). Never a
-    fixed instant: trials are stamped with real time when created, so a frozen clock taken before a
-    slow start on a loaded machine could see a trial as younger than the test meant it to be."""
+    """An observer's monotonic clock that moves only when the test says: a claim's beat counter is
+    judged on it, so nothing here depends on how fast the machine runs the test."""
 
     def __init__(self):
-        self.offset = datetime.timedelta(0)
+        self.now = 0.0
 
-    def __call__(self):
-        return datetime.datetime.now() + self.offset
+    def __call__(self) -> float:
+        return self.now
 
     def advance(self, seconds: float):
-        self.offset += datetime.timedelta(seconds=seconds)
+        self.now += seconds
 
 
 @pytest.fixture
@@ -70,7 +68,7 @@ def test_race_for_the_last_slot_then_a_crash_gives_the_slot_back(url):
     assert a.open_key(demand) is None and not a.finished(demand)
     assert a.recover_stale() == []  # within the grace period nothing is failed
     clock.advance(GRACE + 1)
-    assert a.recover_stale() == [cb.number]  # never sent a heartbeat: failed by the start-time rule
+    assert a.recover_stale() == [cb.number]  # its beat never moved while A watched for the grace period
     assert a.open_key(demand) == TUNE
     again = tune_claim(a, 2)
     assert again.won
@@ -111,7 +109,9 @@ def test_final_runs_wait_for_other_workers_and_redo_a_dead_workers_seed(url):
     a3 = claim(a)
     a.finish(a3.trial_id, TrialState.COMPLETE, 0.97)
     assert a.open_key(demand) is None and not a.finished(demand)  # seed 2 is in flight: A waits
-    # B dies holding seed 2; after the grace period A gives it back and runs it itself.
+    # B dies holding seed 2; once A has watched its beat stand still for the grace period, A gives it
+    # back and runs it itself.
+    assert a.recover_stale() == []
     clock.advance(GRACE + 1)
     assert a.recover_stale() == [b2.number]
     redo = claim(a)
@@ -121,15 +121,24 @@ def test_final_runs_wait_for_other_workers_and_redo_a_dead_workers_seed(url):
     assert sorted(t.user_attrs["seed"] for t in finished(a)) == [1, 2, 3]
 
 
-def test_a_worker_with_a_heartbeat_is_not_failed_by_the_start_time_rule(url):
+def test_a_claim_whose_beat_moves_is_never_failed_and_is_once_it_stops(url):
+    """Liveness is judged on the observer's own clock: a beat seen to change starts a new watch, so no
+    two machines' clocks or time zones are ever compared."""
     clock = Clock()
     a, b = worker(url, clock), worker(url, clock)
     claim = tune_claim(a, 1)
     with a.heartbeat(claim.trial_id, interval=60):
-        pass  # records the first heartbeat, then stops
-    assert a.storage.get_trial(claim.trial_id).system_attrs.get(HEARTBEAT_SEEN)
-    clock.advance(GRACE + 1)
-    assert b.recover_stale() == []  # judged by its heartbeat (DB clock), which is fresh
+        pass  # records the first beat, then stops
+    assert a.storage.get_trial(claim.trial_id).system_attrs.get(BEAT) == 1
+    assert b.recover_stale() == []  # B starts watching
+    for count in (2, 3, 4):
+        clock.advance(GRACE - 1)
+        a.beat(claim.trial_id, count)
+        assert b.recover_stale() == []  # moved since B last looked: alive, a new watch begins
+    clock.advance(GRACE - 1)
+    assert b.recover_stale() == []  # still within the grace period of the last beat
+    clock.advance(2)
+    assert b.recover_stale() == [claim.number]  # stood still for longer than the grace period
 
 
 def test_a_stale_heartbeat_fails_the_trial(tmp_path: Path):
@@ -151,6 +160,7 @@ def test_a_paused_worker_whose_trial_was_failed_drops_its_result_and_goes_on(url
     a, b = worker(url, clock), worker(url, clock)
     demand = {TUNE: 1}
     paused = tune_claim(a, 1)
+    assert b.recover_stale() == []  # B starts watching
     clock.advance(GRACE + 1)
     assert b.recover_stale() == [paused.number]
     redo = tune_claim(b, 1)
@@ -202,6 +212,7 @@ def test_work_on_a_claim_failed_while_its_worker_was_paused_is_dropped_not_raise
     clock = Clock()
     a, b = worker(url, clock), worker(url, clock)
     paused = tune_claim(a, 1)
+    assert b.recover_stale() == []  # B starts watching
     clock.advance(GRACE + 1)
     assert b.recover_stale() == [paused.number]
     with holding(a, paused.trial_id):  # A wakes up and writes to its trial: refused, dropped, A goes on
@@ -225,6 +236,7 @@ def test_a_retry_callbacks_waiting_copy_never_holds_a_seed_or_a_slot(url):
     a, b = worker(url, clock, "f"), worker(url, clock, "f")
     demand = {final_key(0, 1): 1}
     dead = a.claim(final_key(0, 1), {"source_trial": 0, "seed": 1})
+    assert b.recover_stale() == []
     clock.advance(GRACE + 1)
     assert b.recover_stale() == [dead.number]
     RetryHeartbeatStaleTrialCallback()(b.study, b.storage.get_trial(dead.trial_id))
@@ -244,6 +256,7 @@ def test_a_waiting_copy_in_a_search_is_run_by_the_next_ask_and_counts_once(url):
     a, b = worker(url, clock), worker(url, clock)
     demand = {TUNE: 2}
     dead = tune_claim(a, 2)
+    assert b.recover_stale() == []
     clock.advance(GRACE + 1)
     assert b.recover_stale() == [dead.number]
     RetryHeartbeatStaleTrialCallback()(b.study, b.storage.get_trial(dead.trial_id))
@@ -364,10 +377,12 @@ def test_the_heartbeat_stops_when_the_work_stops_moving(url):
     with a.heartbeat(claim.trial_id, 0.01, moving.idle, stall=60):
         time.sleep(0.05)
     assert calls  # a moving run beats
+    a.finish(claim.trial_id, TrialState.COMPLETE, 0.9)
     calls.clear()
     hung = a.claim(final_key(0, 2), {"source_trial": 0, "seed": 2})
     with a.heartbeat(hung.trial_id, 0.01, stuck.idle, stall=60):
         time.sleep(0.05)
     assert calls == []  # a hung one never does ...
+    assert b.recover_stale() == []
     clock.advance(GRACE + 1)
     assert b.recover_stale() == [hung.number]  # ... so it is failed and its seed given back
