@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     data = engine.load_data(cfg, run)  # verified before anything is written; reused by a lone worker
     outputs = (*tables.OUTPUT_FILES, *(report.OUTPUT_FILES if run.render_report else ()))
     cli.prepare_out(run.out, files=outputs)  # before any training: results must have somewhere to go
-    storage = open_storage(run.storage)
+    storage = open_storage(run.storage, run.heartbeat_interval, run.grace_period)
 
     def study() -> dict:
         cells = cfg.cells()
@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             f"runs, {run.workers} worker(s) x {run.threads} thread(s), storage {run.storage}",
             flush=True,
         )
-        engine.run_workers(cfg, run, data if run.workers == 1 else None)
+        lone = run.workers == 1
+        engine.run_workers(cfg, run, data if lone else None, storage if lone else None)
         # Every cell of this study in the storage, not only the ones selected now: a run of one
         # experiment never drops the others' rows from the tables.
         return tables.write_tables(storage, cfg.name, tables.study_names(storage).get(cfg.name, cells), run.out)

@@ -475,13 +475,14 @@ class holding:
         return False
 
 
-def work(cfg: StudyConfig, run: RunConfig, index: int = 0, data: dict[str, MNIST] | None = None) -> None:
-    """One worker, in this process: load the data unless given, then work until every budget is
-    finished. Signals: see mnist_bench.interrupt (the caller installs the handlers)."""
+def work(cfg: StudyConfig, run: RunConfig, index: int = 0, data: dict[str, MNIST] | None = None, storage=None) -> None:
+    """One worker, in this process: load the data and open the storage unless given, then work until every
+    budget is finished. Signals: see mnist_bench.interrupt (the caller installs the handlers)."""
     data = data if data is not None else load_data(cfg, run)
     device = next(iter(data.values())).device
     env = environment(device, run.threads) | {"worker": f"{os.uname().nodename}:{os.getpid()}"}
-    storage = open_storage(run.storage, run.heartbeat_interval, run.grace_period)
+    if storage is None:
+        storage = open_storage(run.storage, run.heartbeat_interval, run.grace_period)
     from tqdm import tqdm
 
     # A thread lock, not tqdm's default multiprocessing one: a worker killed with -9 then leaks no semaphore
@@ -557,12 +558,12 @@ def _worker_process(cfg: StudyConfig, run: RunConfig, index: int, parent: int) -
             sys.exit(e.exit_code)
 
 
-def run_workers(cfg: StudyConfig, run: RunConfig, data: dict[str, MNIST] | None = None) -> None:
+def run_workers(cfg: StudyConfig, run: RunConfig, data: dict[str, MNIST] | None = None, storage=None) -> None:
     """Run the study with `run.workers` workers: in this process for one, else spawned processes.
     Returns when every budget is finished; raises Interrupted (exit 130) after every worker stopped."""
     if run.workers == 1:
         with interrupt.graceful():
-            work(cfg, run, data=data)
+            work(cfg, run, data=data, storage=storage)  # the command's own storage: half the connections
         return
     ctx = multiprocessing.get_context("spawn")
     procs = [

@@ -1,10 +1,16 @@
-"""Measure what a second worker buys: one vs two `study.depth` workers on one PostgreSQL storage.
+"""Scale-out on PostgreSQL, two measurements (each setting gets its own fresh database):
 
-Each setting gets its own fresh database, the same budget and the same quick configuration; the
-workers are separate processes started as they would be on separate machines. Trials per minute is
-counted from the storage (first trial start to last trial end), so process start-up is excluded.
+    python -m study.scaleout               # throughput: one vs two workers, 48 trials each; results/scaleout.csv
+    python -m study.scaleout --kill-test   # 32 workers on PostgreSQL, then 64 through Optuna's gRPC proxy,
+                                           # random SIGKILLs and restarts; results/scaletest.csv
 
-    python -m study.scaleout         # 48 trials per setting, about 2 minutes; writes results/scaleout.csv
+Workers are separate `python -m study.depth` commands, started as they would be on separate machines.
+Throughput counts trials per minute from the storage (first trial start to last trial end), so
+process start-up is excluded. The kill test runs tiny tuned studies (300 training images, at most 3
+epochs), kills a random worker every few seconds and starts the same command again at once, then
+checks what the claim protocol promises: every tuning budget exact, every seed exactly once, nothing
+left running, no hang. It records claims per second, the time from each kill to the moment the
+killed run was failed as stale (the redo can start then), and the database's peak connection count.
 """
 
 from __future__ import annotations
@@ -13,12 +19,20 @@ from mnist_bench import cli
 
 cli.starting(__name__)
 
+import contextlib
+import datetime
+import json
 import os
+import random
+import signal
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -31,17 +45,26 @@ from mnist_bench.errors import UsageError, UserError
 from mnist_bench.interrupt import Interrupted
 
 from .config import MAX_DEPTH, Cell, study_name
-from .coord import first_line
+from .coord import SURPLUS, failed_trial, first_line, open_proxy
 
 ADMIN_URL = os.environ.get("MNIST_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
-def run_setting(admin: sqlalchemy.Engine, workers: int, n_trials: int, depth: int, extra: list[str]) -> dict:
+@contextlib.contextmanager
+def fresh_database(admin: sqlalchemy.Engine) -> Iterator[tuple[str, str]]:
+    """(name, URL) of a new PostgreSQL database, dropped afterwards whatever happens."""
     name = f"mnist_bench_scaleout_{uuid.uuid4().hex[:10]}"
     with admin.connect() as con:
         con.execute(sqlalchemy.text(f'create database "{name}"'))
-    url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     try:
+        yield name, ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as con:
+            con.execute(sqlalchemy.text(f'drop database if exists "{name}" with (force)'))
+
+
+def run_setting(admin: sqlalchemy.Engine, workers: int, n_trials: int, depth: int, extra: list[str]) -> dict:
+    with fresh_database(admin) as (_, url):
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [
                 sys.executable,
@@ -102,9 +125,6 @@ def run_setting(admin: sqlalchemy.Engine, workers: int, n_trials: int, depth: in
             "epochs_per_minute": 60 * sum(len(t.user_attrs.get("curve", [])) for t in trials) / span,
             "command_seconds": wall,
         }
-    finally:
-        with admin.connect() as con:
-            con.execute(sqlalchemy.text(f'drop database if exists "{name}" with (force)'))
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
@@ -118,6 +138,166 @@ def stop(procs: list[subprocess.Popen]) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+KILL_DEPTHS = (2, 3)
+
+
+def kill_test(
+    admin: sqlalchemy.Engine, kind: str, workers: int, n_trials: int, seeds: int, kills: int, seed: int = 0
+) -> dict:
+    """`workers` study commands on one fresh database, directly ("postgresql") or through a gRPC proxy
+    ("grpc"), with `kills` random SIGKILLs, each followed at once by the same command again. Returns the
+    row of the scale table; raises UserError if the protocol broke a promise."""
+    rng = random.Random(seed)
+    with fresh_database(admin) as (name, url), tempfile.TemporaryDirectory() as tmp:
+        proxy = None
+        if kind == "grpc":
+            port = free_port()
+            proxy = subprocess.Popen(
+                [sys.executable, "-m", "study.serve", "--storage", url, "--port", str(port), "--threads", "64"],
+                stdout=subprocess.DEVNULL,
+                stderr=open(f"{tmp}/proxy.err", "w"),  # noqa: SIM115 - the child keeps it
+            )
+            url_for_workers = f"grpc://127.0.0.1:{port}"
+            open_proxy(url_for_workers, timeout=120).close()  # workers start once the proxy answers
+        else:
+            url_for_workers = url
+        cmd = [
+            sys.executable,
+            "-m",
+            "study.depth",
+            *("--preset", "quick", "--experiments", "tuned", "--depths", *map(str, KILL_DEPTHS)),
+            *("--n-trials", str(n_trials), "--seeds", str(seeds), "--train-subset", "300"),
+            *("--workers", "1", "--threads", "1", "--heartbeat", "2", "--no-report", "--storage", url_for_workers),
+        ]
+        procs: dict[int, subprocess.Popen] = {}
+
+        def start(i: int) -> None:
+            with open(f"{tmp}/w{i}.err", "a") as err:
+                procs[i] = subprocess.Popen([*cmd, "--out", f"{tmp}/w{i}"], stdout=subprocess.DEVNULL, stderr=err)
+
+        watcher = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+        killed: list[tuple[str, datetime.datetime]] = []  # (worker id as stored on its claims, when)
+        peak, hang = 0, False
+        began = time.monotonic()
+        try:
+            for i in range(workers):
+                start(i)
+            next_kill = None
+            while any(p.poll() is None for p in procs.values()):
+                with watcher.connect() as con:
+                    peak = max(peak, con.execute(CONNECTIONS, {"n": name}).scalar_one())
+                    try:
+                        holders = set(con.execute(HOLDERS).scalars())
+                    except sqlalchemy.exc.ProgrammingError:  # Optuna's tables do not exist yet
+                        holders = set()
+                now = time.monotonic()
+                if next_kill is None and holders:
+                    next_kill = now + rng.uniform(2, 6)  # the first kill once claims are being held
+                if next_kill is not None and now >= next_kill and len(killed) < kills:
+                    # A worker holding a claim, so each kill leaves a run for the protocol to recover.
+                    victims = [i for i, p in procs.items() if p.poll() is None and worker_id(p.pid) in holders]
+                    if victims:
+                        i = rng.choice(victims)
+                        victim = procs[i]
+                        victim.send_signal(signal.SIGKILL)
+                        killed.append((worker_id(victim.pid), datetime.datetime.now()))
+                        victim.wait()
+                        start(i)  # the same command again, as a supervisor would
+                        next_kill = now + rng.uniform(2, 6)
+                if now - began > HANG_SECONDS:
+                    hang = True
+                    break
+                time.sleep(0.5)
+        finally:
+            stop(list(procs.values()))
+            if proxy is not None:
+                stop([proxy])
+            watcher.dispose()
+        wall = time.monotonic() - began
+        errors = [
+            f"worker {i}: {lines[-1]}"
+            for i, p in procs.items()
+            if p.returncode not in (0, None) and (lines := Path(f"{tmp}/w{i}.err").read_text().strip().splitlines())
+        ]
+        return audit(url, kind, workers, n_trials, seeds, killed, peak, hang, wall, errors)
+
+
+HANG_SECONDS = 1800
+CONNECTIONS = sqlalchemy.text("select count(*) from pg_stat_activity where datname = :n")
+# Who holds a running claim: Optuna stores user attrs as JSON text, the worker's id as a JSON string.
+HOLDERS = sqlalchemy.text(
+    "select a.value_json from trial_user_attributes a join trials t on t.trial_id = a.trial_id "
+    "where t.state = 'RUNNING' and a.key = 'worker'"
+)
+
+
+def worker_id(pid: int) -> str:
+    """A worker's id as it stores it on its claims (study.engine.work): JSON text of host:pid."""
+    return json.dumps(f"{os.uname().nodename}:{pid}")
+
+
+def audit(url, kind, workers, n_trials, seeds, killed, peak, hang, wall, errors) -> dict:
+    """What the storage holds after a kill test, checked against the protocol's promises."""
+    storage = optuna.storages.RDBStorage(url)
+    try:
+        studies = {s.study_name: storage.get_all_trials(s._study_id, deepcopy=False) for s in storage.get_all_studies()}
+    finally:
+        storage.engine.dispose()
+    every = [t for ts in studies.values() for t in ts]
+    broken = []
+    for depth in KILL_DEPTHS:
+        tune = studies.get(study_name("quick", Cell("tuned", depth)), [])
+        final = studies.get(study_name("quick", Cell("tuned", depth), final=True), [])
+        counted = [t for t in tune if t.state == TrialState.COMPLETE and not t.user_attrs.get(SURPLUS)]
+        failed = sum(failed_trial(t) for t in counted)
+        if len(counted) != n_trials + min(failed, n_trials):
+            broken.append(f"depth {depth}: {len(counted)} tuning trials counted, budget {n_trials} (+{failed} failed)")
+        done = sorted(t.user_attrs["seed"] for t in final if t.state == TrialState.COMPLETE)
+        if done != list(range(1, seeds + 1)):
+            broken.append(f"depth {depth}: final seeds {done}, expected each of 1..{seeds} once")
+    left = [t for t in every if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    if left:
+        broken.append(f"{len(left)} trial(s) left running or waiting")
+    by_worker: dict[str, list] = {}
+    for t in every:
+        by_worker.setdefault(t.user_attrs.get("worker"), []).append(t)
+    latencies = []
+    for worker, at in killed:
+        worker = json.loads(worker)
+        stale = [t for t in by_worker.get(worker, []) if t.state == TrialState.FAIL and t.datetime_complete is not None]
+        latencies += [(t.datetime_complete - at).total_seconds() for t in stale if t.datetime_complete >= at]
+    starts = [t.datetime_start for t in every if t.datetime_start is not None]
+    ends = [t.datetime_complete for t in every if t.datetime_complete is not None]
+    span = (max(ends) - min(starts)).total_seconds() if starts and ends else float("nan")
+    return {
+        "storage": kind,
+        "workers": workers,
+        "tuning_budget_per_depth": n_trials,
+        "seeds_per_depth": seeds,
+        "depths": len(KILL_DEPTHS),
+        "kills": len(killed),
+        "kills_holding_a_claim": len(latencies),
+        "claims": len(every),
+        "surplus_claims": sum(bool(t.user_attrs.get(SURPLUS)) for t in every),
+        "claims_per_second": len(every) / span if span > 0 else float("nan"),
+        "kill_to_failed_median_s": statistics.median(latencies) if latencies else float("nan"),
+        "kill_to_failed_max_s": max(latencies) if latencies else float("nan"),
+        "grace_s": 6,
+        "peak_db_connections": peak,
+        "wall_seconds": wall,
+        "hang": hang,
+        "worker_errors": len(errors),
+        "exact": not broken and not hang and not errors,
+        "problems": "; ".join([*broken, *errors[:3]]),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,12 +314,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--out", type=cli.path_arg, default=cli.RESULTS_DIR, help="folder for scaleout.csv (default: results/)"
     )
+    p.add_argument(
+        "--kill-test",
+        action="store_true",
+        help="instead: many workers with random SIGKILLs and restarts, on PostgreSQL and through the gRPC proxy",
+    )
+    p.add_argument(
+        "--postgres-workers",
+        type=cli.bounded_int(0, 1000, "worker commands"),
+        default=32,
+        help="kill test: workers on the database directly (default: 32; 0 skips)",
+    )
+    p.add_argument(
+        "--grpc-workers",
+        type=cli.bounded_int(0, 1000, "worker commands"),
+        default=64,
+        help="kill test: workers through one gRPC proxy (default: 64; 0 skips)",
+    )
+    p.add_argument(
+        "--kills",
+        type=cli.bounded_int(0, 1000, "SIGKILLs"),
+        default=8,
+        help="kill test: SIGKILLs per setting (default: 8)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=cli.bounded_int(1, 1000, "final runs"),
+        default=8,
+        help="kill test: seeds per depth (default: 8)",
+    )
     args = p.parse_args(argv)
     if not ADMIN_URL.startswith("postgresql"):
         raise UsageError(
             f"MNIST_BENCH_PG_URL must be a postgresql:// URL (it creates a database per run), got {ADMIN_URL!r}"
         )
-    path = cli.prepare_out(args.out, "scaleout.csv")
+    path = cli.prepare_out(args.out, "scaletest.csv" if args.kill_test else "scaleout.csv")
     try:
         admin = sqlalchemy.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
         with admin.connect() as con:
@@ -148,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(
             f"PostgreSQL not reachable at {ADMIN_URL!r} ({first_line(e)}); set MNIST_BENCH_PG_URL"
         ) from None
+    if args.kill_test:
+        return write_kill_test(admin, args, path)
     try:
         rows = [run_setting(admin, w, args.n_trials, args.depth, []) for w in (1, 2)]
     except KeyboardInterrupt:
@@ -164,6 +375,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"two workers / one worker: {ratio:.2f}x trials per minute, {work:.2f}x epochs per minute")
     print(f"wrote {path}")
+    return 0
+
+
+def write_kill_test(admin: sqlalchemy.Engine, args, path: Path) -> int:
+    settings = [("postgresql", args.postgres_workers), ("grpc", args.grpc_workers)]
+    rows = []
+    try:
+        for kind, workers in settings:
+            if workers:
+                rows.append(kill_test(admin, kind, workers, args.n_trials, args.seeds, args.kills))
+                print(f"{kind}: {workers} workers done", flush=True)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted: workers stopped, their databases dropped; nothing written") from None
+    df = pd.DataFrame(rows).assign(**environment("cpu", 1))  # its command column names this command
+    df.to_csv(path, index=False)
+    shown = ["storage", "workers", "kills", "kills_holding_a_claim", "claims", "claims_per_second"]
+    shown += ["kill_to_failed_median_s", "kill_to_failed_max_s", "peak_db_connections", "exact"]
+    print(df[shown].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print(f"wrote {path}")
+    broken = df[~df.exact]
+    if len(broken):
+        raise UserError("; ".join(f"{r.storage}: {r.problems or 'hang'}" for r in broken.itertuples()))
     return 0
 
 
