@@ -17,7 +17,7 @@ from conftest import PG_ADMIN_URL, services_required
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_COMMANDS = ["mnist_bench.throughput", "study.depth"]
-COMMANDS = [*DATA_COMMANDS, "study.report", "study.scaleout"]
+COMMANDS = [*DATA_COMMANDS, "study.report", "study.scaleout", "study.serve"]
 TINY = [
     "--preset",
     "quick",
@@ -275,6 +275,14 @@ CASES = {
     "depth-unknown-storage-scheme": Case(
         "study.depth", lambda t: [*TINY, "--storage", "nosuchdb://x", "--out", str(t / "o")], 1, "cannot open"
     ),
+    "depth-grpc-without-port": Case(
+        "study.depth", lambda t: [*TINY, "--storage", "grpc://host-only", "--out", str(t / "o")], 2, "grpc://HOST:PORT"
+    ),
+    "serve-without-storage": Case("study.serve", [], 2, "--storage"),
+    "serve-port-too-large": Case("study.serve", ["--storage", "sqlite:///x.db", "--port", "70000"], 2, "1..65535"),
+    "serve-a-proxy": Case("study.serve", ["--storage", "grpc://127.0.0.1:1"], 2, "does not serve another proxy"),
+    "serve-unknown-scheme": Case("study.serve", ["--storage", "nosuchdb://x"], 1, "cannot open"),
+    "scaleout-kill-test-negative-kills": Case("study.scaleout", ["--kill-test", "--kills", "-1"], 2, "0..1000"),
     "throughput-threads-zero": Case("mnist_bench.throughput", ["--threads", "0"], 2, "threads"),
     "scaleout-depth-99": Case("study.scaleout", ["--depth", "99"], 2, "1..8"),
     "scaleout-bogus-pg-url": Case(
@@ -579,7 +587,8 @@ def test_sigterm_to_scaleout_stops_its_workers_and_drops_its_databases(tmp_path:
 @pytest.mark.parametrize("module", COMMANDS)
 def test_help(module):
     p = run(module, "--help")
-    assert p.returncode == 0 and "--out" in p.stdout and "usage:" in p.stdout
+    assert p.returncode == 0 and "usage:" in p.stdout
+    assert ("--storage" if module == "study.serve" else "--out") in p.stdout  # the proxy writes no files
 
 
 @pytest.mark.parametrize("module", COMMANDS)
