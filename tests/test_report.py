@@ -13,25 +13,19 @@ from scipy import stats as sp
 
 from study import stats
 from study.analysis import (
-    Check,
     Contrast,
     Group,
     analyse,
-    caps_binding,
-    checks,
-    claims,
     contrast_family,
     cost_thresholds,
     edge_warnings,
     flops_to_reach,
     groups_of,
     interactions,
-    late_gains,
     opening_sentence,
-    seed_plan,
-    time_by_part,
 )
 from study.config import FAILED_AT, SearchSpace
+from study.design import Check, caps_binding, checks, claims, late_gains, seed_plan, time_by_part
 from study.report import render
 
 WIDTHS = {1: "", 2: "256", 3: "256-128", 4: "256-128-64", 5: "256-128-64-32", 6: "256-128-64-32-16"}
@@ -607,7 +601,7 @@ def test_resolving_power_agrees_with_the_planning_number():
 
 
 def test_horizon_gain_pairs_each_seed_at_twice_the_epochs_with_itself():
-    from study.analysis import horizon_gains
+    from study.design import horizon_gains
 
     short = runs("matched", {3: 0.980, 4: 0.981}, n=4, budget=242762).assign(variant="", shape="funnel")
     long = short.assign(variant="horizon", test_accuracy=short.test_accuracy + [0.001, 0.002, 0.003, 0.002] * 2)
@@ -631,7 +625,7 @@ def test_t_power_falls_back_to_scipy_where_statsmodels_gives_nan():
 
 
 def test_grid_margins_pair_each_replicate_and_trial_counts_separate_failures():
-    from study.analysis import grid_margins, trial_counts
+    from study.design import grid_margins, trial_counts
 
     grid = pd.DataFrame(
         {
