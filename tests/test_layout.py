@@ -71,6 +71,10 @@ def test_statistics_figures_and_document_each_have_their_module():
     assert study["analysis"] <= {"stats", "config"}
     assert study["figures"] <= {"analysis"}
     assert "stats" not in study["figures"] and "figures" not in study["analysis"]
+    assert study["markdown"] <= {"analysis", "stats"}  # how numbers print; no document logic
+    assert study["design"] <= {"analysis", "config", "figures", "markdown", "stats"}  # never the document
+    assert "design" not in study["analysis"] and "report" not in study["design"]
+    assert study["serve"] <= {"coord"}  # the proxy knows storages, not studies
 
 
 def locked() -> dict[str, str]:
