@@ -117,7 +117,9 @@ def add_dataset(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_common(parser: argparse.ArgumentParser, out_help: str) -> None:
+def add_common(parser: argparse.ArgumentParser, out_help: str, out_default: str = "results/") -> None:
+    """--dataset, --data-dir, --device, --threads and --out. `out_default` only words the help: a command
+    whose default folder depends on other flags passes its rule here and resolves a missing --out itself."""
     add_dataset(parser)
     parser.add_argument("--device", type=device_name, default="cpu", help="auto, cpu or cuda (default: cpu)")
     parser.add_argument(
@@ -126,7 +128,8 @@ def add_common(parser: argparse.ArgumentParser, out_help: str) -> None:
         default=1,
         help="CPU threads for PyTorch (default: 1; see README on OpenMP contention)",
     )
-    parser.add_argument("--out", type=path_arg, default=RESULTS_DIR, help=f"{out_help} (default: results/)")
+    default = RESULTS_DIR if out_default == "results/" else None
+    parser.add_argument("--out", type=path_arg, default=default, help=f"{out_help} (default: {out_default})")
 
 
 def file_name(text: str) -> str:

@@ -367,6 +367,12 @@ NAME = re.compile(
 )
 
 
+def in_memory(url: str) -> bool:
+    """sqlite://, sqlite:///, sqlite:///:memory: and mode=memory URLs keep nothing when the command ends."""
+    rest = url.removeprefix("sqlite:").lstrip("/") if url.startswith("sqlite:") else None
+    return rest is not None and (rest in ("", ":memory:") or rest.startswith(":memory:") or "mode=memory" in rest)
+
+
 def study_name(name: str, cell: Cell, final: bool = False) -> str:
     """f"{name}-{cell.key}" tunes the cell; f"{name}-{cell.key}-final" holds its retraining runs."""
     return f"{name}-{cell.key}" + (FINAL_SUFFIX if final else "")

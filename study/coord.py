@@ -121,11 +121,14 @@ def open_storage(
                 raise StudyError(
                     f"storage file {path} is damaged ({damage}); move it aside to start afresh, or restore a copy"
                 ) from None
-            raise StudyError(f"cannot open storage {url!r}: {first_line(e)}") from None
+            scheme = url.split("://", 1)[0].split("+")[0] if "://" in url else ""
+            hint = "" if scheme in ("sqlite", "postgresql", "mysql", "mariadb") else f"; expected {STORAGE_FORMS}"
+            raise StudyError(f"cannot open storage {url!r}: {first_line(e)}{hint}") from None
     raise AssertionError("unreachable")
 
 
 GRPC = "grpc://"
+STORAGE_FORMS = "sqlite:///FILE, postgresql://USER@HOST/DB or grpc://HOST:PORT (study.serve)"
 
 
 def grpc_address(url: str) -> tuple[str, int] | None:

@@ -23,7 +23,16 @@ import json
 import os
 import re
 
-from .config import DEFAULT_MARGIN, EXPERIMENTS, MAX_DEPTH, PRESETS, RunConfig, StudyConfig, refuse_other_study
+from .config import (
+    DEFAULT_MARGIN,
+    EXPERIMENTS,
+    MAX_DEPTH,
+    PRESETS,
+    RunConfig,
+    StudyConfig,
+    in_memory,
+    refuse_other_study,
+)
 
 MAX_HEARTBEAT = 3600  # seconds; beyond an hour a dead worker's slot would sit idle for hours
 MAX_TRIALS = 10_000  # per depth
@@ -132,8 +141,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=100 * DEFAULT_MARGIN,
         help=f"the report's equivalence margin in points of test accuracy (default: {100 * DEFAULT_MARGIN:g})",
     )
-    cli.add_common(p, "folder for the tables, plots and report")
+    cli.add_common(
+        p,
+        "folder for the tables, plots and report",
+        out_default="results/ for full, results/quick for quick; plus /fashion-mnist for that dataset",
+    )
     args = p.parse_args(argv)
+    if args.out is None:  # the committed results/ belong to the full study; a quick one never lands there
+        args.out = cli.RESULTS_DIR / ("quick" if args.preset == "quick" else "")
+        args.out = args.out / "fashion-mnist" if args.dataset == "fashion-mnist" else args.out
     for flag in ("experiments", "depths", "budgets"):
         values = getattr(args, flag)
         if values and len(set(values)) != len(values):
@@ -160,12 +176,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "misread; pick another folder, or pass --storage with the path percent-encoded"
         )
     return args
-
-
-def in_memory(url: str) -> bool:
-    """sqlite://, sqlite:///, sqlite:///:memory: and mode=memory URLs keep nothing when the command ends."""
-    rest = url.removeprefix("sqlite:").lstrip("/") if url.startswith("sqlite:") else None
-    return rest is not None and (rest in ("", ":memory:") or rest.startswith(":memory:") or "mode=memory" in rest)
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[StudyConfig, RunConfig]:

@@ -4,7 +4,9 @@
     python -m study.scaleout --kill-test   # 32 workers on PostgreSQL, then 64 through Optuna's gRPC proxy,
                                            # random SIGKILLs and restarts; results/scaletest.csv
 
-Workers are separate `python -m study.depth` commands, started as they would be on separate machines.
+Both need a PostgreSQL server where a database can be created: MNIST_BENCH_PG_URL (default
+postgresql://postgres@127.0.0.1:5432/postgres) names the admin connection. Workers are separate
+`python -m study.depth` commands, started as they would be on separate machines.
 Throughput counts trials per minute from the storage (first trial start to last trial end), so
 process start-up is excluded. The kill test runs tiny tuned studies (300 training images, at most 3
 epochs), kills a random worker every few seconds and starts the same command again at once, then
@@ -378,8 +380,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+WORKER_MEMORY_MB = 500  # private memory of one worker command: PyTorch and the data (measured: 485 MB)
+
+
+def available_memory_mb() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is no such file)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        return None
+    return None
+
+
 def write_kill_test(admin: sqlalchemy.Engine, args, path: Path) -> int:
     settings = [("postgresql", args.postgres_workers), ("grpc", args.grpc_workers)]
+    most = max(w for _, w in settings)
+    free = available_memory_mb()
+    if free is not None and most * WORKER_MEMORY_MB > free:
+        raise UserError(
+            f"{most} worker commands need about {most * WORKER_MEMORY_MB / 1024:.0f} GB of memory "
+            f"({WORKER_MEMORY_MB} MB each); {free / 1024:.0f} GB is available: pass fewer with "
+            "--postgres-workers / --grpc-workers"
+        )
     rows = []
     try:
         for kind, workers in settings:

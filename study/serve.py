@@ -26,6 +26,7 @@ import optuna
 
 from mnist_bench.errors import UsageError
 
+from .config import in_memory
 from .coord import StudyError, grpc_address, open_storage, quiet_grpc
 
 DEFAULT_PORT = 13000
@@ -56,7 +57,8 @@ def server(url: str, host: str, port: int, threads: int):
 
     if grpc_address(url) is not None:
         raise UsageError("--storage must be a database URL; a proxy does not serve another proxy")
-    storage = optuna.storages.get_storage(open_storage(url))  # Optuna's in-process cache, as its docs advise
+    if in_memory(url):
+        raise UsageError(f"--storage {url} is an in-memory database: it would keep nothing; give a file or a server")
     quiet_grpc()
     import grpc
     from optuna.storages._grpc.auto_generated import api_pb2_grpc
@@ -64,16 +66,18 @@ def server(url: str, host: str, port: int, threads: int):
 
     # What run_grpc_proxy_server builds, plus a server that does not block and a port that is not shared:
     # gRPC sets SO_REUSEPORT by default, so a second proxy on a taken port would start without a word.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        srv = grpc.server(ThreadPoolExecutor(max_workers=threads), options=[("grpc.so_reuseport", 0)])
-        api_pb2_grpc.add_StorageServiceServicer_to_server(OptunaStorageProxyService(storage), srv)
+    # The port is bound first, so a refused start creates no database.
+    srv = grpc.server(ThreadPoolExecutor(max_workers=threads), options=[("grpc.so_reuseport", 0)])
     try:
         bound = srv.add_insecure_port(f"{host}:{port}")
     except RuntimeError:  # grpcio: "Failed to bind to address ..."
         bound = 0
     if bound == 0:
         raise StudyError(f"cannot listen on {host}:{port}: the port is taken, or the address is not this machine's")
+    storage = optuna.storages.get_storage(open_storage(url))  # Optuna's in-process cache, as its docs advise
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        api_pb2_grpc.add_StorageServiceServicer_to_server(OptunaStorageProxyService(storage), srv)
     srv.start()
     return srv
 

@@ -282,6 +282,10 @@ CASES = {
     "serve-port-too-large": Case("study.serve", ["--storage", "sqlite:///x.db", "--port", "70000"], 2, "1..65535"),
     "serve-a-proxy": Case("study.serve", ["--storage", "grpc://127.0.0.1:1"], 2, "does not serve another proxy"),
     "serve-unknown-scheme": Case("study.serve", ["--storage", "nosuchdb://x"], 1, "cannot open"),
+    "serve-in-memory": Case("study.serve", ["--storage", "sqlite:///:memory:"], 2, "keep nothing"),
+    "depth-bare-host-port-storage": Case(
+        "study.depth", lambda t: [*TINY, "--storage", "127.0.0.1:13000", "--out", str(t / "o")], 1, "grpc://HOST:PORT"
+    ),
     "scaleout-kill-test-negative-kills": Case("study.scaleout", ["--kill-test", "--kills", "-1"], 2, "0..1000"),
     "throughput-threads-zero": Case("mnist_bench.throughput", ["--threads", "0"], 2, "threads"),
     "scaleout-depth-99": Case("study.scaleout", ["--depth", "99"], 2, "1..8"),

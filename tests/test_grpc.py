@@ -172,9 +172,11 @@ def test_a_proxy_that_does_not_answer_is_one_line(tmp_path: Path):
 
 def test_serve_refuses_a_taken_port_and_a_proxy_url_in_one_line(proxy, db):
     port = proxy.rsplit(":", 1)[1]
-    taken = run("study.serve", "--storage", db, "--port", port, timeout=60)
+    other = Path(db.removeprefix("sqlite:///")).with_name("other.db")
+    taken = run("study.serve", "--storage", f"sqlite:///{other}", "--port", port, timeout=60)
     assert taken.returncode == 1 and "Traceback" not in taken.stderr
     assert taken.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}")
+    assert not other.exists()  # refused before any database was made
     chained = run("study.serve", "--storage", proxy, timeout=60)
     assert chained.returncode == 2 and "a proxy does not serve another proxy" in chained.stderr
     assert run("study.serve", "--storage", db, "--port", "70000", timeout=60).returncode == 2

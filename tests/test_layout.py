@@ -74,7 +74,7 @@ def test_statistics_figures_and_document_each_have_their_module():
     assert study["markdown"] <= {"analysis", "stats"}  # how numbers print; no document logic
     assert study["design"] <= {"analysis", "config", "figures", "markdown", "stats"}  # never the document
     assert "design" not in study["analysis"] and "report" not in study["design"]
-    assert study["serve"] <= {"coord"}  # the proxy knows storages, not studies
+    assert study["serve"] <= {"config", "coord"}  # the proxy knows storages, not studies
 
 
 def locked() -> dict[str, str]:

@@ -691,20 +691,21 @@ def test_a_trial_killed_while_suggesting_never_blocks_tables_or_reruns(tmp_path:
 
 
 def test_a_quick_study_in_a_checkout_never_rewrites_the_committed_results(tmp_path: Path):
-    """The default --out is results/: a quick study there is refused before any work."""
+    """The default --out follows the preset (quick: results/quick), so a quick study never lands in the
+    committed results/; pointed there explicitly it is refused before any work."""
     results = tmp_path / "results"
     results.mkdir()
     (results / "config.json").write_text((ROOT / "results" / "config.json").read_text())
-    before = sorted(results.iterdir())
-    p = subprocess.run(
-        [sys.executable, "-m", "study.depth", *TINY, "--depths", "2", "--n-trials", "1", "--seeds", "1"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
+    committed = (results / "config.json").read_bytes()
+    args = [sys.executable, "-m", "study.depth", *TINY, "--depths", "2", "--n-trials", "1", "--seeds", "1"]
+    p = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert (results / "quick" / "final.csv").is_file()
+    assert sorted(f.name for f in results.iterdir()) == ["config.json", "quick"]
+    assert (results / "config.json").read_bytes() == committed
+    p = subprocess.run([*args, "--out", "results"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert p.returncode == 2 and "holds the tables of study 'full'" in p.stderr and "Traceback" not in p.stderr
-    assert sorted(results.iterdir()) == before
+    assert sorted(f.name for f in results.iterdir()) == ["config.json", "quick"]
 
 
 def test_a_second_sigterm_stops_every_worker_at_once(tmp_path: Path):
