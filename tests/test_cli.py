@@ -468,6 +468,21 @@ def wait_for_line(proc: subprocess.Popen, words: str, timeout: float = 120) -> N
     pytest.fail(f"never saw {words!r} (exit {proc.poll()}): {proc.stderr.read()}")
 
 
+def handles(proc: subprocess.Popen, sig: int, timeout: float = 300) -> None:
+    """Wait until `proc` catches `sig` (its SigCgt mask in /proc): past interpreter start-up, where a signal
+    would still kill it outright. Structural, so a loaded machine only makes the wait longer."""
+    status = Path(f"/proc/{proc.pid}/status")
+    if not status.exists():
+        pytest.skip("no /proc to see the signal handlers")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        caught = next((line.split()[1] for line in status.read_text().splitlines() if line.startswith("SigCgt:")), "0")
+        if int(caught, 16) & (1 << (sig - 1)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the command never installed its {signal.Signals(sig).name} handler")
+
+
 def stopped(proc: subprocess.Popen, sig: int = signal.SIGTERM, again: bool = False) -> tuple[int, str]:
     proc.send_signal(sig)
     if again:
@@ -536,7 +551,7 @@ def test_sigterm_to_throughput_removes_its_temporary_folder(tmp_path: Path):
 def test_sigterm_to_report_leaves_no_half_report(tmp_path: Path):
     folder = study_tables(tmp_path)
     proc = start("study.report", "--results", str(folder))
-    time.sleep(0.8)  # in the imports or in the plots: either way one line and 130
+    handles(proc, signal.SIGTERM)  # in the imports or in the plots: either way one line and 130
     if proc.poll() == 0:
         pytest.skip("the report finished before the signal")
     code, err = stopped(proc)
@@ -546,7 +561,7 @@ def test_sigterm_to_report_leaves_no_half_report(tmp_path: Path):
 
 def test_ctrl_c_twice_during_start_up_is_one_line(tmp_path: Path):
     proc = start("study.depth", *TINY, "--out", str(tmp_path / "o"))
-    time.sleep(1.5)  # past interpreter start-up (cli.starting), still loading PyTorch or the data
+    handles(proc, signal.SIGINT)  # past interpreter start-up (cli.starting), still loading PyTorch or the data
     code, err = stopped(proc, signal.SIGINT, again=True)
     assert code == 130 and err.startswith("interrupted")
 
