@@ -561,7 +561,9 @@ def test_sigterm_to_report_leaves_no_half_report(tmp_path: Path):
 
 def test_ctrl_c_twice_during_start_up_is_one_line(tmp_path: Path):
     proc = start("study.depth", *TINY, "--out", str(tmp_path / "o"))
-    handles(proc, signal.SIGINT)  # past interpreter start-up (cli.starting), still loading PyTorch or the data
+    # Python catches SIGINT from its first instant; SIGTERM only once cli.starting has run: past interpreter
+    # start-up, still loading PyTorch or the data.
+    handles(proc, signal.SIGTERM)
     code, err = stopped(proc, signal.SIGINT, again=True)
     assert code == 130 and err.startswith("interrupted")
 
