@@ -348,7 +348,7 @@ def opening_sentence(an: Analysis) -> str:
             '"why four layers?"; the sections below describe what it ran.'
         )
     counts = {o: sum(c.outcome == o for c in an.primary) for o in (*OUTCOMES, "not computed")}
-    listed = ", ".join(f"{k} {o}" for o, k in counts.items() if k)
+    listed = ", ".join(f"{k} {o}" for o, k in counts.items() if k or o in OUTCOMES)  # "0 worse" is news too
     wins, both = an.four_beats_both()
     verdict = "in none" if wins == 0 else "in every one" if wins == both else f"in {wins}"
     return (

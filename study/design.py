@@ -92,6 +92,13 @@ def claim_tolerance(claim: float) -> float:
     return 0.005 if abs(100 * claim - round(100 * claim)) < 1e-9 else 0.0
 
 
+def claim_verdict(lo: float, hi: float, line: float, n: int) -> str:
+    """Reached when the seeds' 95% interval lies at or above `line`, not reached when below, else undecided."""
+    if n < 2:
+        return "undecided"
+    return "reached" if lo >= line else "not reached" if hi < line else "undecided"
+
+
 def claims(epochs: pd.DataFrame, config: dict) -> pd.DataFrame:
     """The text's claims against the recipe and the recipe with one change at a time: test accuracy of
     every seed at the claimed epoch (twice it for "twice the epochs"), mean and 95% t interval (each
@@ -111,7 +118,7 @@ def claims(epochs: pd.DataFrame, config: dict) -> pd.DataFrame:
                 continue
             lo, hi = stats.t_interval(acc) if len(acc) > 1 else (math.nan, math.nan)
             bar = claim - claim_tolerance(claim)
-            verdict = "reached" if lo >= bar else "not reached" if hi < bar else "undecided"
+
             rows.append(
                 {
                     "depth": int(depth),
@@ -124,9 +131,11 @@ def claims(epochs: pd.DataFrame, config: dict) -> pd.DataFrame:
                     "mean": float(acc.mean()),
                     "lo": lo,
                     "hi": hi,
-                    "verdict": verdict if len(acc) > 1 else "undecided",
+                    "verdict": claim_verdict(lo, hi, bar, len(acc)),
                     "bar": bar,
                     "share_at": float((acc >= bar).mean()),
+                    "verdict_exact": claim_verdict(lo, hi, claim, len(acc)),
+                    "share_exact": float((acc >= claim).mean()),
                 }
             )
     return pd.DataFrame(rows)
@@ -265,15 +274,31 @@ TIME_PARTS = (
 )
 
 
-def busy_minutes(trials: pd.DataFrame, final: pd.DataFrame) -> float:
-    """Wall-clock minutes during which at least one run of the study was training (the union of every
-    run's start-to-finish interval): the study's own wall time, gaps between commands left out."""
+def run_spans(trials: pd.DataFrame, final: pd.DataFrame) -> list[tuple]:
+    """(start, finish) of every run with both times recorded."""
     spans = []
     for df in (trials, final):
         if {"started", "finished"} <= set(df.columns):
             start = pd.to_datetime(df["started"], utc=True, errors="coerce")
             end = pd.to_datetime(df["finished"], utc=True, errors="coerce")
             spans += [(a, b) for a, b in zip(start, end) if pd.notna(a) and pd.notna(b) and b >= a]
+    return spans
+
+
+def most_at_once(trials: pd.DataFrame, final: pd.DataFrame) -> int:
+    """The most runs that were training at the same moment: the workers the study ran with."""
+    events = sorted((t, step) for a, b in run_spans(trials, final) for t, step in ((a, 1), (b, -1)))
+    most = now = 0
+    for _, step in events:  # a finish sorts before a start at the same instant (-1 < 1)
+        now += step
+        most = max(most, now)
+    return most
+
+
+def busy_minutes(trials: pd.DataFrame, final: pd.DataFrame) -> float:
+    """Wall-clock minutes during which at least one run of the study was training (the union of every
+    run's start-to-finish interval): the study's own wall time, gaps between commands left out."""
+    spans = run_spans(trials, final)
     total, current = 0.0, None
     for a, b in sorted(spans):
         if current is None or a > current[1]:
@@ -377,13 +402,16 @@ def claims_section(epochs: pd.DataFrame, config: dict, out: Path) -> list[str]:
     rows = [
         {
             "claim": f"depth {r.depth}, {r.claimed_epoch} epochs: {pts(r.claim)}%",
+            "read from": f"{pts(r.bar)}%",
             "change": r.change,
             "epoch read": r.epoch,
             "n": r.n,
             "test acc mean": pts(r.mean),
             "95% CI": interval(r.lo, r.hi, signed_values=False),
-            "seeds at or above": f"{r.share_at:.0%}",
+            "seeds at or above, read from": f"{r.share_at:.0%}",
             "verdict": r.verdict,
+            "seeds at or above the claim as printed": f"{r.share_exact:.0%}",
+            "verdict, read as printed": r.verdict_exact,
         }
         for r in table.itertuples()
     ]
@@ -391,15 +419,19 @@ def claims_section(epochs: pd.DataFrame, config: dict, out: Path) -> list[str]:
     lines = []
     for (depth, ep, claim), g in table.groupby(["depth", "claimed_epoch", "claim"], sort=False):
         base = g[g["variant"] == ""]
-        reach = g[(g["variant"] != "") & (g["verdict"] == "reached")]["change"].tolist()
+        changed = g[g["variant"] != ""]
+        reach = changed[changed["verdict"] == "reached"]["change"].tolist()
+        exact = changed[changed["verdict_exact"] == "reached"]["change"].tolist()
         recipe = base["verdict"].iloc[0] if len(base) else "not run"
+        rounded = bool((g["bar"] != g["claim"]).any())
         lines.append(
             f"- Depth {depth} after {ep} epochs ({pts(claim)}%): the recipe as printed: {recipe}; "
             + (
-                f"reached with one change: {', '.join(reach)}."
+                f"reached with one change{' (read as a rounded number)' if rounded else ''}: {', '.join(reach)}"
                 if reach
-                else "no single change reaches it with its interval above the claim."
+                else "no single change reaches it with its interval above the claim"
             )
+            + (f"; read as printed ({pts(claim)}%): {', '.join(exact) if exact else 'none'}." if rounded else ".")
         )
     caption = figures.claims_figure(out / "claims.png", table)
     return [
@@ -409,9 +441,10 @@ def claims_section(epochs: pd.DataFrame, config: dict, out: Path) -> list[str]:
         "standardised by the training pixels' mean and standard deviation; twice the epochs, read at twice the "
         "claimed epoch), each at the claimed depth and epoch. *Reached*: the 95% interval of the seeds' mean lies "
         "above the claim; *not reached*: below it; *undecided*: it contains the claim. A claim the text states as a "
-        "whole percent (about 96%, 98%) is rounded, so it counts as reached from half a point below; 92.11% is read "
-        "exactly. The intervals are not corrected for being many, and the text reports single runs, so the share of "
-        "seeds at or above each claim is shown too.",
+        "whole percent (about 96%, 98%) may be a rounded number, so it is read from half a point below (*read from*); "
+        "92.11% is read exactly. Because that reading decides several verdicts, the last two columns read every "
+        "claim exactly as printed. The intervals are not corrected for being many, and the text reports single "
+        "runs, so the share of seeds at or above each reading is shown too.",
         "",
         md_table(shown),
         "",
@@ -457,7 +490,13 @@ def caps_lines(trials: pd.DataFrame, config: dict) -> list[str]:
                 f"- The {cap} cap binds for depth {', '.join(map(str, at))} only: a caveat on the tuned contrasts "
                 "involving it (that depth might gain more from a looser cap than the others)."
             )
-    return ["Caps of the search (at or within 5% of the upper limit, for the retrained trial):", "", *lines, ""]
+    return [
+        "Caps of the search (the retrained trial at or within 5% of the upper limit, measured on the search's own "
+        "scale: logarithmic for width, linear for epochs):",
+        "",
+        *lines,
+        "",
+    ]
 
 
 def lr_section(trials: pd.DataFrame, out: Path) -> list[str]:
@@ -527,8 +566,9 @@ def late_section(epochs: pd.DataFrame, final: pd.DataFrame, margin: float, budge
         "### Late gain (not a convergence test under the decay)",
         "",
         verdict + " With a learning rate decaying to zero, accuracy rises in the last epochs by design (the decay "
-        "settles the weights), so a late gain does not by itself mean the run stopped short; training twice as "
-        "long does test that (below).",
+        "settles the weights), so a late gain does not by itself mean the run stopped short. Training twice as "
+        f"long tests that, but only for depths 3-5 of the funnel at {budget:,} parameters (below): the flagged "
+        "cells outside it are not tested.",
         "",
         md_table(pd.DataFrame(rows)),
         "",
@@ -541,13 +581,21 @@ def late_section(epochs: pd.DataFrame, final: pd.DataFrame, margin: float, budge
                 "seeds": r.n,
                 "test accuracy, twice the epochs minus the declared (points)": signed(r.mean),
                 "95% CI": interval(r.lo, r.hi),
-                "flag": "still improving by more than the margin" if r.lo > margin else "",
+                "flag": (
+                    "still improving by more than the margin"
+                    if r.lo > margin
+                    else "still improving"
+                    if r.lo > 0
+                    else ""
+                ),
             }
             for r in horizon.itertuples()
         ]
         doc += [
             f"Converged? The same depths at {budget:,} parameters trained for twice the epochs (same peak rate, same "
-            "seeds), per-seed difference in test accuracy; flagged when the whole interval lies above the margin:",
+            "seeds), per-seed difference in test accuracy; flagged *still improving* when the whole interval lies "
+            "above 0 (and by more than the margin when above that). A depth still improving at the declared epochs is "
+            "disadvantaged in its contrasts; a check on the contrasts themselves is the horizon check below:",
             "",
             md_table(pd.DataFrame(rows)),
             "",
@@ -602,7 +650,7 @@ def checks_section(an: Analysis, final: pd.DataFrame, budget: int) -> list[str]:
             "No primary contrast at this budget changes detectably under either check."
             if not changed
             else "Changes under a check: "
-            + "; ".join(f"{c.base.label} ({c.verdict})" for c in changed)
+            + "; ".join(f"{c.base.setting}, depth {c.base.label} ({c.verdict})" for c in changed)
             + ". The primary outcome of those contrasts depends on that choice."
         ),
         "",
@@ -679,7 +727,19 @@ def time_section(trials: pd.DataFrame, final: pd.DataFrame) -> list[str]:
             f"interval, so pauses between commands are left out); the full preset's budget is {WALL_BUDGET} minutes "
             "per dataset on 2 CPU cores: "
             + ("within it." if wall <= WALL_BUDGET else f"over it by {wall - WALL_BUDGET:,.0f} minutes.")
-            + " Evaluation and storage time between runs on one worker count; seconds depend on the machine's load.",
+            + " A worker's evaluation and storage time between its runs counts too; seconds depend on the machine's "
+            "load. "
+            + (
+                f"Even packed perfectly onto {workers} workers, the training minutes above need at least "
+                f"{total / workers:,.0f} minutes of wall time at these speeds, so "
+                + (
+                    "this design fits the budget only on a faster or quieter machine."
+                    if total / workers > WALL_BUDGET
+                    else "the budget is within reach."
+                )
+                if (workers := most_at_once(trials, final)) > 0
+                else ""
+            ),
             "",
         ]
     return lines

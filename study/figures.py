@@ -421,11 +421,13 @@ def claims_figure(path: Path, table: pd.DataFrame) -> str | None:
                 color=colour, capsize=3,
             )  # fmt: skip
         ax.axvline(100 * claim, ls="--", color="k", lw=1)
+        if (bar := float(g["bar"].iloc[0])) != claim:  # a rounded claim is read from half a point below
+            ax.axvline(100 * bar, ls=":", color="k", lw=1)
         ax.set_yticks(y, [f"{c} (epoch {e})" for c, e in zip(g["change"], g["epoch"])], fontsize=8)
         ax.set(xlabel="test accuracy (%)", title=f"claim: depth {depth}, {ep} epochs, {100 * claim:.2f}%")
     _save(plt, fig, path)
     return (
-        "The text's claims (dashed) against its recipe and the recipe with one change at a time: mean test "
-        "accuracy at the claimed epoch with its 95% interval; green: reached (interval above the claim), red: not "
-        "reached (interval below), grey: undecided."
+        "The text's claims (dashed; dotted: half a point below, where a whole-percent claim is read from) against "
+        "its recipe and the recipe with one change at a time: mean test accuracy at the claimed epoch with its 95% "
+        "interval; green: reached (interval above the dotted reading), red: not reached (below it), grey: undecided."
     )

@@ -20,7 +20,9 @@ def signed(x: float) -> str:
     if x is None or not math.isfinite(x):
         return "n/a"
     v = 100 * x
-    return f"{0.0 if abs(v) < 0.005 else v:+.2f}"  # never "-0.00"
+    if abs(v) < 0.0005:
+        return "+0.00"  # never "-0.00"
+    return f"{v:+.3f}" if abs(v) < 0.005 else f"{v:+.2f}"  # an edge near 0 is not printed as 0
 
 
 def interval(lo: float, hi: float, signed_values: bool = True) -> str:
@@ -62,7 +64,9 @@ def outcome_words(c: Contrast) -> str:
     return c.outcome
 
 
-def contrast_table(contrasts: list[Contrast], with_setting: bool) -> str:
+def contrast_table(contrasts: list[Contrast], with_setting: bool, notes: dict | None = None) -> str:
+    """One row per contrast; `notes` ({(setting, a, b): words}) qualifies an outcome, e.g. a design check
+    under which it changes."""
     rows = []
     for c in contrasts:
         row = {"setting": c.setting} if with_setting else {}
@@ -77,7 +81,8 @@ def contrast_table(contrasts: list[Contrast], with_setting: bool) -> str:
             "Holm p": p_value(c.p_holm),
             "TOST Holm p": p_value(c.p_equivalence_holm),
             "Wilcoxon p": p_value(c.p_wilcoxon),
-            "outcome": outcome_words(c),
+            "outcome": outcome_words(c)
+            + (f"; {notes[(c.setting, c.a, c.b)]}" if notes and (c.setting, c.a, c.b) in notes else ""),
         }
         rows.append(row)
     return md_table(pd.DataFrame(rows))

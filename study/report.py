@@ -47,6 +47,7 @@ from .analysis import (
 from .config import DEFAULT_MARGIN, FAILED_AT, SOURCE_PARAMS, SearchSpace, refuse_other_study
 from .design import (
     caps_lines,
+    checks,
     checks_section,
     claims_section,
     late_section,
@@ -421,13 +422,33 @@ def _render(
     text_claims = exps.get("recipe", {}).get("claims", []) if dataset == "mnist" else []  # the text's are MNIST's
 
     title = "# Why four layers? A measured answer" + ("" if dataset == "mnist" else f" ({DATASET_NAMES[dataset]})")
+    budget = exps.get("matched", {}).get("check_budget", SOURCE_PARAMS)
+    fragile = {
+        (c.base.setting, c.base.a, c.base.b): f"{c.verdict} (see the checks at {budget:,} parameters)"
+        for c in checks(an, final, budget, an.margin)
+        if c.verdict in ("horizon-dependent", "rate-sensitive")
+    }
     doc = [title, ""] + quick_banner(config, out) + progress_banner(config) + [opening_sentence(an), ""]
+    if fragile:
+        doc += [
+            f"{len(fragile)} of these contrasts {'changes' if len(fragile) == 1 else 'change'} under a design check, "
+            + (
+                "so its outcome stands only for the choice it was made with: "
+                if len(fragile) == 1
+                else "so their outcomes stand only for the choices they were made with: "
+            )
+            + "; ".join(
+                f"{key[0]}, depth {key[1]} minus {key[2]}: {words.split(' (')[0]}" for key, words in fragile.items()
+            )
+            + ".",
+            "",
+        ]
     if an.primary:
         pictured = [an] + ([second] if second and second.primary else [])
         doc += ["![answer](answer.png)", "", figures.answer_figure(out / "answer.png", pictured), ""]
     doc += how_to_read(an)
     if an.primary:
-        doc += ["## The primary contrasts", "", contrast_table(an.primary, with_setting=True), ""]
+        doc += ["## The primary contrasts", "", contrast_table(an.primary, with_setting=True, notes=fragile), ""]
         wins, both = an.four_beats_both()
         doc += [
             f"Four layers is better than both three and five in {wins} of the {both} settings that have both "

@@ -361,8 +361,11 @@ def test_renders_every_experiment_with_the_answer_first(tmp_path: Path):
     assert lines[2] == "![answer](answer.png)"
     for png in ("answer.png", "recipe.png", "matched.png", "tuned.png", "curves.png"):
         assert (tmp_path / png).stat().st_size > 10_000 and f"({png})" in text
-    assert "| depth 4, 10 epochs: 98.00% | none (the recipe) | 10 | 8 | 98.05 |" in text and "| reached |" in text
+    assert (
+        "| depth 4, 10 epochs: 98.00% | 97.50% | none (the recipe) | 10 | 8 | 98.05 |" in text and "| reached |" in text
+    )
     assert "*Margin* ±0.20 points" in text and (tmp_path / "claims.png").stat().st_size > 10_000
+    assert "verdict, read as printed" in text  # a rounded reading never decides a claim unseen
     assert "indistinguishable" not in text and "| nan" not in text and "nan%" not in text
     assert "momentum: 0.9" in text and "Against depth 4: depth 3 needed" in text
 
@@ -647,3 +650,16 @@ def test_grid_margins_pair_each_replicate_and_trial_counts_separate_failures():
         {"experiment": "tuned", "depth": [3, 3, 3, 3], "state": ["complete", "failed", "diverged", "interrupted"]}
     )
     assert trial_counts(tuned).to_dict("records") == [{"depth": 3, "trained": 1, "proposals": 3, "failed": 2}]
+
+
+def test_the_workers_a_study_ran_with_are_the_most_runs_training_at_once():
+    from study.design import most_at_once
+
+    runs = pd.DataFrame(
+        {
+            "started": ["2026-01-01T10:00:00+00:00", "2026-01-01T10:00:30+00:00", "2026-01-01T10:01:00+00:00"],
+            "finished": ["2026-01-01T10:01:00+00:00", "2026-01-01T10:02:00+00:00", "2026-01-01T10:03:00+00:00"],
+        }
+    )
+    assert most_at_once(runs, runs.iloc[:0]) == 2  # one ends at 10:01 as the third starts: never three
+    assert most_at_once(runs, runs) == 4
