@@ -75,3 +75,26 @@ def pg_url():
         with engine.connect() as con:
             con.execute(sqlalchemy.text(f'drop database if exists "{name}" with (force)'))
         engine.dispose()
+
+
+class Clock:
+    """An observer's monotonic clock that moves only when the test says: the claim protocol judges a
+    claim's beat counter on it, so no test depends on how fast the machine runs it."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float):
+        self.now += seconds
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -7,25 +7,12 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import Clock
 from optuna.trial import TrialState
 
 from study.coord import BEAT, SURPLUS, TUNE, Ledger, TrialSeededSampler, best_trial, final_key, open_storage
 
 GRACE = 30
-
-
-class Clock:
-    """An observer's monotonic clock that moves only when the test says: a claim's beat counter is
-    judged on it, so nothing here depends on how fast the machine runs the test."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float):
-        self.now += seconds
 
 
 @pytest.fixture

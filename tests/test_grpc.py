@@ -1,7 +1,6 @@
 """Optuna's gRPC storage proxy (study.serve): the claim protocol through it, scripted step by step, a
 worker on the proxy beside one on the database, and the commands end to end."""
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,31 +8,13 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+from conftest import Clock, free_port
 from optuna.trial import TrialState
 
 from study.coord import BEAT, Ledger, final_key, open_storage
 from study.serve import server
 
 GRACE = 30
-
-
-class Clock:
-    """An observer's monotonic clock, moved only by the test."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float):
-        self.now += seconds
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
