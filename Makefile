@@ -1,5 +1,7 @@
 # The two commands of the README. Each creates .venv on first use (torch is large: a few minutes) and
 # installs exactly the versions in requirements.lock (regenerate it with `make lock`).
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
@@ -7,7 +9,7 @@ LOCK := requirements.lock
 DASHBOARD_PORT ?= 8080
 STORAGE ?= sqlite:///results/study.db
 
-.PHONY: study test lint reproduce throughput lock dashboard clean
+.PHONY: study test lint reproduce throughput lock dashboard cuda-checks clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +39,22 @@ lock: $(VENV)/.installed  ## re-resolve the whole dependency tree into requireme
 
 dashboard: $(VENV)/.installed  ## browse a study in optuna-dashboard (default: the committed MNIST study)
 	$(VENV)/bin/optuna-dashboard $(STORAGE) --host 127.0.0.1 --port $(DASHBOARD_PORT)
+
+# Every check that needs a GPU, in one run (CI has none; there these tests skip). Writes under CUDA_OUT
+# the GPU's name, the CUDA tests' log, pytest-benchmark's timings of the training step on CPU and CUDA,
+# the throughput sweep on CUDA and a quick study run on CUDA (packed). PY: an interpreter that has the
+# dependencies (default: the venv's). Usage: make cuda-checks [PY=python3] [CUDA_OUT=results/cuda]
+CUDA_OUT ?= results/cuda
+cuda-checks:
+	mkdir -p $(CUDA_OUT)
+	nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > $(CUDA_OUT)/gpu.csv
+	$(PY) -c 'import torch; assert torch.cuda.is_available(), "no CUDA device"; print(torch.__version__, torch.cuda.get_device_name(0))' | tee -a $(CUDA_OUT)/gpu.csv
+	$(PY) -m pytest -p no:cacheprovider -q tests/test_train.py tests/benchmarks 2>&1 | tee $(CUDA_OUT)/tests.log
+	$(PY) -m pytest -p no:cacheprovider -q tests/benchmarks --benchmark-enable --benchmark-columns=median,iqr,rounds \
+		--benchmark-json=$(CUDA_OUT)/benchmark.json 2>&1 | tee -a $(CUDA_OUT)/tests.log
+	$(PY) -m study.depth --preset quick --device cuda --out $(CUDA_OUT)/quick 2>&1 | tee $(CUDA_OUT)/quick.log
+	tar -C $(CUDA_OUT) -czf $(CUDA_OUT)/quick.tgz quick && rm -rf $(CUDA_OUT)/quick
+	$(PY) -m mnist_bench.throughput --device cuda --out $(CUDA_OUT) --name throughput.csv --threads 1
 
 clean:
 	rm -rf $(VENV)

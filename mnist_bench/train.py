@@ -168,7 +168,9 @@ def train(
     optimizer = make_optimizer(model, config)
     n = len(data.train_x)
     scheduler = make_schedule(optimizer, config, -(-n // config.batch_size))
-    order_gen = torch.Generator(device=device).manual_seed(config.seed)
+    # Batch order is drawn on the CPU whatever the device: a seed means the same initial weights and the
+    # same batches on CPU and CUDA, so runs differ across devices by floating-point rounding only.
+    order_gen = torch.Generator().manual_seed(config.seed)
     result = TrainResult()
     has_val = len(data.val_x) > 0
 
@@ -176,7 +178,7 @@ def train(
         sync(device)
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
-        perm = torch.randperm(n, device=device, generator=order_gen)
+        perm = torch.randperm(n, generator=order_gen).to(device)
         for step, i in enumerate(range(0, n, config.batch_size), 1):
             idx = perm[i : i + config.batch_size]
             loss_sum += train_step(model, optimizer, data.train_x[idx], data.train_y[idx]) * len(idx)
