@@ -159,8 +159,10 @@ def prepare_out(folder: Path, name: str | None = None, files: tuple[str, ...] = 
             raise UsageError(str(e)) from None
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--out {folder} is a file, not a folder")
+    absent = [f for f in (folder, *folder.parents) if not f.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        _created.extend(absent)  # run() removes them again if the command fails and they are still empty
         probe = folder / f".mnist-bench-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
@@ -177,8 +179,22 @@ def prepare_out(folder: Path, name: str | None = None, files: tuple[str, ...] = 
     return folder / name if name is not None else folder
 
 
+_created: list[Path] = []  # folders prepare_out made, deepest first
+
+
+def remove_empty_created() -> None:
+    """A command that fails leaves no empty --out folder behind (a folder holding anything is kept)."""
+    for folder in _created:
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            pass
+    _created.clear()
+
+
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Call `main`, turning the project's user-facing errors into one line and an exit code."""
+    """Call `main`, turning the project's user-facing errors into one line and an exit code; a failed
+    command removes the --out folders it created that are still empty."""
     if _signalled_while_starting:
         print("interrupted while starting; nothing was done", file=sys.stderr)
         sys.exit(130)
@@ -197,6 +213,8 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
             code = 130
     except KeyboardInterrupt:  # a second signal while the first one's message was printed
         code = 130
+    if code:
+        remove_empty_created()
     if code == 130:  # a further signal while the interpreter shuts down must not print a traceback
         for s in interrupt.SIGNALS:
             signal.signal(s, signal.SIG_IGN)

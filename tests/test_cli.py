@@ -431,10 +431,13 @@ def test_bad_input_is_one_line_with_the_right_exit_code(name: str, tmp_path: Pat
     case = CASES[name]
     argv = case.argv(tmp_path)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    folders = {p for p in tmp_path.rglob("*") if p.is_dir()}
     p = run(case.command, *argv, env=case.env)
     assert_one_line(p, case.code, case.words)
     for path, content in before.items():  # nothing handed in was changed
         assert path.read_bytes() == content, path
+    left = {p for p in tmp_path.rglob("*") if p.is_dir()} - folders
+    assert not left, f"left behind: {sorted(map(str, left))}"  # not even an empty --out folder
     assert not (tmp_path / "typo.db").exists()
     assert "study '" not in p.stdout  # study.depth: refused before any training
 
