@@ -587,7 +587,13 @@ def main(argv: list[str] | None = None) -> int:
         "--results", type=cli.path_arg, default=None, help="folder with trials/epochs/final.csv (default: results/)"
     )
     p.add_argument("--storage", default=None, help="Optuna storage URL to read the study from instead of CSVs")
-    p.add_argument("--name", default=None, help="study name prefix in the storage (default: the only one)")
+    p.add_argument(
+        "--study-name",
+        "--name",
+        dest="name",
+        default=None,
+        help="prefix of the study names in the storage, as study.depth's --study-name (default: the only one)",
+    )
     p.add_argument(
         "--out", type=cli.path_arg, default=None, help="where to write report.md and plots (default: --results)"
     )
@@ -639,7 +645,7 @@ def from_storage(
     def write() -> None:
         names = tables.study_names(storage)
         if name is None and len(names) != 1:
-            raise UsageError(f"storage holds studies {sorted(names) or 'none'}; pick one with --name")
+            raise UsageError(f"storage holds studies {sorted(names) or 'none'}; pick one with --study-name")
         chosen = name or next(iter(names))
         if chosen not in names:
             raise UsageError(f"no study named {chosen!r} in the storage (found {sorted(names)})")

@@ -161,6 +161,13 @@ def storage_with(tmp: Path, final: bool, name: str = "s.db") -> str:
     return url
 
 
+def two_studies(tmp: Path) -> str:
+    """A storage holding two depth studies, 'quick' and 'other'."""
+    url = storage_with(tmp, final=True)
+    optuna.create_study(storage=url, study_name="other-tuned-depth2", direction="maximize")
+    return url
+
+
 def damaged_storage(tmp: Path) -> str:
     url = storage_with(tmp, final=True, name="damaged.db")
     path = tmp / "damaged.db"
@@ -251,6 +258,15 @@ CASES = {
         "study.report", lambda t: ["--storage", storage_with(t, True), "--out", str(t / "r")], 1, "no retrained runs"
     ),
     # Storage files.
+    "report-two-studies-none-named": Case(
+        "study.report", lambda t: ["--storage", two_studies(t), "--out", str(t / "r")], 2, "pick one with --study-name"
+    ),
+    "report-study-name-not-there": Case(
+        "study.report",
+        lambda t: ["--storage", two_studies(t), "--study-name", "nope", "--out", str(t / "r")],
+        2,
+        "no study named 'nope'",
+    ),
     "report-damaged-storage": Case(
         "study.report", lambda t: ["--storage", damaged_storage(t), "--out", str(t / "r")], 1, "is damaged"
     ),
