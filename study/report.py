@@ -3,6 +3,7 @@
     python -m study.report --results results                # from trials/epochs/final.csv
     python -m study.report --storage URL --out DIR          # from an Optuna storage (any worker)
     python -m study.report --results results --compare results/fashion-mnist   # plus the other dataset
+    python -m study.report --results results --replicate results/replicate      # plus the same study run again
 
 The question is declared before looking: per setting (the recipe after its last epoch, each matched
 budget, the tuned depths), depth 4 minus depth 3 and depth 4 minus depth 5, paired by seed, one Holm
@@ -23,6 +24,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from mnist_bench.errors import UsageError, UserError
@@ -37,6 +39,7 @@ from .analysis import (
     Setting,
     analyse,
     cost_thresholds,
+    declared,
     edge_warnings,
     flops_to_reach,
     groups_of,
@@ -311,6 +314,100 @@ def cross_dataset_section(out: Path, first: Analysis, second: Analysis) -> list[
     ]
 
 
+VOLATILE = ("in_progress", "superseded_final_runs")  # config.json keys that describe a run, not the design
+
+
+def refuse_other_design(config: dict, other: dict, where: Path) -> None:
+    """A replicate is the same study run again: same dataset, same settings, same budgets."""
+    a = {k: v for k, v in config.items() if k not in VOLATILE}
+    b = {k: v for k, v in other.items() if k not in VOLATILE}
+    differing = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if differing:
+        raise UsageError(
+            f"--replicate {where} is not the same study run again: its {differing[0]} differs "
+            f"({len(differing)} setting(s) differ); compare other datasets with --compare"
+        )
+
+
+def chosen_rates(final: pd.DataFrame) -> pd.Series:
+    """The peak learning rate each matched cell (not a check) retrained, indexed by (budget, shape, depth)."""
+    m = declared(final[final["experiment"] == "matched"])
+    keys = [m["budget"].fillna(0).astype(int).rename("budget"), m["shape"].fillna("funnel").rename("shape"), "depth"]
+    return m.groupby(keys)["param_lr"].first()
+
+
+def machine(final: pd.DataFrame) -> str:
+    cpus = sorted(set(final["cpu"].dropna().astype(str))) if "cpu" in final else []
+    return ", ".join(cpus) or "an unnamed machine"
+
+
+def replication_section(
+    first: Analysis, second: Analysis, final: pd.DataFrame, other_final: pd.DataFrame, other: Path, thin=()
+) -> list[str]:
+    """The same design run again: each primary contrast's outcome in both runs, and the difference
+    between runs of its per-seed differences, tested as the cross-dataset interaction is."""
+    inter = interactions(first, second)
+    if not inter:
+        return []
+    outcomes = [{(c.setting, c.a, c.b): c for c in an.primary} for an in (first, second)]
+    rows, same = [], 0
+    for x in inter:
+        a, b = (o.get((x.setting, x.a, x.b)) for o in outcomes)
+        agree = a is not None and b is not None and a.outcome == b.outcome
+        same += agree
+        between = {"carries over": "reproduces"}.get(x.outcome, x.outcome)
+        rows.append(
+            {
+                "setting": x.setting,
+                "contrast": f"depth {x.a} minus {x.b}",
+                "n": x.n or "n/a",
+                "this run": f"{signed(x.diff_first)} {a.outcome if a else 'n/a'}",
+                "the other run": f"{signed(x.diff_second)} {b.outcome if b else 'n/a'}",
+                "same outcome": "yes" if agree else "no",
+                "between runs": signed(x.diff),
+                "interval (Holm level)": (
+                    f"{interval(*x.ci)} at {100 * (1 - x.level):.2f}%" if math.isfinite(x.level) else "n/a"
+                ),
+                "Holm p": p_value(x.p_holm),
+                "TOST Holm p": p_value(x.p_equivalence_holm),
+                "between-run outcome": between if x.reason is None else f"not computed ({x.reason})",
+            }
+        )
+    counts = {o: sum(r["between-run outcome"] == o for r in rows) for o in ("differs", "reproduces", "inconclusive")}
+    rates = pd.concat([chosen_rates(final), chosen_rates(other_final)], axis=1, keys=["this", "other"]).dropna()
+    rates = rates[~rates.index.get_level_values("budget").isin(thin)]  # a thinned budget borrows, it does not choose
+    moved = rates[~np.isclose(rates["this"], rates["other"])]
+    moved_text = "; ".join(
+        (f"{'constant width' if shape == 'constant' else 'funnel'} {budget:,} depth {depth}" if budget else "softmax")
+        + f": {r.other:.3g} there, {r.this:.3g} here"
+        for (budget, shape, depth), r in moved.iterrows()
+    )
+    margin = 100 * first.margin
+    return [
+        "## Run again: does the answer reproduce?",
+        "",
+        f"The same design was run a second time (`{other}`, on {machine(other_final)}; this run: {machine(final)}). "
+        "Seed k starts from the same weights and batch order in both, so the runs differ by floating-point "
+        "rounding on different processors and by what that changes downstream, such as a learning rate chosen "
+        "among near-equal grid points. For each primary contrast: its outcome in each run, and the difference "
+        "between runs of its per-seed differences (paired by seed, one Holm family, as across datasets): "
+        f"*differs* when that interval excludes 0, *reproduces* when two one-sided tests put it inside ±{margin:.2f} "
+        "points, otherwise *inconclusive*.",
+        "",
+        md_table(pd.DataFrame(rows)),
+        "",
+        f"The outcome is the same in {same} of {len(rows)} contrasts. Between runs: "
+        + ", ".join(f"{o} {k}" for o, k in counts.items() if k)
+        + ".",
+        "",
+        f"The matched cells that choose their own learning rate chose a different one in {len(moved)} of {len(rates)}"
+        + (f" ({moved_text})" if moved_text else "")
+        + ". An outcome that differs between the runs rests on such a choice, or on the seeds, more than on depth: "
+        "read it with the design checks above, and trust what both runs say.",
+        "",
+    ]
+
+
 def sanity_checks(trials: pd.DataFrame, config: dict) -> list[str]:
     doc = ["## Sanity checks", ""]
     warnings, caps = edge_warnings(trials, config, SearchSpace.CAPS)
@@ -388,21 +485,29 @@ def environment(final: pd.DataFrame) -> list[str]:
 
 
 def render(
-    results: Path, out: Path | None = None, compare_with: Path | None = None, margin: float = DEFAULT_MARGIN
+    results: Path,
+    out: Path | None = None,
+    compare_with: Path | None = None,
+    margin: float = DEFAULT_MARGIN,
+    replicate_of: Path | None = None,
 ) -> Path:
     """Render report.md and the figures from the tables in `results` into `out` (default: the same
     folder); with `compare_with`, another dataset's results folder, add the cross-dataset section.
     `margin` is the equivalence margin as an accuracy fraction (0.002 = 0.2 points). A figure or the
     report that cannot be written ends in one line; the tables are never touched."""
     try:
-        return _render(results, out, compare_with, margin)
+        return _render(results, out, compare_with, margin, replicate_of)
     except OSError as e:
         where = e.filename or out or results
         raise UserError(f"cannot write {where} ({e.strerror or e}); the tables it comes from are kept") from None
 
 
 def _render(
-    results: Path, out: Path | None = None, compare_with: Path | None = None, margin: float = DEFAULT_MARGIN
+    results: Path,
+    out: Path | None = None,
+    compare_with: Path | None = None,
+    margin: float = DEFAULT_MARGIN,
+    replicate_of: Path | None = None,
 ) -> Path:
     """Render report.md and the figures from the tables in `results` into `out` (default: the same
     folder); with `compare_with`, another dataset's results folder, add the cross-dataset section.
@@ -410,6 +515,9 @@ def _render(
     out = out or results
     trials, epochs, final, config = load_results(results)
     other = load_results(compare_with) if compare_with is not None else None
+    again = load_results(replicate_of) if replicate_of is not None else None
+    if again is not None:
+        refuse_other_design(config, again[3], replicate_of)
     if out.resolve() != results.resolve():
         refuse_other_study(out, config.get("name"))
     throughput = read_optional(results / "throughput.csv", CHECKS["throughput"])
@@ -559,6 +667,11 @@ def _render(
             doc += ["![curves](curves.png)", "", curves, ""]
     if second is not None:
         doc += cross_dataset_section(out, an, second)
+    if again is not None:
+        thin = exps.get("matched", {}).get("thin_budgets", [])
+        doc += replication_section(
+            an, analyse(again[1], again[2], again[3], margin), final, again[2], replicate_of, tuple(thin)
+        )
     doc += time_section(trials, final)
     doc += sanity_checks(trials, config)
     if throughput is not None and not throughput.empty:
@@ -604,6 +717,12 @@ def main(argv: list[str] | None = None) -> int:
         help="results folder of the same study on another dataset: adds the cross-dataset section",
     )
     p.add_argument(
+        "--replicate",
+        type=cli.path_arg,
+        default=None,
+        help="results folder of the same study run again (another machine, say): adds whether the answer reproduces",
+    )
+    p.add_argument(
         "--margin",
         type=cli.margin_points,
         default=100 * DEFAULT_MARGIN,
@@ -615,18 +734,24 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give --results (saved tables) or --storage (an Optuna storage), not both")
     margin = args.margin / 100
     try:
-        if args.compare is not None and not args.compare.is_dir():
-            raise UsageError(f"--compare {args.compare} is not a folder")
+        for flag, folder in (("--compare", args.compare), ("--replicate", args.replicate)):
+            if folder is not None and not folder.is_dir():
+                raise UsageError(f"{flag} {folder} is not a folder")
         if args.storage:
             path = from_storage(
-                args.storage, args.name, args.out or args.results or cli.RESULTS_DIR, args.compare, margin
+                args.storage,
+                args.name,
+                args.out or args.results or cli.RESULTS_DIR,
+                args.compare,
+                margin,
+                args.replicate,
             )
         else:
             results = args.results or cli.RESULTS_DIR
             if not results.is_dir():
                 raise UsageError(f"--results {results} is not a folder")
             cli.prepare_out(args.out or results, files=OUTPUT_FILES)
-            path = render(results, args.out, args.compare, margin)
+            path = render(results, args.out, args.compare, margin, args.replicate)
     except KeyboardInterrupt:
         raise Interrupted("interrupted: report.md was not rewritten (tables written so far are kept)") from None
     print(f"wrote {path}")
@@ -634,7 +759,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def from_storage(
-    url: str, name: str | None, out: Path, compare_with: Path | None = None, margin: float = DEFAULT_MARGIN
+    url: str,
+    name: str | None,
+    out: Path,
+    compare_with: Path | None = None,
+    margin: float = DEFAULT_MARGIN,
+    replicate_of: Path | None = None,
 ) -> Path:
     """Write the tables of study `name` (the only one when None) from the storage into `out`, then render."""
     from study import coord, tables
@@ -653,7 +783,7 @@ def from_storage(
         tables.write_tables(storage, chosen, names[chosen], out)
 
     coord.guarded(write, url)
-    return render(out, compare_with=compare_with, margin=margin)
+    return render(out, compare_with=compare_with, margin=margin, replicate_of=replicate_of)
 
 
 if __name__ == "__main__":

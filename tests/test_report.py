@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sp
 
+from mnist_bench.errors import UsageError
 from study import stats
 from study.analysis import (
     Contrast,
@@ -431,6 +432,38 @@ def test_cross_dataset_is_judged_by_the_interaction_paired_by_seed():
     assert all(x.outcome == "differs" for x in result)
     x = result[0]  # recipe, depth 4 minus 3: +1 point on one, -1 on the other
     assert x.diff == pytest.approx(x.diff_first - x.diff_second) and x.ci[0] > 0
+
+
+def test_a_rerun_is_compared_contrast_by_contrast_and_a_moved_rate_is_named(tmp_path: Path):
+    trials, epochs, final = study_tables(FOUR_WINS, FOUR_WINS, TUNED)
+    (tmp_path / "a").mkdir()
+    first = write(tmp_path / "a", trials, epochs, final)
+    # The same runs again, each seed moved by its own 0.01 points, depth 5 at 242,762 retrained at another rate.
+    jitter = np.random.default_rng(2).normal(0, 1e-4, len(final))
+    again = final.assign(test_accuracy=final.test_accuracy + jitter)
+    moved = (again.experiment == "matched") & (again.depth == 5)
+    again.loc[moved, "param_lr"] = 0.1
+    (tmp_path / "b").mkdir()
+    text = render(first, replicate_of=write(tmp_path / "b", trials, epochs, again)).read_text()
+    section = text.split("## Run again: does the answer reproduce?")[1].split("\n## ")[0]
+    assert "The outcome is the same in 6 of 6 contrasts. Between runs: reproduces 6." in section
+    assert "chose a different one in 1 of 6 (funnel 242,762 depth 5: 0.1 there, 0.03 here)" in section
+    # A flipped answer differs between the runs.
+    flipped = {1: 0.92, 2: 0.96, 3: 0.97, 4: 0.96, 5: 0.975, 6: 0.96}
+    (tmp_path / "c").mkdir()
+    other = write(tmp_path / "c", *study_tables(flipped, flipped, {3: 0.97, 4: 0.96, 5: 0.975}, seed=1))
+    section = render(first, replicate_of=other).read_text().split("## Run again")[1].split("\n## ")[0]
+    assert "The outcome is the same in 0 of 6 contrasts. Between runs: differs 6." in section
+
+
+def test_a_rerun_of_another_design_is_refused(tmp_path: Path):
+    trials, epochs, final = study_tables(FOUR_WINS, FOUR_WINS, TUNED)
+    for name in "ab":
+        (tmp_path / name).mkdir()
+    first = write(tmp_path / "a", trials, epochs, final)
+    other = write(tmp_path / "b", trials, epochs, final, {**CONFIG, "momentum": 0.0})
+    with pytest.raises(UsageError, match="not the same study run again: its momentum differs"):
+        render(first, replicate_of=other)
 
 
 def test_cost_ranges_over_thresholds_from_each_trials_curve():
