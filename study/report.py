@@ -36,6 +36,7 @@ from .analysis import (
     SOURCE_DEPTH,
     UNRELIABLE_SHARE,
     Analysis,
+    Contrast,
     Setting,
     analyse,
     cost_thresholds,
@@ -44,6 +45,7 @@ from .analysis import (
     flops_to_reach,
     groups_of,
     interactions,
+    matched_key,
     opening_sentence,
     state_counts,
 )
@@ -341,6 +343,31 @@ def machine(final: pd.DataFrame) -> str:
     return ", ".join(cpus) or "an unnamed machine"
 
 
+DECIDED = ("better", "worse", "equivalent")
+AGREEMENT = ("decided alike", "conflicting", "decided in one run only", "undecided in both")
+
+
+def agreement(a: Contrast | None, b: Contrast | None, between: str) -> str:
+    """How one primary contrast's two runs agree: decided alike, conflicting, decided in one run only,
+    or undecided in both. Two inconclusive outcomes are not an agreement."""
+    x, y = (c.outcome in DECIDED if c else False for c in (a, b))
+    if between == "differs" or (x and y and a.outcome != b.outcome):
+        return "conflicting"
+    if x and y:
+        return "decided alike"
+    return "decided in one run only" if x or y else "undecided in both"
+
+
+def replication_groups(first: Analysis, second: Analysis) -> dict[str, list[str]]:
+    """{how the two runs agree: the primary contrasts that do}, in the order the report lists them."""
+    outcomes = [{(c.setting, c.a, c.b): c for c in an.primary} for an in (first, second)]
+    groups: dict[str, list[str]] = {g: [] for g in AGREEMENT}
+    for x in interactions(first, second):
+        a, b = (o.get((x.setting, x.a, x.b)) for o in outcomes)
+        groups[agreement(a, b, x.outcome)].append(f"{x.setting}, depth {x.a} minus {x.b}")
+    return {g: v for g, v in groups.items() if v}
+
+
 def replication_section(
     first: Analysis, second: Analysis, final: pd.DataFrame, other_final: pd.DataFrame, other: Path, thin=()
 ) -> list[str]:
@@ -350,12 +377,22 @@ def replication_section(
     if not inter:
         return []
     outcomes = [{(c.setting, c.a, c.b): c for c in an.primary} for an in (first, second)]
-    rows, same = [], 0
+    rates = pd.concat([chosen_rates(final), chosen_rates(other_final)], axis=1, keys=["this", "other"]).dropna()
+    moved_all = rates[~np.isclose(rates["this"], rates["other"])]
+    moved_in = {}  # setting key -> depths whose rate moved (a thinned budget inherits its rate, moved or not)
+    for budget, shape, depth in moved_all.index:
+        if budget:
+            moved_in.setdefault(matched_key(budget, shape), set()).add(depth)
+    rows = []
     for x in inter:
         a, b = (o.get((x.setting, x.a, x.b)) for o in outcomes)
-        agree = a is not None and b is not None and a.outcome == b.outcome
-        same += agree
-        between = {"carries over": "reproduces"}.get(x.outcome, x.outcome)
+        between = {"carries over": "reproduces within the margin"}.get(x.outcome, x.outcome)
+        group = agreement(a, b, x.outcome)
+        if x.setting.startswith("matched"):
+            moved = sorted(moved_in.get(x.setting, set()) & {x.a, x.b})
+            rate = f"depth {' and '.join(map(str, moved))}" if moved else "no"
+        else:
+            rate = "two searches" if x.setting == "tuned" else "none chosen"
         rows.append(
             {
                 "setting": x.setting,
@@ -363,47 +400,55 @@ def replication_section(
                 "n": x.n or "n/a",
                 "this run": f"{signed(x.diff_first)} {a.outcome if a else 'n/a'}",
                 "the other run": f"{signed(x.diff_second)} {b.outcome if b else 'n/a'}",
-                "same outcome": "yes" if agree else "no",
+                "rate moved": rate,
+                "r": f"{x.corr:.2f}" if math.isfinite(x.corr) else "n/a",
                 "between runs": signed(x.diff),
                 "interval (Holm level)": (
                     f"{interval(*x.ci)} at {100 * (1 - x.level):.2f}%" if math.isfinite(x.level) else "n/a"
                 ),
-                "Holm p": p_value(x.p_holm),
+                "TOST interval": interval(*x.ci_equivalence) if math.isfinite(x.ci_equivalence[0]) else "n/a",
                 "TOST Holm p": p_value(x.p_equivalence_holm),
                 "between-run outcome": between if x.reason is None else f"not computed ({x.reason})",
+                "the two runs": group,
             }
         )
-    counts = {o: sum(r["between-run outcome"] == o for r in rows) for o in ("differs", "reproduces", "inconclusive")}
-    rates = pd.concat([chosen_rates(final), chosen_rates(other_final)], axis=1, keys=["this", "other"]).dropna()
-    rates = rates[~rates.index.get_level_values("budget").isin(thin)]  # a thinned budget borrows, it does not choose
-    moved = rates[~np.isclose(rates["this"], rates["other"])]
+    chose = rates[~rates.index.get_level_values("budget").isin(thin)]  # a thinned budget borrows, it does not choose
+    moved = moved_all[~moved_all.index.get_level_values("budget").isin(thin)]
     moved_text = "; ".join(
         (f"{'constant width' if shape == 'constant' else 'funnel'} {budget:,} depth {depth}" if budget else "softmax")
         + f": {r.other:.3g} there, {r.this:.3g} here"
         for (budget, shape, depth), r in moved.iterrows()
     )
     margin = 100 * first.margin
+    groups = replication_groups(first, second)
+    listed = [f"- *{g}* ({len(v)}): " + "; ".join(v) + "." for g, v in groups.items()]
     return [
         "## Run again: does the answer reproduce?",
         "",
-        f"The same design was run a second time (`{other}`, on {machine(other_final)}; this run: {machine(final)}). "
-        "Seed k starts from the same weights and batch order in both, so the runs differ by floating-point "
-        "rounding on different processors and by what that changes downstream, such as a learning rate chosen "
-        "among near-equal grid points. For each primary contrast: its outcome in each run, and the difference "
+        f"The same design was run a second time (`{other}`, on {machine(other_final)}; this run: {machine(final)}), "
+        "with the same seeds. Rounding differs between processors, and with momentum and a decaying rate that "
+        "re-randomises training: r, the correlation between the runs of a contrast's per-seed differences, shows "
+        "how much of the pairing survives (the recipe's plain SGD keeps most of it). The runs also differ "
+        "downstream of the rounding: a learning rate chosen among near-equal grid points (*rate moved*: a depth "
+        "of the contrast retrained at another rate), and the tuned rows compare two searches that found "
+        "different configurations. For each primary contrast: its outcome in each run, and the difference "
         "between runs of its per-seed differences (paired by seed, one Holm family, as across datasets): "
-        f"*differs* when that interval excludes 0, *reproduces* when two one-sided tests put it inside ±{margin:.2f} "
-        "points, otherwise *inconclusive*.",
+        f"*differs* when that interval excludes 0, *reproduces within the margin* when two one-sided tests put "
+        f"it inside ±{margin:.2f} points (two runs are two draws, not a guarantee), otherwise *inconclusive*.",
+        "",
+        f"The other run opened: {opening_sentence(second)}",
         "",
         md_table(pd.DataFrame(rows)),
         "",
-        f"The outcome is the same in {same} of {len(rows)} contrasts. Between runs: "
-        + ", ".join(f"{o} {k}" for o, k in counts.items() if k)
-        + ".",
+        "The two runs, contrast by contrast:",
         "",
-        f"The matched cells that choose their own learning rate chose a different one in {len(moved)} of {len(rates)}"
-        + (f" ({moved_text})" if moved_text else "")
-        + ". An outcome that differs between the runs rests on such a choice, or on the seeds, more than on depth: "
-        "read it with the design checks above, and trust what both runs say.",
+        *listed,
+        "",
+        f"The matched cells that choose their own learning rate chose a different one in {len(moved)} of "
+        f"{len(chose)}" + (f" ({moved_text})" if moved_text else "") + ". A thinned budget retrains the rate its "
+        "depth chose at the check budget, so it inherits a moved rate. Seed intervals hold each chosen rate "
+        "fixed: they do not include the choice, and more final seeds would not shrink this part of the "
+        "variation. What the answer can rest on is what both runs decided alike.",
         "",
     ]
 
@@ -537,6 +582,16 @@ def _render(
         if c.verdict in ("horizon-dependent", "rate-sensitive")
     }
     doc = [title, ""] + quick_banner(config, out) + progress_banner(config) + [opening_sentence(an), ""]
+    again_an = analyse(again[1], again[2], again[3], margin) if again is not None else None
+    if again_an is not None and an.primary:
+        groups = replication_groups(an, again_an)
+        doc += [
+            f"Run again with the same design and seeds on another machine ({machine(again[2])}): of the "
+            f"{len(an.primary)} contrasts, "
+            + ", ".join(f"{len(v)} {g}" for g, v in groups.items())
+            + ' (see "Run again"). Only what both runs decided alike is an answer.',
+            "",
+        ]
     if fragile:
         doc += [
             f"{len(fragile)} of these contrasts {'changes' if len(fragile) == 1 else 'change'} under a design check, "
@@ -669,9 +724,7 @@ def _render(
         doc += cross_dataset_section(out, an, second)
     if again is not None:
         thin = exps.get("matched", {}).get("thin_budgets", [])
-        doc += replication_section(
-            an, analyse(again[1], again[2], again[3], margin), final, again[2], replicate_of, tuple(thin)
-        )
+        doc += replication_section(an, again_an, final, again[2], replicate_of, tuple(thin))
     doc += time_section(trials, final)
     doc += sanity_checks(trials, config)
     if throughput is not None and not throughput.empty:

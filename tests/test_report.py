@@ -446,14 +446,37 @@ def test_a_rerun_is_compared_contrast_by_contrast_and_a_moved_rate_is_named(tmp_
     (tmp_path / "b").mkdir()
     text = render(first, replicate_of=write(tmp_path / "b", trials, epochs, again)).read_text()
     section = text.split("## Run again: does the answer reproduce?")[1].split("\n## ")[0]
-    assert "The outcome is the same in 6 of 6 contrasts. Between runs: reproduces 6." in section
+    assert "- *decided alike* (6): recipe, 10 epochs, depth 4 minus 3;" in section
+    assert section.count("| reproduces within the margin | decided alike |") == 6
+    assert "| matched, 242,762 parameters | depth 4 minus 5 |" in section
+    row = next(x for x in section.splitlines() if x.startswith("| matched, 242,762 parameters | depth 4 minus 5 |"))
+    assert "| depth 5 |" in row  # the moved rate is named on the contrast it touches
     assert "chose a different one in 1 of 6 (funnel 242,762 depth 5: 0.1 there, 0.03 here)" in section
+    assert "of the 6 contrasts, 6 decided alike" in text.split("## ")[0]  # said under the answer too
     # A flipped answer differs between the runs.
     flipped = {1: 0.92, 2: 0.96, 3: 0.97, 4: 0.96, 5: 0.975, 6: 0.96}
     (tmp_path / "c").mkdir()
     other = write(tmp_path / "c", *study_tables(flipped, flipped, {3: 0.97, 4: 0.96, 5: 0.975}, seed=1))
     section = render(first, replicate_of=other).read_text().split("## Run again")[1].split("\n## ")[0]
-    assert "The outcome is the same in 0 of 6 contrasts. Between runs: differs 6." in section
+    assert "- *conflicting* (6):" in section and section.count("| differs | conflicting |") == 6
+
+
+@pytest.mark.parametrize(
+    "first, second, between, expected",
+    [
+        ("better", "better", "carries over", "decided alike"),
+        ("equivalent", "equivalent", "differs", "conflicting"),  # both decided, yet the runs differ
+        ("better", "equivalent", "inconclusive", "conflicting"),
+        ("better", "inconclusive", "inconclusive", "decided in one run only"),
+        ("inconclusive", "inconclusive", "carries over", "undecided in both"),  # not an agreement
+        ("not computed", "worse", "inconclusive", "decided in one run only"),
+    ],
+)
+def test_two_runs_agree_only_where_both_decided_alike(first, second, between, expected):
+    from study.report import agreement
+
+    a, b = (Contrast("s", 4, 3, o) for o in (first, second))
+    assert agreement(a, b, between) == expected
 
 
 def test_a_rerun_of_another_design_is_refused(tmp_path: Path):
