@@ -520,17 +520,17 @@ def lr_section(trials: pd.DataFrame, out: Path) -> list[str]:
                 "chosen rate": f"{r.chosen:.3g}",
                 "runner-up": f"{r.runner_up:.3g}",
                 "lead (points)": signed(r.lead),
-                "lead per replicate": ", ".join(signed(x) for x in r.leads) or "n/a",
+                "lead per tuning seed": ", ".join(signed(x) for x in r.leads) or "n/a",
             }
             for r in margins.itertuples()
         ]
         doc += [
-            "How far each choice leads its runner-up in mean validation accuracy, and per replicate (the same seed "
-            "at every grid point, so the leads are paired): "
+            "How far each choice leads its runner-up in mean validation accuracy, and per tuning seed (the same "
+            "seed at every grid point, so the leads are paired): "
             + (
                 "the chosen rate leads in every replicate of every cell."
                 if unstable.empty
-                else f"in {len(unstable)} of {len(margins)} cells a replicate prefers the runner-up, so that choice "
+                else f"in {len(unstable)} of {len(margins)} cells a tuning seed prefers the runner-up, so that choice "
                 "is within the seed noise (the runner-up check below retrains it)."
             ),
             "",
@@ -632,6 +632,18 @@ def checks_section(an: Analysis, final: pd.DataFrame, budget: int) -> list[str]:
         for c in found
     ]
     changed = [c for c in found if c.verdict in ("horizon-dependent", "rate-sensitive")]
+    blind = [
+        c.change.detectable
+        for c in found
+        if c.verdict == "unresolved" and math.isfinite(c.change.detectable) and c.change.detectable > an.margin
+    ]
+    weak = (
+        f" {len(blind)} unresolved {'verdict' if len(blind) == 1 else 'verdicts'} could find only a change of "
+        f"±{pts(min(blind))} points or more, larger than the margin: there the check cannot tell a change that "
+        "matters from none, and *unresolved* does not mean the outcome holds."
+        if blind
+        else ""
+    )
     return [
         f"### Checks at {budget:,} parameters: twice the epochs, and the runner-up learning rate",
         "",
@@ -652,7 +664,8 @@ def checks_section(an: Analysis, final: pd.DataFrame, budget: int) -> list[str]:
             else "Changes under a check: "
             + "; ".join(f"{c.base.setting}, depth {c.base.label} ({c.verdict})" for c in changed)
             + ". The primary outcome of those contrasts depends on that choice."
-        ),
+        )
+        + weak,
         "",
     ]
 

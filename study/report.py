@@ -700,7 +700,7 @@ def _render(
             doc += [
                 "Trials per depth: "
                 + "; ".join(
-                    f"depth {r.depth}: {r.trained} trained of {r.proposals} proposals ({r.failed} failed)"
+                    f"depth {r.depth}: {r.trained} trained of {r.proposals} proposals ({r.failed} failed or diverged)"
                     for r in counts.itertuples()
                 )
                 + (
