@@ -325,9 +325,10 @@ def refuse_other_design(config: dict, other: dict, where: Path) -> None:
     b = {k: v for k, v in other.items() if k not in VOLATILE}
     differing = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     if differing:
+        hint = "; compare another dataset with --compare" if "dataset" in differing else ""
         raise UsageError(
-            f"--replicate {where} is not the same study run again: its {differing[0]} differs "
-            f"({len(differing)} setting(s) differ); compare other datasets with --compare"
+            f"--replicate {where} is not the same study run again: setting {differing[0]!r} differs "
+            f"({len(differing)} of its settings differ){hint}"
         )
 
 
@@ -398,8 +399,8 @@ def replication_section(
                 "setting": x.setting,
                 "contrast": f"depth {x.a} minus {x.b}",
                 "n": x.n or "n/a",
-                "this run": f"{signed(x.diff_first)} {a.outcome if a else 'n/a'}",
-                "the other run": f"{signed(x.diff_second)} {b.outcome if b else 'n/a'}",
+                "this run": f"{signed(a.diff)} {a.outcome}" if a else "n/a",
+                "the other run": f"{signed(b.diff)} {b.outcome}" if b else "n/a",
                 "rate moved": rate,
                 "r": f"{x.corr:.2f}" if math.isfinite(x.corr) else "n/a",
                 "between runs": signed(x.diff),
@@ -560,9 +561,17 @@ def _render(
     out = out or results
     trials, epochs, final, config = load_results(results)
     other = load_results(compare_with) if compare_with is not None else None
-    again = load_results(replicate_of) if replicate_of is not None else None
-    if again is not None:
+    again = None
+    if replicate_of is not None:
+        if replicate_of.resolve() == results.resolve():
+            raise UsageError(f"--replicate {replicate_of} is this study itself: give the results of a second run")
+        try:
+            again = load_results(replicate_of)
+        except UsageError as e:
+            raise UsageError(f"--replicate: {e}") from None
         refuse_other_design(config, again[3], replicate_of)
+        if final["test_accuracy"].sort_values().tolist() == again[2]["test_accuracy"].sort_values().tolist():
+            raise UsageError(f"--replicate {replicate_of} holds the same runs as {results} (a copy, not a second run)")
     if out.resolve() != results.resolve():
         refuse_other_study(out, config.get("name"))
     throughput = read_optional(results / "throughput.csv", CHECKS["throughput"])

@@ -485,8 +485,16 @@ def test_a_rerun_of_another_design_is_refused(tmp_path: Path):
         (tmp_path / name).mkdir()
     first = write(tmp_path / "a", trials, epochs, final)
     other = write(tmp_path / "b", trials, epochs, final, {**CONFIG, "momentum": 0.0})
-    with pytest.raises(UsageError, match="not the same study run again: its momentum differs"):
+    with pytest.raises(UsageError, match="not the same study run again: setting 'momentum' differs"):
         render(first, replicate_of=other)
+    with pytest.raises(UsageError, match="is this study itself"):
+        render(first, replicate_of=first)
+    (tmp_path / "copy").mkdir()
+    with pytest.raises(UsageError, match="holds the same runs"):
+        render(first, replicate_of=write(tmp_path / "copy", trials, epochs, final))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="--replicate: .* has no trials.csv"):
+        render(first, replicate_of=tmp_path / "empty")
 
 
 def test_cost_ranges_over_thresholds_from_each_trials_curve():
