@@ -84,3 +84,46 @@ def test_a_seed_is_the_same_run_on_cuda_as_on_the_cpu(small):
     assert [e.val_loss for e in on_cuda.epochs] == pytest.approx([e.val_loss for e in on_cpu.epochs], rel=1e-3)
     assert abs(on_cuda.test_accuracy - on_cpu.test_accuracy) <= 0.005  # 5 of 1,000 test images
     assert on_cuda.test_accuracy > 0.8  # and it learned (chance: 0.1)
+
+
+def test_should_stop_ends_the_run_after_the_current_step(small):
+    calls = []
+    result = train(
+        mlp((16,)), small, TrainConfig(epochs=3, batch_size=100), should_stop=lambda: calls.append(1) or len(calls) >= 5
+    )
+    assert result.interrupted and result.epochs == [] and result.test_accuracy is None
+    assert len(calls) == 5 and result.samples_seen == 500
+
+
+def test_the_linear_schedule_decays_from_the_peak_to_zero_step_by_step():
+    from mnist_bench.models import mlp
+    from mnist_bench.train import make_optimizer, make_schedule
+
+    config = TrainConfig(lr=0.1, epochs=3, schedule="linear", momentum=0.9)
+    optimizer = make_optimizer(mlp((8,)), config)
+    schedule = make_schedule(optimizer, config, steps_per_epoch=4)
+    seen = []
+    for _ in range(12):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert seen[0] == pytest.approx(0.1) and seen[-1] == pytest.approx(0.1 / 12)
+    assert all(a > b for a, b in zip(seen, seen[1:]))  # strictly decreasing
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)
+    assert make_schedule(optimizer, TrainConfig(), 4) is None  # the recipe's constant rate
+
+
+def test_an_unknown_schedule_is_a_usage_error():
+    from mnist_bench.errors import UsageError
+
+    with pytest.raises(UsageError, match="schedule"):
+        TrainConfig(schedule="cosine-ish")
+
+
+def test_a_linear_schedule_changes_the_run_and_stays_deterministic(small):
+    from mnist_bench.models import mlp
+
+    runs = [train(mlp((16,)), small, TrainConfig(lr=0.1, epochs=2, schedule=s, seed=1)) for s in ("linear", "linear")]
+    constant = train(mlp((16,)), small, TrainConfig(lr=0.1, epochs=2, seed=1))
+    assert runs[0].test_accuracy == runs[1].test_accuracy
+    assert runs[0].epochs[-1].train_loss != constant.epochs[-1].train_loss
