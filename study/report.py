@@ -24,28 +24,24 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from mnist_bench.errors import UsageError, UserError
 from mnist_bench.interrupt import Interrupted
 
-from . import figures
+from . import figures, replication
 from .analysis import (
     DATASET_NAMES,
     SOURCE_DEPTH,
     UNRELIABLE_SHARE,
     Analysis,
-    Contrast,
     Setting,
     analyse,
     cost_thresholds,
-    declared,
     edge_warnings,
     flops_to_reach,
     groups_of,
     interactions,
-    matched_key,
     opening_sentence,
     state_counts,
 )
@@ -316,144 +312,6 @@ def cross_dataset_section(out: Path, first: Analysis, second: Analysis) -> list[
     ]
 
 
-VOLATILE = ("in_progress", "superseded_final_runs")  # config.json keys that describe a run, not the design
-
-
-def refuse_other_design(config: dict, other: dict, where: Path) -> None:
-    """A replicate is the same study run again: same dataset, same settings, same budgets."""
-    a = {k: v for k, v in config.items() if k not in VOLATILE}
-    b = {k: v for k, v in other.items() if k not in VOLATILE}
-    differing = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-    if differing:
-        hint = "; compare another dataset with --compare" if "dataset" in differing else ""
-        raise UsageError(
-            f"--replicate {where} is not the same study run again: setting {differing[0]!r} differs "
-            f"({len(differing)} of its settings differ){hint}"
-        )
-
-
-def chosen_rates(final: pd.DataFrame) -> pd.Series:
-    """The peak learning rate each matched cell (not a check) retrained, indexed by (budget, shape, depth)."""
-    m = declared(final[final["experiment"] == "matched"])
-    keys = [m["budget"].fillna(0).astype(int).rename("budget"), m["shape"].fillna("funnel").rename("shape"), "depth"]
-    return m.groupby(keys)["param_lr"].first()
-
-
-def machine(final: pd.DataFrame) -> str:
-    cpus = sorted(set(final["cpu"].dropna().astype(str))) if "cpu" in final else []
-    return ", ".join(cpus) or "an unnamed machine"
-
-
-DECIDED = ("better", "worse", "equivalent")
-AGREEMENT = ("decided alike", "conflicting", "decided in one run only", "undecided in both")
-
-
-def agreement(a: Contrast | None, b: Contrast | None, between: str) -> str:
-    """How one primary contrast's two runs agree: decided alike, conflicting, decided in one run only,
-    or undecided in both. Two inconclusive outcomes are not an agreement."""
-    x, y = (c.outcome in DECIDED if c else False for c in (a, b))
-    if between == "differs" or (x and y and a.outcome != b.outcome):
-        return "conflicting"
-    if x and y:
-        return "decided alike"
-    return "decided in one run only" if x or y else "undecided in both"
-
-
-def replication_groups(first: Analysis, second: Analysis) -> dict[str, list[str]]:
-    """{how the two runs agree: the primary contrasts that do}, in the order the report lists them."""
-    outcomes = [{(c.setting, c.a, c.b): c for c in an.primary} for an in (first, second)]
-    groups: dict[str, list[str]] = {g: [] for g in AGREEMENT}
-    for x in interactions(first, second):
-        a, b = (o.get((x.setting, x.a, x.b)) for o in outcomes)
-        groups[agreement(a, b, x.outcome)].append(f"{x.setting}, depth {x.a} minus {x.b}")
-    return {g: v for g, v in groups.items() if v}
-
-
-def replication_section(
-    first: Analysis, second: Analysis, final: pd.DataFrame, other_final: pd.DataFrame, other: Path, thin=()
-) -> list[str]:
-    """The same design run again: each primary contrast's outcome in both runs, and the difference
-    between runs of its per-seed differences, tested as the cross-dataset interaction is."""
-    inter = interactions(first, second)
-    if not inter:
-        return []
-    outcomes = [{(c.setting, c.a, c.b): c for c in an.primary} for an in (first, second)]
-    rates = pd.concat([chosen_rates(final), chosen_rates(other_final)], axis=1, keys=["this", "other"]).dropna()
-    moved_all = rates[~np.isclose(rates["this"], rates["other"])]
-    moved_in = {}  # setting key -> depths whose rate moved (a thinned budget inherits its rate, moved or not)
-    for budget, shape, depth in moved_all.index:
-        if budget:
-            moved_in.setdefault(matched_key(budget, shape), set()).add(depth)
-    rows = []
-    for x in inter:
-        a, b = (o.get((x.setting, x.a, x.b)) for o in outcomes)
-        between = {"carries over": "reproduces within the margin"}.get(x.outcome, x.outcome)
-        group = agreement(a, b, x.outcome)
-        if x.setting.startswith("matched"):
-            moved = sorted(moved_in.get(x.setting, set()) & {x.a, x.b})
-            rate = f"depth {' and '.join(map(str, moved))}" if moved else "no"
-        else:
-            rate = "two searches" if x.setting == "tuned" else "none chosen"
-        rows.append(
-            {
-                "setting": x.setting,
-                "contrast": f"depth {x.a} minus {x.b}",
-                "n": x.n or "n/a",
-                "this run": f"{signed(a.diff)} {a.outcome}" if a else "n/a",
-                "the other run": f"{signed(b.diff)} {b.outcome}" if b else "n/a",
-                "rate moved": rate,
-                "r": f"{x.corr:.2f}" if math.isfinite(x.corr) else "n/a",
-                "between runs": signed(x.diff),
-                "interval (Holm level)": (
-                    f"{interval(*x.ci)} at {100 * (1 - x.level):.2f}%" if math.isfinite(x.level) else "n/a"
-                ),
-                "TOST interval": interval(*x.ci_equivalence) if math.isfinite(x.ci_equivalence[0]) else "n/a",
-                "TOST Holm p": p_value(x.p_equivalence_holm),
-                "between-run outcome": between if x.reason is None else f"not computed ({x.reason})",
-                "the two runs": group,
-            }
-        )
-    chose = rates[~rates.index.get_level_values("budget").isin(thin)]  # a thinned budget borrows, it does not choose
-    moved = moved_all[~moved_all.index.get_level_values("budget").isin(thin)]
-    moved_text = "; ".join(
-        (f"{'constant width' if shape == 'constant' else 'funnel'} {budget:,} depth {depth}" if budget else "softmax")
-        + f": {r.other:.3g} there, {r.this:.3g} here"
-        for (budget, shape, depth), r in moved.iterrows()
-    )
-    margin = 100 * first.margin
-    groups = replication_groups(first, second)
-    listed = [f"- *{g}* ({len(v)}): " + "; ".join(v) + "." for g, v in groups.items()]
-    return [
-        "## Run again: does the answer reproduce?",
-        "",
-        f"The same design was run a second time (`{other}`, on {machine(other_final)}; this run: {machine(final)}), "
-        "with the same seeds. Rounding differs between processors, and with momentum and a decaying rate that "
-        "re-randomises training: r, the correlation between the runs of a contrast's per-seed differences, shows "
-        "how much of the pairing survives (the recipe's plain SGD keeps most of it). The runs also differ "
-        "downstream of the rounding: a learning rate chosen among near-equal grid points (*rate moved*: a depth "
-        "of the contrast retrained at another rate), and the tuned rows compare two searches that found "
-        "different configurations. For each primary contrast: its outcome in each run, and the difference "
-        "between runs of its per-seed differences (paired by seed, one Holm family, as across datasets): "
-        f"*differs* when that interval excludes 0, *reproduces within the margin* when two one-sided tests put "
-        f"it inside ±{margin:.2f} points (two runs are two draws, not a guarantee), otherwise *inconclusive*.",
-        "",
-        f"The other run opened: {opening_sentence(second)}",
-        "",
-        md_table(pd.DataFrame(rows)),
-        "",
-        "The two runs, contrast by contrast:",
-        "",
-        *listed,
-        "",
-        f"The matched cells that choose their own learning rate chose a different one in {len(moved)} of "
-        f"{len(chose)}" + (f" ({moved_text})" if moved_text else "") + ". A thinned budget retrains the rate its "
-        "depth chose at the check budget, so it inherits a moved rate. Seed intervals hold each chosen rate "
-        "fixed: they do not include the choice, and more final seeds would not shrink this part of the "
-        "variation. What the answer can rest on is what both runs decided alike.",
-        "",
-    ]
-
-
 def sanity_checks(trials: pd.DataFrame, config: dict) -> list[str]:
     doc = ["## Sanity checks", ""]
     warnings, caps = edge_warnings(trials, config, SearchSpace.CAPS)
@@ -569,7 +427,7 @@ def _render(
             again = load_results(replicate_of)
         except UsageError as e:
             raise UsageError(f"--replicate: {e}") from None
-        refuse_other_design(config, again[3], replicate_of)
+        replication.refuse_other_design(config, again[3], replicate_of)
         if final["test_accuracy"].sort_values().tolist() == again[2]["test_accuracy"].sort_values().tolist():
             raise UsageError(f"--replicate {replicate_of} holds the same runs as {results} (a copy, not a second run)")
     if out.resolve() != results.resolve():
@@ -592,15 +450,8 @@ def _render(
     }
     doc = [title, ""] + quick_banner(config, out) + progress_banner(config) + [opening_sentence(an), ""]
     again_an = analyse(again[1], again[2], again[3], margin) if again is not None else None
-    if again_an is not None and an.primary:
-        groups = replication_groups(an, again_an)
-        doc += [
-            f"Run again with the same design and seeds on another machine ({machine(again[2])}): of the "
-            f"{len(an.primary)} contrasts, "
-            + ", ".join(f"{len(v)} {g}" for g, v in groups.items())
-            + ' (see "Run again"). Only what both runs decided alike is an answer.',
-            "",
-        ]
+    pairs = replication.pair_runs(an, again_an) if again_an is not None else []
+    doc += replication.summary(pairs, again[2]) if again is not None else []
     if fragile:
         doc += [
             f"{len(fragile)} of these contrasts {'changes' if len(fragile) == 1 else 'change'} under a design check, "
@@ -733,7 +584,7 @@ def _render(
         doc += cross_dataset_section(out, an, second)
     if again is not None:
         thin = exps.get("matched", {}).get("thin_budgets", [])
-        doc += replication_section(an, again_an, final, again[2], replicate_of, tuple(thin))
+        doc += replication.section(pairs, again_an, final, again[2], replicate_of, tuple(thin))
     doc += time_section(trials, final)
     doc += sanity_checks(trials, config)
     if throughput is not None and not throughput.empty:

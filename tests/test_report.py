@@ -473,7 +473,7 @@ def test_a_rerun_is_compared_contrast_by_contrast_and_a_moved_rate_is_named(tmp_
     ],
 )
 def test_two_runs_agree_only_where_both_decided_alike(first, second, between, expected):
-    from study.report import agreement
+    from study.replication import agreement
 
     a, b = (Contrast("s", 4, 3, o) for o in (first, second))
     assert agreement(a, b, between) == expected

@@ -1,0 +1,183 @@
+"""The same study run again (another machine, say): does the answer reproduce?
+
+Each primary contrast's outcome in both runs, and the difference between runs of its per-seed
+differences, tested as the cross-dataset interaction is (study.analysis.interactions); which matched
+cells' learning-rate choice moved. Only contrasts both runs decided alike are an answer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mnist_bench.errors import UsageError
+
+from .analysis import Analysis, Contrast, Interaction, declared, interactions, matched_key, opening_sentence
+from .markdown import interval, md_table, p_value, signed
+
+VOLATILE = ("in_progress", "superseded_final_runs")  # config.json keys that describe a run, not the design
+DECIDED = ("better", "worse", "equivalent")
+AGREEMENT = ("decided alike", "conflicting", "decided in one run only", "undecided in both")
+
+
+def refuse_other_design(config: dict, other: dict, where: Path) -> None:
+    """A replicate is the same study run again: same dataset, same settings, same budgets."""
+    a = {k: v for k, v in config.items() if k not in VOLATILE}
+    b = {k: v for k, v in other.items() if k not in VOLATILE}
+    differing = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if differing:
+        hint = "; compare another dataset with --compare" if "dataset" in differing else ""
+        raise UsageError(
+            f"--replicate {where} is not the same study run again: setting {differing[0]!r} differs "
+            f"({len(differing)} of its settings differ){hint}"
+        )
+
+
+def chosen_rates(final: pd.DataFrame) -> pd.Series:
+    """The peak learning rate each matched cell (not a check) retrained, indexed by (budget, shape, depth)."""
+    m = declared(final[final["experiment"] == "matched"])
+    keys = [m["budget"].fillna(0).astype(int).rename("budget"), m["shape"].fillna("funnel").rename("shape"), "depth"]
+    return m.groupby(keys)["param_lr"].first()
+
+
+def machine(final: pd.DataFrame) -> str:
+    cpus = sorted(set(final["cpu"].dropna().astype(str))) if "cpu" in final else []
+    return ", ".join(cpus) or "an unnamed machine"
+
+
+def agreement(a: Contrast | None, b: Contrast | None, between: str) -> str:
+    """How one primary contrast's two runs agree: decided alike, conflicting, decided in one run only,
+    or undecided in both. Two inconclusive outcomes are not an agreement."""
+    x, y = (c.outcome in DECIDED if c else False for c in (a, b))
+    if between == "differs" or (x and y and a.outcome != b.outcome):
+        return "conflicting"
+    if x and y:
+        return "decided alike"
+    return "decided in one run only" if x or y else "undecided in both"
+
+
+@dataclass(frozen=True)
+class Paired:
+    """One primary contrast in both runs: the between-run test, each run's contrast, how they agree."""
+
+    between: Interaction
+    this: Contrast | None
+    other: Contrast | None
+    agreement: str
+
+
+def pair_runs(first: Analysis, second: Analysis) -> list[Paired]:
+    outcomes = [{(c.setting, c.a, c.b): c for c in an.primary} for an in (first, second)]
+    out = []
+    for x in interactions(first, second):
+        a, b = (o.get((x.setting, x.a, x.b)) for o in outcomes)
+        out.append(Paired(x, a, b, agreement(a, b, x.outcome)))
+    return out
+
+
+def groups(pairs: list[Paired]) -> dict[str, list[str]]:
+    """{how the two runs agree: the primary contrasts that do}, in the order the report lists them."""
+    found: dict[str, list[str]] = {g: [] for g in AGREEMENT}
+    for p in pairs:
+        found[p.agreement].append(f"{p.between.setting}, depth {p.between.a} minus {p.between.b}")
+    return {g: v for g, v in found.items() if v}
+
+
+def summary(pairs: list[Paired], other_final: pd.DataFrame) -> list[str]:
+    """The line under the answer."""
+    if not pairs:
+        return []
+    return [
+        f"Run again with the same design and seeds on another machine ({machine(other_final)}): of the "
+        f"{len(pairs)} contrasts, "
+        + ", ".join(f"{len(v)} {g}" for g, v in groups(pairs).items())
+        + ' (see "Run again"). Only what both runs decided alike is an answer.',
+        "",
+    ]
+
+
+def section(
+    pairs: list[Paired], second: Analysis, final: pd.DataFrame, other_final: pd.DataFrame, other: Path, thin=()
+) -> list[str]:
+    """The report's "Run again" section."""
+    if not pairs:
+        return []
+    rates = pd.concat([chosen_rates(final), chosen_rates(other_final)], axis=1, keys=["this", "other"]).dropna()
+    moved_all = rates[~np.isclose(rates["this"], rates["other"])]
+    moved_in = {}  # setting key -> depths whose rate moved (a thinned budget inherits its rate, moved or not)
+    for budget, shape, depth in moved_all.index:
+        if budget:
+            moved_in.setdefault(matched_key(budget, shape), set()).add(depth)
+    rows = []
+    for p in pairs:
+        x, a, b = p.between, p.this, p.other
+        if x.setting.startswith("matched"):
+            moved = sorted(moved_in.get(x.setting, set()) & {x.a, x.b})
+            rate = f"depth {' and '.join(map(str, moved))}" if moved else "no"
+        else:
+            rate = "two searches" if x.setting == "tuned" else "none chosen"
+        rows.append(
+            {
+                "setting": x.setting,
+                "contrast": f"depth {x.a} minus {x.b}",
+                "n": x.n or "n/a",
+                "this run": f"{signed(a.diff)} {a.outcome}" if a else "n/a",
+                "the other run": f"{signed(b.diff)} {b.outcome}" if b else "n/a",
+                "rate moved": rate,
+                "r": f"{x.corr:.2f}" if math.isfinite(x.corr) else "n/a",
+                "between runs": signed(x.diff),
+                "interval (Holm level)": (
+                    f"{interval(*x.ci)} at {100 * (1 - x.level):.2f}%" if math.isfinite(x.level) else "n/a"
+                ),
+                "TOST interval": interval(*x.ci_equivalence) if math.isfinite(x.ci_equivalence[0]) else "n/a",
+                "TOST Holm p": p_value(x.p_equivalence_holm),
+                "between-run outcome": (
+                    {"carries over": "reproduces within the margin"}.get(x.outcome, x.outcome)
+                    if x.reason is None
+                    else f"not computed ({x.reason})"
+                ),
+                "the two runs": p.agreement,
+            }
+        )
+    chose = rates[~rates.index.get_level_values("budget").isin(thin)]  # a thinned budget borrows, it does not choose
+    moved = moved_all[~moved_all.index.get_level_values("budget").isin(thin)]
+    moved_text = "; ".join(
+        (f"{'constant width' if shape == 'constant' else 'funnel'} {budget:,} depth {depth}" if budget else "softmax")
+        + f": {r.other:.3g} there, {r.this:.3g} here"
+        for (budget, shape, depth), r in moved.iterrows()
+    )
+    margin = 100 * second.margin
+    listed = [f"- *{g}* ({len(v)}): " + "; ".join(v) + "." for g, v in groups(pairs).items()]
+    return [
+        "## Run again: does the answer reproduce?",
+        "",
+        f"The same design was run a second time (`{other}`, on {machine(other_final)}; this run: {machine(final)}), "
+        "with the same seeds. Rounding differs between processors, and with momentum and a decaying rate that "
+        "re-randomises training: r, the correlation between the runs of a contrast's per-seed differences, shows "
+        "how much of the pairing survives (the recipe's plain SGD keeps most of it). The runs also differ "
+        "downstream of the rounding: a learning rate chosen among near-equal grid points (*rate moved*: a depth "
+        "of the contrast retrained at another rate), and the tuned rows compare two searches that found "
+        "different configurations. For each primary contrast: its outcome in each run, and the difference "
+        "between runs of its per-seed differences (paired by seed, one Holm family, as across datasets): "
+        f"*differs* when that interval excludes 0, *reproduces within the margin* when two one-sided tests put "
+        f"it inside ±{margin:.2f} points (two runs are two draws, not a guarantee), otherwise *inconclusive*.",
+        "",
+        f"The other run opened: {opening_sentence(second)}",
+        "",
+        md_table(pd.DataFrame(rows)),
+        "",
+        "The two runs, contrast by contrast:",
+        "",
+        *listed,
+        "",
+        f"The matched cells that choose their own learning rate chose a different one in {len(moved)} of "
+        f"{len(chose)}" + (f" ({moved_text})" if moved_text else "") + ". A thinned budget retrains the rate its "
+        "depth chose at the check budget, so it inherits a moved rate. Seed intervals hold each chosen rate "
+        "fixed: they do not include the choice, and more final seeds would not shrink this part of the "
+        "variation. What the answer can rest on is what both runs decided alike.",
+        "",
+    ]
