@@ -118,7 +118,6 @@ def claims(epochs: pd.DataFrame, config: dict) -> pd.DataFrame:
                 continue
             lo, hi = stats.t_interval(acc) if len(acc) > 1 else (math.nan, math.nan)
             bar = claim - claim_tolerance(claim)
-
             rows.append(
                 {
                     "depth": int(depth),
@@ -528,7 +527,7 @@ def lr_section(trials: pd.DataFrame, out: Path) -> list[str]:
             "How far each choice leads its runner-up in mean validation accuracy, and per tuning seed (the same "
             "seed at every grid point, so the leads are paired): "
             + (
-                "the chosen rate leads in every replicate of every cell."
+                "the chosen rate leads for every tuning seed of every cell."
                 if unstable.empty
                 else f"in {len(unstable)} of {len(margins)} cells a tuning seed prefers the runner-up, so that choice "
                 "is within the seed noise (the runner-up check below retrains it)."
