@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +101,25 @@ class Recipe:
         return tuple(sorted({d for d, _, _ in self.claims}))
 
 
+# How a matched cell's grid chooses its learning rate (docs/method.md: choosing the learning rate).
+LR_RULES = {
+    "mean": "the grid point with the highest mean validation accuracy",
+    "smoothed": "the grid point with the highest mean after [1, 2, 1]/4 smoothing over neighbouring points "
+    "(edges padded with their own value)",
+}
+
+
+def grid_scores(means: Mapping[int, float], rule: str) -> dict[int, float]:
+    """What a matched grid ranks its points by (LR_RULES), from the mean validation accuracy per grid
+    point (by index, evenly spaced in log learning rate). "smoothed": the kernel [1, 2, 1]/4, a neighbour
+    outside the grid or without a completed run replaced by the point itself (on a complete grid this is
+    scipy.ndimage.correlate1d with mode="nearest"): a choice carried by its neighbourhood, not by one
+    lucky point (kernel smoothing of the response; the same aim as the one-standard-error rule)."""
+    if rule == "mean":
+        return dict(means)
+    return {i: (means.get(i - 1, m) + 2 * m + means.get(i + 1, m)) / 4 for i, m in means.items()}
+
+
 CHECKS = {
     "horizon": "twice the epochs at the chosen learning rate",
     "runnerup": "the runner-up learning rate",
@@ -111,7 +131,8 @@ class Matched:
     """Depth at a matched parameter budget: hidden widths halve layer to layer (the funnel) or stay
     equal (constant, at `constant_budgets`), floored at `min_width`, each model within 2% of its budget;
     softmax (depth 1) is the reference. The learning rate is chosen per cell on a log grid, every grid
-    point trained `replicates` times with different seeds and never pruned; the choice is the best mean."""
+    point trained `replicates` times with different seeds and never pruned; the choice follows `lr_rule`
+    (LR_RULES)."""
 
     depths: tuple[int, ...] = (1, 2, 3, 4, 5, 6)  # depth 1 has one size (7,850 parameters): one cell
     budgets: tuple[int, ...] = (60_000, SOURCE_PARAMS, 1_000_000)
@@ -119,6 +140,7 @@ class Matched:
     lr: tuple[float, float] = (10**-1.75, 10**-0.5)  # peak learning rate: a quarter-decade grid over this
     lr_points: int = 6
     replicates: int = 2  # runs per grid point (tuning seeds 0, 1, ...): a choice above the seed noise
+    lr_rule: str = "smoothed"  # how the grid's means choose the rate (LR_RULES; part of the study's identity)
     # Thinned where it informs the primary contrasts least (docs/method.md: what the 90 minutes hold):
     # these budgets run depths 3-5 only, with no grid of their own (each depth retrains the learning
     # rate its cell chose at `check_budget`) and `thin_seeds` seeds.
@@ -132,6 +154,10 @@ class Matched:
     checks: tuple[str, ...] = tuple(CHECKS)
     check_budget: int = SOURCE_PARAMS
     check_seeds: int = 6
+
+    def __post_init__(self) -> None:
+        if self.lr_rule not in LR_RULES:
+            raise UsageError(f"lr_rule must be one of {', '.join(LR_RULES)}, got {self.lr_rule!r}")
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mnist_bench.errors import UsageError, UserError
 from mnist_bench.train import EpochMetrics
 
-from .config import failed_run
+from .config import failed_run, grid_scores
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 LIVE = (TrialState.RUNNING, *FINISHED)  # WAITING is not live: see the module docstring
@@ -393,14 +393,16 @@ FIXED = -1  # source_trial of final runs of a cell with nothing to tune (the rec
 GRID = "grid"  # user attr of a grid run: its grid point's index (a matched cell's learning rate)
 
 
-def ranking(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+def ranking(trials: list[FrozenTrial], rule: str = "mean") -> list[FrozenTrial]:
     """Tuning trials in order of preference: the first is retrained, the second is the runner-up. The
     one rule, used by the workers and by the tables.
 
     A search (tuned): completed, non-diverged trials by validation accuracy; ties go to the earliest.
     A grid (matched; trials carry GRID): grid points by the mean validation accuracy of their completed
-    runs (a diverged run counts at 0: a rate that diverges for some seeds is a bad rate), each point
-    represented by its earliest run; ties go to the lower point; points whose every run diverged are out."""
+    runs (a diverged run counts at 0: a rate that diverges for some seeds is a bad rate), or, by the
+    "smoothed" rule (config.LR_RULES), by that mean smoothed over neighbouring points; each point
+    represented by its earliest run; ties go to the lower point; points whose every run diverged are out.
+    `rule` is the study's Matched.lr_rule ("mean" for studies stored before the rule was declared)."""
     done = [
         t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and not t.user_attrs.get(SURPLUS)
     ]
@@ -410,9 +412,11 @@ def ranking(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     points: dict[int, list[FrozenTrial]] = {}
     for t in done:
         points.setdefault(int(t.user_attrs[GRID]), []).append(t)
-    usable = {i: ts for i, ts in points.items() if not all(t.user_attrs.get("diverged") for t in ts)}
-    order = sorted(usable, key=lambda i: (-sum(t.value for t in usable[i]) / len(usable[i]), i))
-    return [min(usable[i], key=lambda t: t.number) for i in order]
+    means = {i: sum(t.value for t in ts) / len(ts) for i, ts in points.items()}
+    score = grid_scores(means, rule)
+    usable = [i for i, ts in points.items() if not all(t.user_attrs.get("diverged") for t in ts)]
+    order = sorted(usable, key=lambda i: (-score[i], i))
+    return [min(points[i], key=lambda t: t.number) for i in order]
 
 
 def failed_trial(t: FrozenTrial) -> bool:
@@ -421,9 +425,9 @@ def failed_trial(t: FrozenTrial) -> bool:
     return bool(t.user_attrs.get("diverged")) or (t.state == TrialState.COMPLETE and failed_run(value))
 
 
-def best_trial(trials: list[FrozenTrial], place: int = 0) -> FrozenTrial | None:
+def best_trial(trials: list[FrozenTrial], place: int = 0, rule: str = "mean") -> FrozenTrial | None:
     """The tuning trial that is retrained (see ranking); place 1: the runner-up."""
-    ranked = ranking(trials)
+    ranked = ranking(trials, rule)
     return ranked[place] if len(ranked) > place else None
 
 

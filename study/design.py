@@ -31,7 +31,7 @@ from .analysis import (
     of_shape,
     seed_differences,
 )
-from .config import CHECKS, VARIANTS
+from .config import CHECKS, LR_RULES, VARIANTS, grid_scores
 from .markdown import interval, md_table, outcome_words, pts, signed
 from .stats import ALPHA, POWER
 
@@ -329,32 +329,40 @@ def trial_counts(trials: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["depth", "trained", "proposals", "failed"])
 
 
-def grid_margins(trials: pd.DataFrame) -> pd.DataFrame:
+def grid_margins(trials: pd.DataFrame, rule: str = "mean") -> pd.DataFrame:
     """Per matched cell with a grid: the chosen and runner-up learning rates and the chosen point's lead
-    in mean validation accuracy, with the lead per replicate (replicate r trains every grid point from
-    the same seed, so the leads are paired): is the choice above the seed noise?"""
-    m = trials[(trials["experiment"] == "matched") & (trials["state"] == "complete")]
-    if m.empty or "replicate" not in m:
+    in the score the study's rule ranks by (config.grid_scores: the mean validation accuracy, or its
+    smoothed value; a diverged run counts at 0 as in the ranking), with the lead per replicate (replicate r
+    trains every grid point from the same seed, so the leads are paired): is the choice above the seed noise?"""
+    m = trials[(trials["experiment"] == "matched") & trials["state"].isin(["complete", "diverged"])]
+    if m.empty or "replicate" not in m or "grid_point" not in m:
         return pd.DataFrame(columns=["budget", "shape", "depth", "chosen", "runner_up", "lead", "leads"])
-    m = m.assign(shape=m["shape"] if "shape" in m else "funnel")
+    m = m.assign(shape=m["shape"] if "shape" in m else "funnel", grid_point=m["grid_point"].astype(int))
     rows = []
     for (budget, shape, depth), g in m.groupby(["budget", "shape", "depth"], dropna=False):
-        means = g.groupby("param_lr")["val_accuracy"].mean().sort_values(ascending=False)
-        chosen = g[g["retrained"].astype(bool)]["param_lr"]
-        if len(means) < 2 or chosen.empty:
+        lr = g.groupby("grid_point")["param_lr"].first()
+        score = pd.Series(grid_scores(g.groupby("grid_point")["val_accuracy"].mean().to_dict(), rule))
+        alive = g[g["state"] == "complete"]["grid_point"].unique()  # a point whose every run diverged is out
+        order = score[score.index.isin(alive)].sort_index().sort_values(ascending=False, kind="stable")
+        chosen = g[g["retrained"].astype(bool)]["grid_point"]
+        if len(order) < 2 or chosen.empty:
             continue
-        best = float(chosen.iloc[0])
-        runner = float(next(lr for lr in means.index if lr != best))
-        per = g.pivot_table(index="replicate", columns="param_lr", values="val_accuracy")
-        leads = (per[best] - per[runner]).dropna().tolist() if {best, runner} <= set(per.columns) else []
+        best = int(chosen.iloc[0])
+        runner = int(next(i for i in order.index if i != best))
+        per = g.pivot_table(index="replicate", columns="grid_point", values="val_accuracy")
+        leads = []
+        for _, row in per.iterrows():
+            s = grid_scores(row.dropna().to_dict(), rule)
+            if best in s and runner in s:
+                leads.append(float(s[best] - s[runner]))
         rows.append(
             {
                 "budget": budget,
                 "shape": shape,
                 "depth": int(depth),
-                "chosen": best,
-                "runner_up": runner,
-                "lead": float(means[best] - means[runner]),
+                "chosen": float(lr[best]),
+                "runner_up": float(lr[runner]),
+                "lead": float(score[best] - score[runner]),
                 "leads": leads,
             }
         )
@@ -498,7 +506,7 @@ def caps_lines(trials: pd.DataFrame, config: dict) -> list[str]:
     ]
 
 
-def lr_section(trials: pd.DataFrame, out: Path) -> list[str]:
+def lr_section(trials: pd.DataFrame, out: Path, rule: str = "mean") -> list[str]:
     m = trials[(trials["experiment"] == "matched") & (trials["depth"] > 1)]
     if m.empty:
         return []
@@ -509,7 +517,7 @@ def lr_section(trials: pd.DataFrame, out: Path) -> list[str]:
     ]
     caption = figures.lr_figure(out / "lr.png", m, panels)
     doc = ["![learning rates](lr.png)", "", caption, ""] if caption else []
-    margins = grid_margins(m)
+    margins = grid_margins(m, rule)
     if not margins.empty:
         unstable = margins[margins["leads"].map(lambda x: bool(x) and min(x) <= 0)]
         rows = [
@@ -523,9 +531,10 @@ def lr_section(trials: pd.DataFrame, out: Path) -> list[str]:
             }
             for r in margins.itertuples()
         ]
+        score = "mean validation accuracy" if rule == "mean" else "smoothed mean validation accuracy"
         doc += [
-            "How far each choice leads its runner-up in mean validation accuracy, and per tuning seed (the same "
-            "seed at every grid point, so the leads are paired): "
+            f"Each cell's rate is {LR_RULES[rule]}. How far each choice leads its runner-up in {score}, and per "
+            "tuning seed (the same seed at every grid point, so the leads are paired): "
             + (
                 "the chosen rate leads for every tuning seed of every cell."
                 if unstable.empty

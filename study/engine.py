@@ -288,7 +288,7 @@ class Worker:
         if self.cfg.n_trials(base) == 0:
             source = FIXED
         else:
-            chosen = best_trial(self.ledgers[base][0].trials(), cell.place)
+            chosen = best_trial(self.ledgers[base][0].trials(), cell.place, self.cfg.matched.lr_rule)
             if chosen is None:
                 raise StudyError(
                     f"{cell.key}: no completed, non-diverged tuning trial to retrain"

@@ -45,7 +45,7 @@ from .analysis import (
     opening_sentence,
     state_counts,
 )
-from .config import DEFAULT_MARGIN, FAILED_AT, SOURCE_PARAMS, SearchSpace, refuse_other_study
+from .config import DEFAULT_MARGIN, FAILED_AT, LR_RULES, SOURCE_PARAMS, SearchSpace, refuse_other_study
 from .design import (
     caps_lines,
     checks,
@@ -514,7 +514,7 @@ def _render(
             f"the validation hold-out from a {m.get('lr_points')}-point log grid {grid[0]:.3g} to {grid[1]:.3g}, every "
             f"point trained {m.get('replicates')} times (tuning seeds {config.get('tuning_seed')} and below, never a "
             f"final run's seed) and never "
-            f"pruned; the point with the best mean is retrained with {m.get('seeds')} seeds."
+            f"pruned; {LR_RULES[m.get('lr_rule', 'mean')]} is retrained with {m.get('seeds')} seeds."
             + (
                 f" Thinned at {thin} parameters: depths 3-5 only, no grid of their own (each depth retrains the "
                 f"learning rate it chose at {m.get('check_budget', SOURCE_PARAMS):,} parameters), "
@@ -534,7 +534,7 @@ def _render(
                 f"{interval(*soft.ci, signed_values=False)}).",
                 "",
             ]
-        doc += lr_section(trials, out)
+        doc += lr_section(trials, out, m.get("lr_rule", "mean"))
         for s in matched:
             doc += section(an, s, s.key.split(", ", 1)[1])
         doc += late_section(epochs, final, an.margin, m.get("check_budget", SOURCE_PARAMS))

@@ -119,13 +119,14 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
     final = load(storage, study_name(name, cell, final=True))
     config = tune.user_attrs["config"]
     tuning = tune.get_trials(deepcopy=False)
-    best = best_trial(tuning)
+    rule = config["experiment"].get("lr_rule", "mean")  # a grid's rule; studies stored before it: the mean
+    best = best_trial(tuning, rule=rule)
     if cell.experiment == "recipe":
         source = FIXED
     else:  # a matched check retrains its base cell's choice (or runner-up)
         by = chooser(cell, config["experiment"])
         base = tuning if by == cell else load(storage, study_name(name, by)).get_trials(deepcopy=False)
-        chosen = best_trial(base, cell.place)
+        chosen = best_trial(base, cell.place, rule)
         source = chosen.number if chosen else None
     where = {
         "dataset": config.get("dataset", "mnist"),

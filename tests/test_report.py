@@ -702,6 +702,7 @@ def test_grid_margins_pair_each_replicate_and_trial_counts_separate_failures():
             "depth": 4,
             "state": "complete",
             "param_lr": [0.03, 0.1, 0.3, 0.03, 0.1, 0.3],
+            "grid_point": [0, 1, 2, 0, 1, 2],
             "replicate": [0, 0, 0, 1, 1, 1],
             "val_accuracy": [0.970, 0.980, 0.950, 0.975, 0.974, 0.940],
             "retrained": [False, True, False, False, False, False],
@@ -710,6 +711,10 @@ def test_grid_margins_pair_each_replicate_and_trial_counts_separate_failures():
     r = grid_margins(grid).iloc[0]
     assert (r.chosen, r.runner_up) == (0.1, 0.03) and r.lead == pytest.approx(0.977 - 0.9725)
     assert r.leads == pytest.approx([0.010, -0.001])  # replicate 1 prefers the runner-up
+    # smoothed (the ring on point 0 now): scores (3*0.9725 + 0.977)/4, (0.9725 + 2*0.977 + 0.945)/4, ...
+    r = grid_margins(grid.assign(retrained=[True] + [False] * 5), "smoothed").iloc[0]
+    assert (r.chosen, r.runner_up) == (0.03, 0.1) and r.lead == pytest.approx(0.973625 - 0.967875)
+    assert r.leads == pytest.approx([0.9725 - 0.97, 0.97475 - 0.96575])
     tuned = pd.DataFrame(
         {"experiment": "tuned", "depth": [3, 3, 3, 3], "state": ["complete", "failed", "diverged", "interrupted"]}
     )

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
@@ -261,6 +262,40 @@ def test_the_grid_choice_is_the_best_mean_over_replicates_and_the_runner_up_is_n
     # A search (no grid): the best value, ties to the earliest, diverged never retrained.
     search = [_frozen(0, 0.95), _frozen(1, 0.97), _frozen(2, 0.97), _frozen(3, 0.99, diverged=True)]
     assert [t.number for t in ranking(search)] == [1, 2, 0]
+
+
+def test_the_smoothed_rule_chooses_a_neighbourhood_not_a_lucky_point_and_is_part_of_the_identity():
+    from study.config import Cell, Matched, StudyConfig
+    from study.coord import ranking
+
+    trials = [
+        _frozen(0, 0.971, grid=0),
+        _frozen(1, 0.970, grid=1),
+        _frozen(2, 0.9755, grid=2),  # the best mean, next to a rate that diverges
+        _frozen(3, 0.0, grid=3, diverged=True),
+    ]
+    assert [t.number for t in ranking(trials, "mean")] == [2, 0, 1]
+    # smoothed: (0.971*3 + 0.970)/4, (0.971 + 2*0.970 + 0.9755)/4, (0.970 + 2*0.9755 + 0)/4; point 3 is out
+    assert [t.number for t in ranking(trials, "smoothed")] == [1, 0, 2]
+    with pytest.raises(UsageError, match="lr_rule must be one of mean, smoothed"):
+        Matched(lr_rule="median")
+    cell = Cell("matched", 4, 242_762)
+    a, b = (StudyConfig(matched=Matched(lr_rule=r)).identity(cell) for r in ("mean", "smoothed"))
+    assert a != b and b["experiment"]["lr_rule"] == "smoothed"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_smoothed_grid_scores_are_scipys_nearest_padded_correlation(seed):
+    from scipy.ndimage import correlate1d
+
+    from study.config import grid_scores
+
+    means = np.random.default_rng(seed).uniform(0.9, 1.0, 6)
+    reference = correlate1d(means, np.array([1, 2, 1]) / 4, mode="nearest")
+    got = grid_scores(dict(enumerate(means)), "smoothed")
+    assert [got[i] for i in range(6)] == pytest.approx(reference.tolist(), abs=1e-12)
+    assert grid_scores({0: 0.9, 2: 0.8}, "smoothed") == pytest.approx({0: 0.9, 2: 0.8})  # no neighbour: itself
+    assert grid_scores(dict(enumerate(means)), "mean") == dict(enumerate(means))
 
 
 def _wait_for(db: Path, condition, timeout: float = 120):
