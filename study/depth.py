@@ -110,6 +110,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seed of the TPE search path (default: 0); part of the study's identity",
     )
     p.add_argument(
+        "--tuning-seed",
+        type=cli.bounded_int(-(2**31), 0, "0 or below: final runs use seeds 1, 2, ..."),
+        default=None,
+        help="seed of the first tuning run of every cell (default: 0; a matched grid's replicate r uses this "
+        "minus r): another draw of the tuning noise; part of the study's identity",
+    )
+    p.add_argument(
         "--storage",
         default=None,
         help="Optuna storage URL, e.g. postgresql://host/db (default: sqlite:///OUT/study.db)",
@@ -179,7 +186,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[StudyConfig, RunConfig]:
-    """The preset, with what the flags override. Another dataset, split or sampler seed gets its own
+    """The preset, with what the flags override. Another dataset, split, sampler or tuning seed gets its own
     study names (by default), so each can share the storage with the original."""
     cfg = PRESETS[args.preset]
     experiments = {}
@@ -193,7 +200,13 @@ def configs_from_args(args: argparse.Namespace) -> tuple[StudyConfig, RunConfig]
         }
         experiments[exp] = dataclasses.replace(sub, **{k: v for k, v in changes.items() if v is not None})
     seeds = {
-        k: v for k, v in {"split_seed": args.split_seed, "sampler_seed": args.sampler_seed}.items() if v is not None
+        k: v
+        for k, v in {
+            "split_seed": args.split_seed,
+            "sampler_seed": args.sampler_seed,
+            "tuning_seed": args.tuning_seed,
+        }.items()
+        if v is not None
     }
     name = args.study_name or (
         cfg.name
