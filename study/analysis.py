@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .config import DEFAULT_MARGIN, TRIAL_STATES, failed_run
+from .config import DEFAULT_MARGIN, TRIAL_STATES, failed_run, grid_scores
 from .stats import ALPHA
 
 SOURCE_DEPTH = 4
@@ -543,6 +543,42 @@ def edge_warnings(trials: pd.DataFrame, config: dict, caps_declared: dict) -> tu
                     f"edge of its range [{rng[0]}, {rng[1]}]; widen the range and rerun."
                 )
     return warnings, caps
+
+
+def grid_cells(trials: pd.DataFrame):
+    """(budget, shape, depth, rows) of each matched cell's grid runs in a trials table: the completed runs and
+    the diverged ones (which count at 0, as coord.ranking counts them)."""
+    m = trials[(trials["experiment"] == "matched") & trials["state"].isin(["complete", "diverged"])]
+    if m.empty or "grid_point" not in m or "replicate" not in m:
+        return
+    m = m.assign(
+        shape=m["shape"] if "shape" in m else "funnel", grid_point=pd.to_numeric(m["grid_point"], errors="coerce")
+    )
+    m = m.dropna(subset=["grid_point"]).astype({"grid_point": int})
+    for (budget, shape, depth), g in m.groupby(["budget", "shape", "depth"], dropna=False):
+        yield budget, shape, int(depth), g
+
+
+def grid_order(g: pd.DataFrame, rule: str) -> pd.Series:
+    """One cell's grid points ranked as coord.ranking ranks them (the table's view of the same rule): the
+    score of each point (config.grid_scores of its mean), best first, ties to the lower point, points whose
+    every run diverged left out."""
+    score = pd.Series(grid_scores(g.groupby("grid_point")["val_accuracy"].mean().to_dict(), rule), dtype=float)
+    alive = g.loc[g["state"] == "complete", "grid_point"].unique()
+    return score[score.index.isin(alive)].sort_index().sort_values(ascending=False, kind="stable")
+
+
+def grid_choices(trials: pd.DataFrame, rule: str) -> pd.Series:
+    """The peak learning rate `rule` chooses from each matched cell's grid, by (budget, shape, depth)."""
+    out = {}
+    for budget, shape, depth, g in grid_cells(trials):
+        order = grid_order(g, rule)
+        if len(order):
+            out[(int(budget) if pd.notna(budget) else 0, shape, depth)] = float(
+                g.loc[g["grid_point"] == order.index[0], "param_lr"].iloc[0]
+            )
+    index = pd.MultiIndex.from_tuples(list(out), names=["budget", "shape", "depth"]) if out else None
+    return pd.Series(list(out.values()), index=index, dtype=float)
 
 
 def state_counts(trials: pd.DataFrame) -> pd.DataFrame:

@@ -26,6 +26,8 @@ from .analysis import (
     contrast_family,
     declared,
     difference_family,
+    grid_cells,
+    grid_order,
     groups_of,
     matched_key,
     of_shape,
@@ -331,42 +333,36 @@ def trial_counts(trials: pd.DataFrame) -> pd.DataFrame:
 
 def grid_margins(trials: pd.DataFrame, rule: str = "mean") -> pd.DataFrame:
     """Per matched cell with a grid: the chosen and runner-up learning rates and the chosen point's lead
-    in the score the study's rule ranks by (config.grid_scores: the mean validation accuracy, or its
-    smoothed value; a diverged run counts at 0 as in the ranking), with the lead per replicate (replicate r
-    trains every grid point from the same seed, so the leads are paired): is the choice above the seed noise?"""
-    m = trials[(trials["experiment"] == "matched") & trials["state"].isin(["complete", "diverged"])]
-    if m.empty or "replicate" not in m or "grid_point" not in m:
-        return pd.DataFrame(columns=["budget", "shape", "depth", "chosen", "runner_up", "lead", "leads"])
-    m = m.assign(shape=m["shape"] if "shape" in m else "funnel", grid_point=m["grid_point"].astype(int))
+    in the score the study's rule ranks by (analysis.grid_order: the mean validation accuracy, or its
+    smoothed value), with the lead per replicate (replicate r trains every grid point from the same seed,
+    so the leads are paired): is the choice above the seed noise?"""
     rows = []
-    for (budget, shape, depth), g in m.groupby(["budget", "shape", "depth"], dropna=False):
-        lr = g.groupby("grid_point")["param_lr"].first()
-        score = pd.Series(grid_scores(g.groupby("grid_point")["val_accuracy"].mean().to_dict(), rule))
-        alive = g[g["state"] == "complete"]["grid_point"].unique()  # a point whose every run diverged is out
-        order = score[score.index.isin(alive)].sort_index().sort_values(ascending=False, kind="stable")
+    for budget, shape, depth, g in grid_cells(trials):
+        order = grid_order(g, rule)
         chosen = g[g["retrained"].astype(bool)]["grid_point"]
-        if len(order) < 2 or chosen.empty:
+        if len(order) < 2 or chosen.empty or int(chosen.iloc[0]) not in order.index:
             continue
         best = int(chosen.iloc[0])
         runner = int(next(i for i in order.index if i != best))
+        lr = g.groupby("grid_point")["param_lr"].first()
         per = g.pivot_table(index="replicate", columns="grid_point", values="val_accuracy")
         leads = []
         for _, row in per.iterrows():
-            s = grid_scores(row.dropna().to_dict(), rule)
-            if best in s and runner in s:
-                leads.append(float(s[best] - s[runner]))
+            score = grid_scores(row.dropna().to_dict(), rule)
+            if best in score and runner in score:
+                leads.append(float(score[best] - score[runner]))
         rows.append(
             {
                 "budget": budget,
                 "shape": shape,
-                "depth": int(depth),
+                "depth": depth,
                 "chosen": float(lr[best]),
                 "runner_up": float(lr[runner]),
-                "lead": float(score[best] - score[runner]),
+                "lead": float(order[best] - order[runner]),
                 "leads": leads,
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["budget", "shape", "depth", "chosen", "runner_up", "lead", "leads"])
 
 
 def caps_binding(trials: pd.DataFrame, config: dict) -> dict[str, list[int]]:

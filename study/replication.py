@@ -16,7 +16,16 @@ import pandas as pd
 
 from mnist_bench.errors import UsageError
 
-from .analysis import Analysis, Contrast, Interaction, declared, interactions, matched_key, opening_sentence
+from .analysis import (
+    Analysis,
+    Contrast,
+    Interaction,
+    declared,
+    grid_choices,
+    interactions,
+    matched_key,
+    opening_sentence,
+)
 from .markdown import interval, md_table, p_value, signed
 
 VOLATILE = ("in_progress", "superseded_final_runs")  # config.json keys that describe a run, not the design
@@ -24,10 +33,28 @@ DECIDED = ("better", "worse", "equivalent")
 AGREEMENT = ("decided alike", "conflicting", "decided in one run only", "undecided in both")
 
 
-def refuse_other_design(config: dict, other: dict, where: Path) -> None:
-    """A replicate is the same study run again: same dataset, same settings, same budgets."""
-    a = {k: v for k, v in config.items() if k not in VOLATILE}
-    b = {k: v for k, v in other.items() if k not in VOLATILE}
+DRAWS = ("name", "tuning_seed")  # another draw of the tuning noise (and the study name that follows it)
+
+
+def lr_rule(config: dict) -> str:
+    """The matched grid's learning-rate rule (config.LR_RULES); studies stored before it was declared: the mean."""
+    return config.get("experiments", {}).get("matched", {}).get("lr_rule", "mean")
+
+
+def refuse_other_design(config: dict, other: dict, where: Path) -> list[str]:
+    """A replicate is the same study run again: same dataset, same settings, same budgets. Two differences
+    are allowed and returned as phrases for the report: other tuning seeds (another draw of the tuning
+    noise) and the learning-rate rule (the replicate is the design before or after the rule changed; the
+    report then asks what this run's rule chooses from the replicate's own grid)."""
+
+    def design(c: dict) -> dict:
+        d = {k: v for k, v in c.items() if k not in VOLATILE + DRAWS}
+        exps = dict(d.get("experiments", {}))
+        if "matched" in exps:
+            exps["matched"] = {k: v for k, v in exps["matched"].items() if k != "lr_rule"}
+        return {**d, "experiments": exps}
+
+    a, b = design(config), design(other)
     differing = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     if differing:
         hint = "; compare another dataset with --compare" if "dataset" in differing else ""
@@ -35,6 +62,12 @@ def refuse_other_design(config: dict, other: dict, where: Path) -> None:
             f"--replicate {where} is not the same study run again: setting {differing[0]!r} differs "
             f"({len(differing)} of its settings differ){hint}"
         )
+    notes = []
+    if config.get("tuning_seed", 0) != other.get("tuning_seed", 0):
+        notes.append(f"tuning seeds from {other.get('tuning_seed', 0)} there, from {config.get('tuning_seed', 0)} here")
+    if lr_rule(config) != lr_rule(other) and "matched" in config.get("experiments", {}):
+        notes.append(f"learning rates chosen by the {lr_rule(other)} rule there, the {lr_rule(config)} rule here")
+    return notes
 
 
 def chosen_rates(final: pd.DataFrame) -> pd.Series:
@@ -87,12 +120,19 @@ def groups(pairs: list[Paired]) -> dict[str, list[str]]:
     return {g: v for g, v in found.items() if v}
 
 
-def summary(pairs: list[Paired], other_final: pd.DataFrame) -> list[str]:
+def differences(notes: list[str]) -> str:
+    """How the replicate was run, in words: the same design and seeds, or what differs."""
+    if not notes:
+        return "the same design and seeds"
+    return "the same final seeds and the same design except: " + "; ".join(notes)
+
+
+def summary(pairs: list[Paired], other_final: pd.DataFrame, notes: list[str] = ()) -> list[str]:
     """The line under the answer."""
     if not pairs:
         return []
     return [
-        f"Run again with the same design and seeds on another machine ({machine(other_final)}): of the "
+        f"Run again on another machine ({machine(other_final)}) with {differences(notes)}: of the "
         f"{len(pairs)} contrasts, "
         + ", ".join(f"{len(v)} {g}" for g, v in groups(pairs).items())
         + ' (see "Run again"). Only what both runs decided alike is an answer.',
@@ -100,12 +140,47 @@ def summary(pairs: list[Paired], other_final: pd.DataFrame) -> list[str]:
     ]
 
 
-def section(
-    pairs: list[Paired], second: Analysis, final: pd.DataFrame, other_final: pd.DataFrame, other: Path, thin=()
-) -> list[str]:
+@dataclass(frozen=True)
+class Replicate:
+    """The second run as the report reads it: its analysis, tables, folder and how it was run."""
+
+    analysis: Analysis
+    trials: pd.DataFrame
+    final: pd.DataFrame
+    where: Path
+    notes: tuple[str, ...] = ()
+
+
+def rule_line(final: pd.DataFrame, other: Replicate, rule: str, thin=()) -> list[str]:
+    """Where the runs chose by different rules or from different tuning seeds: what this run's rule
+    chooses from the other run's own grid, against what this run retrained (an independent draw of the
+    grid noise when the tuning seeds differ)."""
+    if not other.notes:
+        return []
+    here = chosen_rates(final)
+    there = grid_choices(other.trials, rule)
+    both = pd.concat([here, there], axis=1, keys=["this", "other"]).dropna()
+    both = both[~both.index.get_level_values("budget").isin(thin)]
+    if both.empty:
+        return []
+    same = int(np.isclose(both["this"], both["other"]).sum())
+    return [
+        f"This run's rule ({rule}) applied to the other run's own grid chooses the same learning rate as this "
+        f"run retrained in {same} of {len(both)} cells"
+        + (
+            " (each grid trained from other tuning seeds: an independent draw of the grid noise)."
+            if any(n.startswith("tuning seeds") for n in other.notes)
+            else "."
+        ),
+        "",
+    ]
+
+
+def section(pairs: list[Paired], final: pd.DataFrame, other: Replicate, rule: str, thin=()) -> list[str]:
     """The report's "Run again" section."""
     if not pairs:
         return []
+    second, other_final = other.analysis, other.final
     rates = pd.concat([chosen_rates(final), chosen_rates(other_final)], axis=1, keys=["this", "other"]).dropna()
     moved_all = rates[~np.isclose(rates["this"], rates["other"])]
     moved_in = {}  # setting key -> depths whose rate moved (a thinned budget inherits its rate, moved or not)
@@ -155,14 +230,15 @@ def section(
     return [
         "## Run again: does the answer reproduce?",
         "",
-        f"The same design was run a second time (`{other}`, on {machine(other_final)}; this run: {machine(final)}), "
-        "with the same seeds. Rounding differs between processors, and with momentum and a decaying rate that "
-        "re-randomises training: r, the correlation between the runs of a contrast's per-seed differences, shows "
-        "how much of the pairing survives (the recipe's plain SGD keeps most of it). The runs also differ "
-        "downstream of the rounding: a learning rate chosen among near-equal grid points (*rate moved*: a depth "
-        "of the contrast retrained at another rate), and the tuned rows compare two searches that found "
-        "different configurations. For each primary contrast: its outcome in each run, and the difference "
-        "between runs of its per-seed differences (paired by seed, one Holm family, as across datasets): "
+        f"The study was run a second time (`{other.where}`, on {machine(other_final)}; this run: "
+        f"{machine(final)}), with {differences(list(other.notes))}. Rounding differs between processors, and "
+        "with momentum and a decaying rate that re-randomises training: r, the correlation between the runs of "
+        "a contrast's per-seed differences, shows how much of the pairing survives (the recipe's plain SGD keeps "
+        "most of it). The runs also differ downstream of the rounding (and of the tuning seeds, where they "
+        "differ): a learning rate chosen among near-equal grid points (*rate moved*: a depth of the contrast "
+        "retrained at another rate), and the tuned rows compare two searches that found different "
+        "configurations. For each primary contrast: its outcome in each run, and the difference between runs "
+        "of its per-seed differences (paired by seed, one Holm family, as across datasets): "
         f"*differs* when that interval excludes 0, *reproduces within the margin* when two one-sided tests put "
         f"it inside ±{margin:.2f} points (two runs are two draws, not a guarantee), otherwise *inconclusive*.",
         "",
@@ -180,4 +256,5 @@ def section(
         "fixed: they do not include the choice, and more final seeds would not shrink this part of the "
         "variation. What the answer can rest on is what both runs decided alike.",
         "",
+        *rule_line(final, other, rule, thin),
     ]

@@ -427,7 +427,7 @@ def _render(
             again = load_results(replicate_of)
         except UsageError as e:
             raise UsageError(f"--replicate: {e}") from None
-        replication.refuse_other_design(config, again[3], replicate_of)
+        notes = replication.refuse_other_design(config, again[3], replicate_of)
         if final["test_accuracy"].sort_values().tolist() == again[2]["test_accuracy"].sort_values().tolist():
             raise UsageError(f"--replicate {replicate_of} holds the same runs as {results} (a copy, not a second run)")
     if out.resolve() != results.resolve():
@@ -449,9 +449,15 @@ def _render(
         if c.verdict in ("horizon-dependent", "rate-sensitive")
     }
     doc = [title, ""] + quick_banner(config, out) + progress_banner(config) + [opening_sentence(an), ""]
-    again_an = analyse(again[1], again[2], again[3], margin) if again is not None else None
-    pairs = replication.pair_runs(an, again_an) if again_an is not None else []
-    doc += replication.summary(pairs, again[2]) if again is not None else []
+    rerun = (
+        replication.Replicate(
+            analyse(again[1], again[2], again[3], margin), again[0], again[2], replicate_of, tuple(notes)
+        )
+        if again is not None
+        else None
+    )
+    pairs = replication.pair_runs(an, rerun.analysis) if rerun is not None else []
+    doc += replication.summary(pairs, rerun.final, rerun.notes) if rerun is not None else []
     if fragile:
         doc += [
             f"{len(fragile)} of these contrasts {'changes' if len(fragile) == 1 else 'change'} under a design check, "
@@ -584,7 +590,7 @@ def _render(
         doc += cross_dataset_section(out, an, second)
     if again is not None:
         thin = exps.get("matched", {}).get("thin_budgets", [])
-        doc += replication.section(pairs, again_an, final, again[2], replicate_of, tuple(thin))
+        doc += replication.section(pairs, final, rerun, replication.lr_rule(config), tuple(thin))
     doc += time_section(trials, final)
     doc += sanity_checks(trials, config)
     if throughput is not None and not throughput.empty:

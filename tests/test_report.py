@@ -479,6 +479,57 @@ def test_two_runs_agree_only_where_both_decided_alike(first, second, between, ex
     assert agreement(a, b, between) == expected
 
 
+def test_a_rerun_with_other_tuning_seeds_and_the_old_rule_is_compared_by_what_this_rule_picks_from_its_grid(
+    tmp_path: Path,
+):
+    trials, epochs, final = study_tables(FOUR_WINS, FOUR_WINS, TUNED)
+    matched = {**CONFIG["experiments"]["matched"], "lr_rule": "smoothed"}
+    config = {**CONFIG, "tuning_seed": -2, "experiments": {**CONFIG["experiments"], "matched": matched}}
+    (tmp_path / "a").mkdir()
+    first = write(tmp_path / "a", trials, epochs, final, config)
+    # The replicate's grids (old rule, tuning seeds 0, -1): the mean picks the lucky 0.1, which sits next to a
+    # poor 0.3; smoothed, the neighbourhood of 0.03 wins: (0.975 + 2 * 0.978 + 0.979) / 4 = 0.9775.
+    grid = [
+        {
+            "experiment": "matched",
+            "budget": 242762,  # as the synthetic final runs have it, softmax included
+            "depth": d,
+            "trial": i,
+            "state": "complete",
+            "retrained": lr == 0.1,
+            "param_lr": lr,
+            "grid_point": i,
+            "replicate": 0,
+            "val_accuracy": acc,
+            "best_epoch_val_accuracy": acc,
+            "n_params": PARAMS[d],
+            "train_flops": 1e11,
+            "epochs_run": 10,
+        }
+        for d in range(1, 7)
+        for i, (lr, acc) in enumerate([(0.01, 0.975), (0.03, 0.978), (0.1, 0.979), (0.3, 0.90)])
+    ]
+    other_trials = pd.concat([trials[trials.experiment != "matched"], pd.DataFrame(grid)], ignore_index=True)
+    again = final.assign(test_accuracy=final.test_accuracy + np.random.default_rng(3).normal(0, 1e-4, len(final)))
+    (tmp_path / "b").mkdir()
+    text = render(first, replicate_of=write(tmp_path / "b", other_trials, epochs, again)).read_text()
+    section = text.split("## Run again: does the answer reproduce?")[1].split("\n## ")[0]
+    differs = (
+        "the same final seeds and the same design except: tuning seeds from 0 there, from -2 here; learning "
+        "rates chosen by the mean rule there, the smoothed rule here"
+    )
+    assert differs in section and differs in text.split("## ")[0]
+    assert (
+        "This run's rule (smoothed) applied to the other run's own grid chooses the same learning rate as this run "
+        "retrained in 6 of 6 cells (each grid trained from other tuning seeds" in section
+    )
+    # Any other difference is still another design.
+    (tmp_path / "c").mkdir()
+    other = write(tmp_path / "c", other_trials, epochs, again, {**config, "tuning_seed": 0, "momentum": 0.0})
+    with pytest.raises(UsageError, match="setting 'momentum' differs"):
+        render(first, replicate_of=other)
+
+
 def test_a_rerun_of_another_design_is_refused(tmp_path: Path):
     trials, epochs, final = study_tables(FOUR_WINS, FOUR_WINS, TUNED)
     for name in "ab":

@@ -398,6 +398,7 @@ def test_sigterm_reaches_every_worker_process(tmp_path: Path):
         ["--storage", "postgresql://nobody@127.0.0.1:1/none"],
         ["--workers", "0"],
         ["--heartbeat", "10000000000"],
+        ["--tuning-seed", "1"],  # a tuning run would share a final run's seed
     ],
 )
 def test_bad_input_exits_without_traceback_or_touching_results(tmp_path: Path, bad):
@@ -567,13 +568,23 @@ def test_each_experiment_end_to_end_and_resumed(experiment: str, tmp_path: Path)
         grid = trials[(trials.depth == 3) & (trials["shape"] == "funnel")]
         assert len(grid) == 6 and sorted(grid.groupby("param_lr").size()) == [2, 2, 2]  # 3 points x 2 replicates
         assert set(grid.state) == {"complete"} or "pruned" not in set(grid.state)
-        means = grid.groupby("param_lr").val_accuracy.mean().sort_values(ascending=False)
+        # The workers' rule (coord.ranking on the storage) and the tables' view of it (analysis.grid_order)
+        # agree: the retrained point, the chosen rate and the runner-up.
+        from study.analysis import grid_choices, grid_order
+
+        order = grid_order(grid.assign(grid_point=grid.grid_point.astype(int)), "smoothed")
+        lr = grid.groupby("grid_point").param_lr.first()
         chosen = final[(final.depth == 3) & (final["shape"] == "funnel") & (final.variant == "")]
-        assert chosen.param_lr.iloc[0] == pytest.approx(means.index[0])
+        assert chosen.param_lr.iloc[0] == pytest.approx(lr[order.index[0]])
+        assert set(grid[grid.retrained.astype(bool)].grid_point) == {order.index[0]}
+        rates = grid_choices(pd.read_csv(tmp_path / "trials.csv"), "smoothed")
+        assert rates[(242762, "constant", 3)] == pytest.approx(
+            base[(base.depth == 3) & (base["shape"] == "constant")].param_lr.iloc[0]
+        )
         horizon = final[final.variant == "horizon"]
         runner = final[final.variant == "runnerup"]
         assert set(horizon.param_lr) == set(chosen.param_lr) and set(horizon.param_epochs) == {6}
-        assert runner.param_lr.iloc[0] == pytest.approx(means.index[1]) and set(runner.param_epochs) == {3}
+        assert runner.param_lr.iloc[0] == pytest.approx(lr[order.index[1]]) and set(runner.param_epochs) == {3}
     if experiment == "tuned":
         assert meets_budget(budget_rows(tmp_path, 3), 3)
     # Resume: the same command adds nothing; more seeds add exactly the missing runs, old ones kept.
@@ -607,6 +618,9 @@ def test_another_split_or_sampler_seed_is_its_own_study(tmp_path: Path):
     assert {"quick-tuned-depth3", "quick-split1-sampler2-tuned-depth3"} <= names
     p = run_study(*base, "--split-seed", "1", "--study-name", "quick", *shared, "--out", str(tmp_path / "a"))
     assert p.returncode == 1 and "split_seed" in p.stderr  # same names, other hold-out: refused
+    args = study_depth.parse_args(["--preset", "full", "--tuning-seed", "-2", "--out", str(tmp_path)])
+    cfg, _ = study_depth.configs_from_args(args)
+    assert (cfg.name, cfg.tuning_seed) == ("full-tuning-2", -2)  # another draw of the tuning noise: its own study
 
 
 def test_fashion_mnist_study_end_to_end_and_resume_across_datasets_refused(tmp_path: Path):
