@@ -46,19 +46,18 @@ from .analysis import (
     state_counts,
 )
 from .config import DEFAULT_MARGIN, FAILED_AT, LR_RULES, SOURCE_PARAMS, SearchSpace, refuse_other_study
-from .design import (
+from .design import checks, trial_counts
+from .markdown import contrast_table, interval, md_table, p_value, pts, signed
+from .sections import (
     caps_lines,
-    checks,
     checks_section,
     claims_section,
     late_section,
     lr_section,
     seed_section,
     time_section,
-    trial_counts,
     tuned_origin,
 )
-from .markdown import contrast_table, interval, md_table, p_value, pts, signed
 from .stats import ALPHA, POWER, fisher
 from .tables import CHECKS, load_results, read_optional
 
