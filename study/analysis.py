@@ -577,7 +577,9 @@ def grid_choices(trials: pd.DataFrame, rule: str) -> pd.Series:
             out[(int(budget) if pd.notna(budget) else 0, shape, depth)] = float(
                 g.loc[g["grid_point"] == order.index[0], "param_lr"].iloc[0]
             )
-    index = pd.MultiIndex.from_tuples(list(out), names=["budget", "shape", "depth"]) if out else None
+    names = ["budget", "shape", "depth"]
+    keys = list(out)
+    index = pd.MultiIndex.from_tuples(keys, names=names) if keys else pd.MultiIndex.from_arrays([[]] * 3, names=names)
     return pd.Series(list(out.values()), index=index, dtype=float)
 
 

@@ -328,11 +328,15 @@ def trial_counts(trials: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["depth", "trained", "proposals", "failed"])
 
 
+MARGIN_COLUMNS = ("budget", "shape", "depth", "chosen", "runner_up", "lead", "leads", "mean_lead", "price")
+
+
 def grid_margins(trials: pd.DataFrame, rule: str = "mean") -> pd.DataFrame:
     """Per matched cell with a grid: the chosen and runner-up learning rates and the chosen point's lead
     in the score the study's rule ranks by (analysis.grid_order: the mean validation accuracy, or its
     smoothed value), with the lead per replicate (replicate r trains every grid point from the same seed,
-    so the leads are paired): is the choice above the seed noise?"""
+    so the leads are paired): is the choice above the seed noise? Also its lead in plain mean validation
+    accuracy, and its price: how far its mean falls below the grid's best mean (0 under the mean rule)."""
     rows = []
     for budget, shape, depth, g in grid_cells(trials):
         order = grid_order(g, rule)
@@ -342,6 +346,7 @@ def grid_margins(trials: pd.DataFrame, rule: str = "mean") -> pd.DataFrame:
         best = int(chosen.iloc[0])
         runner = int(next(i for i in order.index if i != best))
         lr = g.groupby("grid_point")["param_lr"].first()
+        means = g.groupby("grid_point")["val_accuracy"].mean()[order.index]  # points still in the running
         per = g.pivot_table(index="replicate", columns="grid_point", values="val_accuracy")
         leads = []
         for _, row in per.iterrows():
@@ -357,9 +362,11 @@ def grid_margins(trials: pd.DataFrame, rule: str = "mean") -> pd.DataFrame:
                 "runner_up": float(lr[runner]),
                 "lead": float(order[best] - order[runner]),
                 "leads": leads,
+                "mean_lead": float(means[best] - means[runner]),
+                "price": float(means.max() - means[best]),
             }
         )
-    return pd.DataFrame(rows, columns=["budget", "shape", "depth", "chosen", "runner_up", "lead", "leads"])
+    return pd.DataFrame(rows, columns=[*MARGIN_COLUMNS])
 
 
 def caps_binding(trials: pd.DataFrame, config: dict) -> dict[str, list[int]]:

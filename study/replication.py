@@ -26,7 +26,9 @@ from .analysis import (
     matched_key,
     opening_sentence,
 )
+from .config import NEIGHBOURHOOD
 from .markdown import interval, md_table, p_value, signed
+from .stats import ALPHA, mcnemar_exact
 
 VOLATILE = ("in_progress", "superseded_final_runs")  # config.json keys that describe a run, not the design
 DECIDED = ("better", "worse", "equivalent")
@@ -151,48 +153,113 @@ class Replicate:
     notes: tuple[str, ...] = ()
 
 
-def rule_line(final: pd.DataFrame, other: Replicate, rule: str, thin=()) -> list[str]:
+def own_choices(rates: pd.Series, thin=()) -> pd.Series:
+    """The cells that choose their own rate (a thinned budget borrows its depth's choice)."""
+    return rates[~rates.index.get_level_values("budget").isin(thin)]
+
+
+def rate_moves(final: pd.DataFrame, other: Replicate, rule: str, thin=(), check_budget: int = 0) -> dict:
+    """{(budget, shape, depth): why} for the matched cells whose retrained rate differs between the runs:
+    "" where both runs used the same rule; otherwise "by the rule" where this run's rule applied to the
+    other run's grid picks this run's rate (the other run's rule made the difference), else "by the draw"."""
+    rates = pd.concat([chosen_rates(final), chosen_rates(other.final)], axis=1, keys=["this", "other"]).dropna()
+    moved = rates[~np.isclose(rates["this"], rates["other"])]
+    if not any(n.startswith("learning rates") for n in other.notes):
+        return dict.fromkeys(moved.index, "")
+    there = grid_choices(other.trials, rule)
+    out = {}
+    for budget, shape, depth in moved.index:
+        key = (check_budget, shape, depth) if budget in thin else (budget, shape, depth)
+        mine = there.get(key)
+        same = mine is not None and bool(np.isclose(mine, rates.loc[(budget, shape, depth), "this"]))
+        out[(budget, shape, depth)] = "by the rule" if same else "by the draw"
+    return out
+
+
+def rule_lines(trials: pd.DataFrame, final: pd.DataFrame, other: Replicate, rule: str, thin=()) -> list[str]:
     """Where the runs chose by different rules or from different tuning seeds: what this run's rule
-    chooses from the other run's own grid, against what this run retrained (an independent draw of the
-    grid noise when the tuning seeds differ)."""
+    chooses from the other run's own grid against what this run retrained (k of N cells; the depths of
+    the question separately), the mean rule on the same two grids as the control, and an exact McNemar
+    test on the cells where exactly one rule agrees."""
     if not other.notes:
         return []
-    here = chosen_rates(final)
-    there = grid_choices(other.trials, rule)
-    both = pd.concat([here, there], axis=1, keys=["this", "other"]).dropna()
-    both = both[~both.index.get_level_values("budget").isin(thin)]
-    if both.empty:
+    t = pd.concat(
+        [
+            own_choices(chosen_rates(final), thin),
+            own_choices(grid_choices(other.trials, rule), thin),
+            own_choices(grid_choices(trials, "mean"), thin),
+            own_choices(grid_choices(other.trials, "mean"), thin),
+        ],
+        axis=1,
+        keys=["here", "there", "mean_here", "mean_there"],
+    ).dropna()
+    if t.empty:
         return []
-    same = int(np.isclose(both["this"], both["other"]).sum())
+    agree = pd.Series(np.isclose(t["here"], t["there"]), index=t.index)
+    control = pd.Series(np.isclose(t["mean_here"], t["mean_there"]), index=t.index)
+    core = t.index.get_level_values("depth").isin(NEIGHBOURHOOD)
+    only_rule, only_mean = int((agree & ~control).sum()), int((~agree & control).sum())
+    p = mcnemar_exact(only_rule, only_mean)
+    apart = "; ".join(
+        (f"{'constant width' if shape == 'constant' else 'funnel'} {budget:,} depth {depth}" if budget else "softmax")
+        + f": {t.loc[(budget, shape, depth), 'here']:.3g} here, {t.loc[(budget, shape, depth), 'there']:.3g} there"
+        for budget, shape, depth in t.index[~agree.to_numpy()]
+    )
+    draw = any(n.startswith("tuning seeds") for n in other.notes)
     return [
-        f"This run's rule ({rule}) applied to the other run's own grid chooses the same learning rate as this "
-        f"run retrained in {same} of {len(both)} cells"
+        f"This run's rule ({rule}) applied to the other run's own grid chooses the rate this run retrained in "
+        f"**{int(agree.sum())} of {len(t)}** cells that choose their own rate ({int(agree[core].sum())} of "
+        f"{int(core.sum())} at depths 3-5)"
+        + (f"; apart: {apart}" if apart else "")
+        + ". "
         + (
-            " (each grid trained from other tuning seeds: an independent draw of the grid noise)."
-            if any(n.startswith("tuning seeds") for n in other.notes)
-            else "."
+            "The two grids were trained from other tuning seeds: an independent draw of the training noise "
+            "(initialisation and batch order) on the same validation hold-out. "
+            if draw
+            else ""
+        )
+        + f"The mean rule on the same two grids agrees in {int(control.sum())} of {len(t)}. Where exactly one "
+        f"rule agrees ({only_rule} cells for {rule}, {only_mean} for the mean), an exact McNemar test gives p = "
+        f"{p:.2g}"
+        + (
+            f": {'the ' + rule + ' rule' if only_rule > only_mean else 'the mean rule'} is the more reproducible here."
+            if p < ALPHA
+            else f": {len(t)} cells cannot tell the two rules apart."
         ),
         "",
     ]
 
 
-def section(pairs: list[Paired], final: pd.DataFrame, other: Replicate, rule: str, thin=()) -> list[str]:
+def section(
+    pairs: list[Paired],
+    trials: pd.DataFrame,
+    final: pd.DataFrame,
+    other: Replicate,
+    rule: str,
+    thin=(),
+    check_budget: int = 0,
+) -> list[str]:
     """The report's "Run again" section."""
     if not pairs:
         return []
     second, other_final = other.analysis, other.final
     rates = pd.concat([chosen_rates(final), chosen_rates(other_final)], axis=1, keys=["this", "other"]).dropna()
     moved_all = rates[~np.isclose(rates["this"], rates["other"])]
-    moved_in = {}  # setting key -> depths whose rate moved (a thinned budget inherits its rate, moved or not)
-    for budget, shape, depth in moved_all.index:
+    why = rate_moves(final, other, rule, thin, check_budget)
+    moved_in = {}  # setting key -> {depth whose rate moved: why} (a thinned budget inherits its rate, moved or not)
+    for (budget, shape, depth), reason in why.items():
         if budget:
-            moved_in.setdefault(matched_key(budget, shape), set()).add(depth)
+            moved_in.setdefault(matched_key(budget, shape), {})[depth] = reason
     rows = []
     for p in pairs:
         x, a, b = p.between, p.this, p.other
         if x.setting.startswith("matched"):
-            moved = sorted(moved_in.get(x.setting, set()) & {x.a, x.b})
-            rate = f"depth {' and '.join(map(str, moved))}" if moved else "no"
+            moved = {d: r for d, r in moved_in.get(x.setting, {}).items() if d in (x.a, x.b)}
+            rate = (
+                "depth " + " and ".join(f"{d}" + (f" ({r})" if r else "") for d, r in sorted(moved.items()))
+                if moved
+                else "no"
+            )
         else:
             rate = "two searches" if x.setting == "tuned" else "none chosen"
         rows.append(
@@ -256,5 +323,14 @@ def section(pairs: list[Paired], final: pd.DataFrame, other: Replicate, rule: st
         "fixed: they do not include the choice, and more final seeds would not shrink this part of the "
         "variation. What the answer can rest on is what both runs decided alike.",
         "",
-        *rule_line(final, other, rule, thin),
+        *(
+            [
+                "The other run's final models were retrained at its own rule's rates: a contrast that conflicts "
+                "where a rate moved *by the rule* is not a failure to reproduce the rerun's choice.",
+                "",
+            ]
+            if any(why.values())
+            else []
+        ),
+        *rule_lines(trials, final, other, rule, thin),
     ]

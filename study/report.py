@@ -539,7 +539,7 @@ def _render(
                 f"{interval(*soft.ci, signed_values=False)}).",
                 "",
             ]
-        doc += lr_section(trials, out, m.get("lr_rule", "mean"))
+        doc += lr_section(trials, out, m.get("lr_rule", "mean"), an.margin)
         for s in matched:
             doc += section(an, s, s.key.split(", ", 1)[1])
         doc += late_section(epochs, final, an.margin, m.get("check_budget", SOURCE_PARAMS))
@@ -589,7 +589,15 @@ def _render(
         doc += cross_dataset_section(out, an, second)
     if again is not None:
         thin = exps.get("matched", {}).get("thin_budgets", [])
-        doc += replication.section(pairs, final, rerun, replication.lr_rule(config), tuple(thin))
+        doc += replication.section(
+            pairs,
+            trials,
+            final,
+            rerun,
+            replication.lr_rule(config),
+            tuple(thin),
+            exps.get("matched", {}).get("check_budget", SOURCE_PARAMS),
+        )
     doc += time_section(trials, final)
     doc += sanity_checks(trials, config)
     if throughput is not None and not throughput.empty:

@@ -139,7 +139,7 @@ def caps_lines(trials: pd.DataFrame, config: dict) -> list[str]:
     ]
 
 
-def lr_section(trials: pd.DataFrame, out: Path, rule: str = "mean") -> list[str]:
+def lr_section(trials: pd.DataFrame, out: Path, rule: str = "mean", margin: float | None = None) -> list[str]:
     m = trials[(trials["experiment"] == "matched") & (trials["depth"] > 1)]
     if m.empty:
         return []
@@ -151,34 +151,56 @@ def lr_section(trials: pd.DataFrame, out: Path, rule: str = "mean") -> list[str]
     caption = figures.lr_figure(out / "lr.png", m, panels)
     doc = ["![learning rates](lr.png)", "", caption, ""] if caption else []
     margins = grid_margins(m, rule)
-    if not margins.empty:
-        unstable = margins[margins["leads"].map(lambda x: bool(x) and min(x) <= 0)]
-        rows = [
-            {
-                "cell": matched_key(int(r.budget), r.shape).removeprefix("matched, "),
-                "depth": r.depth,
-                "chosen rate": f"{r.chosen:.3g}",
-                "runner-up": f"{r.runner_up:.3g}",
-                "lead (points)": signed(r.lead),
-                "lead per tuning seed": ", ".join(signed(x) for x in r.leads) or "n/a",
-            }
-            for r in margins.itertuples()
-        ]
-        score = "mean validation accuracy" if rule == "mean" else "smoothed mean validation accuracy"
+    if margins.empty:
+        return doc
+    unstable = margins[margins["leads"].map(lambda x: bool(x) and min(x) <= 0)]
+    smoothed = rule != "mean"
+    score = "smoothed score" if smoothed else "mean validation accuracy"
+    rows = []
+    for r in margins.itertuples():
+        row = {
+            "cell": matched_key(int(r.budget), r.shape).removeprefix("matched, "),
+            "depth": r.depth,
+            "chosen rate": f"{r.chosen:.3g}",
+            "runner-up": f"{r.runner_up:.3g}",
+            ("smoothed lead (points)" if smoothed else "lead (points)"): signed(r.lead),
+            "lead per tuning seed": ", ".join(signed(x) for x in r.leads) or "n/a",
+        }
+        if smoothed:
+            row["lead in mean (points)"] = signed(r.mean_lead)
+            row["below the best mean (points)"] = pts(r.price)
+        rows.append(row)
+    doc += [
+        f"Each cell's rate is {LR_RULES[rule]}. How far each choice leads its runner-up in {score}, and per tuning "
+        "seed (the same seed at every grid point, so the leads are paired): "
+        + (
+            "the chosen rate leads for every tuning seed of every cell."
+            if unstable.empty
+            else f"in {len(unstable)} of {len(margins)} cells a tuning seed prefers the runner-up, so the order of "
+            "the choice and its runner-up is within the seed noise (the runner-up check below retrains it)."
+        ),
+        "",
+    ]
+    if smoothed:
+        costly = margins[margins["price"] > margin / 2] if margin is not None else margins.iloc[:0]
         doc += [
-            f"Each cell's rate is {LR_RULES[rule]}. How far each choice leads its runner-up in {score}, and per "
-            "tuning seed (the same seed at every grid point, so the leads are paired): "
+            "A smoothed lead blends points up to two grid steps away and is smaller by construction: it is not "
+            "comparable with the margin. The runner-up is a neighbouring grid point, so the runner-up check asks "
+            "whether a contrast survives a quarter-decade change of rate. The choice's price is how far its mean "
+            f"falls below the grid's best mean: at most {pts(margins['price'].max())} points here"
             + (
-                "the chosen rate leads for every tuning seed of every cell."
-                if unstable.empty
-                else f"in {len(unstable)} of {len(margins)} cells a tuning seed prefers the runner-up, so that choice "
-                "is within the seed noise (the runner-up check below retrains it)."
-            ),
-            "",
-            md_table(pd.DataFrame(rows)),
+                f"; above half the margin ({pts(margin / 2)} points) in "
+                + "; ".join(
+                    f"{matched_key(int(r.budget), r.shape).removeprefix('matched, ')} depth {r.depth}"
+                    for r in costly.itertuples()
+                )
+                if not costly.empty
+                else (f", within half the margin ({pts(margin / 2)} points) in every cell" if margin else "")
+            )
+            + ".",
             "",
         ]
-    return doc
+    return doc + [md_table(pd.DataFrame(rows)), ""]
 
 
 def late_section(epochs: pd.DataFrame, final: pd.DataFrame, margin: float, budget: int) -> list[str]:

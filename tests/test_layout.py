@@ -74,7 +74,12 @@ def test_statistics_figures_and_document_each_have_their_module():
     assert study["markdown"] <= {"analysis", "stats"}  # how numbers print; no document logic
     assert study["design"] <= {"analysis", "config", "stats"}  # the checks computed: no words, no figures
     assert study["sections"] <= {"analysis", "config", "design", "figures", "markdown", "stats"}  # never the document
-    assert study["replication"] <= {"analysis", "markdown"}  # the rerun comparison; the document places it
+    assert study["replication"] <= {
+        "analysis",
+        "config",
+        "markdown",
+        "stats",
+    }  # the rerun comparison; the document places it
     assert "design" not in study["analysis"] and "report" not in study["design"] | study["sections"]
     assert study["serve"] <= {"config", "coord"}  # the proxy knows storages, not studies
 

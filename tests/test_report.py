@@ -65,6 +65,13 @@ def test_wilcoxon_all_differences_of_one_sign():
     assert stats.paired(x, y, 0.002).p_wilcoxon == pytest.approx(2 / 2**8)
 
 
+def test_mcnemar_exact_is_a_two_sided_sign_test_on_the_discordant_pairs():
+    # 6 discordant pairs, all one way: 2 / 2**6; 5 against 1: 2 * P(X <= 1 | 6, 1/2) = 2 * 7 / 64.
+    assert stats.mcnemar_exact(6, 0) == pytest.approx(0.03125)
+    assert stats.mcnemar_exact(1, 5) == pytest.approx(14 / 64)
+    assert stats.mcnemar_exact(0, 0) == 1.0
+
+
 def test_fisher_exact_lady_tasting_tea():
     # Fisher (1935): 3 of 4 cups right either way, two-sided p = 0.4857 (R: fisher.test).
     assert stats.fisher(3, 4, 1, 4) == pytest.approx(0.4857, abs=1e-4)
@@ -479,39 +486,50 @@ def test_two_runs_agree_only_where_both_decided_alike(first, second, between, ex
     assert agreement(a, b, between) == expected
 
 
+def grid_trials(points: list[tuple[float, float]], retrained: float) -> pd.DataFrame:
+    """A matched grid per depth (one replicate) at 242,762 parameters, as the synthetic final runs have it."""
+    return pd.DataFrame(
+        [
+            {
+                "experiment": "matched",
+                "budget": 242762,
+                "depth": d,
+                "trial": i,
+                "state": "complete",
+                "retrained": lr == retrained,
+                "param_lr": lr,
+                "grid_point": i,
+                "replicate": 0,
+                "val_accuracy": acc,
+                "best_epoch_val_accuracy": acc,
+                "n_params": PARAMS[d],
+                "train_flops": 1e11,
+                "epochs_run": 10,
+            }
+            for d in range(1, 7)
+            for i, (lr, acc) in enumerate(points)
+        ]
+    )
+
+
 def test_a_rerun_with_other_tuning_seeds_and_the_old_rule_is_compared_by_what_this_rule_picks_from_its_grid(
     tmp_path: Path,
 ):
     trials, epochs, final = study_tables(FOUR_WINS, FOUR_WINS, TUNED)
     matched = {**CONFIG["experiments"]["matched"], "lr_rule": "smoothed"}
     config = {**CONFIG, "tuning_seed": -2, "experiments": {**CONFIG["experiments"], "matched": matched}}
+    others = trials[trials.experiment != "matched"]
+    # This run's grids: both rules pick 0.03, which every final run retrained.
+    here = grid_trials([(0.01, 0.976), (0.03, 0.979), (0.1, 0.978), (0.3, 0.95)], retrained=0.03)
     (tmp_path / "a").mkdir()
-    first = write(tmp_path / "a", trials, epochs, final, config)
-    # The replicate's grids (old rule, tuning seeds 0, -1): the mean picks the lucky 0.1, which sits next to a
-    # poor 0.3; smoothed, the neighbourhood of 0.03 wins: (0.975 + 2 * 0.978 + 0.979) / 4 = 0.9775.
-    grid = [
-        {
-            "experiment": "matched",
-            "budget": 242762,  # as the synthetic final runs have it, softmax included
-            "depth": d,
-            "trial": i,
-            "state": "complete",
-            "retrained": lr == 0.1,
-            "param_lr": lr,
-            "grid_point": i,
-            "replicate": 0,
-            "val_accuracy": acc,
-            "best_epoch_val_accuracy": acc,
-            "n_params": PARAMS[d],
-            "train_flops": 1e11,
-            "epochs_run": 10,
-        }
-        for d in range(1, 7)
-        for i, (lr, acc) in enumerate([(0.01, 0.975), (0.03, 0.978), (0.1, 0.979), (0.3, 0.90)])
-    ]
-    other_trials = pd.concat([trials[trials.experiment != "matched"], pd.DataFrame(grid)], ignore_index=True)
+    first = write(tmp_path / "a", pd.concat([others, here], ignore_index=True), epochs, final, config)
+    # The replicate's grids (old rule, tuning seeds 0, -1): the mean picks the lucky 0.1, next to a poor 0.3;
+    # smoothed, the neighbourhood of 0.03 wins: (0.975 + 2 * 0.978 + 0.979) / 4 = 0.9775.
+    there = grid_trials([(0.01, 0.975), (0.03, 0.978), (0.1, 0.979), (0.3, 0.90)], retrained=0.1)
     again = final.assign(test_accuracy=final.test_accuracy + np.random.default_rng(3).normal(0, 1e-4, len(final)))
+    again.loc[(again.experiment == "matched") & (again.depth == 5), "param_lr"] = 0.1  # its mean rule's choice
     (tmp_path / "b").mkdir()
+    other_trials = pd.concat([others, there], ignore_index=True)
     text = render(first, replicate_of=write(tmp_path / "b", other_trials, epochs, again)).read_text()
     section = text.split("## Run again: does the answer reproduce?")[1].split("\n## ")[0]
     differs = (
@@ -520,9 +538,14 @@ def test_a_rerun_with_other_tuning_seeds_and_the_old_rule_is_compared_by_what_th
     )
     assert differs in section and differs in text.split("## ")[0]
     assert (
-        "This run's rule (smoothed) applied to the other run's own grid chooses the same learning rate as this run "
-        "retrained in 6 of 6 cells (each grid trained from other tuning seeds" in section
+        "This run's rule (smoothed) applied to the other run's own grid chooses the rate this run retrained in "
+        "**6 of 6** cells that choose their own rate (3 of 3 at depths 3-5)." in section
     )
+    assert "The mean rule on the same two grids agrees in 0 of 6." in section
+    assert "(6 cells for smoothed, 0 for the mean), an exact McNemar test gives p = 0.031" in section
+    row = next(x for x in section.splitlines() if x.startswith("| matched, 242,762 parameters | depth 4 minus 5 |"))
+    assert "| depth 5 (by the rule) |" in row  # the old rule moved it, not the draw
+    assert "is not a failure to reproduce the rerun's choice" in section
     # Any other difference is still another design.
     (tmp_path / "c").mkdir()
     other = write(tmp_path / "c", other_trials, epochs, again, {**config, "tuning_seed": 0, "momentum": 0.0})
@@ -766,6 +789,8 @@ def test_grid_margins_pair_each_replicate_and_trial_counts_separate_failures():
     r = grid_margins(grid.assign(retrained=[True] + [False] * 5), "smoothed").iloc[0]
     assert (r.chosen, r.runner_up) == (0.03, 0.1) and r.lead == pytest.approx(0.973625 - 0.967875)
     assert r.leads == pytest.approx([0.9725 - 0.97, 0.97475 - 0.96575])
+    assert r.mean_lead == pytest.approx(0.9725 - 0.977) and r.price == pytest.approx(0.977 - 0.9725)  # its price
+    assert grid_margins(grid).iloc[0].price == 0  # the mean rule picks the best mean
     tuned = pd.DataFrame(
         {"experiment": "tuned", "depth": [3, 3, 3, 3], "state": ["complete", "failed", "diverged", "interrupted"]}
     )
