@@ -9,7 +9,7 @@ LOCK := requirements.lock
 DASHBOARD_PORT ?= 8080
 STORAGE ?= sqlite:///results/study.db
 
-.PHONY: study test lint reproduce throughput lock dashboard cuda-checks clean
+.PHONY: study test lint soak reproduce throughput lock dashboard cuda-checks clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ study: $(VENV)/.installed  ## set up, then run the quick depth study + report in
 
 test: lint  ## set up, lint, then run the whole test suite (benchmarks once, untimed)
 	$(PY) -m pytest
+
+SOAK_RUNS ?= 5
+SOAK_OUT ?= results/soak.csv
+soak: $(VENV)/.installed  ## the suite SOAK_RUNS times in a row while a second copy runs beside it (a long run)
+	RUNS=$(SOAK_RUNS) OUT=$(SOAK_OUT) PY=$(PY) tests/soak.sh
 
 lint: $(VENV)/.installed  ## ruff: lint and formatting (what `make test` checks first)
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The default suite RUNS times in a row while a second copy of it runs beside it, the whole time, on the
+# same machine (issue #18: no test may depend on load or on timing margins). The second copy is a git
+# worktree of HEAD in a temporary folder, run in a loop with the same interpreter. Each run of either copy
+# is one row of the table; the beside copy's run still going when the last main run ends is stopped and
+# recorded as stopped. Exits 1 if any completed run of either copy failed, 2 if it cannot start.
+# Usage: make soak [SOAK_RUNS=5] [SOAK_OUT=results/soak.csv]; PYTEST_ARGS=tests/test_layout.py tries it on a subset
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"  # absolute, not resolved: a venv's python is a link
+RUNS=${RUNS:-5}
+OUT=${OUT:-results/soak.csv}
+export MNIST_BENCH_REQUIRE_SERVICES=${MNIST_BENCH_REQUIRE_SERVICES:-1}
+CPU=$(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')
+COMMIT=$(git rev-parse --short HEAD)
+read -r -a ARGS <<< "${PYTEST_ARGS:-}"  # a subset, to try the script itself (default: the whole suite)
+
+one() {  # one COPY RUN DIR TABLE LOGS: one run of the default suite in DIR, appended to TABLE as a row
+    local copy=$1 run=$2 dir=$3 table=$4 logs=$5 start t0 rc summary
+    start=$(date -u +%FT%TZ)
+    t0=$SECONDS
+    (cd "$dir" && exec "$PY" -m pytest -q -p no:cacheprovider "${ARGS[@]}") > "$logs/$copy-$run.log" 2>&1
+    rc=$?
+    summary=$(tail -1 "$logs/$copy-$run.log" | tr -d ',=' | sed 's/^ *//; s/ *$//')
+    echo "$copy,$run,$start,$((SECONDS - t0)),$rc,$summary,$CPU,$COMMIT" >> "$table"
+    return "$rc"
+}
+
+if [ "${1:-}" = "--beside" ]; then  # the second copy: runs until it is stopped
+    i=1
+    while :; do
+        one beside "$i" "$2" "$3" "$4"
+        i=$((i + 1))
+    done
+fi
+
+logs=$(mktemp -d)
+table="$logs/soak.csv"
+mkdir -p "$(dirname "$OUT")" && touch "$OUT" && [ -w "$OUT" ] || { echo "soak: cannot write $OUT" >&2; exit 2; }
+git worktree add --quiet --detach "$logs/copy" HEAD || { echo "soak: cannot make a worktree of HEAD" >&2; exit 2; }
+echo "copy,run,started,seconds,rc,summary,cpu,commit" > "$table"
+setsid "$0" --beside "$logs/copy" "$table" "$logs" &
+beside=$!
+stop() {
+    kill -TERM -- -"$beside" 2>/dev/null
+    wait "$beside" 2>/dev/null
+    git worktree remove --force "$logs/copy" 2>/dev/null
+}
+trap 'stop; rm -rf "$logs"; exit 130' INT TERM
+
+failed=0
+for i in $(seq 1 "$RUNS"); do
+    one main "$i" . "$table" "$logs" || failed=1
+done
+stop
+# A beside run cut short by the stop is "stopped", not a failure; any other non-zero exit is one.
+awk -F, -v OFS=, 'NR > 1 && $1 == "beside" && ($5 == 143 || $5 == 137 || $5 == 130) {$5 = "stopped"} 1' \
+    "$table" > "$OUT"
+bad=$(awk -F, 'NR > 1 && $5 != 0 && $5 != "stopped"' "$OUT" | wc -l)
+for f in "$logs"/*.log; do  # keep the log of every failed run beside the table
+    name=$(basename "$f" .log)
+    awk -F, -v c="${name%-*}" -v r="${name##*-}" 'NR > 1 && $1 == c && $2 == r && $5 != 0 && $5 != "stopped"' \
+        "$OUT" | grep -q . && cp "$f" "${OUT%.csv}-$name.log"
+done
+rm -rf "$logs"
+echo "soak: $RUNS runs of the suite beside a second copy; failed runs: $bad (table: $OUT)"
+[ "$bad" -eq 0 ] && exit "$failed" || exit 1
