@@ -263,7 +263,8 @@ def cost_section(trials: pd.DataFrame, epochs: pd.DataFrame) -> list[str]:
     return doc
 
 
-def cross_dataset_section(out: Path, first: Analysis, second: Analysis) -> list[str]:
+def cross_dataset_section(out: Path, first: Analysis, second: Analysis, rules: tuple[str, str] = ()) -> list[str]:
+    """`rules`: the two studies' learning-rate rules, named in the section where they differ."""
     inter = interactions(first, second)
     if not inter:
         return []
@@ -298,7 +299,13 @@ def cross_dataset_section(out: Path, first: Analysis, second: Analysis) -> list[
         f"per-seed differences are paired by seed (r below): paired t and TOST on the difference-in-differences, "
         f"one Holm family. *Differs* only when its interval excludes 0; *carries over* only when two one-sided "
         f"tests put it inside ±{100 * first.margin:.2f} points; otherwise *inconclusive*. A contrast significant "
-        f"on one dataset and not on the other is not, by itself, a difference between datasets.",
+        f"on one dataset and not on the other is not, by itself, a difference between datasets."
+        + (
+            f" The two studies chose their learning rates by different rules ({names[0]}: {rules[0]}; {names[1]}: "
+            f"{rules[1]}): an interaction may come from the rule rather than the dataset."
+            if len(rules) == 2 and rules[0] != rules[1]
+            else ""
+        ),
         "",
         "![cross-dataset](cross-dataset.png)",
         "",
@@ -586,7 +593,7 @@ def _render(
         if curves:
             doc += ["![curves](curves.png)", "", curves, ""]
     if second is not None:
-        doc += cross_dataset_section(out, an, second)
+        doc += cross_dataset_section(out, an, second, (replication.lr_rule(config), replication.lr_rule(other[3])))
     if again is not None:
         thin = exps.get("matched", {}).get("thin_budgets", [])
         doc += replication.section(

@@ -551,6 +551,11 @@ def test_a_rerun_with_other_tuning_seeds_and_the_old_rule_is_compared_by_what_th
     other = write(tmp_path / "c", other_trials, epochs, again, {**config, "tuning_seed": 0, "momentum": 0.0})
     with pytest.raises(UsageError, match="setting 'momentum' differs"):
         render(first, replicate_of=other)
+    # Another dataset's study under the old rule: the cross-dataset section says the rules differ.
+    (tmp_path / "f").mkdir()
+    fashion = write(tmp_path / "f", other_trials, epochs, again, {**CONFIG, "dataset": "fashion-mnist"})
+    text = render(first, compare_with=fashion).read_text()
+    assert "chose their learning rates by different rules (MNIST: smoothed; Fashion-MNIST: mean)" in text
 
 
 def test_a_rerun_of_another_design_is_refused(tmp_path: Path):
