@@ -546,9 +546,9 @@ def edge_warnings(trials: pd.DataFrame, config: dict, caps_declared: dict) -> tu
 
 
 def grid_cells(trials: pd.DataFrame):
-    """(budget, shape, depth, rows) of each matched cell's grid runs in a trials table: the completed runs and
-    the diverged ones (which count at 0, as coord.ranking counts them)."""
-    m = trials[(trials["experiment"] == "matched") & trials["state"].isin(["complete", "diverged"])]
+    """(budget, shape, depth, rows) of each matched cell's grid runs in a trials table: every run that
+    finished, as coord.ranking counts them (completed, failed at or below twice chance, and diverged, at 0)."""
+    m = trials[(trials["experiment"] == "matched") & trials["state"].isin(["complete", "failed", "diverged"])]
     if m.empty or "grid_point" not in m or "replicate" not in m:
         return
     m = m.assign(
@@ -564,7 +564,7 @@ def grid_order(g: pd.DataFrame, rule: str) -> pd.Series:
     score of each point (config.grid_scores of its mean), best first, ties to the lower point, points whose
     every run diverged left out."""
     score = pd.Series(grid_scores(g.groupby("grid_point")["val_accuracy"].mean().to_dict(), rule), dtype=float)
-    alive = g.loc[g["state"] == "complete", "grid_point"].unique()
+    alive = g.loc[g["state"] != "diverged", "grid_point"].unique()
     return score[score.index.isin(alive)].sort_index().sort_values(ascending=False, kind="stable")
 
 

@@ -114,7 +114,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=cli.bounded_int(-(2**31), 0, "0 or below: final runs use seeds 1, 2, ..."),
         default=None,
         help="seed of the first tuning run of every cell (default: 0; a matched grid's replicate r uses this "
-        "minus r): another draw of the tuning noise; part of the study's identity",
+        "minus r): another draw of the tuning noise, e.g. -2 to rerun a study as a replicate that "
+        "report --replicate can compare; part of the study's identity and of the default study name",
     )
     p.add_argument(
         "--storage",

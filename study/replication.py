@@ -202,7 +202,8 @@ def rule_lines(trials: pd.DataFrame, final: pd.DataFrame, other: Replicate, rule
     p = mcnemar_exact(only_rule, only_mean)
     apart = "; ".join(
         (f"{'constant width' if shape == 'constant' else 'funnel'} {budget:,} depth {depth}" if budget else "softmax")
-        + f": {t.loc[(budget, shape, depth), 'here']:.3g} here, {t.loc[(budget, shape, depth), 'there']:.3g} there"
+        + f": {t.loc[(budget, shape, depth), 'here']:.3g} retrained here, {t.loc[(budget, shape, depth), 'there']:.3g} "
+        "by the rule on the other grid"
         for budget, shape, depth in t.index[~agree.to_numpy()]
     )
     draw = any(n.startswith("tuning seeds") for n in other.notes)
@@ -225,7 +226,9 @@ def rule_lines(trials: pd.DataFrame, final: pd.DataFrame, other: Replicate, rule
             f": {'the ' + rule + ' rule' if only_rule > only_mean else 'the mean rule'} is the more reproducible here."
             if p < ALPHA
             else f": {len(t)} cells cannot tell the two rules apart."
-        ),
+        )
+        + " What each choice costs against its grid's best mean is in the learning-rate table of section 2; the "
+        "thresholds a rerun was to meet are declared in docs/method.md.",
         "",
     ]
 
@@ -290,6 +293,7 @@ def section(
     moved_text = "; ".join(
         (f"{'constant width' if shape == 'constant' else 'funnel'} {budget:,} depth {depth}" if budget else "softmax")
         + f": {r.other:.3g} there, {r.this:.3g} here"
+        + (f" ({why[(budget, shape, depth)]})" if why.get((budget, shape, depth)) else "")
         for (budget, shape, depth), r in moved.iterrows()
     )
     margin = 100 * second.margin

@@ -151,7 +151,8 @@ def test_the_committed_study_opens_in_optuna_dashboard(tmp_path):
                 time.sleep(0.2)
         else:
             raise AssertionError("optuna-dashboard never answered")
-        assert "full-matched-params242762-depth4" in names and "full-tuned-depth4-final" in names
+        study = json.loads((ROOT / "results" / "config.json").read_text())["name"]  # full, or full-tuning-2, ...
+        assert f"{study}-matched-params242762-depth4" in names and f"{study}-tuned-depth4-final" in names
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -771,6 +771,7 @@ def test_t_power_falls_back_to_scipy_where_statsmodels_gives_nan():
 
 
 def test_grid_margins_pair_each_replicate_and_trial_counts_separate_failures():
+    from study.analysis import grid_choices, grid_order
     from study.design import grid_margins, trial_counts
 
     grid = pd.DataFrame(
@@ -796,6 +797,10 @@ def test_grid_margins_pair_each_replicate_and_trial_counts_separate_failures():
     assert r.leads == pytest.approx([0.9725 - 0.97, 0.97475 - 0.96575])
     assert r.mean_lead == pytest.approx(0.9725 - 0.977) and r.price == pytest.approx(0.977 - 0.9725)  # its price
     assert grid_margins(grid).iloc[0].price == 0  # the mean rule picks the best mean
+    # A run that finished at chance counts at its value, as the workers' ranking counts it: point 2 sinks.
+    failed = grid.assign(state=["complete", "complete", "failed"] * 2, val_accuracy=[0.970, 0.980, 0.10] * 2)
+    assert grid_order(failed.assign(grid_point=failed.grid_point), "smoothed").index.tolist() == [0, 1, 2]
+    assert grid_choices(failed, "mean").tolist() == [0.1]
     tuned = pd.DataFrame(
         {"experiment": "tuned", "depth": [3, 3, 3, 3], "state": ["complete", "failed", "diverged", "interrupted"]}
     )
