@@ -8,7 +8,7 @@ cells' learning-rate choice moved. Only contrasts both runs decided alike are an
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +43,11 @@ def lr_rule(config: dict) -> str:
     return config.get("experiments", {}).get("matched", {}).get("lr_rule", "mean")
 
 
-def refuse_other_design(config: dict, other: dict, where: Path) -> list[str]:
+def refuse_other_design(config: dict, other: dict, where: Path) -> dict[str, str]:
     """A replicate is the same study run again: same dataset, same settings, same budgets. Two differences
-    are allowed and returned as phrases for the report: other tuning seeds (another draw of the tuning
-    noise) and the learning-rate rule (the replicate is the design before or after the rule changed; the
-    report then asks what this run's rule chooses from the replicate's own grid)."""
+    are allowed and returned as {setting: phrase for the report}: "tuning_seed" (another draw of the tuning
+    noise) and "lr_rule" (the replicate is the design before or after the rule changed; the report then
+    asks what this run's rule chooses from the replicate's own grid)."""
 
     def design(c: dict) -> dict:
         d = {k: v for k, v in c.items() if k not in VOLATILE + DRAWS}
@@ -64,12 +64,16 @@ def refuse_other_design(config: dict, other: dict, where: Path) -> list[str]:
             f"--replicate {where} is not the same study run again: setting {differing[0]!r} differs "
             f"({len(differing)} of its settings differ){hint}"
         )
-    notes = []
+    allowed = {}
     if config.get("tuning_seed", 0) != other.get("tuning_seed", 0):
-        notes.append(f"tuning seeds from {other.get('tuning_seed', 0)} there, from {config.get('tuning_seed', 0)} here")
+        allowed["tuning_seed"] = (
+            f"tuning seeds from {other.get('tuning_seed', 0)} there, from {config.get('tuning_seed', 0)} here"
+        )
     if lr_rule(config) != lr_rule(other) and "matched" in config.get("experiments", {}):
-        notes.append(f"learning rates chosen by the {lr_rule(other)} rule there, the {lr_rule(config)} rule here")
-    return notes
+        allowed["lr_rule"] = (
+            f"learning rates chosen by the {lr_rule(other)} rule there, the {lr_rule(config)} rule here"
+        )
+    return allowed
 
 
 def chosen_rates(final: pd.DataFrame) -> pd.Series:
@@ -122,19 +126,24 @@ def groups(pairs: list[Paired]) -> dict[str, list[str]]:
     return {g: v for g, v in found.items() if v}
 
 
-def differences(notes: list[str]) -> str:
+def differences(differs: dict[str, str]) -> str:
     """How the replicate was run, in words: the same design and seeds, or what differs."""
-    if not notes:
+    if not differs:
         return "the same design and seeds"
-    return "the same final seeds and the same design except: " + "; ".join(notes)
+    return "the same final seeds and the same design except: " + "; ".join(differs.values())
 
 
-def summary(pairs: list[Paired], other_final: pd.DataFrame, notes: list[str] = ()) -> list[str]:
+def cell_label(budget: int, shape: str, depth: int) -> str:
+    """A matched cell in the section's lists (budget 0: softmax)."""
+    return f"{'constant width' if shape == 'constant' else 'funnel'} {budget:,} depth {depth}" if budget else "softmax"
+
+
+def summary(pairs: list[Paired], other_final: pd.DataFrame, differs: dict[str, str] | None = None) -> list[str]:
     """The line under the answer."""
     if not pairs:
         return []
     return [
-        f"Run again on another machine ({machine(other_final)}) with {differences(notes)}: of the "
+        f"Run again on another machine ({machine(other_final)}) with {differences(differs or {})}: of the "
         f"{len(pairs)} contrasts, "
         + ", ".join(f"{len(v)} {g}" for g, v in groups(pairs).items())
         + ' (see "Run again"). Only what both runs decided alike is an answer.',
@@ -144,13 +153,14 @@ def summary(pairs: list[Paired], other_final: pd.DataFrame, notes: list[str] = (
 
 @dataclass(frozen=True)
 class Replicate:
-    """The second run as the report reads it: its analysis, tables, folder and how it was run."""
+    """The second run as the report reads it: its analysis, tables, folder and how it was run differently
+    (refuse_other_design's {setting: phrase})."""
 
     analysis: Analysis
     trials: pd.DataFrame
     final: pd.DataFrame
     where: Path
-    notes: tuple[str, ...] = ()
+    differs: dict[str, str] = field(default_factory=dict)
 
 
 def own_choices(rates: pd.Series, thin=()) -> pd.Series:
@@ -158,20 +168,19 @@ def own_choices(rates: pd.Series, thin=()) -> pd.Series:
     return rates[~rates.index.get_level_values("budget").isin(thin)]
 
 
-def rate_moves(final: pd.DataFrame, other: Replicate, rule: str, thin=(), check_budget: int = 0) -> dict:
-    """{(budget, shape, depth): why} for the matched cells whose retrained rate differs between the runs:
-    "" where both runs used the same rule; otherwise "by the rule" where this run's rule applied to the
-    other run's grid picks this run's rate (the other run's rule made the difference), else "by the draw"."""
-    rates = pd.concat([chosen_rates(final), chosen_rates(other.final)], axis=1, keys=["this", "other"]).dropna()
-    moved = rates[~np.isclose(rates["this"], rates["other"])]
-    if not any(n.startswith("learning rates") for n in other.notes):
+def rate_moves(moved: pd.DataFrame, other: Replicate, rule: str, thin=(), check_budget: int = 0) -> dict:
+    """{(budget, shape, depth): why} for the matched cells whose retrained rate differs between the runs
+    (`moved`: this run's and the other's rate by cell): "" where both runs used the same rule; otherwise
+    "by the rule" where this run's rule applied to the other run's grid picks this run's rate (the other
+    run's rule made the difference), else "by the draw"."""
+    if "lr_rule" not in other.differs:
         return dict.fromkeys(moved.index, "")
     there = grid_choices(other.trials, rule)
     out = {}
     for budget, shape, depth in moved.index:
         key = (check_budget, shape, depth) if budget in thin else (budget, shape, depth)
         mine = there.get(key)
-        same = mine is not None and bool(np.isclose(mine, rates.loc[(budget, shape, depth), "this"]))
+        same = mine is not None and bool(np.isclose(mine, moved.loc[(budget, shape, depth), "this"]))
         out[(budget, shape, depth)] = "by the rule" if same else "by the draw"
     return out
 
@@ -181,7 +190,7 @@ def rule_lines(trials: pd.DataFrame, final: pd.DataFrame, other: Replicate, rule
     chooses from the other run's own grid against what this run retrained (k of N cells; the depths of
     the question separately), the mean rule on the same two grids as the control, and an exact McNemar
     test on the cells where exactly one rule agrees."""
-    if not other.notes:
+    if not other.differs:
         return []
     t = pd.concat(
         [
@@ -201,12 +210,11 @@ def rule_lines(trials: pd.DataFrame, final: pd.DataFrame, other: Replicate, rule
     only_rule, only_mean = int((agree & ~control).sum()), int((~agree & control).sum())
     p = mcnemar_exact(only_rule, only_mean)
     apart = "; ".join(
-        (f"{'constant width' if shape == 'constant' else 'funnel'} {budget:,} depth {depth}" if budget else "softmax")
-        + f": {t.loc[(budget, shape, depth), 'here']:.3g} retrained here, {t.loc[(budget, shape, depth), 'there']:.3g} "
+        f"{cell_label(*cell)}: {t.loc[cell, 'here']:.3g} retrained here, {t.loc[cell, 'there']:.3g} "
         "by the rule on the other grid"
-        for budget, shape, depth in t.index[~agree.to_numpy()]
+        for cell in t.index[~agree.to_numpy()]
     )
-    draw = any(n.startswith("tuning seeds") for n in other.notes)
+    draw = "tuning_seed" in other.differs
     return [
         f"This run's rule ({rule}) applied to the other run's own grid chooses the rate this run retrained in "
         f"**{int(agree.sum())} of {len(t)}** cells that choose their own rate ({int(agree[core].sum())} of "
@@ -248,7 +256,7 @@ def section(
     second, other_final = other.analysis, other.final
     rates = pd.concat([chosen_rates(final), chosen_rates(other_final)], axis=1, keys=["this", "other"]).dropna()
     moved_all = rates[~np.isclose(rates["this"], rates["other"])]
-    why = rate_moves(final, other, rule, thin, check_budget)
+    why = rate_moves(moved_all, other, rule, thin, check_budget)
     moved_in = {}  # setting key -> {depth whose rate moved: why} (a thinned budget inherits its rate, moved or not)
     for (budget, shape, depth), reason in why.items():
         if budget:
@@ -288,13 +296,10 @@ def section(
                 "the two runs": p.agreement,
             }
         )
-    chose = rates[~rates.index.get_level_values("budget").isin(thin)]  # a thinned budget borrows, it does not choose
-    moved = moved_all[~moved_all.index.get_level_values("budget").isin(thin)]
+    chose, moved = own_choices(rates, thin), own_choices(moved_all, thin)
     moved_text = "; ".join(
-        (f"{'constant width' if shape == 'constant' else 'funnel'} {budget:,} depth {depth}" if budget else "softmax")
-        + f": {r.other:.3g} there, {r.this:.3g} here"
-        + (f" ({why[(budget, shape, depth)]})" if why.get((budget, shape, depth)) else "")
-        for (budget, shape, depth), r in moved.iterrows()
+        f"{cell_label(*cell)}: {r.other:.3g} there, {r.this:.3g} here" + (f" ({why[cell]})" if why.get(cell) else "")
+        for cell, r in moved.iterrows()
     )
     margin = 100 * second.margin
     listed = [f"- *{g}* ({len(v)}): " + "; ".join(v) + "." for g, v in groups(pairs).items()]
@@ -302,7 +307,7 @@ def section(
         "## Run again: does the answer reproduce?",
         "",
         f"The study was run a second time (`{other.where}`, on {machine(other_final)}; this run: "
-        f"{machine(final)}), with {differences(list(other.notes))}. Rounding differs between processors, and "
+        f"{machine(final)}), with {differences(other.differs)}. Rounding differs between processors, and "
         "with momentum and a decaying rate that re-randomises training: r, the correlation between the runs of "
         "a contrast's per-seed differences, shows how much of the pairing survives (the recipe's plain SGD keeps "
         "most of it). The runs also differ downstream of the rounding (and of the tuning seeds, where they "

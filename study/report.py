@@ -433,7 +433,7 @@ def _render(
             again = load_results(replicate_of)
         except UsageError as e:
             raise UsageError(f"--replicate: {e}") from None
-        notes = replication.refuse_other_design(config, again[3], replicate_of)
+        differs = replication.refuse_other_design(config, again[3], replicate_of)
         if final["test_accuracy"].sort_values().tolist() == again[2]["test_accuracy"].sort_values().tolist():
             raise UsageError(f"--replicate {replicate_of} holds the same runs as {results} (a copy, not a second run)")
     if out.resolve() != results.resolve():
@@ -456,14 +456,12 @@ def _render(
     }
     doc = [title, ""] + quick_banner(config, out) + progress_banner(config) + [opening_sentence(an), ""]
     rerun = (
-        replication.Replicate(
-            analyse(again[1], again[2], again[3], margin), again[0], again[2], replicate_of, tuple(notes)
-        )
+        replication.Replicate(analyse(again[1], again[2], again[3], margin), again[0], again[2], replicate_of, differs)
         if again is not None
         else None
     )
     pairs = replication.pair_runs(an, rerun.analysis) if rerun is not None else []
-    doc += replication.summary(pairs, rerun.final, rerun.notes) if rerun is not None else []
+    doc += replication.summary(pairs, rerun.final, rerun.differs) if rerun is not None else []
     if fragile:
         doc += [
             f"{len(fragile)} of these contrasts {'changes' if len(fragile) == 1 else 'change'} under a design check, "

@@ -18,7 +18,8 @@ CPU=$(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')
 COMMIT=$(git rev-parse --short HEAD)
 read -r -a ARGS <<< "${PYTEST_ARGS:-}"  # a subset, to try the script itself (default: the whole suite)
 
-one() {  # one COPY RUN DIR TABLE LOGS: one run of the default suite in DIR, appended to TABLE as a row
+one() {  # one COPY RUN DIR TABLE LOGS: one run of the default suite in DIR, appended to TABLE as a row;
+    # the log of a failed run is kept as LOGS/failed-COPY-RUN.log
     local copy=$1 run=$2 dir=$3 table=$4 logs=$5 start t0 rc summary
     start=$(date -u +%FT%TZ)
     t0=$SECONDS
@@ -26,7 +27,12 @@ one() {  # one COPY RUN DIR TABLE LOGS: one run of the default suite in DIR, app
     rc=$?
     summary=$(tail -1 "$logs/$copy-$run.log" | tr -d ',=' | sed 's/^ *//; s/ *$//')
     echo "$copy,$run,$start,$((SECONDS - t0)),$rc,$summary,$CPU,$COMMIT" >> "$table"
+    [ "$rc" -eq 0 ] || stopped "$copy" "$rc" || cp "$logs/$copy-$run.log" "$logs/failed-$copy-$run.log"
     return "$rc"
+}
+
+stopped() {  # stopped COPY RC: a beside run cut short by the final stop (if it wrote a row at all)
+    [ "$1" = beside ] && { [ "$2" -eq 143 ] || [ "$2" -eq 137 ] || [ "$2" -eq 130 ]; }
 }
 
 if [ "${1:-}" = "--beside" ]; then  # the second copy: runs until it is stopped
@@ -51,20 +57,17 @@ stop() {
 }
 trap 'stop; rm -rf "$logs"; exit 130' INT TERM
 
-failed=0
 for i in $(seq 1 "$RUNS"); do
-    one main "$i" . "$table" "$logs" || failed=1
+    one main "$i" . "$table" "$logs"
 done
 stop
-# A beside run cut short by the stop (if it wrote a row at all) is "stopped", not a failure.
+# A beside run cut short by the stop is "stopped", not a failure.
 awk -F, -v OFS=, 'NR > 1 && $1 == "beside" && ($5 == 143 || $5 == 137 || $5 == 130) {$5 = "stopped"} 1' \
     "$table" > "$OUT"
-bad=$(awk -F, 'NR > 1 && $5 != 0 && $5 != "stopped"' "$OUT" | wc -l)
-for f in "$logs"/*.log; do  # keep the log of every failed run beside the table
-    name=$(basename "$f" .log)
-    awk -F, -v c="${name%-*}" -v r="${name##*-}" 'NR > 1 && $1 == c && $2 == r && $5 != 0 && $5 != "stopped"' \
-        "$OUT" | grep -q . && cp "$f" "${OUT%.csv}-$name.log"
+for f in "$logs"/failed-*.log; do  # keep the log of every failed run beside the table
+    [ -e "$f" ] && cp "$f" "${OUT%.csv}-${f#"$logs"/failed-}"
 done
 rm -rf "$logs"
+bad=$(awk -F, 'NR > 1 && $5 != 0 && $5 != "stopped"' "$OUT" | wc -l)
 echo "soak: $RUNS runs of the suite beside a second copy; failed runs: $bad (table: $OUT)"
-[ "$bad" -eq 0 ] && exit "$failed" || exit 1
+[ "$bad" -eq 0 ] || exit 1
