@@ -26,7 +26,7 @@ test: lint  ## set up, lint, then run the whole test suite (benchmarks once, unt
 SOAK_RUNS ?= 5
 SOAK_OUT ?= results/soak.csv
 soak: $(VENV)/.installed  ## the suite SOAK_RUNS times in a row while a second copy runs beside it (a long run)
-	RUNS=$(SOAK_RUNS) OUT=$(SOAK_OUT) PY=$(PY) tests/soak.sh
+	SOAK_RUNS=$(SOAK_RUNS) SOAK_OUT=$(SOAK_OUT) PY=$(PY) tests/soak.sh
 
 lint: $(VENV)/.installed  ## ruff: lint and formatting (what `make test` checks first)
 	$(VENV)/bin/ruff check .

@@ -6,13 +6,14 @@
 # leaves no row. The beside copy tests HEAD, not uncommitted edits. Services are required as in CI
 # (MNIST_BENCH_REQUIRE_SERVICES=1 unless set): without PostgreSQL every run fails instead of skipping.
 # Exits 1 if any completed run of either copy failed, 2 if it cannot start.
-# Usage: make soak [SOAK_RUNS=5] [SOAK_OUT=results/soak.csv]; PYTEST_ARGS=tests/test_layout.py tries it on a subset
+# Usage: make soak [SOAK_RUNS=5] [SOAK_OUT=results/soak.csv] (or tests/soak.sh with the same variables);
+# PYTEST_ARGS=tests/test_layout.py tries it on a subset
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"  # absolute, not resolved: a venv's python is a link
-RUNS=${RUNS:-5}
-OUT=${OUT:-results/soak.csv}
+RUNS=${SOAK_RUNS:-5}
+OUT=${SOAK_OUT:-results/soak.csv}
 export MNIST_BENCH_REQUIRE_SERVICES=${MNIST_BENCH_REQUIRE_SERVICES:-1}
 CPU=$(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')
 COMMIT=$(git rev-parse --short HEAD)
