@@ -139,6 +139,11 @@ def caps_lines(trials: pd.DataFrame, config: dict) -> list[str]:
     ]
 
 
+def cell_name(r) -> str:
+    """A matched cell's name in a table: its budget and shape, or softmax (depth 1, no budget)."""
+    return "softmax" if r.depth == 1 else matched_key(int(r.budget), r.shape).removeprefix("matched, ")
+
+
 def lr_section(trials: pd.DataFrame, out: Path, rule: str = "mean", margin: float | None = None) -> list[str]:
     m = trials[(trials["experiment"] == "matched") & (trials["depth"] > 1)]
     if m.empty:
@@ -150,7 +155,11 @@ def lr_section(trials: pd.DataFrame, out: Path, rule: str = "mean", margin: floa
     ]
     caption = figures.lr_figure(out / "lr.png", m, panels)
     doc = ["![learning rates](lr.png)", "", caption, ""] if caption else []
-    margins = grid_margins(m, rule)
+    # The table has every cell that chose its own rate, softmax (depth 1, no budget) included, as the
+    # replication's rule test counts them; the figure's panels are the hidden-layer budgets.
+    margins = grid_margins(trials[trials["experiment"] == "matched"], rule).sort_values(
+        ["budget", "shape", "depth"], na_position="first"
+    )
     if margins.empty:
         return doc
     unstable = margins[margins["leads"].map(lambda x: bool(x) and min(x) <= 0)]
@@ -159,7 +168,7 @@ def lr_section(trials: pd.DataFrame, out: Path, rule: str = "mean", margin: floa
     rows = []
     for r in margins.itertuples():
         row = {
-            "cell": matched_key(int(r.budget), r.shape).removeprefix("matched, "),
+            "cell": cell_name(r),
             "depth": r.depth,
             "chosen rate": f"{r.chosen:.3g}",
             "runner-up": f"{r.runner_up:.3g}",
@@ -190,10 +199,7 @@ def lr_section(trials: pd.DataFrame, out: Path, rule: str = "mean", margin: floa
             f"falls below the grid's best mean: at most {pts(margins['price'].max())} points here"
             + (
                 f"; above half the margin ({pts(margin / 2)} points) in "
-                + "; ".join(
-                    f"{matched_key(int(r.budget), r.shape).removeprefix('matched, ')} depth {r.depth}"
-                    for r in costly.itertuples()
-                )
+                + "; ".join(f"{cell_name(r)} depth {r.depth}" for r in costly.itertuples())
                 if not costly.empty
                 else (f", within half the margin ({pts(margin / 2)} points) in every cell" if margin else "")
             )
@@ -210,7 +216,7 @@ def late_section(epochs: pd.DataFrame, final: pd.DataFrame, margin: float, budge
     flagged = gains[gains["gain"] >= margin]
     rows = [
         {
-            "cell": matched_key(int(r.budget), r.shape).removeprefix("matched, ") if pd.notna(r.budget) else "softmax",
+            "cell": cell_name(r),
             "depth": r.depth,
             f"validation gain over the last {LATE_EPOCHS} epochs (points)": signed(r.gain),
             "seeds": r.n,

@@ -770,6 +770,36 @@ def test_t_power_falls_back_to_scipy_where_statsmodels_gives_nan():
     assert stats.t_power(10.0, 8, 0.05 / 6, "two-sided") == pytest.approx(1.0)
 
 
+def test_learning_rate_table_has_every_cell_the_rule_counts_softmax_included(tmp_path: Path):
+    from study.sections import lr_section
+
+    def cell(budget, depth, accs, chosen):
+        return pd.DataFrame(
+            {
+                "experiment": "matched",
+                "budget": budget,
+                "shape": "funnel",
+                "depth": depth,
+                "state": "complete",
+                "param_lr": [0.01, 0.03, 0.1, 0.3],
+                "grid_point": [0, 1, 2, 3],
+                "replicate": 0,
+                "val_accuracy": accs,
+                "retrained": [i == chosen for i in range(4)],
+            }
+        )
+
+    # Softmax has no budget; the 60,000 cell's smoothed choice (point 1) sits 0.3 points below its best mean.
+    trials = pd.concat(
+        [cell(None, 1, [0.90, 0.91, 0.92, 0.91], 2), cell(60000, 2, [0.950, 0.955, 0.958, 0.900], 1)],
+        ignore_index=True,
+    )
+    doc = "\n".join(lr_section(trials, tmp_path, "smoothed", 0.002))
+    rows = [line for line in doc.splitlines() if line.startswith("| ") and not line.startswith("| cell")]
+    assert [r.split(" | ")[0] for r in rows] == ["| softmax", "| 60,000 parameters"]
+    assert "above half the margin (0.10 points) in 60,000 parameters depth 2." in doc
+
+
 def test_grid_margins_pair_each_replicate_and_trial_counts_separate_failures():
     from study.analysis import grid_choices, grid_order
     from study.design import grid_margins, trial_counts
