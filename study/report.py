@@ -187,13 +187,15 @@ def progress_banner(config: dict) -> list[str]:
 
 def how_to_read(an: Analysis) -> list[str]:
     m = 100 * an.margin
-    n = min((c.n for c in an.primary if c.n), default=0)
+    ns = sorted({c.n for c in an.primary if c.n})
     strictest = ALPHA / max(len(an.primary), 1)
+    weak = [k for k in ns if 2 / 2**k > strictest]  # seed counts whose exact floor is above the strictest level
     floor = (
-        f" (with {n} seeds its smallest possible p is {2 / 2**n:.2g}, so it cannot confirm at the Holm levels)"
-        if n and 2 / 2**n > strictest
-        else f" (with {n} seeds its smallest possible p is {2 / 2**n:.2g})"
-        if n
+        " (its smallest possible p is "
+        + " and ".join(f"{2 / 2**k:.2g} with {k} seeds" for k in ns)
+        + (f"; with {' or '.join(map(str, weak))} it cannot confirm at the Holm levels" if weak else "")
+        + ")"
+        if ns
         else ""
     )
     return [
