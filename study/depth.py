@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     from mnist_bench.interrupt import Interrupted
 
     from . import engine, tables
-    from .coord import guarded, open_storage
+    from .storage import guarded, open_storage
 
     if run.render_report:
         from . import report  # before any training: a broken install fails now, not after the study

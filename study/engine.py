@@ -53,16 +53,14 @@ from .coord import (
     TUNE,
     Ledger,
     Progress,
-    StudyError,
     TrialSeededSampler,
     best_trial,
     derived_seed,
     encode_curve,
     failed_trial,
     final_key,
-    guarded,
-    open_storage,
 )
+from .storage import StudyError, guarded, open_storage
 
 POLL_SECONDS = 2.0
 INTERRUPTED = (

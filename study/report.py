@@ -700,10 +700,11 @@ def from_storage(
     replicate_of: Path | None = None,
 ) -> Path:
     """Write the tables of study `name` (the only one when None) from the storage into `out`, then render."""
-    from study import coord, tables
+    from study import tables
+    from study.storage import guarded, open_storage
 
     cli.prepare_out(out, files=(*tables.OUTPUT_FILES, *OUTPUT_FILES))
-    storage = coord.open_storage(url, must_exist=True)
+    storage = open_storage(url, must_exist=True)
 
     def write() -> None:
         names = tables.study_names(storage)
@@ -715,7 +716,7 @@ def from_storage(
         refuse_other_study(out, chosen)
         tables.write_tables(storage, chosen, names[chosen], out)
 
-    coord.guarded(write, url)
+    guarded(write, url)
     return render(out, compare_with=compare_with, margin=margin, replicate_of=replicate_of)
 
 

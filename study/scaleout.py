@@ -47,7 +47,8 @@ from mnist_bench.errors import UsageError, UserError
 from mnist_bench.interrupt import Interrupted
 
 from .config import MAX_DEPTH, Cell, study_name
-from .coord import SURPLUS, failed_trial, first_line, open_proxy
+from .coord import SURPLUS, failed_trial
+from .storage import first_line, open_proxy
 
 ADMIN_URL = os.environ.get("MNIST_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 

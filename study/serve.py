@@ -27,7 +27,7 @@ import optuna
 from mnist_bench.errors import UsageError
 
 from .config import in_memory
-from .coord import StudyError, grpc_address, open_storage, quiet_grpc
+from .storage import StudyError, grpc_address, open_storage, quiet_grpc
 
 DEFAULT_PORT = 13000
 

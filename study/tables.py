@@ -38,7 +38,8 @@ from .config import (
     parse_study_name,
     study_name,
 )
-from .coord import FIXED, SURPLUS, StudyError, best_trial, decode_curve, failed_trial
+from .coord import FIXED, SURPLUS, best_trial, decode_curve, failed_trial
+from .storage import StudyError
 
 ENV_COLUMNS = ("device", "device_name", "cpu", "gpu", "threads", "torch_version", "python_version", "command", "worker")
 # Optuna's states by the names of config.TRIAL_STATES ("failed" and "diverged" come from what a

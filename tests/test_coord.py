@@ -10,7 +10,8 @@ import pytest
 from conftest import Clock
 from optuna.trial import TrialState
 
-from study.coord import BEAT, SURPLUS, TUNE, Ledger, TrialSeededSampler, best_trial, final_key, open_storage
+from study.coord import BEAT, SURPLUS, TUNE, Ledger, TrialSeededSampler, best_trial, final_key
+from study.storage import open_storage
 
 GRACE = 30
 
@@ -261,7 +262,7 @@ def test_a_creation_race_on_a_fresh_database_is_retried_not_an_error(tmp_path, m
     already exists'); the opener waits and opens what the winner made."""
     import sqlalchemy.exc
 
-    import study.coord as coord
+    import study.storage as storage_module
 
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
     real, calls = optuna.storages.RDBStorage, []
@@ -273,8 +274,8 @@ def test_a_creation_race_on_a_fresh_database_is_retried_not_an_error(tmp_path, m
             raise sqlalchemy.exc.OperationalError("CREATE TABLE studies", {}, Exception("table studies already exists"))
         return real(*args, **kwargs)  # ... and the loser opens it
 
-    monkeypatch.setattr(coord.optuna.storages, "RDBStorage", losing_once)
-    monkeypatch.setattr(coord.time, "sleep", lambda s: None)
+    monkeypatch.setattr(storage_module.optuna.storages, "RDBStorage", losing_once)
+    monkeypatch.setattr(storage_module.time, "sleep", lambda s: None)
     assert open_storage(url).get_all_studies() == [] and len(calls) == 2
 
 

@@ -11,8 +11,9 @@ import pytest
 from conftest import Clock, free_port
 from optuna.trial import TrialState
 
-from study.coord import BEAT, Ledger, final_key, open_storage
+from study.coord import BEAT, Ledger, final_key
 from study.serve import server
+from study.storage import open_storage
 
 GRACE = 30
 

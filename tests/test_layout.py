@@ -56,8 +56,9 @@ def test_library_never_imports_the_study_and_vocabulary_imports_nothing_above_it
         assert "from study" not in path.read_text() and "import study" not in path.read_text(), path
     study = imports("study")
     assert study["config"] == set()
-    assert study["coord"] <= {"config"}
-    assert study["engine"] <= {"config", "coord"}
+    assert study["storage"] == set()  # opening a storage knows no study and no claim
+    assert study["coord"] <= {"config", "storage"}
+    assert study["engine"] <= {"config", "coord", "storage"}
     assert lib["cli"] <= {"errors", "interrupt", "paths"}  # light: a command answers Ctrl-C before torch loads
 
 
@@ -81,7 +82,7 @@ def test_statistics_figures_and_document_each_have_their_module():
         "stats",
     }  # the rerun comparison; the document places it
     assert "design" not in study["analysis"] and "report" not in study["design"] | study["sections"]
-    assert study["serve"] <= {"config", "coord"}  # the proxy knows storages, not studies
+    assert study["serve"] <= {"config", "storage"}  # the proxy knows storages, not studies or claims
 
 
 def locked() -> dict[str, str]:

@@ -219,7 +219,7 @@ def test_lost_connection_is_one_line_and_a_restart_continues(pg_url: str, tmp_pa
 
 ZONE_SCRIPT = """
 import sys, datetime, optuna
-from study.coord import open_storage
+from study.storage import open_storage
 storage = open_storage(sys.argv[1], heartbeat_interval=10, grace_period=30)
 study = optuna.load_study(study_name="tz", storage=storage)
 if sys.argv[2] == "beat":
@@ -242,7 +242,7 @@ def test_sessions_in_other_time_zones_agree_on_every_heartbeat(pg_url: str):
 
     import sqlalchemy
 
-    from study.coord import open_storage
+    from study.storage import open_storage
 
     storage = open_storage(pg_url, heartbeat_interval=10, grace_period=30)
     study = optuna.create_study(study_name="tz", storage=storage)

@@ -34,8 +34,8 @@ from study.config import (
     parse_study_name,
     study_name,
 )
-from study.coord import StudyError, open_storage
 from study.engine import Worker
+from study.storage import StudyError, open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
