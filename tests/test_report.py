@@ -428,6 +428,9 @@ def test_cross_dataset_is_judged_by_the_interaction_paired_by_seed():
     result = interactions(same, analyse(epochs, lower, {**CONFIG, "dataset": "fashion-mnist"}))
     assert len(result) == 6 and all(x.n == 8 for x in result)
     assert {x.outcome for x in result} == {"carries over"}
+    # The same numbers on both sides (two runs of one computation): named as such, not "no spread".
+    twins = interactions(same, same)
+    assert {x.outcome for x in twins} == {"not computed"} and all("identical seed for seed" in x.reason for x in twins)
     flipped = {1: 0.82, 2: 0.86, 3: 0.89, 4: 0.88, 5: 0.895, 6: 0.86}  # depth 4 now worse than both
     result = interactions(
         same,
