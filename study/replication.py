@@ -138,12 +138,23 @@ def cell_label(budget: int, shape: str, depth: int) -> str:
     return f"{'constant width' if shape == 'constant' else 'funnel'} {budget:,} depth {depth}" if budget else "softmax"
 
 
-def summary(pairs: list[Paired], other_final: pd.DataFrame, differs: dict[str, str] | None = None) -> list[str]:
+def where(this_final: pd.DataFrame | None, other_final: pd.DataFrame) -> str:
+    """Where the other run ran, said as the same kind of machine when both name the same processors."""
+    same = this_final is not None and machine(this_final) == machine(other_final)
+    return f"{'the same kind of machine' if same else 'another machine'} ({machine(other_final)})"
+
+
+def summary(
+    pairs: list[Paired],
+    other_final: pd.DataFrame,
+    differs: dict[str, str] | None = None,
+    this_final: pd.DataFrame | None = None,
+) -> list[str]:
     """The line under the answer."""
     if not pairs:
         return []
     return [
-        f"Run again on another machine ({machine(other_final)}) with {differences(differs or {})}: of the "
+        f"Run again on {where(this_final, other_final)} with {differences(differs or {})}: of the "
         f"{len(pairs)} contrasts, "
         + ", ".join(f"{len(v)} {g}" for g, v in groups(pairs).items())
         + ' (see "Run again"). Only what both runs decided alike is an answer.',
@@ -307,11 +318,19 @@ def section(
         "## Run again: does the answer reproduce?",
         "",
         f"The study was run a second time (`{other.where}`, on {machine(other_final)}; this run: "
-        f"{machine(final)}), with {differences(other.differs)}. Rounding differs between processors, and "
-        "with momentum and a decaying rate that re-randomises training: r, the correlation between the runs of "
-        "a contrast's per-seed differences, shows how much of the pairing survives (the recipe's plain SGD keeps "
-        "most of it). The runs also differ downstream of the rounding (and of the tuning seeds, where they "
-        "differ): a learning rate chosen among near-equal grid points (*rate moved*: a depth of the contrast "
+        f"{machine(final)}), with {differences(other.differs)}. "
+        + (
+            "Both ran on the same kind of processor, so a cell with the same seed, rate and configuration computes "
+            "the same numbers in both: a contrast whose depths kept their rates is identical seed for seed (named "
+            "*not computed (identical ...)* below), which is determinism, not replication. Where the runs "
+            "differ, it is through the tuning seeds or the rule"
+            if machine(final) == machine(other.final)
+            else "Rounding differs between processors, and with momentum and a decaying rate that re-randomises "
+            "training: r, the correlation between the runs of a contrast's per-seed differences, shows how much "
+            "of the pairing survives (the recipe's plain SGD keeps most of it). The runs also differ downstream of "
+            "the rounding (and of the tuning seeds, where they differ)"
+        )
+        + ": a learning rate chosen among near-equal grid points (*rate moved*: a depth of the contrast "
         "retrained at another rate), and the tuned rows compare two searches that found different "
         "configurations. For each primary contrast: its outcome in each run, and the difference between runs "
         "of its per-seed differences (paired by seed, one Holm family, as across datasets): "

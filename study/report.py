@@ -463,7 +463,7 @@ def _render(
         else None
     )
     pairs = replication.pair_runs(an, rerun.analysis) if rerun is not None else []
-    doc += replication.summary(pairs, rerun.final, rerun.differs) if rerun is not None else []
+    doc += replication.summary(pairs, rerun.final, rerun.differs, final) if rerun is not None else []
     if fragile:
         doc += [
             f"{len(fragile)} of these contrasts {'changes' if len(fragile) == 1 else 'change'} under a design check, "

@@ -463,6 +463,13 @@ def test_a_rerun_is_compared_contrast_by_contrast_and_a_moved_rate_is_named(tmp_
     assert "| depth 5 |" in row  # the moved rate is named on the contrast it touches
     assert "chose a different one in 1 of 6 (funnel 242,762 depth 5: 0.1 there, 0.03 here)" in section
     assert "of the 6 contrasts, 6 decided alike" in text.split("## ")[0]  # said under the answer too
+    # Both tables name the same processor: the same kind of machine, and no rounding story.
+    assert "Run again on the same kind of machine" in text and "determinism, not replication" in section
+    assert "Rounding differs between processors" not in section
+    (tmp_path / "d").mkdir()
+    elsewhere = write(tmp_path / "d", trials, epochs, again.assign(cpu="Another CPU"))
+    text = render(first, replicate_of=elsewhere).read_text()
+    assert "Run again on another machine (Another CPU)" in text and "Rounding differs between processors" in text
     # A flipped answer differs between the runs.
     flipped = {1: 0.92, 2: 0.96, 3: 0.97, 4: 0.96, 5: 0.975, 6: 0.96}
     (tmp_path / "c").mkdir()
