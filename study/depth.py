@@ -133,7 +133,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=name_arg,
         default=None,
         help="prefix of the study names in the storage (default: the preset's name, plus -fashion-mnist, "
-        "-split<N>, -sampler<N> where those differ from the defaults)",
+        "-split<N>, -sampler<N>, -tuning<N> where those differ from the defaults)",
     )
     p.add_argument("--train-subset", type=cli.positive_int, default=None, help=argparse.SUPPRESS)
     p.add_argument(

@@ -47,6 +47,8 @@ def open_storage(
         raise StudyError(f"no storage file {path}; check the --storage URL")
     if path is not None and not path.parent.is_dir():
         raise StudyError(f"no folder {path.parent} for the storage file; check the --storage URL")
+    if path is not None and path.is_file() and path.stat().st_size and not is_sqlite(path):
+        raise StudyError(f"{path} is not an SQLite database file; check the --storage URL")
     if path is not None and path.is_file() and not must_exist and not os.access(path, os.W_OK):
         raise StudyError(f"storage file {path} is read-only; make it writable to add to the study")
     if must_exist and (missing := not_optuna(url)):
@@ -212,6 +214,12 @@ def not_optuna(url: str) -> str | None:
             if engine is not None:
                 engine.dispose()
     return None if {"studies", "trials"} <= tables else "no studies table"
+
+
+def is_sqlite(path: Path) -> bool:
+    """Whether the file at `path` starts as every SQLite database does (damage further in is not checked)."""
+    with open(path, "rb") as f:
+        return f.read(16) == b"SQLite format 3\x00"
 
 
 def sqlite_damage(path: Path) -> str | None:

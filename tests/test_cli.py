@@ -168,6 +168,12 @@ def two_studies(tmp: Path) -> str:
     return url
 
 
+def not_a_database(tmp: Path) -> Path:
+    path = tmp / "notes.txt"
+    path.write_text("a text file, not a storage\n")
+    return path
+
+
 def damaged_storage(tmp: Path) -> str:
     url = storage_with(tmp, final=True, name="damaged.db")
     path = tmp / "damaged.db"
@@ -269,6 +275,18 @@ CASES = {
     ),
     "report-damaged-storage": Case(
         "study.report", lambda t: ["--storage", damaged_storage(t), "--out", str(t / "r")], 1, "is damaged"
+    ),
+    "report-storage-not-a-database": Case(
+        "study.report",
+        lambda t: ["--storage", f"sqlite:///{not_a_database(t)}", "--out", str(t / "r")],
+        1,
+        "is not an SQLite database file",
+    ),
+    "depth-storage-not-a-database": Case(
+        "study.depth",
+        lambda t: [*TINY, "--storage", f"sqlite:///{not_a_database(t)}", "--out", str(t / "o")],
+        1,
+        "is not an SQLite database file",
     ),
     "depth-damaged-storage": Case(
         "study.depth", lambda t: [*TINY, "--storage", damaged_storage(t), "--out", str(t / "o")], 1, "is damaged"
