@@ -53,3 +53,14 @@ def test_a_seed_run_twice_a_missing_seed_and_a_run_left_running_are_each_reporte
     assert not row["exact"]
     assert "final seeds [1, 1], expected each of 1..2 once" in row["problems"]
     assert "1 trial(s) left running or waiting" in row["problems"]
+
+
+def test_memory_for_the_kill_test_counts_free_swap_and_is_none_without_meminfo(tmp_path):
+    from study.scaleout import available_memory_mb
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 24000000 kB\nMemAvailable: 2048000 kB\nSwapTotal: 4096000 kB\nSwapFree: 1024000 kB\n")
+    assert available_memory_mb(meminfo) == (2048000 + 1024000) // 1024
+    meminfo.write_text("MemTotal: 24000000 kB\nMemAvailable: 2048000 kB\n")  # no swap lines
+    assert available_memory_mb(meminfo) == 2000
+    assert available_memory_mb(tmp_path / "absent") is None
