@@ -55,8 +55,9 @@ ADMIN_URL = os.environ.get("MNIST_BENCH_PG_URL", "postgresql://postgres@127.0.0.
 
 @contextlib.contextmanager
 def fresh_database(admin: sqlalchemy.Engine) -> Iterator[tuple[str, str]]:
-    """(name, URL) of a new PostgreSQL database, dropped afterwards whatever happens."""
-    name = f"mnist_bench_scaleout_{uuid.uuid4().hex[:10]}"
+    """(name, URL) of a new PostgreSQL database, dropped afterwards whatever happens. The name carries this
+    command's process id, so a command (or a test) can tell its own databases from another's on one server."""
+    name = f"mnist_bench_scaleout_{os.getpid()}_{uuid.uuid4().hex[:10]}"
     with admin.connect() as con:
         con.execute(sqlalchemy.text(f'create database "{name}"'))
     try:

@@ -617,18 +617,21 @@ def test_sigterm_to_scaleout_stops_its_workers_and_drops_its_databases(tmp_path:
             pytest.fail(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {e}")
         pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}")
 
-    def scaleout_dbs() -> set[str]:
-        with admin.connect() as con:
-            rows = con.execute(sqlalchemy.text("select datname from pg_database")).fetchall()
-        return {r[0] for r in rows if r[0].startswith("mnist_bench_scaleout_")}
-
-    before = scaleout_dbs()
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     proc = start("study.scaleout", "--n-trials", "200", "--out", str(tmp_path / "out"), env={"TMPDIR": str(tmp)})
+
+    def scaleout_dbs() -> set[str]:  # this command's databases only: another copy of the suite may run its own
+        with admin.connect() as con:
+            rows = con.execute(sqlalchemy.text("select datname from pg_database")).fetchall()
+        return {r[0] for r in rows if r[0].startswith(f"mnist_bench_scaleout_{proc.pid}_")}
+
+    before = scaleout_dbs()
+    assert before == set()
     deadline = time.time() + 60
     while scaleout_dbs() == before and time.time() < deadline:
         time.sleep(0.2)
+    assert scaleout_dbs(), "the command made no database of its own"
     time.sleep(3)  # the worker is training
     code, err = stopped(proc)
     assert code == 130 and "workers stopped" in err
