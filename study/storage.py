@@ -7,6 +7,7 @@ for the user. The claim protocol that runs on top of it is study.coord.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import random
 import time
@@ -54,7 +55,8 @@ def open_storage(
     if must_exist and (missing := not_optuna(url)):
         raise StudyError(f"{url!r} is not an Optuna storage ({missing}); check the --storage URL")
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else server_engine_kwargs(url)
-    for attempt in range(5):
+    races, full_since = 0, None
+    for waits in itertools.count():
         try:
             with warnings.catch_warnings():  # heartbeats: documented fault tolerance, still tagged experimental
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -75,9 +77,22 @@ def open_storage(
             racing = isinstance(e, (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)) or (
                 isinstance(e, sqlalchemy.exc.OperationalError) and "already exists" in str(e)
             )
-            if racing and attempt < 4:
+            if racing and races < 4:
+                races += 1
                 time.sleep(0.5 + random.random())
                 continue
+            if refusal := server_full(e):
+                # Every connection slot taken (many workers starting at once, or other clients): wait for
+                # one to free, backing off with jitter, rather than lose the worker. Bounded: a server
+                # that stays full is a sizing problem the user must see.
+                full_since = time.monotonic() if full_since is None else full_since
+                if time.monotonic() - full_since < SERVER_FULL_WAIT:
+                    time.sleep(min(0.25 * 2 ** min(waits, 5), 8.0) * (0.5 + random.random()))
+                    continue
+                raise StudyError(
+                    f"the database server at {url!r} refused a connection for {SERVER_FULL_WAIT} s: "
+                    f"{first_line(refusal)}; raise its max_connections or run fewer workers (README: many machines)"
+                ) from None
             if path is not None and (damage := sqlite_damage(path)):
                 raise StudyError(
                     f"storage file {path} is damaged ({damage}); move it aside to start afresh, or restore a copy"
@@ -85,7 +100,28 @@ def open_storage(
             scheme = url.split("://", 1)[0].split("+")[0] if "://" in url else ""
             hint = "" if scheme in ("sqlite", "postgresql", "mysql", "mariadb") else f"; expected {STORAGE_FORMS}"
             raise StudyError(f"cannot open storage {url!r}: {first_line(e)}{hint}") from None
-    raise AssertionError("unreachable")
+
+
+SERVER_FULL_WAIT = 120  # seconds a worker waits for a free connection slot before it gives up
+
+
+def server_full(e: BaseException) -> BaseException | None:
+    """The error in `e`'s chain of causes (Optuna wraps some in its own StorageInternalError) by which a
+    database server refused a connection because every slot is taken: PostgreSQL's SQLSTATE 53300 ("too
+    many clients", "remaining connection slots are reserved", a role's or database's limit) or MySQL's
+    1040. None for other errors. It passes as other clients disconnect."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        orig = getattr(cause, "orig", None)
+        text = str(orig or cause).lower()
+        if getattr(orig, "pgcode", None) == "53300" or any(
+            m in text for m in ("too many clients", "connection slots are reserved", "too many connections")
+        ):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 GRPC = "grpc://"
@@ -284,6 +320,11 @@ def guarded(fn: Callable, url: str):
         if path is not None and path.is_file() and (damage := sqlite_damage(path)):
             raise StudyError(
                 f"storage file {path} is damaged ({damage}); move it aside to start afresh, or restore a copy"
+            ) from None
+        if refusal := server_full(e):
+            raise StudyError(
+                f"the database server has no free connection slot ({first_line(refusal)}); raise its max_connections "
+                "or run fewer workers, then run the same command again to continue"
             ) from None
         problem = storage_problem(url)
         if problem is None and not isinstance(e, storage_errors()):

@@ -279,6 +279,23 @@ def test_a_creation_race_on_a_fresh_database_is_retried_not_an_error(tmp_path, m
     assert open_storage(url).get_all_studies() == [] and len(calls) == 2
 
 
+def test_a_full_server_mid_run_is_one_line_that_names_the_cause(tmp_path):
+    """A worker that needs a new connection mid-run and finds every slot taken: Optuna wraps the driver's
+    error in its own, and the line says what is wrong and how to continue, not "lost the connection"."""
+    import sqlalchemy.exc
+
+    from study.storage import StudyError, guarded
+
+    def refused():
+        try:
+            raise sqlalchemy.exc.OperationalError("SELECT", {}, Exception("FATAL:  sorry, too many clients already"))
+        except sqlalchemy.exc.OperationalError as e:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from e
+
+    with pytest.raises(StudyError, match="no free connection slot .*too many clients.*same command again"):
+        guarded(refused, f"sqlite:///{tmp_path / 'absent.db'}")
+
+
 def _open_at_once(url, barrier, errors):
     barrier.wait()
     try:

@@ -78,10 +78,13 @@ def assert_exact(url: str, n_trials: int, seeds: int, depths=(2, 3)):
         assert not final.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
 
 
-def holder_of_running_final(url: str, name: str) -> str | None:
-    """The worker (host:pid) that holds a RUNNING final-run trial, if any."""
+def holder_of_running_final(storage: optuna.storages.BaseStorage, name: str) -> str | None:
+    """The worker (host:pid) that holds a RUNNING final-run trial, if any. Polled many times a second, so
+    on one storage opened once: each optuna.load_study(storage=URL) opens an engine whose connection stays
+    open until the garbage collector finds it (up to 37 at once here, enough that a second copy of the
+    suite on the same server hit PostgreSQL's max_connections)."""
     try:
-        study = optuna.load_study(study_name=name, storage=url)
+        study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         return None
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -94,17 +97,21 @@ def test_worker_killed_holding_a_final_run_the_others_finish_exactly(pg_url: str
     # Two workers, each its own command; one is SIGKILLed while it holds a RUNNING final-run trial.
     # The survivor and a restarted worker finish with exactly K distinct seeds and the exact budget.
     args = ["--depths", "2", "--n-trials", "4", "--seeds", "4", "--heartbeat", "1", "--train-subset", "20000"]
+    watcher = optuna.storages.RDBStorage(pg_url)  # before the workers: it creates Optuna's tables
     workers = {}
     for i in range(2):
         w = start_worker(pg_url, tmp_path / f"w{i}", *args)
         workers[w.pid] = w
     deadline = time.time() + 180
     victim = None
-    while time.time() < deadline and victim is None:
-        time.sleep(0.05)
-        holder = holder_of_running_final(pg_url, "quick-tuned-depth2-final")
-        if holder is not None:
-            victim = workers.get(int(holder.rsplit(":", 1)[1]))
+    try:
+        while time.time() < deadline and victim is None:
+            time.sleep(0.05)
+            holder = holder_of_running_final(watcher, "quick-tuned-depth2-final")
+            if holder is not None:
+                victim = workers.get(int(holder.rsplit(":", 1)[1]))
+    finally:
+        watcher.engine.dispose()
     assert victim is not None, "never saw a worker holding a final run"
     victim.send_signal(signal.SIGKILL)
     victim.wait()
@@ -261,3 +268,60 @@ def test_sessions_in_other_time_zones_agree_on_every_heartbeat(pg_url: str):
     with storage.engine.connect() as con:
         assert con.execute(sqlalchemy.text("show timezone")).scalar() == "UTC"
         assert con.execute(sqlalchemy.text("show statement_timeout")).scalar() == "2min"
+
+
+def test_a_worker_opening_a_full_server_waits_for_a_slot_and_then_gives_one_line(pg_url: str, monkeypatch):
+    # Scripted, on the real server: a role allowed three connections (what Optuna takes while it creates
+    # its schema) holds them all, so the opener is refused with PostgreSQL's own "too many connections"
+    # (SQLSTATE 53300, as for max_connections). The opener's first wait frees the slots; it then opens.
+    # With the slots held for good it gives up after its bounded wait, with one line.
+    import uuid
+
+    import sqlalchemy
+
+    import study.storage as storage_module
+    from study.storage import StudyError, open_storage
+
+    role = f"mnist_bench_limited_{uuid.uuid4().hex[:8]}"
+    admin = sqlalchemy.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as con:
+        con.execute(sqlalchemy.text(f'create role "{role}" login connection limit 3'))
+        con.execute(sqlalchemy.text(f'grant all on schema public to "{role}"'))
+    url = pg_url.replace("postgres@", f"{role}@", 1)
+
+    def hold_every_slot() -> sqlalchemy.Engine:
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        engine.held = [engine.connect() for _ in range(3)]
+        return engine
+
+    def free(engine: sqlalchemy.Engine) -> None:
+        for con in engine.held:
+            con.close()
+
+    try:
+        holder, waits = hold_every_slot(), []
+
+        def first_wait_frees_the_slots(seconds: float) -> None:
+            waits.append(seconds)
+            free(holder)
+
+        monkeypatch.setattr(storage_module.time, "sleep", first_wait_frees_the_slots)
+        storage = open_storage(url)
+        assert storage.get_all_studies() == [] and len(waits) == 1
+        storage.engine.dispose()
+
+        holder = hold_every_slot()
+        clock = iter(range(0, 10_000, 30))  # each look at the clock: 30 s later
+        monkeypatch.setattr(storage_module.time, "monotonic", lambda: next(clock))
+        monkeypatch.setattr(storage_module.time, "sleep", lambda s: None)
+        with pytest.raises(StudyError, match="refused a connection for 120 s: .*max_connections") as refused:
+            open_storage(url)
+        assert "\n" not in str(refused.value)
+        free(holder)
+    finally:
+        with admin.connect() as con:
+            kill = f"select pg_terminate_backend(pid) from pg_stat_activity where usename = '{role}'"
+            con.execute(sqlalchemy.text(kill))
+            con.execute(sqlalchemy.text(f'drop owned by "{role}"'))
+            con.execute(sqlalchemy.text(f'drop role "{role}"'))
+        admin.dispose()
