@@ -55,21 +55,21 @@ def open_storage(
     if must_exist and (missing := not_optuna(url)):
         raise StudyError(f"{url!r} is not an Optuna storage ({missing}); check the --storage URL")
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else server_engine_kwargs(url)
-    races, full_since = 0, None
-    for waits in itertools.count():
+    for races in itertools.count():
         try:
             with warnings.catch_warnings():  # heartbeats: documented fault tolerance, still tagged experimental
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return immediate_transactions(
-                    utc_sessions(
-                        optuna.storages.RDBStorage(
-                            url,
-                            engine_kwargs=engine_kwargs,
-                            heartbeat_interval=heartbeat_interval,
-                            grace_period=grace_period,
-                        )
+                storage = waiting_for_a_slot(
+                    lambda: optuna.storages.RDBStorage(
+                        url,
+                        engine_kwargs=engine_kwargs,
+                        heartbeat_interval=heartbeat_interval,
+                        grace_period=grace_period,
                     )
                 )
+            return immediate_transactions(utc_sessions(slot_waits(storage)))
+        except StudyError:
+            raise
         except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors of every kind become one line
             # Workers or commands started at once on an empty database race to create Optuna's tables;
             # the loser sees "already exists" (PostgreSQL: an integrity or programming error; SQLite: an
@@ -78,21 +78,8 @@ def open_storage(
                 isinstance(e, sqlalchemy.exc.OperationalError) and "already exists" in str(e)
             )
             if racing and races < 4:
-                races += 1
-                time.sleep(0.5 + random.random())
+                pause(0.5 + random.random())
                 continue
-            if refusal := server_full(e):
-                # Every connection slot taken (many workers starting at once, or other clients): wait for
-                # one to free, backing off with jitter, rather than lose the worker. Bounded: a server
-                # that stays full is a sizing problem the user must see.
-                full_since = time.monotonic() if full_since is None else full_since
-                if time.monotonic() - full_since < SERVER_FULL_WAIT:
-                    time.sleep(min(0.25 * 2 ** min(waits, 5), 8.0) * (0.5 + random.random()))
-                    continue
-                raise StudyError(
-                    f"the database server at {url!r} refused a connection for {SERVER_FULL_WAIT} s: "
-                    f"{first_line(refusal)}; raise its max_connections or run fewer workers (README: many machines)"
-                ) from None
             if path is not None and (damage := sqlite_damage(path)):
                 raise StudyError(
                     f"storage file {path} is damaged ({damage}); move it aside to start afresh, or restore a copy"
@@ -102,26 +89,71 @@ def open_storage(
             raise StudyError(f"cannot open storage {url!r}: {first_line(e)}{hint}") from None
 
 
-SERVER_FULL_WAIT = 120  # seconds a worker waits for a free connection slot before it gives up
+SERVER_FULL_WAIT = 120  # seconds a new connection waits for a free slot on the server before it gives up
+pause, clock = time.sleep, time.monotonic  # the waits' clock (tests script them)
 
 
 def server_full(e: BaseException) -> BaseException | None:
     """The error in `e`'s chain of causes (Optuna wraps some in its own StorageInternalError) by which a
-    database server refused a connection because every slot is taken: PostgreSQL's SQLSTATE 53300 ("too
-    many clients", "remaining connection slots are reserved", a role's or database's limit) or MySQL's
-    1040. None for other errors. It passes as other clients disconnect."""
+    database server refused a connection because a connection limit is reached: PostgreSQL's SQLSTATE
+    53300 (max_connections, or a role's or database's CONNECTION LIMIT) or MySQL's 1040. None for other
+    errors. It passes as other clients disconnect."""
     seen: set[int] = set()
     cause: BaseException | None = e
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        orig = getattr(cause, "orig", None)
-        text = str(orig or cause).lower()
-        if getattr(orig, "pgcode", None) == "53300" or any(
+        orig = getattr(cause, "orig", None) or cause
+        code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)  # psycopg 3, psycopg2
+        text = str(orig).lower()
+        if code == "53300" or any(
             m in text for m in ("too many clients", "connection slots are reserved", "too many connections")
         ):
             return cause
         cause = cause.__cause__ or cause.__context__
     return None
+
+
+def full_advice(refusal: BaseException) -> str:
+    """What to raise for the limit that `refusal` reports."""
+    text = str(getattr(refusal, "orig", None) or refusal).lower()
+    if "for role" in text:
+        return "raise the role's CONNECTION LIMIT or run fewer workers"
+    if "for database" in text:
+        return "raise the database's CONNECTION LIMIT or run fewer workers"
+    return "raise the server's max_connections or run fewer workers (README: Scaling out)"
+
+
+def waiting_for_a_slot(connect: Callable):
+    """`connect()`, waiting while the server refuses because every connection slot is taken (many workers
+    starting at once, or other clients), backing off with jitter, rather than lose the worker. Bounded:
+    a server that stays full is a sizing problem the user must see, in one line."""
+    since = None
+    for waits in itertools.count():
+        try:
+            return connect()
+        except Exception as e:
+            if (refusal := server_full(e)) is None:
+                raise
+            since = clock() if since is None else since
+            if clock() - since >= SERVER_FULL_WAIT:
+                raise StudyError(
+                    f"the database server refused every new connection for {SERVER_FULL_WAIT} s "
+                    f"({first_line(refusal)}); {full_advice(refusal)}, then run the same command again to continue"
+                ) from None
+            pause(min(0.25 * 2 ** min(waits, 5), 8.0) * (0.5 + random.random()))
+
+
+def slot_waits(storage: optuna.storages.RDBStorage) -> optuna.storages.RDBStorage:
+    """Every new connection of a database server's `storage` (its pool reconnecting, the heartbeat's
+    thread, a worker's own) waits for a free slot as the opening did."""
+    if storage.engine.dialect.name == "sqlite":
+        return storage
+
+    def connect(dialect, connection_record, cargs, cparams):
+        return waiting_for_a_slot(lambda: dialect.connect(*cargs, **cparams))
+
+    sqlalchemy.event.listen(storage.engine, "do_connect", connect)
+    return storage
 
 
 GRPC = "grpc://"
@@ -323,8 +355,8 @@ def guarded(fn: Callable, url: str):
             ) from None
         if refusal := server_full(e):
             raise StudyError(
-                f"the database server has no free connection slot ({first_line(refusal)}); raise its max_connections "
-                "or run fewer workers, then run the same command again to continue"
+                f"the database server has no free connection slot ({first_line(refusal)}); {full_advice(refusal)}, "
+                "then run the same command again to continue"
             ) from None
         problem = storage_problem(url)
         if problem is None and not isinstance(e, storage_errors()):

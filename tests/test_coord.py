@@ -275,7 +275,7 @@ def test_a_creation_race_on_a_fresh_database_is_retried_not_an_error(tmp_path, m
         return real(*args, **kwargs)  # ... and the loser opens it
 
     monkeypatch.setattr(storage_module.optuna.storages, "RDBStorage", losing_once)
-    monkeypatch.setattr(storage_module.time, "sleep", lambda s: None)
+    monkeypatch.setattr(storage_module, "pause", lambda s: None)
     assert open_storage(url).get_all_studies() == [] and len(calls) == 2
 
 

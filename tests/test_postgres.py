@@ -13,6 +13,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+from conftest import PG_ADMIN_URL
 from optuna.trial import TrialState
 
 from study.config import failed_run
@@ -270,11 +271,12 @@ def test_sessions_in_other_time_zones_agree_on_every_heartbeat(pg_url: str):
         assert con.execute(sqlalchemy.text("show statement_timeout")).scalar() == "2min"
 
 
-def test_a_worker_opening_a_full_server_waits_for_a_slot_and_then_gives_one_line(pg_url: str, monkeypatch):
+def test_a_full_server_is_waited_for_when_opening_and_mid_run_and_then_named_in_one_line(pg_url: str, monkeypatch):
     # Scripted, on the real server: a role allowed three connections (what Optuna takes while it creates
-    # its schema) holds them all, so the opener is refused with PostgreSQL's own "too many connections"
-    # (SQLSTATE 53300, as for max_connections). The opener's first wait frees the slots; it then opens.
-    # With the slots held for good it gives up after its bounded wait, with one line.
+    # its schema) has them all held, so the worker is refused with PostgreSQL's own "too many connections"
+    # (SQLSTATE 53300, as for max_connections). The worker's first wait frees the slots and it goes on:
+    # when it opens the storage, and when it needs a new connection mid-run. With the slots held for good
+    # it gives up after its bounded wait, with one line that names the limit to raise.
     import uuid
 
     import sqlalchemy
@@ -283,45 +285,60 @@ def test_a_worker_opening_a_full_server_waits_for_a_slot_and_then_gives_one_line
     from study.storage import StudyError, open_storage
 
     role = f"mnist_bench_limited_{uuid.uuid4().hex[:8]}"
-    admin = sqlalchemy.create_engine(pg_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as con:
-        con.execute(sqlalchemy.text(f'create role "{role}" login connection limit 3'))
-        con.execute(sqlalchemy.text(f'grant all on schema public to "{role}"'))
-    url = pg_url.replace("postgres@", f"{role}@", 1)
+    admin = sqlalchemy.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    url = sqlalchemy.make_url(pg_url).set(username=role).render_as_string(hide_password=False)
 
-    def hold_every_slot() -> sqlalchemy.Engine:
+    def connections() -> int:
+        with admin.connect() as con:
+            query = "select count(*) from pg_stat_activity where usename = :role"
+            return con.execute(sqlalchemy.text(query), {"role": role}).scalar()
+
+    def hold_every_slot() -> list:
         engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-        engine.held = [engine.connect() for _ in range(3)]
-        return engine
+        return [engine.connect() for _ in range(3)]
 
-    def free(engine: sqlalchemy.Engine) -> None:
-        for con in engine.held:
+    def free(held: list) -> None:
+        for con in held:
             con.close()
+        deadline = time.monotonic() + 60  # a server process ends a moment after its client closes
+        while connections() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert connections() == 0
+
+    waits = []
+
+    def first_wait_frees_the_slots(seconds: float) -> None:
+        waits.append(seconds)
+        free(held)
 
     try:
-        holder, waits = hold_every_slot(), []
+        with sqlalchemy.create_engine(pg_url, isolation_level="AUTOCOMMIT").connect() as con:
+            con.execute(sqlalchemy.text(f'create role "{role}" login connection limit 3'))
+            con.execute(sqlalchemy.text(f'grant all on schema public to "{role}"'))
+        monkeypatch.setattr(storage_module, "pause", first_wait_frees_the_slots)
 
-        def first_wait_frees_the_slots(seconds: float) -> None:
-            waits.append(seconds)
-            free(holder)
-
-        monkeypatch.setattr(storage_module.time, "sleep", first_wait_frees_the_slots)
-        storage = open_storage(url)
+        held = hold_every_slot()
+        storage = open_storage(url)  # opening
         assert storage.get_all_studies() == [] and len(waits) == 1
-        storage.engine.dispose()
 
-        holder = hold_every_slot()
-        clock = iter(range(0, 10_000, 30))  # each look at the clock: 30 s later
-        monkeypatch.setattr(storage_module.time, "monotonic", lambda: next(clock))
-        monkeypatch.setattr(storage_module.time, "sleep", lambda s: None)
-        with pytest.raises(StudyError, match="refused a connection for 120 s: .*max_connections") as refused:
+        storage.engine.dispose()
+        held = hold_every_slot()
+        assert storage.get_all_studies() == [] and len(waits) == 2  # a new connection mid-run
+
+        storage.engine.dispose()
+        held = hold_every_slot()
+        ticks = iter(range(0, 10_000, 30))  # each look at the clock: 30 s later
+        monkeypatch.setattr(storage_module, "clock", lambda: next(ticks))
+        monkeypatch.setattr(storage_module, "pause", lambda s: None)
+        with pytest.raises(StudyError, match="refused every new connection for 120 s .*role's CONNECTION LIMIT"):
             open_storage(url)
-        assert "\n" not in str(refused.value)
-        free(holder)
+        with pytest.raises(StudyError, match="refused every new connection for 120 s .*same command again"):
+            storage.get_all_studies()
+        free(held)
     finally:
-        with admin.connect() as con:
-            kill = f"select pg_terminate_backend(pid) from pg_stat_activity where usename = '{role}'"
-            con.execute(sqlalchemy.text(kill))
+        with sqlalchemy.create_engine(pg_url, isolation_level="AUTOCOMMIT").connect() as con:
+            kill = "select pg_terminate_backend(pid) from pg_stat_activity where usename = :role"
+            con.execute(sqlalchemy.text(kill), {"role": role})
             con.execute(sqlalchemy.text(f'drop owned by "{role}"'))
-            con.execute(sqlalchemy.text(f'drop role "{role}"'))
+            con.execute(sqlalchemy.text(f'drop role if exists "{role}"'))
         admin.dispose()
