@@ -14,6 +14,7 @@ records what came back.
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import multiprocessing
 import os
 import signal
@@ -545,6 +546,7 @@ def _worker_process(cfg: StudyConfig, run: RunConfig, index: int, parent: int) -
     """A spawned worker. SIGINT is ignored (inherited): the parent is the one controller and
     forwards SIGTERM, whose first arrival stops at a safe point and second at once."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # as in the command: our bars and tables report trials
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2 PID`: a stuck worker's stacks on stderr
     with interrupt.graceful(signals=(signal.SIGTERM,), on_signal=stop_at_once_on_the_second):
         die_with_parent(parent)
         try:

@@ -681,6 +681,37 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _post_mortem(proc: subprocess.Popen, workers: list[int]) -> str:
+    """For a worker that failed to stop: each thread's state and kernel wait channel, then every thread's
+    Python stack (the worker prints it on SIGUSR2) read from the dead parent's stderr once the workers
+    are killed. A soak on 5393358 saw this test fail once in ten runs; this says where next time."""
+    lines = []
+    for w in workers:
+        if _gone(w):
+            continue
+        for task in sorted(Path(f"/proc/{w}/task").iterdir()):
+            try:
+                stat = (task / "stat").read_text()
+                wchan = (task / "wchan").read_text()
+            except OSError:
+                continue
+            lines.append(
+                f"worker {w} thread {task.name} {stat[stat.index('(') : stat.index(')') + 1]} "
+                f"state {stat.split(') ')[1][0]} wchan {wchan or '-'}"
+            )
+        os.kill(w, signal.SIGUSR2)
+        time.sleep(1)  # one worker's stacks at a time on the shared stderr
+    for w in workers:
+        if not _gone(w):
+            os.kill(w, signal.SIGKILL)
+    os.set_blocking(proc.stderr.fileno(), False)  # what has been written; never wait on another holder
+    try:
+        stacks = proc.stderr.read() or ""
+    except BlockingIOError:
+        stacks = ""
+    return "\n".join([*lines, stacks[-20000:]])
+
+
 def _workers_started(tmp_path: Path):
     out = tmp_path / "out"
     args = [*TINY, "--depths", "2", "--n-trials", "20", "--train-subset", "20000", "--workers", "2", "--out", str(out)]
@@ -701,7 +732,7 @@ def test_workers_stop_when_their_parent_is_killed(tmp_path: Path):
         if all(_gone(w) for w in workers):
             break
         time.sleep(0.1)
-    assert all(_gone(w) for w in workers), "orphaned workers kept running"
+    assert all(_gone(w) for w in workers), f"orphaned workers kept running:\n{_post_mortem(proc, workers)}"
     assert "RUNNING" not in [s for _, s in trial_states(out / "study.db")]  # both runs given back
 
 
