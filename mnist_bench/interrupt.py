@@ -10,12 +10,41 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import threading
+import time
 from collections.abc import Callable, Iterator
 
 from .errors import UserError
 
-STOP = threading.Event()  # set by the first signal inside graceful(); checked at safe points
+
+class Flag:
+    """threading.Event's set/clear/is_set/wait without a lock, so a signal handler may set it. A Python
+    signal handler runs between two bytecodes of the main thread, even inside another handler or inside
+    Event.set(), which holds the Event's (non-reentrant) lock: Event.set() from a handler then waits on
+    itself for ever. Linux sends a worker its parent-death signal once per exiting thread of the parent,
+    so handlers do nest; a worker hung that way once in ten runs of the suite under load. `wait` polls."""
+
+    POLL = 0.05  # seconds between looks while waiting: the latency of a stop
+
+    def __init__(self) -> None:
+        self._flag = False  # one attribute store: atomic under the GIL, and no lock to hold
+
+    def set(self) -> None:
+        self._flag = True
+
+    def clear(self) -> None:
+        self._flag = False
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self._flag and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(self.POLL, left))
+        return self._flag
+
+
+STOP = Flag()  # set by the first signal inside graceful(); checked at safe points
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 

@@ -736,6 +736,43 @@ def test_workers_stop_when_their_parent_is_killed(tmp_path: Path):
     assert "RUNNING" not in [s for _, s in trial_states(out / "study.db")]  # both runs given back
 
 
+NESTED_SIGNALS = """
+import signal, sys, threading
+from mnist_bench import interrupt
+
+stop = type(interrupt.STOP)() if sys.argv[1] == "stop" else threading.Event()
+signal.signal(signal.SIGUSR1, lambda signum, frame: stop.set())  # as a worker's parent-death handler
+watched, seen = {type(stop).set.__code__, type(stop).wait.__code__}, set()
+
+def trace(frame, event, arg):
+    if frame.f_code in watched and event == "line" and (frame.f_code, frame.f_lineno) not in seen:
+        seen.add((frame.f_code, frame.f_lineno))
+        signal.raise_signal(signal.SIGUSR1)  # once at each line of set() and wait(): the handler nests there
+    return trace
+
+sys.settrace(trace)
+stop.wait(0.01)
+stop.set()
+stop.clear()
+stop.wait(0.01)
+stop.set()
+sys.settrace(None)
+print("returned", stop.is_set())
+"""
+
+
+def test_a_stop_signal_arriving_while_the_stop_flag_is_being_set_or_waited_on_never_blocks():
+    # Scripted interleaving: a signal at each line of the flag's set() and wait(), whose handler sets the
+    # flag again, nested. threading.Event deadlocks on its own lock there (the control, cut off after
+    # 10 s); interrupt.STOP's flag returns. Linux sends a worker its parent-death signal once per exiting
+    # thread of the parent, so such nesting is what a worker sees when its parent is killed.
+    run = [sys.executable, "-c", NESTED_SIGNALS]
+    done = subprocess.run([*run, "stop"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.strip() == "returned True", done.stderr
+    with pytest.raises(subprocess.TimeoutExpired):
+        subprocess.run([*run, "event"], capture_output=True, text=True, timeout=10, cwd=ROOT)
+
+
 def test_a_killed_worker_is_one_line_naming_it(tmp_path: Path):
     proc, workers, out = _workers_started(tmp_path)
     os.kill(workers[1], signal.SIGKILL)
