@@ -18,10 +18,11 @@ from .errors import UserError
 
 class Flag:
     """threading.Event's set/clear/is_set/wait without a lock, so a signal handler may set it. A Python
-    signal handler runs between two bytecodes of the main thread, even inside another handler or inside
-    Event.set(), which holds the Event's (non-reentrant) lock: Event.set() from a handler then waits on
-    itself for ever. Linux sends a worker its parent-death signal once per exiting thread of the parent,
-    so handlers do nest; a worker hung that way once in ten runs of the suite under load. `wait` polls."""
+    signal handler runs between two bytecodes of the main thread, also inside Event.set() or
+    Condition.wait(), which hold the Event's non-reentrant lock: Event.set() from the handler then waits
+    on itself for ever. A worker idling in STOP.wait() is exposed to one signal; and Linux sends a worker
+    its parent-death signal once per exiting thread of the parent. A soak saw one orphaned worker that
+    never stopped; this is the likely cause, not a proven one. `wait` polls."""
 
     POLL = 0.05  # seconds between looks while waiting: the latency of a stop
 
@@ -37,9 +38,12 @@ class Flag:
     def is_set(self) -> bool:
         return self._flag
 
-    def wait(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self._flag and (left := deadline - time.monotonic()) > 0:
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._flag:
+            left = self.POLL if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                break
             time.sleep(min(self.POLL, left))
         return self._flag
 

@@ -589,6 +589,8 @@ def run_workers(cfg: StudyConfig, run: RunConfig, data: dict[str, MNIST] | None 
                 finally:
                     signal.signal(signal.SIGINT, previous)
                 started.append(p)
+                if interrupt.STOP.is_set():  # a signal during start() was forwarded before p was in `started`
+                    os.kill(p.pid, signal.SIGTERM)
             for p in started:
                 p.join()
         finally:
