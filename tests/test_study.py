@@ -737,6 +737,46 @@ def test_workers_stop_when_their_parent_is_killed(tmp_path: Path):
     assert "RUNNING" not in [s for _, s in trial_states(out / "study.db")]  # both runs given back
 
 
+def test_a_sigterm_while_a_worker_is_being_started_reaches_that_worker_too(tmp_path: Path, monkeypatch):
+    # Scripted: the parent is signalled while it starts the first of two workers (inside start()). The
+    # forward at that moment knows no started worker; the worker just started must still be told, and the
+    # second is never started. Fake processes: no training, only who was sent what.
+    from mnist_bench import interrupt
+    from study import engine
+
+    sent, real_kill = [], os.kill
+
+    class FakeProcess:
+        def __init__(self, target, args, name):
+            self.name, self.pid, self.exitcode = name, 10**6 + int(name.split("-")[1]), None
+
+        def start(self):
+            signal.raise_signal(signal.SIGTERM)  # the parent's SIGTERM, in the middle of start()
+
+        def is_alive(self):
+            return self.exitcode is None
+
+        def join(self):
+            self.exitcode = 130 if (self.pid, signal.SIGTERM) in sent else 0
+
+    class FakeContext:
+        Process = FakeProcess
+
+    def kill(pid, sig):
+        if pid >= 10**6:
+            sent.append((pid, sig))
+        else:
+            real_kill(pid, sig)
+
+    monkeypatch.setattr(engine.multiprocessing, "get_context", lambda method: FakeContext)
+    monkeypatch.setattr(engine.os, "kill", kill)
+    cfg = StudyConfig(name="p", experiments=("tuned",), tuned=Tuned(depths=(2,), n_trials=1, seeds=1))
+    run = RunConfig(storage=f"sqlite:///{tmp_path / 's.db'}", out=tmp_path, workers=2)
+    with pytest.raises(interrupt.Interrupted):
+        engine.run_workers(cfg, run)
+    assert sent == [(10**6, signal.SIGTERM)]  # worker-0 told once; worker-1 never started
+
+
 NESTED_SIGNALS = """
 import signal, sys, threading
 from mnist_bench import interrupt
