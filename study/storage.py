@@ -102,7 +102,7 @@ def server_full(e: BaseException) -> BaseException | None:
     cause: BaseException | None = e
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        orig = getattr(cause, "orig", None) or cause
+        orig = driver_error(cause)
         code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)  # psycopg 3, psycopg2
         text = str(orig).lower()
         if code == "53300" or any(
@@ -115,7 +115,7 @@ def server_full(e: BaseException) -> BaseException | None:
 
 def full_advice(refusal: BaseException) -> str:
     """What to raise for the limit that `refusal` reports."""
-    text = str(getattr(refusal, "orig", None) or refusal).lower()
+    text = str(driver_error(refusal)).lower()
     if "for role" in text:
         return "raise the role's CONNECTION LIMIT or run fewer workers"
     if "for database" in text:
@@ -302,8 +302,13 @@ def sqlite_damage(path: Path) -> str | None:
         return str(e)
 
 
+def driver_error(e: BaseException) -> BaseException:
+    """The database driver's own error under SQLAlchemy's wrapper (`e` itself when there is none)."""
+    return getattr(e, "orig", None) or e
+
+
 def first_line(e: BaseException) -> str:
-    lines = str(getattr(e, "orig", None) or e).strip().splitlines()
+    lines = str(driver_error(e)).strip().splitlines()
     return lines[0] if lines else type(e).__name__
 
 
