@@ -1,20 +1,38 @@
-"""The one trainer every part of mnist-bench uses: explicit config in, result object out.
+"""The one trainer every part of mnist-bench uses: explicit configs in, result objects out.
 
-It never sees argparse or Optuna objects. A study reports and prunes through `on_epoch`, a plain
-callable that receives each epoch's metrics and returns True to stop. Same config and threads on
-the CPU give bit-identical results (parameters are re-initialised from `seed` inside `train`).
+It trains a *pack* of K networks of one shape in one pass (K = 1 is a pack of one: there is no other
+training loop). Each network keeps its own config: seed (initialisation and batch order), learning
+rate, momentum, weight decay, schedule and epochs. The pack's weights are stacked, layer by layer,
+into (K, out, in) tensors; a step is one forward and one backward for the whole pack:
+
+- networks with one batch order (one seed's learning-rate grid) see the same images every step, so
+  the first layer is one wide matrix product, (B, 784) @ (784, K*out), and the rest batched;
+- networks with their own batch orders (one rate's seeds) gather K batches, and every layer is one
+  batched product (`torch.baddbmm`).
+
+Each network's update is torch's own SGD (`torch.optim.sgd.sgd`) on its slice of the stack, with its
+own step size, so a network's arithmetic does not depend on its pack: on the CPU its weights, epoch
+metrics and test predictions are bit-identical alone or in any pack (tests/test_pack.py; a CUDA
+backend may pick other kernels for other pack sizes, so there a rerun of the same pack reproduces,
+not a different packing). Measured on a 2-core Intel Xeon with one thread (results/throughput.csv):
+see `python -m mnist_bench.throughput --packs`.
+
+The trainer never sees argparse or Optuna objects. A study reports and prunes through `on_epoch`,
+plain callables that receive each epoch's metrics and return True to stop that network; a network
+that diverges, is stopped or is interrupted (`should_stop`) leaves the pack, and the others go on.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.adam import adam as torch_adam  # torch.optim.Adam's arithmetic, as a function
 
 from .data import MNIST
 from .errors import UsageError
@@ -55,6 +73,12 @@ class TrainConfig:
             if not ok:
                 raise UsageError(message)
 
+    def lr_at(self, step: int, steps_per_epoch: int) -> float:
+        """The step size of 0-based `step` (torch's LambdaLR arithmetic: lr * max(0, 1 - t/T))."""
+        if self.schedule == "constant":
+            return self.lr
+        return self.lr * max(0.0, 1.0 - step / (self.epochs * steps_per_epoch))
+
 
 @dataclass(frozen=True)
 class EpochMetrics:
@@ -62,7 +86,7 @@ class EpochMetrics:
     train_loss: float  # mean over the epoch's samples
     val_loss: float | None  # None when there is no validation split
     val_accuracy: float | None
-    train_seconds: float  # cumulative training time at the end of this epoch (evaluation excluded)
+    train_seconds: float  # cumulative share of training time at the end of this epoch (see TrainResult)
     test_accuracy: float | None = None  # only with train(test_each_epoch=True): nothing is selected on it
 
 
@@ -71,8 +95,12 @@ class TrainResult:
     epochs: list[EpochMetrics] = field(default_factory=list)
     test_loss: float | None = None
     test_accuracy: float | None = None
-    train_seconds: float = 0.0  # training steps only, evaluation excluded
+    test_predictions: torch.Tensor | None = None  # predicted class of each test image (uint8, on the CPU)
+    # Its share of its pack's training time (the pack's wall time divided among the networks in it while
+    # they trained; alone, the wall time of its steps), evaluation excluded: shares add up to wall time.
+    train_seconds: float = 0.0
     samples_seen: int = 0
+    pack: int = 1  # networks in the pack when it started
     diverged: bool = False  # a NaN/inf training loss stopped the run
     stopped: bool = False  # on_epoch asked to stop (a pruned trial)
     interrupted: bool = False  # should_stop() asked to stop mid-epoch (Ctrl-C); nothing evaluated after it
@@ -85,33 +113,6 @@ class TrainResult:
     def best_val_accuracy(self) -> float | None:
         accs = [e.val_accuracy for e in self.epochs if e.val_accuracy is not None]
         return max(accs) if accs else None
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    params = model.parameters()
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
-    return torch.optim.SGD(
-        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, foreach=True
-    )
-
-
-def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
-    """Per-step learning-rate schedule; None for a constant rate. Linear: lr * (1 - t/T), T the run's steps,
-    so the last step is taken at lr/T and the final weights are not a snapshot of a noisy walk."""
-    if config.schedule == "constant":
-        return None
-    total = config.epochs * steps_per_epoch
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: max(0.0, 1.0 - t / total))
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """One SGD step on a batch; returns the detached loss (no host sync). The benchmarks time exactly this."""
-    loss = F.cross_entropy(model(x), y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
 
 
 def reset_parameters(model: nn.Module, seed: int) -> None:
@@ -127,21 +128,161 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 10_000) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy in 0..1) over (x, y), in large batches without autograd."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
-    correct = torch.zeros((), device=x.device, dtype=torch.long)
-    for i in range(0, len(x), batch_size):
-        logits = model(x[i : i + batch_size])
-        target = y[i : i + batch_size]
-        loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
-        correct += (logits.argmax(dim=1) == target).sum()
-    model.train(was_training)
-    n = max(len(x), 1)
-    return loss_sum.item() / n, correct.item() / n
+def linear_layers(model: nn.Module) -> list[nn.Linear]:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def shape_of(model: nn.Module) -> tuple[tuple[int, int], ...]:
+    return tuple((m.in_features, m.out_features) for m in linear_layers(model))
+
+
+def forward(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Logits (K, B, 10) of a pack whose weights are stacked transposed, (K, in, out), so every product and
+    its weight gradient is a plain batched product of contiguous blocks (no transposed copy per step).
+    `x` is (B, 784), one batch for every network, or (K, B, 784), a batch each."""
+    h = x.expand(len(weights[0]), *x.shape) if x.dim() == 2 else x
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        h = torch.baddbmm(b.unsqueeze(1), torch.relu(h) if i else h, w)
+    return h
+
+
+class Pack:
+    """K networks of one shape as stacked leaf tensors, weights transposed, (K, in, out). SGD updates the
+    whole stack in a few elementwise operations, each network with its own step size, momentum and weight
+    decay broadcast along its slice (an element's arithmetic never depends on the pack); Adam runs torch's
+    own Adam on each network's slice. `step` is the unit the benchmarks time."""
+
+    def __init__(self, models: Sequence[nn.Module], configs: Sequence[TrainConfig], device: torch.device):
+        if len({shape_of(m) for m in models}) != 1:
+            raise UsageError("a pack trains networks of one shape")
+        if len({c.optimizer for c in configs}) != 1:
+            raise UsageError("the networks of a pack share their optimizer")
+        layers = [linear_layers(m) for m in models]
+        depth = len(layers[0])
+        with torch.no_grad():
+            self.weights = [torch.stack([ls[i].weight.t() for ls in layers]).to(device) for i in range(depth)]
+            self.biases = [torch.stack([ls[i].bias for ls in layers]).to(device) for i in range(depth)]
+        for p in self.parameters():
+            p.requires_grad_(True)
+        self.configs = list(configs)
+        self.device = device
+        self.momentum: list[torch.Tensor | None] = [None] * len(self.parameters())  # SGD buffers, stacked
+        self.adam: list[dict] = [{} for _ in configs]  # Adam's state, one network at a time
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [*self.weights, *self.biases]
+
+    def __len__(self) -> int:
+        return len(self.configs)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, lrs: Sequence[float]) -> torch.Tensor:
+        """One training step of every network: (K,) detached mean batch losses (no host sync). `x` is
+        (B, 784) with `y` (B,) for one shared batch, or (K, B, 784) with `y` (K, B); `lrs` the step sizes."""
+        logits = forward(self.weights, self.biases, x)
+        k, b = logits.shape[:2]
+        target = y.expand(k, b) if y.dim() == 1 else y
+        losses = F.cross_entropy(logits.reshape(k * b, -1), target.reshape(-1), reduction="none").view(k, b).mean(1)
+        for p in self.parameters():
+            p.grad = None
+        losses.sum().backward()  # each network's gradient is that of its own mean loss
+        with torch.no_grad():
+            if self.configs[0].optimizer == "sgd":
+                self.sgd(lrs)
+            else:
+                for i, (config, state, lr) in enumerate(zip(self.configs, self.adam, lrs)):
+                    adam(config, state, [p[i] for p in self.parameters()], [p.grad[i] for p in self.parameters()], lr)
+        return losses.detach()
+
+    def per_network(self, values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+        """(K, 1, ...) float tensor of one value per network, broadcastable against `like`."""
+        return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *[1] * (like.dim() - 1))
+
+    def sgd(self, lrs: Sequence[float]) -> None:
+        """torch.optim.SGD's update (dampening 0, no Nesterov), every network with its own constants:
+        g = grad + wd * p; buf = g at the first step, else momentum * buf + g; p = p - lr * buf."""
+        decay = [c.weight_decay for c in self.configs]
+        momentum = [c.momentum for c in self.configs]
+        for i, p in enumerate(self.parameters()):
+            g = p.grad
+            if any(decay):
+                g = g.addcmul(p, self.per_network(decay, p))
+            if any(momentum):
+                if self.momentum[i] is None:
+                    self.momentum[i] = g.clone()
+                else:
+                    self.momentum[i].mul_(self.per_network(momentum, p)).add_(g)
+                g = self.momentum[i]
+            p.addcmul_(g, self.per_network([-lr for lr in lrs], p))
+
+    def keep(self, indices: Sequence[int]) -> None:
+        """Drop every network but `indices` (in that order) from the pack."""
+        index = torch.tensor(list(indices), device=self.device)
+        with torch.no_grad():
+            self.weights = [w.index_select(0, index).requires_grad_(True) for w in self.weights]
+            self.biases = [b.index_select(0, index).requires_grad_(True) for b in self.biases]
+            self.momentum = [None if m is None else m.index_select(0, index) for m in self.momentum]
+        self.configs = [self.configs[i] for i in indices]
+        self.adam = [self.adam[i] for i in indices]
+
+    @torch.no_grad()
+    def evaluate(self, i: int, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float, torch.Tensor]:
+        """(mean cross-entropy, accuracy in 0..1, predicted classes) of network `i` over (x, y), computed as a
+        pack of one, so the figures do not depend on the pack."""
+        weights = [w[i : i + 1] for w in self.weights]
+        biases = [b[i : i + 1] for b in self.biases]
+        loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
+        predictions = []
+        for j in range(0, len(x), batch_size):
+            logits = forward(weights, biases, x[j : j + batch_size])[0]
+            loss_sum += F.cross_entropy(logits, y[j : j + batch_size], reduction="sum").double()
+            predictions.append(logits.argmax(dim=1))
+        predicted = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long, device=x.device)
+        n = max(len(x), 1)
+        return loss_sum.item() / n, (predicted == y).sum().item() / n, predicted.to("cpu", torch.uint8)
+
+    def write_back(self, i: int, model: nn.Module) -> None:
+        """Copy network `i`'s weights into `model` (same shape)."""
+        with torch.no_grad():
+            for layer, w, b in zip(linear_layers(model), self.weights, self.biases):
+                layer.weight.copy_(w[i].t())
+                layer.bias.copy_(b[i])
+
+
+def adam(config: TrainConfig, state: dict, params: list[torch.Tensor], grads: list[torch.Tensor], lr: float) -> None:
+    """One Adam step of one network on views of the pack's tensors: torch.optim.Adam's arithmetic
+    (foreach, betas 0.9 and 0.999, eps 1e-8, coupled weight decay)."""
+    for key in ("exp_avgs", "exp_avg_sqs"):
+        state.setdefault(key, [torch.zeros_like(p) for p in params])
+    steps = state.setdefault("steps", [torch.zeros((), dtype=torch.float32) for _ in params])
+    torch_adam(
+        params,
+        grads,
+        state["exp_avgs"],
+        state["exp_avg_sqs"],
+        [],
+        steps,
+        foreach=True,
+        amsgrad=False,
+        beta1=0.9,
+        beta2=0.999,
+        lr=lr,
+        weight_decay=config.weight_decay,
+        eps=1e-8,
+        maximize=False,
+    )
+
+
+@dataclass
+class _Run:
+    """A network's bookkeeping while its pack trains."""
+
+    index: int  # position in the caller's lists
+    config: TrainConfig
+    data: MNIST
+    order: torch.Generator  # its batch order, drawn on the CPU whatever the device
+    result: TrainResult
+    perm: torch.Tensor | None = None  # this epoch's batch order
+    loss_sum: torch.Tensor | None = None
 
 
 def train(
@@ -153,59 +294,157 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     test_each_epoch: bool = False,
 ) -> TrainResult:
-    """Train `model` on `data.train_*` with `config`; validate after each epoch; test at the end.
+    """Train one network: a pack of one (see train_pack)."""
+    return train_pack(
+        [model],
+        data,
+        [config],
+        on_epoch=None if on_epoch is None else [on_epoch],
+        evaluate_test=evaluate_test,
+        should_stop=None if should_stop is None else [should_stop],
+        test_each_epoch=test_each_epoch,
+    )[0]
 
-    `on_epoch(metrics)` returning True stops training (used for pruning). Set `evaluate_test=False`
-    while tuning so the test split is never even computed. `should_stop()`, checked after every
-    step, ends the run at once with `interrupted` set (a clean Ctrl-C). `test_each_epoch` records
-    test accuracy after every epoch, for runs where nothing is tuned (a fixed recipe's learning curve).
+
+def train_pack(
+    models: Sequence[nn.Module],
+    data: MNIST | Sequence[MNIST],
+    configs: Sequence[TrainConfig],
+    on_epoch: Sequence[Callable[[EpochMetrics], bool | None] | None] | None = None,
+    evaluate_test: bool = True,
+    should_stop: Sequence[Callable[[], bool] | None] | None = None,
+    test_each_epoch: bool = False,
+) -> list[TrainResult]:
+    """Train `models` (one shape) on their `data` (one for all, or one each) with their `configs`; validate
+    each after every epoch; test each at its end. Each model is re-initialised from its config's seed,
+    and its trained weights are written back into it. Returns one result per model, in order.
+
+    `on_epoch[i](metrics)` returning True stops network i (pruning). `evaluate_test=False` while tuning,
+    so the test split is never even computed. `should_stop[i]()`, checked after every step, ends network
+    i at once with `interrupted` set (a clean Ctrl-C). `test_each_epoch` records test accuracy after
+    every epoch, for runs where nothing is tuned (a fixed recipe's learning curve). Networks with the
+    same seed and data share each step's batch; batch size and threads are the pack's.
     """
-    device = data.device
+    k = len(models)
+    datas = list(data) if isinstance(data, Sequence) else [data] * k
+    if not k or len(configs) != k or len(datas) != k:
+        raise UsageError(f"a pack needs one config and one data set per model: {k} models, {len(configs)} configs")
+    if len({(c.batch_size, c.threads, c.eval_batch_size) for c in configs}) != 1:
+        raise UsageError("the networks of a pack share their batch size, threads and evaluation batch size")
+    if len({len(d.train_x) for d in datas}) != 1 or len({d.device for d in datas}) != 1:
+        raise UsageError("the networks of a pack train on as many images each, on one device")
+    device, batch, n = datas[0].device, configs[0].batch_size, len(datas[0].train_x)
     if device.type == "cpu":
-        torch.set_num_threads(config.threads)
-    reset_parameters(model, config.seed)
-    model.to(device).train()
-    optimizer = make_optimizer(model, config)
-    n = len(data.train_x)
-    scheduler = make_schedule(optimizer, config, -(-n // config.batch_size))
-    # Batch order is drawn on the CPU whatever the device: a seed means the same initial weights and the
-    # same batches on CPU and CUDA, so runs differ across devices by floating-point rounding only.
-    order_gen = torch.Generator().manual_seed(config.seed)
-    result = TrainResult()
-    has_val = len(data.val_x) > 0
+        torch.set_num_threads(configs[0].threads)
+    for model, config in zip(models, configs):
+        reset_parameters(model, config.seed)
+    pack = Pack(models, configs, device)
+    on_epoch = list(on_epoch or [None] * k)
+    should_stop = list(should_stop or [None] * k)
+    results = [TrainResult(pack=k) for _ in range(k)]
+    runs = [
+        _Run(i, c, d, torch.Generator().manual_seed(c.seed), results[i]) for i, (c, d) in enumerate(zip(configs, datas))
+    ]
+    steps_per_epoch = -(-n // batch)
+    step = 0
 
-    for epoch in range(1, config.epochs + 1):
-        sync(device)
-        start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        perm = torch.randperm(n, generator=order_gen).to(device)
-        for step, i in enumerate(range(0, n, config.batch_size), 1):
-            idx = perm[i : i + config.batch_size]
-            loss_sum += train_step(model, optimizer, data.train_x[idx], data.train_y[idx]) * len(idx)
-            if scheduler is not None:
-                scheduler.step()
-            if step % DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(loss_sum):
-                result.diverged = True
-                break
-            if should_stop is not None and should_stop():
-                result.interrupted = True
-                break
-        train_loss = loss_sum.item() / n  # syncs the device
-        result.train_seconds += time.perf_counter() - start
-        result.samples_seen += min(i + config.batch_size, n) if result.diverged or result.interrupted else n
-        if result.interrupted:
-            break
-        if result.diverged or not math.isfinite(train_loss):
-            result.diverged = True
-            break
-        val_loss, val_acc = evaluate(model, data.val_x, data.val_y, config.eval_batch_size) if has_val else (None, None)
-        test_acc = evaluate(model, data.test_x, data.test_y, config.eval_batch_size)[1] if test_each_epoch else None
-        metrics = EpochMetrics(epoch, train_loss, val_loss, val_acc, result.train_seconds, test_acc)
-        result.epochs.append(metrics)
-        if on_epoch is not None and on_epoch(metrics):
-            result.stopped = True
-            break
+    def leave(gone: dict[int, str]) -> None:
+        """Networks at these positions leave the pack (their weights written back), flagged as given."""
+        nonlocal runs
+        for j, why in gone.items():
+            if why:
+                setattr(runs[j].result, why, True)
+            pack.write_back(j, models[runs[j].index])
+        kept = [j for j in range(len(runs)) if j not in gone]
+        if kept:
+            pack.keep(kept)
+        runs = [runs[j] for j in kept]
 
-    if evaluate_test and not (result.diverged or result.interrupted):
-        result.test_loss, result.test_accuracy = evaluate(model, data.test_x, data.test_y, config.eval_batch_size)
-    return result
+    mark = 0.0
+
+    def charge() -> None:
+        """Share the pack's training time since `mark` among the networks in it (shares sum to wall time)."""
+        nonlocal mark
+        now = elapsed(device)
+        for r in runs:
+            r.result.train_seconds += (now - mark) / len(runs)
+        mark = now
+
+    for epoch in range(1, max(c.epochs for c in configs) + 1):
+        if not runs:
+            break
+        for r in runs:  # every network draws its own order, so its stream never depends on its pack
+            r.perm = torch.randperm(n, generator=r.order).to(device)
+            r.loss_sum = torch.zeros((), device=device)
+        mark = elapsed(device)
+        for i in range(0, n, batch):
+            x, y = batch_of(runs, i, batch)
+            losses = pack.step(x, y, [r.config.lr_at(step, steps_per_epoch) for r in runs]) * x.shape[-2]
+            step += 1
+            gone: dict[int, str] = {}
+            for j, r in enumerate(runs):
+                r.loss_sum += losses[j]
+                stop = should_stop[r.index]
+                if stop is not None and stop():
+                    gone[j] = "interrupted"
+            if step % DIVERGENCE_CHECK_EVERY == 0:
+                finite = torch.isfinite(torch.stack([r.loss_sum for r in runs])).tolist()
+                gone |= {j: "diverged" for j, ok in enumerate(finite) if not ok and j not in gone}
+            if gone:
+                charge()
+                for j in gone:
+                    runs[j].result.samples_seen += min(i + batch, n)
+                leave(gone)
+                if not runs:
+                    break
+        if not runs:
+            break
+        charge()
+        losses = torch.stack([r.loss_sum for r in runs]).tolist()
+        gone = {}
+        for j, (r, loss) in enumerate(zip(runs, losses)):
+            r.result.samples_seen += n
+            if not math.isfinite(loss):
+                gone[j] = "diverged"
+                continue
+            d, c = r.data, r.config
+            val_loss, val_acc = (
+                pack.evaluate(j, d.val_x, d.val_y, c.eval_batch_size)[:2] if len(d.val_x) else (None, None)
+            )
+            test_acc = pack.evaluate(j, d.test_x, d.test_y, c.eval_batch_size)[1] if test_each_epoch else None
+            metrics = EpochMetrics(epoch, loss / n, val_loss, val_acc, r.result.train_seconds, test_acc)
+            r.result.epochs.append(metrics)
+            callback = on_epoch[r.index]
+            if callback is not None and callback(metrics):
+                gone[j] = "stopped"
+            elif epoch == c.epochs:
+                gone[j] = ""
+            if j in gone and evaluate_test:
+                r.result.test_loss, r.result.test_accuracy, r.result.test_predictions = pack.evaluate(
+                    j, d.test_x, d.test_y, c.eval_batch_size
+                )
+        if gone:
+            leave(gone)
+    return results
+
+
+def batch_of(runs: Sequence[_Run], i: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's images and labels: one (B, 784) batch when every network shares its seed and data (the
+    same order), else one batch each, (K, B, 784)."""
+    first = runs[0]
+    if all(r.config.seed == first.config.seed and r.data is first.data for r in runs):
+        idx = first.perm[i : i + batch]
+        return first.data.train_x.index_select(0, idx), first.data.train_y.index_select(0, idx)
+    if all(r.data is first.data for r in runs):
+        idx = torch.cat([r.perm[i : i + batch] for r in runs])
+        x, y = first.data.train_x.index_select(0, idx), first.data.train_y.index_select(0, idx)
+        return x.view(len(runs), -1, x.shape[-1]), y.view(len(runs), -1)
+    x = torch.stack([r.data.train_x[r.perm[i : i + batch]] for r in runs])
+    y = torch.stack([r.data.train_y[r.perm[i : i + batch]] for r in runs])
+    return x, y
+
+
+def elapsed(device: torch.device) -> float:
+    """A clock reading after the device has finished its queued work."""
+    sync(device)
+    return time.perf_counter()

@@ -96,21 +96,52 @@ def test_should_stop_ends_the_run_after_the_current_step(small):
 
 
 def test_the_linear_schedule_decays_from_the_peak_to_zero_step_by_step():
-    from mnist_bench.models import mlp
-    from mnist_bench.train import make_optimizer, make_schedule
-
     config = TrainConfig(lr=0.1, epochs=3, schedule="linear", momentum=0.9)
-    optimizer = make_optimizer(mlp((8,)), config)
-    schedule = make_schedule(optimizer, config, steps_per_epoch=4)
-    seen = []
-    for _ in range(12):
-        seen.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.step()
+    seen = [config.lr_at(t, steps_per_epoch=4) for t in range(12)]
     assert seen[0] == pytest.approx(0.1) and seen[-1] == pytest.approx(0.1 / 12)
     assert all(a > b for a, b in zip(seen, seen[1:]))  # strictly decreasing
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)
-    assert make_schedule(optimizer, TrainConfig(), 4) is None  # the recipe's constant rate
+    assert config.lr_at(12, 4) == pytest.approx(0.0)
+    assert TrainConfig().lr_at(7, 4) == TrainConfig().lr  # the recipe's constant rate
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TrainConfig(lr=0.1, epochs=2, batch_size=50, seed=3),
+        TrainConfig(lr=0.05, momentum=0.9, weight_decay=1e-3, schedule="linear", epochs=2, batch_size=50, seed=3),
+        TrainConfig(lr=0.003, optimizer="adam", weight_decay=1e-3, epochs=1, batch_size=50, seed=3),
+    ],
+    ids=["sgd", "momentum-decay-linear", "adam"],
+)
+def test_the_trainer_does_what_torch_optim_and_lambdalr_do(small, config):
+    """The stacked update is torch.optim.SGD/Adam with LambdaLR's linear decay: a module trained the textbook
+    way ends at the same weights up to float32 rounding (the products are batched, so not bit for bit)."""
+    import torch.nn.functional as F
+
+    model = mlp((32, 16))
+    train(model, small, config)
+    reference = mlp((32, 16))
+    from mnist_bench.train import reset_parameters
+
+    reset_parameters(reference, config.seed)
+    make = torch.optim.Adam if config.optimizer == "adam" else torch.optim.SGD
+    kwargs = {} if config.optimizer == "adam" else {"momentum": config.momentum}
+    optimizer = make(reference.parameters(), lr=config.lr, weight_decay=config.weight_decay, **kwargs)
+    total = config.epochs * -(-len(small.train_x) // config.batch_size)
+    linear = config.schedule == "linear"
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: max(0.0, 1.0 - t / total) if linear else 1.0)
+    order = torch.Generator().manual_seed(config.seed)
+    for _ in range(config.epochs):
+        perm = torch.randperm(len(small.train_x), generator=order)
+        for i in range(0, len(perm), config.batch_size):
+            idx = perm[i : i + config.batch_size]
+            loss = F.cross_entropy(reference(small.train_x[idx]), small.train_y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
 def test_an_unknown_schedule_is_a_usage_error():
