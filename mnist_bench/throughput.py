@@ -1,13 +1,21 @@
-"""Training-step throughput: the harness against the source text's input pipeline, against the peak.
+"""Training-step throughput: the harness against the source text's input pipeline, against the peak,
+and packs of K networks against K separate runs.
 
-Times `train.train_step` (forward, loss, backward, SGD step) on a batch drawn by indexing the
-on-device dataset, for softmax and the 256-128-64-32 funnel cut to depth 3, 4 and 5, over batch
-sizes 64..4096, on every device (CPU with 1 thread and with all cores; CUDA where present). Each
-figure is the median of several repeats after warm-up, synchronised on CUDA. Beside it: achieved
-GFLOP/s (training FLOPs per sample x samples/s) and the peak GFLOP/s of a large float32 matrix
-product measured in the same run, device and thread count. The source pipeline (torchvision
-`datasets.MNIST` + `ToTensor` per item + `DataLoader(batch_size=64, shuffle=True)`) is timed on the
-same models in the same run, so every figure has a ratio beside it.
+Times the trainer's step (`train.Pack.step`: forward, loss, backward, SGD step; a pack of one is how
+a single network trains) on a batch drawn by indexing the on-device dataset, for softmax and the
+256-128-64-32 funnel cut to depth 3, 4 and 5, over batch sizes 64..4096, on every device (CPU with 1
+thread and with all cores; CUDA where present). Each figure is the median of several repeats after
+warm-up, synchronised on CUDA. Beside it: achieved GFLOP/s (training FLOPs per sample x samples/s)
+and the peak GFLOP/s of a large float32 matrix product measured in the same run, device and thread
+count. The source pipeline (torchvision `datasets.MNIST` + `ToTensor` per item +
+`DataLoader(batch_size=64, shuffle=True)`) is timed on the same models in the same run, so every
+figure has a ratio beside it.
+
+Packs (pipeline "pack"): K copies of the text's depth-4 network at batch 64 trained in one pass, with
+one shared batch order (a learning-rate grid at one seed) or a batch order each (one rate's seeds),
+K in 1, 3, 6, 12, 24. Model-samples per second (K x batch / step time) is timed alternately with the
+pack of one in the same process, round after round, and `speedup` is the median of the rounds' ratios:
+a ratio taken in one run, robust to a machine whose speed drifts.
 
     python -m mnist_bench.throughput            # full sweep, a few minutes on 2 cores
     python -m mnist_bench.throughput --quick    # under two minutes on 2 cores
@@ -37,12 +45,14 @@ from .errors import UserError
 from .interrupt import Interrupted
 from .models import funnel_widths, mlp, train_flops
 from .paths import default_data_dir
-from .train import sync, train_step
+from .train import Pack, TrainConfig, sync
 
 DEPTHS = (1, 3, 4, 5)  # softmax and the funnel cut to depth
 BATCH_SIZES = (64, 256, 1024, 4096)
 SOURCE_BATCH = 64  # the source text's DataLoader batch size
 LR = 0.03
+PACKS = (1, 3, 6, 12, 24)  # networks per pack
+PACK_DEPTH = 4  # the text's network
 
 
 @dataclass(frozen=True)
@@ -88,35 +98,46 @@ def peak_gflops(device: torch.device, timing: Timing, size: int | None = None) -
     return 2 * size**3 / seconds / 1e9
 
 
-def make_sgd(model: nn.Module, variant: str = "foreach") -> torch.optim.Optimizer:
-    """The trainer's SGD; other `variant`s exist to measure what the implementation choice is worth."""
-    kwargs = {"foreach": dict(foreach=True), "fused": dict(fused=True), "for-loop": dict(foreach=False)}[variant]
-    return torch.optim.SGD(model.parameters(), lr=LR, **kwargs)
+def source_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The source text's step: an nn.Module, torch.optim.SGD, a batch-mean cross-entropy."""
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 class HarnessStep:
-    """One training step as the trainer takes it: slice a per-epoch permutation, index the on-device tensor."""
+    """One training step as the trainer takes it, for a pack of `pack` networks of the funnel cut to
+    `depth`: slice a per-epoch permutation (one shared, or one per network), index the on-device tensor."""
 
-    def __init__(self, depth: int, batch_size: int, data: MNIST, variant: str = "foreach", seed: int = 0):
+    def __init__(
+        self, depth: int, batch_size: int, data: MNIST, seed: int = 0, pack: int = 1, shared: bool = False
+    ) -> None:
         torch.manual_seed(seed)
-        self.model = mlp(funnel_widths(depth)).to(data.device)
-        self.optimizer = make_sgd(self.model, variant)
+        models = [mlp(funnel_widths(depth)) for _ in range(pack)]
+        self.pack = Pack(models, [TrainConfig(lr=LR, batch_size=batch_size)] * pack, data.device)
+        self.lrs = [LR] * pack
         self.x, self.y = data.train_x, data.train_y
-        self.batch_size = batch_size
+        self.batch_size, self.orders = batch_size, 1 if shared or pack == 1 else pack
         self.gen = torch.Generator(device=data.device).manual_seed(seed)
         self.device = data.device
-        self.flops_per_sample = train_flops(self.model)
+        self.flops_per_sample = train_flops(models[0])
         self.perm, self.pos = self.new_epoch(), 0
 
     def new_epoch(self) -> torch.Tensor:
-        return torch.randperm(len(self.x), device=self.device, generator=self.gen)
+        n = len(self.x)
+        return torch.stack([torch.randperm(n, device=self.device, generator=self.gen) for _ in range(self.orders)])
 
     def __call__(self) -> torch.Tensor:
-        if self.pos + self.batch_size > len(self.perm):
+        if self.pos + self.batch_size > self.perm.shape[1]:
             self.perm, self.pos = self.new_epoch(), 0
-        idx = self.perm[self.pos : self.pos + self.batch_size]
+        idx = self.perm[:, self.pos : self.pos + self.batch_size].reshape(-1)
         self.pos += self.batch_size
-        return train_step(self.model, self.optimizer, self.x[idx], self.y[idx])
+        x, y = self.x.index_select(0, idx), self.y.index_select(0, idx)
+        if self.orders > 1:
+            x, y = x.view(self.orders, self.batch_size, -1), y.view(self.orders, self.batch_size)
+        return self.pack.step(x, y, self.lrs)
 
     def steps(self, n: int) -> torch.Tensor:
         """`n` steps then a device sync: the unit pytest-benchmark times."""
@@ -124,6 +145,20 @@ class HarnessStep:
             loss = self()
         sync(self.device)
         return loss
+
+
+def paired_seconds(
+    a: Callable[[], object], b: Callable[[], object], device: torch.device, timing: Timing
+) -> tuple[float, float, float]:
+    """(median seconds per call of a, of b, median of the per-round ratios a/b), timed alternately round
+    after round after a warm-up of each, so both see the same machine."""
+    for fn in (a, b):
+        median_seconds_per_call(fn, device, Timing(timing.warmup_seconds, timing.min_seconds / 4, 1))
+    rounds = []
+    for _ in range(max(timing.repeats, 5)):
+        rounds.append(tuple(median_seconds_per_call(fn, device, Timing(0.0, timing.min_seconds, 1)) for fn in (a, b)))
+    ta, tb = (statistics.median(r[i] for r in rounds) for i in (0, 1))
+    return ta, tb, statistics.median(x / y for x, y in rounds)
 
 
 def torchvision_root(data_dir: Path | None, root: Path, dataset: str = "mnist") -> Path:
@@ -149,7 +184,7 @@ class SourceStep:
         self.loader = DataLoader(dataset, batch_size=SOURCE_BATCH, shuffle=True)
         self.iterator = iter(self.loader)
         self.model = mlp(funnel_widths(depth)).to(device)
-        self.optimizer = make_sgd(self.model)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LR, foreach=True)
         self.device = device
         self.flops_per_sample = train_flops(self.model)
 
@@ -160,7 +195,7 @@ class SourceStep:
             self.iterator = iter(self.loader)
             x, y = next(self.iterator)
         x, y = x.view(-1, 28 * 28).to(self.device), y.to(self.device)
-        return train_step(self.model, self.optimizer, x, y)
+        return source_step(self.model, self.optimizer, x, y)
 
 
 def row(
@@ -172,13 +207,16 @@ def row(
     seconds: float,
     flops_per_sample: int,
     peak: float,
-    variant: str = "foreach",
+    pack: int = 1,
+    batch_order: str = "",
+    speedup: float | None = None,
 ) -> dict:
-    samples_per_s = batch_size / seconds
+    samples_per_s = pack * batch_size / seconds  # model-samples: every network of a pack counts
     gflops = flops_per_sample * samples_per_s / 1e9
     return {
         "pipeline": pipeline,
-        "variant": variant,
+        "pack": pack,
+        "batch_order": batch_order,  # packs: "shared" (one order for all) or "separate" (one each)
         "model": "softmax" if depth == 1 else f"mlp{depth}",
         "depth": depth,
         "widths": "-".join(map(str, funnel_widths(depth))),
@@ -189,6 +227,7 @@ def row(
         "gflops": gflops,
         "peak_gflops": peak,
         "fraction_of_peak": gflops / peak,
+        "speedup": speedup,  # packs: model-samples/s over the pack of one's, timed alternately in this run
         **environment(device, threads),
     }
 
@@ -198,7 +237,7 @@ def sweep(
     thread_counts: list[int],
     timing: Timing,
     data_dir: Path | None,
-    variants: bool = True,
+    packs: tuple[int, ...] = PACKS,
     log: Callable[[str], None] = print,
     dataset: str = "mnist",
 ) -> pd.DataFrame:
@@ -236,29 +275,75 @@ def sweep(
                         f"  {rows[-1]['model']:8s} harness {rows[-len(BATCH_SIZES) - 1]['samples_per_s']:>10,.0f} "
                         f"samples/s at batch 64 vs source {rows[-1]['samples_per_s']:>9,.0f}"
                     )
-                if variants:  # what the implementation choices are worth, at the overhead-bound point
-                    for variant in ("for-loop", "fused"):
-                        step = HarnessStep(4, SOURCE_BATCH, data, variant=variant)
-                        seconds = median_seconds_per_call(step, device, timing)
-                        rows.append(
-                            row(
-                                "harness",
-                                4,
-                                SOURCE_BATCH,
-                                device,
-                                threads,
-                                seconds,
-                                step.flops_per_sample,
-                                peak,
-                                variant=variant,
-                            )
-                        )
+                if packs:
+                    rows += pack_rows(data, device, threads, timing, peak, packs, log)
     return pd.DataFrame(rows)
+
+
+def pack_rows(
+    data: MNIST,
+    device: torch.device,
+    threads: int,
+    timing: Timing,
+    peak: float,
+    packs: tuple[int, ...],
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """The text's network at batch 64 in packs of K, shared and separate batch orders, each timed alternately
+    with the pack of one (K separate runs are K times its time)."""
+    rows = []
+    alone = HarnessStep(PACK_DEPTH, SOURCE_BATCH, data)
+    for k in packs:
+        for order in ("shared", "separate") if k > 1 else ("separate",):
+            step = HarnessStep(PACK_DEPTH, SOURCE_BATCH, data, pack=k, shared=order == "shared")
+            seconds, single, ratio = paired_seconds(step, alone, device, timing)
+            speedup = k / ratio  # K runs of the pack of one take K x its time
+            rows.append(
+                row(
+                    "pack",
+                    PACK_DEPTH,
+                    SOURCE_BATCH,
+                    device,
+                    threads,
+                    seconds,
+                    step.flops_per_sample,
+                    peak,
+                    k,
+                    order,
+                    speedup,
+                )
+            )
+            log(
+                f"  pack of {k:2d}, {order:8s}: {rows[-1]['samples_per_s']:>9,.0f} model-samples/s, "
+                f"{speedup:.2f}x of {k} separate runs, {rows[-1]['fraction_of_peak']:.0%} of peak"
+            )
+    return rows
+
+
+def pack_sweep(
+    devices: list[torch.device],
+    thread_counts: list[int],
+    timing: Timing,
+    data_dir: Path | None,
+    packs: tuple[int, ...],
+    dataset: str = "mnist",
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """The pack rows alone, per device and thread count."""
+    rows = []
+    for device in devices:
+        data = load_mnist(data_dir, val_size=0, device=device, dataset=dataset)
+        for threads in thread_counts if device.type == "cpu" else [1]:
+            torch.set_num_threads(threads)
+            peak = peak_gflops(device, timing)
+            log(f"{device.type} {threads} thread(s): float32 matmul peak {peak:.1f} GFLOP/s")
+            rows += pack_rows(data, device, threads, timing, peak, packs, log)
+    return rows
 
 
 def summary(df: pd.DataFrame) -> str:
     lines = []
-    base = df[df["variant"] == "foreach"]
+    base = df[df["pipeline"] != "pack"]
     for (device, threads), g in base.groupby(["device", "threads"]):
         h = g[(g.pipeline == "harness") & (g.batch_size == SOURCE_BATCH)].set_index("model")["samples_per_s"]
         s = g[g.pipeline == "source-dataloader"].set_index("model")["samples_per_s"]
@@ -274,15 +359,15 @@ def summary(df: pd.DataFrame) -> str:
         if not large.empty:
             low, high = large.fraction_of_peak.min(), large.fraction_of_peak.max()
             lines.append(f"  MLPs at batch >= 1024: {low:.0%}-{high:.0%} of peak")
-    v = df[(df.pipeline == "harness") & (df.depth == 4) & (df.batch_size == SOURCE_BATCH)]
-    for (device, threads), g in v.groupby(["device", "threads"]):
-        r = g.set_index("variant")["samples_per_s"]
-        if "foreach" in r:
-            lines.append(
-                f"{device}, {threads} thread(s), mlp4 batch 64 optimizer step: "
-                + ", ".join(f"{k} {r[k] / r['foreach']:.2f}x" for k in r.index if k != "foreach")
-                + " of foreach"
+    packs = df[(df.pipeline == "pack") & (df["pack"] > 1)]
+    for (device, threads), g in packs.groupby(["device", "threads"]):
+        lines.append(
+            f"{device}, {threads} thread(s), mlp{PACK_DEPTH} batch 64, packs over as many separate runs: "
+            + ", ".join(
+                f"K={r.pack} {r.batch_order} {r.speedup:.2f}x ({r.fraction_of_peak:.0%} of peak)"
+                for r in g.itertuples()
             )
+        )
     return "\n".join(lines)
 
 
@@ -335,6 +420,16 @@ def main(argv: list[str] | None = None) -> int:
         "--name", type=cli.file_name, default="throughput.csv", help="file name of the table (default: throughput.csv)"
     )
     p.add_argument(
+        "--packs",
+        type=cli.bounded_int(1, 256, "networks per pack"),
+        nargs="+",
+        default=list(PACKS),
+        help=f"pack sizes K timed against K separate runs (default: {' '.join(map(str, PACKS))})",
+    )
+    p.add_argument(
+        "--only-packs", action="store_true", help="time the packs alone (no batch-size sweep, no source pipeline)"
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="instead of the sweep, profile the depth-4 step at batch 64 on the CPU and print where time goes",
@@ -354,7 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     load_mnist(args.data_dir, val_size=0, dataset=args.dataset)  # verify the data before timing anything
     path = cli.prepare_out(args.out, args.name)  # and where the table goes
     try:
-        df = sweep(devices, threads, QUICK if args.quick else Timing(), args.data_dir, dataset=args.dataset)
+        timing = QUICK if args.quick else Timing()
+        packs = tuple(dict.fromkeys(args.packs))
+        if args.only_packs:
+            df = pd.DataFrame(pack_sweep(devices, threads, timing, args.data_dir, packs, dataset=args.dataset))
+        else:
+            df = sweep(devices, threads, timing, args.data_dir, packs=packs, dataset=args.dataset)
     except KeyboardInterrupt:
         raise Interrupted(
             f"interrupted: nothing written ({path} is written when the sweep ends); temporary files removed"

@@ -344,6 +344,7 @@ def throughput_figure(path: Path, throughput: pd.DataFrame) -> str:
     plt, _ = _plt()
     import seaborn as sns
 
+    throughput = throughput[throughput["pipeline"] != "pack"]
     t = throughput.assign(
         setting=throughput["pipeline"] + ", " + throughput["device"] + ", " + throughput["threads"].astype(str) + " thr"
     )
@@ -366,6 +367,31 @@ def throughput_figure(path: Path, throughput: pd.DataFrame) -> str:
     g.figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(g.figure)
     return "Training-step samples/s per model and batch size: harness vs source pipeline, per device and thread count."
+
+
+def packs_figure(path: Path, throughput: pd.DataFrame) -> str | None:
+    """Packs of K networks against K separate runs: the speedup in model-samples per second, per batch order
+    (one shared, or one per network), device and thread count, with the fraction of the matmul peak."""
+    packs = throughput[throughput["pipeline"] == "pack"] if "speedup" in throughput else throughput.iloc[:0]
+    if packs.empty:
+        return None
+    plt, colours = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for i, ((order, device, threads), g) in enumerate(packs.groupby(["batch_order", "device", "threads"])):
+        g = g.sort_values("pack")
+        label = f"{order}, {device}, {threads} thr"
+        axes[0].plot(g["pack"], g["speedup"], marker="o", color=colours[i], label=label)
+        axes[1].plot(g["pack"], 100 * g["fraction_of_peak"], marker="o", color=colours[i], label=label)
+    axes[0].axhline(1, color="k", lw=0.8, ls="--")
+    axes[0].set(xscale="log", xlabel="networks per pack (K)", ylabel="speedup over K separate runs")
+    axes[1].set(xscale="log", xlabel="networks per pack (K)", ylabel="% of float32 matmul peak")
+    axes[0].legend(fontsize=7)
+    _save(plt, fig, path)
+    return (
+        "The text's network at batch 64 trained in packs of K: model-samples per second over those of K separate "
+        "runs (timed alternately in one run; K = 1 is the trainer's single network), and the fraction of the "
+        "matrix-product peak the pack reaches."
+    )
 
 
 def lr_figure(path: Path, trials: pd.DataFrame, panels: list[tuple[str, pd.DataFrame]]) -> str | None:

@@ -71,6 +71,7 @@ FIGURES = (
     "curves.png",
     "cross-dataset.png",
     "throughput.png",
+    "packs.png",
 )
 OUTPUT_FILES = ("report.md", *FIGURES)  # what render may write; proven replaceable before any work
 
@@ -609,6 +610,8 @@ def _render(
     doc += sanity_checks(trials, config)
     if throughput is not None and not throughput.empty:
         doc += ["![throughput](throughput.png)", "", figures.throughput_figure(out / "throughput.png", throughput), ""]
+        if (caption := figures.packs_figure(out / "packs.png", throughput)) is not None:
+            doc += ["![packs](packs.png)", "", caption, ""]
     doc += caveats(config) + environment(final)
     path = out / "report.md"
     partial = out / ".report.md.partial"

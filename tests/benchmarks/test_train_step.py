@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mnist_bench.data import load_mnist
-from mnist_bench.throughput import DEPTHS, HarnessStep
+from mnist_bench.throughput import DEPTHS, PACK_DEPTH, PACKS, HarnessStep
 
 STEPS = 20  # training steps per timed call (one device sync per call)
 BATCH = 64
@@ -42,3 +42,20 @@ def test_train_step(benchmark, data, depth):
         seconds_per_step = benchmark.stats.stats.median / STEPS
         benchmark.extra_info["samples_per_s"] = BATCH / seconds_per_step
         benchmark.extra_info["gflops"] = step.flops_per_sample * BATCH / seconds_per_step / 1e9
+
+
+@pytest.mark.parametrize("order", ["shared", "separate"])
+@pytest.mark.parametrize("pack", PACKS, ids=lambda k: f"pack{k}")
+def test_pack_step(benchmark, data, pack, order):
+    """The text's network in a pack of K (one shared batch order, or one each): model-samples/s in extra_info.
+    Compare with test_train_step[mlp4] of the same run for the speedup over K separate runs."""
+    if pack == 1 and order == "shared":
+        pytest.skip("a pack of one has one batch order")
+    torch.set_num_threads(1)
+    step = HarnessStep(PACK_DEPTH, BATCH, data, pack=pack, shared=order == "shared")
+    loss = benchmark.pedantic(step.steps, args=(STEPS,), rounds=10, iterations=1, warmup_rounds=2)
+    assert loss.shape == (pack,) and torch.isfinite(loss).all()
+    benchmark.extra_info.update(device=data.device.type, pack=pack, batch_order=order, batch_size=BATCH)
+    if benchmark.stats is not None:
+        seconds_per_step = benchmark.stats.stats.median / STEPS
+        benchmark.extra_info["model_samples_per_s"] = pack * BATCH / seconds_per_step
