@@ -315,6 +315,7 @@ class RunConfig:
     heartbeat_interval: int = 10  # seconds; a killed worker's run is failed after the grace period
     grace_period: int = 30
     render_report: bool = True
+    pack: int = 12  # most networks a worker trains in one pass (results do not depend on it: docs/method.md)
 
 
 PRESETS = {

@@ -211,6 +211,12 @@ class Ledger:
         live = [key_of(t) for t in self.trials() if is_live(t)]
         return next((k for k, cap in demand.items() if live.count(k) < cap), None)
 
+    def open_keys(self, demand: Mapping[str, int], limit: int) -> list[str]:
+        """Up to `limit` distinct keys with fewer live claims than their capacity, in `demand`'s order: what a
+        worker claims next as one pack (each key is still claimed, and settled, on its own)."""
+        live = [key_of(t) for t in self.trials() if is_live(t)]
+        return [k for k, cap in demand.items() if live.count(k) < cap][:limit]
+
     def finished(self, demand: Mapping[str, int]) -> bool:
         done = [key_of(t) for t in self.trials() if t.state in FINISHED and not t.user_attrs.get(SURPLUS)]
         return all(done.count(k) >= cap for k, cap in demand.items())

@@ -129,6 +129,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="worker processes on this machine, each with --threads threads (default: 1 for quick, CPU count for full)",
     )
     p.add_argument(
+        "--pack",
+        type=cli.bounded_int(1, 256, "networks per pack"),
+        default=RunConfig.pack,
+        help="most same-shape runs a worker trains in one pass (a grid's rates at one seed, a cell's seeds); a run's "
+        f"result does not depend on it on the CPU; 1 trains one network at a time (default: {RunConfig.pack})",
+    )
+    p.add_argument(
         "--study-name",
         type=name_arg,
         default=None,
@@ -233,6 +240,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[StudyConfig, RunConfig]
         heartbeat_interval=args.heartbeat,
         grace_period=3 * args.heartbeat,
         render_report=not args.no_report,
+        pack=args.pack,
     )
     return cfg, run
 

@@ -13,6 +13,7 @@ records what came back.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import faulthandler
 import multiprocessing
@@ -33,7 +34,7 @@ from mnist_bench.data import MNIST, load_mnist
 from mnist_bench.env import environment
 from mnist_bench.errors import UserError
 from mnist_bench.models import mlp
-from mnist_bench.train import EpochMetrics, TrainConfig, train
+from mnist_bench.train import EpochMetrics, TrainConfig, TrainResult, train_pack
 
 from .config import (
     EXPERIMENTS,
@@ -299,7 +300,7 @@ class Worker:
         return {k: 1 for k in seeds}, seeds, source
 
     def step(self) -> str:
-        """Do one unit of work: 'ran' (a trial or seed, won or lost), 'wait' (others hold what is
+        """Do one unit of work: 'ran' (a pack of trials or seeds, won or lost), 'wait' (others hold what is
         left) or 'done' (every budget finished)."""
         waiting = False
         for cell in self.cells:
@@ -312,23 +313,37 @@ class Worker:
             if demand:
                 if base == cell:
                     tune.recover_stale()
-                    if (key := tune.open_key(demand)) is not None:
-                        self.tune_one(cell, key)
+                    if keys := self.tune_keys(cell, demand):
+                        self.tune_pack(cell, keys)
                         return "ran"
                 if not tune.finished(demand):
                     waiting = True
                     continue
             demand, seeds, source = self.final_demand(cell)
             final.recover_stale()
-            key = final.open_key(demand)
-            if key is not None:
-                self.final_one(cell, source, seeds[key], key)
+            if keys := final.open_keys(demand, self.pack_size(len(demand))):
+                self.final_pack(cell, source, {k: seeds[k] for k in keys})
                 return "ran"
             if final.finished(demand):
                 self.done.add(cell)  # finished work stays finished: never read this cell again
             else:
                 waiting = True
         return "wait" if waiting else "done"
+
+    def pack_size(self, budget: int) -> int:
+        """How many of a budget's runs to claim as one pack: at most --pack, and no more than this command's
+        share of the budget, so its workers finish a cell together instead of one training while one waits."""
+        return max(1, min(self.run.pack, -(-budget // self.run.workers)))
+
+    def tune_keys(self, cell: Cell, demand: dict[str, int]) -> list[str]:
+        """What to claim next in a cell's tuning: open grid points of one replicate (they share their seed, so
+        one batch order: a pack), or one slot of a search (each proposal waits for the results before it)."""
+        ledger = self.ledgers[cell][0]
+        if cell.experiment != "matched":
+            return [k] if (k := ledger.open_key(demand)) is not None else []
+        keys = ledger.open_keys(demand, len(demand))
+        keys = [k for k in keys if keys and grid_index(k)[1] == grid_index(keys[0])[1]]
+        return keys[: self.pack_size(len(demand))]
 
     def work(self) -> None:
         while True:
@@ -340,112 +355,140 @@ class Worker:
             if state == "wait":
                 interrupt.STOP.wait(POLL_SECONDS)
 
-    def tune_one(self, cell: Cell, key: str) -> None:
+    def tune_pack(self, cell: Cell, keys: list[str]) -> None:
         study, ledger = self.studies[cell][0], self.ledgers[cell][0]
+        jobs = []
         with warnings.catch_warnings():  # ask() warns when heartbeats are on; Ledger.heartbeat records them
             warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
-            if key == TUNE:  # the sampler proposes; the slot is settled after creation
-                trial = study.ask()
-                claim = ledger.settle(trial._trial_id, capacity=self.tune_demand(cell)[TUNE])
-            else:  # a grid point, claimed with its learning rate in the creating transaction
-                point, replicate = grid_index(key)
-                lr = lr_grid(self.cfg.matched)[point]
-                claim = ledger.claim(
-                    key,
-                    attrs={GRID: point, "replicate": replicate},
-                    params={"lr": lr},
-                    distributions={"lr": optuna.distributions.FloatDistribution(*self.cfg.matched.lr, log=True)},
-                )
-                trial = optuna.Trial(study, claim.trial_id) if claim.won else None
-        if not claim.won:
-            return
-        progress = Progress()
-        beating = ledger.heartbeat(claim.trial_id, self.run.heartbeat_interval, progress.idle, self.run.grace_period)
-        with beating, holding(ledger, claim.trial_id):
-            ledger.storage.set_trial_user_attr(claim.trial_id, "worker", self.env.get("worker"))
-            params = suggest(trial, self.cfg, cell)
-            seed = self.cfg.tuning_seed - (grid_index(key)[1] if key != TUNE else 0)  # never a final seed (1..K)
-            config = train_config(self.cfg, cell, params, seed, self.run.threads)
-            lost = False
+            for key in keys:
+                if key == TUNE:  # the sampler proposes; the slot is settled after creation
+                    trial = study.ask()
+                    claim = ledger.settle(trial._trial_id, capacity=self.tune_demand(cell)[TUNE])
+                else:  # a grid point, claimed with its learning rate in the creating transaction
+                    point, replicate = grid_index(key)
+                    lr = lr_grid(self.cfg.matched)[point]
+                    claim = ledger.claim(
+                        key,
+                        attrs={GRID: point, "replicate": replicate},
+                        params={"lr": lr},
+                        distributions={"lr": optuna.distributions.FloatDistribution(*self.cfg.matched.lr, log=True)},
+                    )
+                    trial = optuna.Trial(study, claim.trial_id) if claim.won else None
+                if claim.won:
+                    seed = self.cfg.tuning_seed - (grid_index(key)[1] if key != TUNE else 0)  # never a final seed
+                    jobs.append(Job(claim.trial_id, trial, seed))
+        if jobs:
+            self.train_jobs(cell, ledger, jobs, tuning=True)
 
-            def on_epoch(m: EpochMetrics) -> bool:
-                nonlocal lost
-                try:
-                    trial.report(m.val_accuracy, m.epoch)
-                    # Never prune at the last epoch: the trial is finished anyway.
-                    return m.epoch < config.epochs and trial.should_prune()
-                except UpdateFinishedTrialError:  # failed as stale while this worker was paused
-                    lost = True
-                    return True
-
-            widths = cell_widths(cell, params, self.settings[cell.experiment])
-            result = train(
-                mlp(widths),
-                data_of(self.data, cell),
-                config,
-                on_epoch=on_epoch,
-                evaluate_test=False,
-                should_stop=lambda: progress.touch() or interrupt.STOP.is_set(),
-            )
-            if result.interrupted:
-                raise interrupt.Interrupted(INTERRUPTED)
-            if lost:
-                return
-            attrs = {
-                "curve": encode_curve(result.epochs),
-                "train_seconds": result.train_seconds,
-                "samples_seen": result.samples_seen,
-                "samples_per_s": result.samples_per_s,
-                "diverged": result.diverged,
-                "tuning_seed": seed,
-                "env": self.env,
-            }
-            if result.diverged:  # worse than chance: the sampler learns to avoid it; tables say "diverged"
-                ledger.finish(claim.trial_id, TrialState.COMPLETE, 0.0, attrs)
-            elif result.stopped:
-                ledger.finish(claim.trial_id, TrialState.PRUNED, None, attrs)
-            else:
-                ledger.finish(claim.trial_id, TrialState.COMPLETE, result.epochs[-1].val_accuracy, attrs)
-
-    def final_one(self, cell: Cell, source: int, seed: int, key: str) -> None:
+    def final_pack(self, cell: Cell, source: int, seeds: dict[str, int]) -> None:
         ledger = self.ledgers[cell][1]
         tuning = self.ledgers[self.base[cell]][0]
         params = {} if source == FIXED else next(t for t in tuning.trials() if t.number == source).params
-        claim = ledger.claim(key, {"source_trial": source, "seed": seed, "worker": self.env.get("worker")})
-        if not claim.won:
-            return
+        jobs = []
+        for key, seed in seeds.items():
+            claim = ledger.claim(key, {"source_trial": source, "seed": seed, "worker": self.env.get("worker")})
+            if claim.won:
+                jobs.append(Job(claim.trial_id, None, seed, params))
+        if jobs:
+            self.train_jobs(cell, ledger, jobs, tuning=False)
+
+    def train_jobs(self, cell: Cell, ledger: Ledger, jobs: list[Job], tuning: bool) -> None:
+        """Train the claimed `jobs` of one cell as one pack and record each result on its own claim. Every
+        claim beats while the pack trains; any exit but a normal one gives every unfinished claim back."""
         progress = Progress()
-        beating = ledger.heartbeat(claim.trial_id, self.run.heartbeat_interval, progress.idle, self.run.grace_period)
-        with beating, holding(ledger, claim.trial_id):
-            widths = cell_widths(cell, params, self.settings[cell.experiment])
-            config = train_config(self.cfg, cell, params, seed, self.run.threads)
-            result = train(
-                mlp(widths),
-                data_of(self.data, cell),
-                config,
-                should_stop=lambda: progress.touch() or interrupt.STOP.is_set(),
-                test_each_epoch=cell.experiment == "recipe",
-            )
-            if result.interrupted:
+        with contextlib.ExitStack() as stack:
+            for job in jobs:
+                stack.enter_context(
+                    ledger.heartbeat(job.trial_id, self.run.heartbeat_interval, progress.idle, self.run.grace_period)
+                )
+                stack.enter_context(holding(ledger, job.trial_id))
+            if tuning:
+                for job in jobs:
+                    ledger.storage.set_trial_user_attr(job.trial_id, "worker", self.env.get("worker"))
+                    job.params = suggest(job.trial, self.cfg, cell)
+            configs = [train_config(self.cfg, cell, job.params, job.seed, self.run.threads) for job in jobs]
+            widths = [cell_widths(cell, job.params, self.settings[cell.experiment]) for job in jobs]
+            packs: dict[tuple[int, ...], list[int]] = {}  # a search's proposals may differ in shape
+            for i, w in enumerate(widths):
+                packs.setdefault(w, []).append(i)
+            results = [None] * len(jobs)
+            for shape, members in packs.items():
+                trained = train_pack(
+                    [mlp(shape) for _ in members],
+                    data_of(self.data, cell),
+                    [configs[i] for i in members],
+                    on_epoch=[self.reporter(jobs[i], configs[i]) for i in members] if tuning else None,
+                    evaluate_test=not tuning,
+                    should_stop=[lambda: progress.touch() or interrupt.STOP.is_set()] * len(members),
+                    test_each_epoch=cell.experiment == "recipe",
+                )
+                for i, result in zip(members, trained):
+                    results[i] = result
+            for job, config, w, result in zip(jobs, configs, widths, results):
+                if not result.interrupted and not job.lost:
+                    self.record(ledger, job, config, w, result, tuning)
+            if any(r.interrupted for r in results):
                 raise interrupt.Interrupted(INTERRUPTED)
-            attrs = {
-                **{f"param_{k}": v for k, v in params.items()},
-                "param_lr": config.lr,
-                "param_epochs": config.epochs,
-                "param_momentum": config.momentum,
-                "schedule": config.schedule,
-                "widths": list(widths),
-                "curve": encode_curve(result.epochs),
-                "test_accuracy": result.test_accuracy,
-                "test_loss": result.test_loss,
-                "train_seconds": result.train_seconds,
-                "samples_seen": result.samples_seen,
-                "samples_per_s": result.samples_per_s,
-                "diverged": result.diverged,
-                "env": self.env,
-            }
-            value = result.test_accuracy if result.test_accuracy is not None else 0.0
-            ledger.finish(claim.trial_id, TrialState.COMPLETE, value, attrs)
+
+    @staticmethod
+    def reporter(job: Job, config: TrainConfig) -> Callable[[EpochMetrics], bool]:
+        """A tuning trial's on_epoch: report the validation accuracy; stop (and drop) if its claim was failed
+        as stale while this worker was paused."""
+
+        def on_epoch(m: EpochMetrics) -> bool:
+            try:
+                job.trial.report(m.val_accuracy, m.epoch)
+                # Never prune at the last epoch: the trial is finished anyway.
+                return m.epoch < config.epochs and job.trial.should_prune()
+            except UpdateFinishedTrialError:
+                job.lost = True
+                return True
+
+        return on_epoch
+
+    def record(self, ledger: Ledger, job: Job, config: TrainConfig, widths, result: TrainResult, tuning: bool) -> None:
+        attrs = {
+            "curve": encode_curve(result.epochs),
+            "train_seconds": result.train_seconds,
+            "samples_seen": result.samples_seen,
+            "samples_per_s": result.samples_per_s,
+            "diverged": result.diverged,
+            "pack": result.pack,
+            "env": self.env,
+        }
+        if tuning:
+            attrs["tuning_seed"] = job.seed
+            if result.diverged:  # worse than chance: the sampler learns to avoid it; tables say "diverged"
+                ledger.finish(job.trial_id, TrialState.COMPLETE, 0.0, attrs)
+            elif result.stopped:
+                ledger.finish(job.trial_id, TrialState.PRUNED, None, attrs)
+            else:
+                ledger.finish(job.trial_id, TrialState.COMPLETE, result.epochs[-1].val_accuracy, attrs)
+            return
+        attrs = {
+            **{f"param_{k}": v for k, v in job.params.items()},
+            "param_lr": config.lr,
+            "param_epochs": config.epochs,
+            "param_momentum": config.momentum,
+            "schedule": config.schedule,
+            "widths": list(widths),
+            "test_accuracy": result.test_accuracy,
+            "test_loss": result.test_loss,
+            **attrs,
+        }
+        value = result.test_accuracy if result.test_accuracy is not None else 0.0
+        ledger.finish(job.trial_id, TrialState.COMPLETE, value, attrs)
+
+
+@dataclasses.dataclass
+class Job:
+    """A claimed trial or seed on its way through a pack."""
+
+    trial_id: int
+    trial: optuna.Trial | None  # a tuning trial (suggests and reports); None for a final run
+    seed: int
+    params: dict = dataclasses.field(default_factory=dict)
+    lost: bool = False  # its claim was failed as stale meanwhile: the result is dropped
 
 
 class holding:

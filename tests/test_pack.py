@@ -9,7 +9,7 @@ from mnist_bench.errors import UsageError
 from mnist_bench.models import mlp
 from mnist_bench.train import TrainConfig, train, train_pack
 
-WIDTHS = (48, 24, 12)  # an odd shape on purpose: vector tails in every layer
+WIDTHS = (235, 47, 11)  # odd on purpose: vector tails, and slices at every alignment in a stack
 BASE = TrainConfig(lr=0.05, momentum=0.9, schedule="linear", weight_decay=1e-4, epochs=2, batch_size=50, seed=5)
 
 
