@@ -391,3 +391,110 @@ def test_the_heartbeat_stops_when_the_work_stops_moving(url):
     assert b.recover_stale() == []
     clock.advance(GRACE + 1)
     assert b.recover_stale() == [hung.number]  # ... so it is failed and its seed given back
+
+
+# --- packs: a worker claims several keys and trains them in one pass; each keeps its own claim ----------
+
+
+def test_two_workers_claim_disjoint_packs_and_a_dead_workers_whole_pack_is_redone_once(url):
+    clock = Clock()
+    a, b = worker(url, clock, "f"), worker(url, clock, "f")
+    demand = {final_key(7, s): 1 for s in range(1, 7)}
+
+    def claim_pack(ledger, keys):
+        return [ledger.claim(k, {"source_trial": 7, "seed": int(k.rsplit("seed", 1)[1])}) for k in keys]
+
+    seen_a, seen_b = a.open_keys(demand, 3), b.open_keys(demand, 3)
+    assert seen_a == seen_b == [final_key(7, s) for s in (1, 2, 3)]  # both saw the same three free
+    pack_a, lost_b = [], []
+    for ka, kb in zip(seen_a, seen_b):  # interleaved, A a step ahead each time
+        pack_a += claim_pack(a, [ka])
+        lost_b += claim_pack(b, [kb])
+    assert all(c.won for c in pack_a) and not any(c.won for c in lost_b)
+    pack_b = claim_pack(b, b.open_keys(demand, 3))
+    assert [c.key for c in pack_b] == [final_key(7, s) for s in (4, 5, 6)] and all(c.won for c in pack_b)
+    assert a.open_keys(demand, 3) == []
+    for c in pack_a:
+        a.finish(c.trial_id, TrialState.COMPLETE, 0.97)
+    # B dies holding its whole pack: A watches every one of its claims stand still, then fails them all.
+    assert a.recover_stale() == []
+    clock.advance(GRACE + 1)
+    assert sorted(a.recover_stale()) == sorted(c.number for c in pack_b)
+    redo = claim_pack(a, a.open_keys(demand, 3))
+    assert [c.key for c in redo] == [c.key for c in pack_b] and all(c.won for c in redo)
+    for c in redo:
+        a.finish(c.trial_id, TrialState.COMPLETE, 0.96)
+    assert a.finished(demand)
+    assert sorted(t.user_attrs["seed"] for t in finished(a)) == [1, 2, 3, 4, 5, 6]  # no seed twice
+
+
+def test_open_keys_respects_each_keys_capacity_and_the_limit(url):
+    a = worker(url, Clock(), "f")
+    demand = {"x": 2, "y": 1, "z": 1}
+    assert a.open_keys(demand, 5) == ["x", "y", "z"] and a.open_keys(demand, 2) == ["x", "y"]
+    a.create("y")
+    a.create("x")
+    assert a.open_keys(demand, 5) == ["x", "z"]  # x has one of its two slots left
+    a.create("x")
+    assert a.open_keys(demand, 5) == ["z"]
+
+
+def pack_worker(tmp_path: Path, small, pack: int = 4):
+    from study.config import Recipe, RunConfig, StudyConfig
+    from study.engine import Worker
+
+    cfg = StudyConfig(name="k", experiments=("recipe",), recipe=Recipe(depths=(2,), epochs=1, seeds=4, variants=()))
+    run = RunConfig(storage=f"sqlite:///{tmp_path / 'k.db'}", out=tmp_path, pack=pack)
+    return Worker(cfg, run, {"full": small}, open_storage(run.storage, 10, GRACE), env={})
+
+
+def test_a_pack_interrupted_mid_run_keeps_its_finished_runs_gives_the_rest_back_and_a_rerun_is_exact(
+    tmp_path, small, monkeypatch
+):
+    """Scripted: the pack's trainer reports one run finished and three interrupted (Ctrl-C mid-pack)."""
+    from mnist_bench import interrupt
+    from study import engine
+
+    real = engine.train_pack
+
+    def interrupted_after_the_first(models, data, configs, **kwargs):
+        results = real(models[:1], data, configs[:1], **kwargs)
+        return results + [engine.TrainResult(interrupted=True) for _ in models[1:]]
+
+    monkeypatch.setattr(engine, "train_pack", interrupted_after_the_first)
+    first = pack_worker(tmp_path, small)
+    with pytest.raises(interrupt.Interrupted):
+        first.step()
+    ledger = first.ledgers[first.cells[0]][1]
+    states = sorted((t.user_attrs["seed"], t.state) for t in ledger.trials())
+    assert states == [(1, TrialState.COMPLETE)] + [(s, TrialState.FAIL) for s in (2, 3, 4)]
+    monkeypatch.setattr(engine, "train_pack", real)
+    again = pack_worker(tmp_path, small)
+    again.work()
+    done = finished(again.ledgers[again.cells[0]][1])
+    assert sorted(t.user_attrs["seed"] for t in done) == [1, 2, 3, 4]  # each seed once
+    assert {t.user_attrs["pack"] for t in done if t.user_attrs["seed"] > 1} == {3}  # the three redone together
+    (tmp_path / "alone").mkdir()
+    alone = pack_worker(tmp_path / "alone", small, pack=1)
+    alone.work()
+    by_seed = {t.user_attrs["seed"]: t.value for t in finished(alone.ledgers[alone.cells[0]][1])}
+    assert {t.user_attrs["seed"]: t.value for t in done} == by_seed  # packed or not, the same test accuracies
+
+
+def test_a_grid_is_claimed_a_replicate_at_a_time_and_split_among_a_commands_workers(tmp_path, small):
+    from study.config import Matched, RunConfig, StudyConfig
+    from study.engine import Worker
+
+    cfg = StudyConfig(
+        name="g",
+        experiments=("matched",),
+        matched=Matched(depths=(2,), budgets=(20_000,), constant_budgets=(), thin_budgets=(), checks=(), lr_points=3),
+    )
+    run = RunConfig(storage=f"sqlite:///{tmp_path / 'g.db'}", out=tmp_path, pack=12, workers=2)
+    w = Worker(cfg, run, {"split": small}, open_storage(run.storage, 10, GRACE), env={})
+    cell = w.cells[0]
+    demand = w.tune_demand(cell)
+    assert w.tune_keys(cell, demand) == ["lr-grid0r0", "lr-grid1r0", "lr-grid2r0"]  # 6 runs, 2 workers: 3 each
+    w.ledgers[cell][0].claim("lr-grid0r0")
+    assert w.tune_keys(cell, demand) == ["lr-grid1r0", "lr-grid2r0"]  # never mixes replicates (seeds)
+    assert Worker.pack_size(w, 10) == 5 and Worker.pack_size(w, 40) == 12
