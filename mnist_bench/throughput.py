@@ -151,12 +151,15 @@ def paired_seconds(
     a: Callable[[], object], b: Callable[[], object], device: torch.device, timing: Timing
 ) -> tuple[float, float, float]:
     """(median seconds per call of a, of b, median of the per-round ratios a/b), timed alternately round
-    after round after a warm-up of each, so both see the same machine."""
+    after round after a warm-up of each (a then b in even rounds, b then a in odd ones, so neither always
+    runs on the caches the other left), so both see the same machine."""
     for fn in (a, b):
         median_seconds_per_call(fn, device, Timing(timing.warmup_seconds, timing.min_seconds / 4, 1))
     rounds = []
-    for _ in range(max(timing.repeats, 5)):
-        rounds.append(tuple(median_seconds_per_call(fn, device, Timing(0.0, timing.min_seconds, 1)) for fn in (a, b)))
+    for r in range(2 * max(timing.repeats, 4)):
+        order = (a, b) if r % 2 == 0 else (b, a)
+        seconds = {id(fn): median_seconds_per_call(fn, device, Timing(0.0, timing.min_seconds, 1)) for fn in order}
+        rounds.append((seconds[id(a)], seconds[id(b)]))
     ta, tb = (statistics.median(r[i] for r in rounds) for i in (0, 1))
     return ta, tb, statistics.median(x / y for x, y in rounds)
 

@@ -8,6 +8,7 @@ legend, so one dead run can neither hide nor stretch the axis.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -243,14 +244,48 @@ def curves_figure(path: Path, trials: pd.DataFrame, epochs: pd.DataFrame) -> str
     return "Learning curves of the retrained tuning trial of each depth (tuned experiment)."
 
 
-def forest_row(ax, y: float, c: Contrast | Interaction, colour, text: str, marker: str = "o") -> None:
+def forest_row(
+    ax, y: float, c: Contrast | Interaction, colour, text: str, marker: str = "o", limit: float | None = None
+) -> None:
     """One row of a forest plot: the Holm-level interval (thin), the TOST interval (thick), the mean
-    difference (marker) and the outcome in words, in points."""
-    ax.plot([100 * c.ci[0], 100 * c.ci[1]], [y, y], color=colour, lw=1.2)
-    ax.plot([100 * c.ci_equivalence[0], 100 * c.ci_equivalence[1]], [y, y], color=colour, lw=4, alpha=0.6)
-    ax.scatter([100 * c.diff], [y], marker=marker, color=colour, edgecolor="k", zorder=5, s=40)
-    right = 100 * max(c.ci[1], c.ci_equivalence[1])
+    difference (marker) and the outcome in words, in points. With `limit` (points), whatever lies beyond
+    ±limit is cut at the edge and marked there by an arrow with its value, so one far contrast cannot
+    squeeze the axis the others are read on."""
+    lo, hi = (-limit, limit) if limit is not None else (-math.inf, math.inf)
+
+    def cut(a: float, b: float) -> tuple[float, float]:
+        return max(100 * a, lo), min(100 * b, hi)
+
+    ax.plot(cut(*c.ci), [y, y], color=colour, lw=1.2)
+    ax.plot(cut(*c.ci_equivalence), [y, y], color=colour, lw=4, alpha=0.6)
+    diff = 100 * c.diff
+    if lo <= diff <= hi:
+        ax.scatter([diff], [y], marker=marker, color=colour, edgecolor="k", zorder=5, s=40)
+    for edge, beyond, arrow, align in (
+        (lo, 100 * min(c.ci[0], c.diff), "<", "left"),
+        (hi, 100 * c.ci[1], ">", "right"),
+    ):
+        if (beyond < edge) if arrow == "<" else (beyond > edge):
+            ax.scatter([edge], [y], marker=arrow, color=colour, edgecolor="k", zorder=6, s=45, clip_on=False)
+            words = f"{diff:+.2f}" if not lo <= diff <= hi else f"to {beyond:+.2f}"
+            ax.annotate(words, (edge, y), xytext=(6 if arrow == "<" else -6, 7), textcoords="offset points",
+                        fontsize=6.5, ha=align, va="center", color="0.25")  # fmt: skip
+    right = min(100 * max(c.ci[1], c.ci_equivalence[1]), hi)
     ax.annotate(text, (right, y), xytext=(5, 0), textcoords="offset points", fontsize=7, va="center")
+
+
+def forest_limit(contrasts: list[Contrast], margin: float, widest: float = 1.0) -> float:
+    """Half-width (points) of the answer's axis: wide enough for every contrast that lies within ±`widest`
+    points and at least twice the margin, at most `widest` (about 2 points in all); the rest get arrows."""
+    ends = [
+        abs(100 * v)
+        for c in contrasts
+        if c.outcome != "not computed"
+        for v in (*c.ci, *c.ci_equivalence, c.diff)
+        if math.isfinite(v)
+    ]
+    inside = [e for e in ends if e <= widest]
+    return min(widest, max(2 * 100 * margin, *inside, 0.0)) * 1.08
 
 
 def _forest_rows(analyses: list[Analysis]) -> list[tuple[str, int, int]]:
@@ -267,6 +302,7 @@ def answer_figure(path: Path, analyses: list[Analysis]) -> str:
     plt, colours = _plt()
     rows = _forest_rows(analyses)
     margin = 100 * analyses[0].margin
+    limit = forest_limit([c for an in analyses for c in an.primary], analyses[0].margin)
     fig, ax = plt.subplots(figsize=(8.5, 0.42 * len(rows) * len(analyses) + 1.6))
     ax.axvspan(-margin, margin, color=colours[0], alpha=0.12, lw=0, label=f"±{margin:.2f} points (margin)")
     ax.axvline(0, color="0.3", lw=0.8)
@@ -280,7 +316,7 @@ def answer_figure(path: Path, analyses: list[Analysis]) -> str:
                 ax.text(0, y, "not computed", fontsize=7, va="center", ha="center", color="0.4")
                 continue
             colour = colours[OUTCOME_COLOURS[c.outcome]]
-            forest_row(ax, y, c, colour, f"{c.outcome} (n={c.n})", DATASET_MARKERS[k % 2])
+            forest_row(ax, y, c, colour, f"{c.outcome} (n={c.n})", DATASET_MARKERS[k % 2], limit)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"{s}: depth {a} minus {b}" for s, a, b in rows], fontsize=8)
     ax.invert_yaxis()
@@ -292,8 +328,7 @@ def answer_figure(path: Path, analyses: list[Analysis]) -> str:
         xlabel="depth 4 minus its neighbour, test accuracy (points)",
         title="Why four layers? Depth 4 against 3 and 5, paired by seed",
     )
-    lo, hi = ax.get_xlim()
-    ax.set_xlim(lo, hi + 0.25 * (hi - lo))  # room for the outcome words
+    ax.set_xlim(-limit, limit + 0.3 * 2 * limit)  # room for the outcome words
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the rows, never on one
     _save(plt, fig, path)
     return (
@@ -305,7 +340,8 @@ def answer_figure(path: Path, analyses: list[Analysis]) -> str:
         )
         + ": mean per-seed difference (marker), its interval at the Holm-consistent level "
         "(thin line: excludes 0 exactly when the outcome is better or worse) and the two-one-sided-tests "
-        f"interval (thick line: inside the ±{margin:.2f}-point band exactly when the outcome is equivalent)."
+        f"interval (thick line: inside the ±{margin:.2f}-point band exactly when the outcome is equivalent). "
+        f"The axis spans ±{limit:.2f} points; a contrast reaching beyond it ends in an arrow with its value."
     )
 
 

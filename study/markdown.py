@@ -86,3 +86,56 @@ def contrast_table(contrasts: list[Contrast], with_setting: bool, notes: dict | 
         }
         rows.append(row)
     return md_table(pd.DataFrame(rows))
+
+
+# --- the answer, first -----------------------------------------------------------------------------
+
+NEIGHBOUR_WORDS = {3: "three", 5: "five"}
+
+
+def answer_sentence(name: str, primary: list[Contrast], margin: float) -> str:
+    """The answer in one sentence that names its settings: where depth 4 is within the margin of both
+    neighbours, of one, where it is better or worse (with the difference and interval), and how many
+    contrasts are undecided."""
+    if not primary:
+        return (
+            f"On {name}, this study has no setting with depth 4 and a neighbour, so it does not answer "
+            '"why four layers?"; the sections below describe what it ran.'
+        )
+    m = f"±{100 * margin:.2f} points"
+    settings: dict[str, list[Contrast]] = {}
+    for c in primary:
+        settings.setdefault(c.setting, []).append(c)
+    both = [s for s, cs in settings.items() if len(cs) == 2 and all(c.outcome == "equivalent" for c in cs)]
+    parts = []
+    if both:
+        parts.append(
+            f"is within {m} of both three and five in {len(both)} of {len(settings)} settings ({'; '.join(both)})"
+        )
+    one = [c for c in primary if c.outcome == "equivalent" and c.setting not in both]
+    if one:
+        listed = "; ".join(f"{NEIGHBOUR_WORDS.get(c.b, c.b)} in {c.setting}" for c in one)
+        parts.append(f"{'and ' if both else 'is '}within {m} of {listed}")
+    for c in primary:
+        if c.outcome in ("better", "worse"):
+            verb = "beats" if c.outcome == "better" else "trails"
+            parts.append(
+                f"it {verb} {NEIGHBOUR_WORDS.get(c.b, c.b)} in {c.setting} ({signed(c.diff)} points, interval "
+                f"{signed(c.ci[0])} to {signed(c.ci[1])})"
+            )
+    undecided = [c for c in primary if c.outcome in ("inconclusive", "not computed")]
+    if undecided:
+        parts.append(f"{len(undecided)} of its {len(primary)} contrasts are undecided")
+    return f"On {name}, four layers " + "; ".join(parts).replace("; and within", ", and within") + "."
+
+
+def setting_table(primary: list[Contrast]) -> str:
+    """One row per setting: depth 4 minus 3 and minus 5, each as difference, interval and outcome."""
+    rows: dict[str, dict] = {}
+    for c in primary:
+        row = rows.setdefault(c.setting, {"setting": c.setting})
+        words = outcome_words(c).split(" (planning")[0]
+        text = f"{signed(c.diff)} {interval(*c.ci)}: {words}" if c.outcome != "not computed" else words
+        row[f"depth 4 minus {c.b}"] = text
+    columns = ["setting", *sorted({k for r in rows.values() for k in r} - {"setting"})]
+    return md_table(pd.DataFrame(list(rows.values()), columns=columns).fillna("n/a"))

@@ -47,7 +47,7 @@ from .analysis import (
 )
 from .config import DEFAULT_MARGIN, FAILED_AT, LR_RULES, SOURCE_PARAMS, SearchSpace, refuse_other_study
 from .design import checks, trial_counts
-from .markdown import contrast_table, interval, md_table, p_value, pts, signed
+from .markdown import answer_sentence, contrast_table, interval, md_table, p_value, pts, setting_table, signed
 from .sections import (
     caps_lines,
     checks_section,
@@ -457,7 +457,12 @@ def _render(
         for c in checks(an, final, budget, an.margin)
         if c.verdict in ("horizon-dependent", "rate-sensitive")
     }
-    doc = [title, ""] + quick_banner(config, out) + progress_banner(config) + [opening_sentence(an), ""]
+    doc = [title, ""] + quick_banner(config, out) + progress_banner(config)
+    doc += [answer_sentence(an.name, an.primary, an.margin), ""]
+    if an.primary:  # the first screen: the sentence, the picture, the table of settings
+        pictured = [an] + ([second] if second and second.primary else [])
+        doc += ["![answer](answer.png)", "", figures.answer_figure(out / "answer.png", pictured), ""]
+        doc += [setting_table(an.primary), "", opening_sentence(an), ""]
     rerun = (
         replication.Replicate(analyse(again[1], again[2], again[3], margin), again[0], again[2], replicate_of, differs)
         if again is not None
@@ -479,9 +484,6 @@ def _render(
             + ".",
             "",
         ]
-    if an.primary:
-        pictured = [an] + ([second] if second and second.primary else [])
-        doc += ["![answer](answer.png)", "", figures.answer_figure(out / "answer.png", pictured), ""]
     doc += how_to_read(an)
     if an.primary:
         doc += ["## The primary contrasts", "", contrast_table(an.primary, with_setting=True, notes=fragile), ""]
