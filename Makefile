@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PY) -m pip install --quiet --constraint $(LOCK) -e '.[dev,dashboard]'
 	touch $@
 
-study: $(VENV)/.installed  ## set up, then run the quick depth study + report into results/quick
+study: $(VENV)/.installed  ## set up, then the quick study (the recipe with and without momentum, depths 1 and 3-5, 2 epochs) + report into results/quick
 	$(PY) -m study.depth --preset quick --out results/quick
 
 test: lint  ## set up, lint, then run the whole test suite (benchmarks once, untimed)

@@ -7,7 +7,8 @@ runs are scored on the test set. Everything lives in the Optuna storage (SQLite 
 PostgreSQL for many machines): running the same command again continues where any run stopped,
 and several workers share the work.
 
-    python -m study.depth --preset quick   # every experiment, small: under 2 minutes on 2 CPU cores
+    python -m study.depth                  # the quick study: the recipe with and without momentum, 2 minutes
+    python -m study.depth --preset smoke   # every experiment and check on 2,000 images: that every stage runs
     python -m study.depth --preset full    # the committed study: two workers (time in README)
 """
 
@@ -60,7 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--preset",
         choices=sorted(PRESETS),
         default="quick",
-        help="study size (default: quick; full is the committed study)",
+        help="study size (default: quick, the text's recipe with and without momentum at 2 epochs; smoke, every "
+        "experiment on 2,000 images; full, the committed study)",
     )
     p.add_argument(
         "--experiments",
@@ -126,7 +128,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--workers",
         type=cli.bounded_int(1, MAX_WORKERS, "processes on this machine"),
         default=None,
-        help="worker processes on this machine, each with --threads threads (default: 1 for quick, CPU count for full)",
+        help="worker processes on this machine, each with --threads threads (default: 1 for smoke, else the CPU count)",
     )
     p.add_argument(
         "--pack",
@@ -159,11 +161,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cli.add_common(
         p,
         "folder for the tables, plots and report",
-        out_default="results/ for full, results/quick for quick; plus /fashion-mnist for that dataset",
+        out_default="results/ for full, results/PRESET for the others; plus /fashion-mnist for that dataset",
     )
     args = p.parse_args(argv)
     if args.out is None:  # the committed results/ belong to the full study; a quick one never lands there
-        args.out = cli.RESULTS_DIR / ("quick" if args.preset == "quick" else "")
+        args.out = cli.RESULTS_DIR / ("" if args.preset == "full" else args.preset)
         args.out = args.out / "fashion-mnist" if args.dataset == "fashion-mnist" else args.out
     for flag in ("experiments", "depths", "budgets"):
         values = getattr(args, flag)
@@ -228,7 +230,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[StudyConfig, RunConfig]
         "name": name,
     }
     cfg = dataclasses.replace(cfg, **experiments, **seeds, **{k: v for k, v in overrides.items() if v is not None})
-    workers = args.workers or (1 if args.preset == "quick" else max(1, (os.cpu_count() or 1) // args.threads))
+    workers = args.workers or (1 if args.preset == "smoke" else max(1, (os.cpu_count() or 1) // args.threads))
     storage = args.storage or f"sqlite:///{(args.out / 'study.db').resolve()}"
     run = RunConfig(
         storage=storage,

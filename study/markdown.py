@@ -107,26 +107,34 @@ def answer_sentence(name: str, primary: list[Contrast], margin: float) -> str:
     for c in primary:
         settings.setdefault(c.setting, []).append(c)
     both = [s for s, cs in settings.items() if len(cs) == 2 and all(c.outcome == "equivalent" for c in cs)]
-    parts = []
+    one = "; ".join(
+        f"{NEIGHBOUR_WORDS.get(c.b, c.b)} in {c.setting}"
+        for c in primary
+        if c.outcome == "equivalent" and c.setting not in both
+    )
+    phrases = []  # what four layers does, each a verb phrase
     if both:
-        parts.append(
+        phrases.append(
             f"is within {m} of both three and five in {len(both)} of {len(settings)} settings ({'; '.join(both)})"
+            + (f", and of {one}" if one else "")
         )
-    one = [c for c in primary if c.outcome == "equivalent" and c.setting not in both]
-    if one:
-        listed = "; ".join(f"{NEIGHBOUR_WORDS.get(c.b, c.b)} in {c.setting}" for c in one)
-        parts.append(f"{'and ' if both else 'is '}within {m} of {listed}")
-    for c in primary:
-        if c.outcome in ("better", "worse"):
-            verb = "beats" if c.outcome == "better" else "trails"
-            parts.append(
-                f"it {verb} {NEIGHBOUR_WORDS.get(c.b, c.b)} in {c.setting} ({signed(c.diff)} points, interval "
-                f"{signed(c.ci[0])} to {signed(c.ci[1])})"
-            )
-    undecided = [c for c in primary if c.outcome in ("inconclusive", "not computed")]
-    if undecided:
-        parts.append(f"{len(undecided)} of its {len(primary)} contrasts are undecided")
-    return f"On {name}, four layers " + "; ".join(parts).replace("; and within", ", and within") + "."
+    elif one:
+        phrases.append(f"is within {m} of {one}")
+    phrases += [
+        f"{'beats' if c.outcome == 'better' else 'trails'} {NEIGHBOUR_WORDS.get(c.b, c.b)} in {c.setting} "
+        f"({signed(c.diff)} points, interval {signed(c.ci[0])} to {signed(c.ci[1])})"
+        for c in primary
+        if c.outcome in ("better", "worse")
+    ]
+    undecided = sum(c.outcome in ("inconclusive", "not computed") for c in primary)
+    if not phrases:
+        return f"On {name}, no contrast of four layers with three or five is decided: all {len(primary)} are undecided."
+    rest = (
+        f"; {undecided} of its {len(primary)} contrasts {'is' if undecided == 1 else 'are'} undecided"
+        if undecided
+        else ""
+    )
+    return f"On {name}, four layers " + "; it ".join(phrases) + rest + "."
 
 
 def setting_table(primary: list[Contrast]) -> str:

@@ -45,7 +45,7 @@ from .analysis import (
     opening_sentence,
     state_counts,
 )
-from .config import DEFAULT_MARGIN, FAILED_AT, LR_RULES, SOURCE_PARAMS, SearchSpace, refuse_other_study
+from .config import DEFAULT_MARGIN, FAILED_AT, LR_RULES, SOURCE_PARAMS, VARIANTS, SearchSpace, refuse_other_study
 from .design import checks, trial_counts
 from .markdown import answer_sentence, contrast_table, interval, md_table, p_value, pts, setting_table, signed
 from .sections import (
@@ -155,19 +155,44 @@ def training_images(config: dict) -> str:
 
 
 def quick_banner(config: dict, out: Path) -> list[str]:
-    """A study on a training subset is a check that every stage runs, not an answer: say so first."""
+    """A study on a training subset is a check that every stage runs, not an answer; the quick study answers a
+    small question of its own. Either says so first, in one line."""
     subset = config.get("train_subset")
-    if not subset and not str(config.get("name", "")).startswith("quick"):
+    quick = str(config.get("name", "")).startswith("quick")
+    if not subset and not quick:
         return []
     committed = Path(os.path.relpath(cli.RESULTS_DIR.resolve() / "report.md", out.resolve())).as_posix()
     ran = " and ".join(config.get("experiments", {})) or "no experiment"
+    if subset:
+        return [
+            f"> **This is a quick check, not the answer.** The `{config.get('name')}` study ran {ran} on "
+            f"{training_images(config)} with small budgets and few seeds, to show that every stage runs end to end; "
+            "its numbers are "
+            f"not findings. The committed answer of the full study is [`results/report.md`]({committed}).",
+            "",
+        ]
+    r = config.get("experiments", {}).get("recipe", {})
+    claimed = sorted({d for d, _, _ in r.get("claims", [])} & set(r.get("depths", [])))
+    changes = " and ".join(VARIANTS.get(v, v) for v in r.get("variants", []))
+    with_changes = (
+        f", and with {changes} at depths {words(claimed)} ({r.get('variant_seeds')} seeds)"
+        if changes and claimed
+        else ""
+    )
     return [
-        f"> **This is a quick check, not the answer.** The `{config.get('name')}` study ran {ran} on "
-        f"{training_images(config)} with small budgets and few seeds, to show that every stage runs end to end; its "
-        "numbers are "
-        f"not findings. The committed answer of the full study is [`results/report.md`]({committed}).",
+        f"> **A quick study.** It trains the text's recipe at depths {words(r.get('depths', []))} "
+        f"({r.get('seeds')} seeds){with_changes}, for {r.get('epochs')} epochs on {training_images(config)}: it "
+        "shows what the recipe and that change do after "
+        f'{r.get("epochs")} epochs; it tunes nothing, so it does not answer "why four layers?" (the full study '
+        f"does: [`results/report.md`]({committed})).",
         "",
     ]
+
+
+def words(items) -> str:
+    """1, 3, 4 and 5."""
+    items = [str(i) for i in items]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def progress_banner(config: dict) -> list[str]:

@@ -75,7 +75,7 @@ def run_setting(admin: sqlalchemy.Engine, workers: int, n_trials: int, depth: in
                 "-m",
                 "study.depth",
                 "--preset",
-                "quick",
+                "smoke",
                 "--experiments",
                 "tuned",
                 "--depths",
@@ -107,7 +107,7 @@ def run_setting(admin: sqlalchemy.Engine, workers: int, n_trials: int, depth: in
                 if code:
                     lines = Path(f"{tmp}/w{i}.err").read_text().strip().splitlines()
                     raise UserError(f"worker {i} exited with {code}: {lines[-1] if lines else 'no message'}")
-        study = optuna.load_study(study_name=study_name("quick", Cell("tuned", depth)), storage=url)
+        study = optuna.load_study(study_name=study_name("smoke", Cell("tuned", depth)), storage=url)
         trials = [
             t
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
@@ -171,7 +171,7 @@ def kill_test(
             sys.executable,
             "-m",
             "study.depth",
-            *("--preset", "quick", "--experiments", "tuned", "--depths", *map(str, KILL_DEPTHS)),
+            *("--preset", "smoke", "--experiments", "tuned", "--depths", *map(str, KILL_DEPTHS)),
             *("--n-trials", str(n_trials), "--seeds", str(seeds), "--train-subset", "300"),
             *("--workers", "1", "--threads", "1", "--heartbeat", "2", "--no-report", "--storage", url_for_workers),
         ]
@@ -252,8 +252,8 @@ def audit(url, kind, workers, n_trials, seeds, killed, peak, hang, wall, errors)
     every = [t for ts in studies.values() for t in ts]
     broken = []
     for depth in KILL_DEPTHS:
-        tune = studies.get(study_name("quick", Cell("tuned", depth)), [])
-        final = studies.get(study_name("quick", Cell("tuned", depth), final=True), [])
+        tune = studies.get(study_name("smoke", Cell("tuned", depth)), [])
+        final = studies.get(study_name("smoke", Cell("tuned", depth), final=True), [])
         counted = [t for t in tune if t.state == TrialState.COMPLETE and not t.user_attrs.get(SURPLUS)]
         failed = sum(failed_trial(t) for t in counted)
         if len(counted) != n_trials + min(failed, n_trials):

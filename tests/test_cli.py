@@ -20,7 +20,7 @@ DATA_COMMANDS = ["mnist_bench.throughput", "study.depth"]
 COMMANDS = [*DATA_COMMANDS, "study.report", "study.scaleout", "study.serve"]
 TINY = [
     "--preset",
-    "quick",
+    "smoke",
     "--experiments",
     "tuned",
     "--depths",
@@ -141,8 +141,8 @@ def storage_with(tmp: Path, final: bool, name: str = "s.db") -> str:
     url = f"sqlite:///{tmp / name}"
     from study.config import PRESETS, Cell
 
-    config = PRESETS["quick"].identity(Cell("tuned", 2))
-    tune = optuna.create_study(storage=url, study_name="quick-tuned-depth2", direction="maximize")
+    config = PRESETS["smoke"].identity(Cell("tuned", 2))
+    tune = optuna.create_study(storage=url, study_name="smoke-tuned-depth2", direction="maximize")
     tune.set_user_attr("config", config)
     tune.add_trial(
         optuna.trial.create_trial(
@@ -157,12 +157,12 @@ def storage_with(tmp: Path, final: bool, name: str = "s.db") -> str:
         )
     )
     if final:
-        optuna.create_study(storage=url, study_name="quick-tuned-depth2-final", direction="maximize")
+        optuna.create_study(storage=url, study_name="smoke-tuned-depth2-final", direction="maximize")
     return url
 
 
 def two_studies(tmp: Path) -> str:
-    """A storage holding two depth studies, 'quick' and 'other'."""
+    """A storage holding two depth studies, 'smoke' and 'other'."""
     url = storage_with(tmp, final=True)
     optuna.create_study(storage=url, study_name="other-tuned-depth2", direction="maximize")
     return url
@@ -536,7 +536,7 @@ def test_sigterm_to_a_lone_worker_keeps_what_finished(tmp_path: Path):
     proc = start(
         "study.depth",
         "--preset",
-        "quick",
+        "smoke",
         "--experiments",
         "recipe",
         "--depths",

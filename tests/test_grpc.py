@@ -114,7 +114,7 @@ def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout)
 
 
-TINY = ["--preset", "quick", "--experiments", "tuned", "--depths", "2", "--train-subset", "600", "--no-report"]
+TINY = ["--preset", "smoke", "--experiments", "tuned", "--depths", "2", "--train-subset", "600", "--no-report"]
 
 
 def test_a_study_through_the_proxy_finishes_exactly_and_a_rerun_redoes_nothing(proxy, db, tmp_path: Path):

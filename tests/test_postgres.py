@@ -22,7 +22,7 @@ pytestmark = pytest.mark.postgres
 
 BASE = [
     "--preset",
-    "quick",
+    "smoke",
     "--experiments",
     "tuned",
     "--depths",
@@ -59,16 +59,16 @@ def budget_states(url: str, name: str) -> list[TrialState]:
 
 def assert_exact(url: str, n_trials: int, seeds: int, depths=(2, 3)):
     for d in depths:
-        study = optuna.load_study(study_name=f"quick-tuned-depth{d}", storage=url)
+        study = optuna.load_study(study_name=f"smoke-tuned-depth{d}", storage=url)
         done = [
             t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and not t.user_attrs.get("surplus")
         ]
         done = [t for t in done if t.state != TrialState.FAIL]
         failed = sum(failed_run(t.value, diverged=t.user_attrs.get("diverged")) for t in done)
         assert len(done) == n_trials + min(failed, n_trials)  # failed trials replaced, up to twice the budget
-        states = budget_states(url, f"quick-tuned-depth{d}")
+        states = budget_states(url, f"smoke-tuned-depth{d}")
         assert TrialState.RUNNING not in states
-        final = optuna.load_study(study_name=f"quick-tuned-depth{d}-final", storage=url)
+        final = optuna.load_study(study_name=f"smoke-tuned-depth{d}-final", storage=url)
         done = [
             t
             for t in final.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -108,7 +108,7 @@ def test_worker_killed_holding_a_final_run_the_others_finish_exactly(pg_url: str
     try:
         while time.time() < deadline and victim is None:
             time.sleep(0.05)
-            holder = holder_of_running_final(watcher, "quick-tuned-depth2-final")
+            holder = holder_of_running_final(watcher, "smoke-tuned-depth2-final")
             if holder is not None:
                 victim = workers.get(int(holder.rsplit(":", 1)[1]))
     finally:
@@ -121,7 +121,7 @@ def test_worker_killed_holding_a_final_run_the_others_finish_exactly(pg_url: str
         code, err = finish(w)
         assert code == 0, err
     assert_exact(pg_url, n_trials=4, seeds=4, depths=(2,))
-    final = optuna.load_study(study_name="quick-tuned-depth2-final", storage=pg_url)
+    final = optuna.load_study(study_name="smoke-tuned-depth2-final", storage=pg_url)
     assert any(
         t.state == TrialState.FAIL and not t.user_attrs.get("surplus") for t in final.get_trials(deepcopy=False)
     )  # the dead run, failed by its heartbeat
@@ -197,7 +197,7 @@ def test_lost_connection_is_one_line_and_a_restart_continues(pg_url: str, tmp_pa
     while time.time() < deadline:
         time.sleep(0.3)
         try:
-            if len(budget_states(pg_url, "quick-tuned-depth2")) >= 2:
+            if len(budget_states(pg_url, "smoke-tuned-depth2")) >= 2:
                 break
         except KeyError:
             continue

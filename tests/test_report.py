@@ -365,8 +365,10 @@ def test_renders_every_experiment_with_the_answer_first(tmp_path: Path):
     path = render(write(tmp_path, *study_tables(FOUR_WINS, FOUR_WINS, TUNED)))
     text = path.read_text()
     lines = [x for x in text.splitlines() if x]
-    assert lines[0].startswith("# Why four layers?") and lines[1].startswith("On MNIST, four layers beats both")
+    assert lines[0].startswith("# Why four layers?") and lines[1].startswith("On MNIST, four layers beats three in")
     assert lines[2] == "![answer](answer.png)"
+    assert lines[4].startswith("| setting | depth 4 minus 3 | depth 4 minus 5 |")  # the first screen's table
+    assert lines.index("**How to read it.**") > lines.index("![answer](answer.png)")
     for png in ("answer.png", "recipe.png", "matched.png", "tuned.png", "curves.png"):
         assert (tmp_path / png).stat().st_size > 10_000 and f"({png})" in text
     assert (
@@ -858,3 +860,31 @@ def test_the_workers_a_study_ran_with_are_the_most_runs_training_at_once():
     )
     assert most_at_once(runs, runs.iloc[:0]) == 2  # one ends at 10:01 as the third starts: never three
     assert most_at_once(runs, runs) == 4
+
+
+def test_the_answer_sentence_names_its_settings_and_the_table_has_one_row_per_setting():
+    from study.analysis import Contrast
+    from study.markdown import answer_sentence, setting_table
+
+    eq = dict(outcome="equivalent", n=10, diff=0.0002, ci=(-0.001, 0.0015))
+    contrasts = [
+        Contrast("recipe, 10 epochs", 4, 3, "better", 10, 0.0028, ci=(0.0002, 0.0053)),
+        Contrast("recipe, 10 epochs", 4, 5, "inconclusive", 10, 0.0004, ci=(-0.004, 0.005), seeds_needed=59),
+        Contrast("tuned", 4, 3, **eq),
+        Contrast("tuned", 4, 5, **eq),
+        Contrast("constant width", 4, 3, **eq),
+        Contrast("constant width", 4, 5, "worse", 10, -0.003, ci=(-0.005, -0.001)),
+    ]
+    text = answer_sentence("MNIST", contrasts, 0.002)
+    assert text == (
+        "On MNIST, four layers is within ±0.20 points of both three and five in 1 of 3 settings (tuned), and of "
+        "three in constant width; it beats three in recipe, 10 epochs (+0.28 points, interval +0.02 to +0.53); it "
+        "trails five in constant width (-0.30 points, interval -0.50 to -0.10); 1 of its 6 contrasts is undecided."
+    )
+    undecided = [Contrast("tuned", 4, b, "inconclusive", 6, 0.001, ci=(-0.002, 0.004), seeds_needed=30) for b in (3, 5)]
+    assert "all 2 are undecided" in answer_sentence("Fashion-MNIST", undecided, 0.002)
+    table = setting_table(contrasts).splitlines()
+    assert table[0] == "| setting | depth 4 minus 3 | depth 4 minus 5 |" and len(table) == 2 + 3
+    assert (
+        "| constant width | +0.02 [-0.10, +0.15]: equivalent within the margin | -0.30 [-0.50, -0.10]: worse |" in table
+    )

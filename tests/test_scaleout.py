@@ -17,10 +17,10 @@ KILLED_AT = datetime.datetime(2026, 1, 1, 12, 0, 0)
 def storage_with(tmp_path: Path, seeds: list[int], running: bool = False) -> str:
     url = f"sqlite:///{tmp_path / 'audit.db'}"
     for depth in KILL_DEPTHS:
-        tune = optuna.create_study(storage=url, study_name=study_name("quick", Cell("tuned", depth)))
+        tune = optuna.create_study(storage=url, study_name=study_name("smoke", Cell("tuned", depth)))
         for _ in range(2):
             tune.add_trial(create_trial(value=0.9, user_attrs={"claim": "tune"}))
-        final = optuna.create_study(storage=url, study_name=study_name("quick", Cell("tuned", depth), final=True))
+        final = optuna.create_study(storage=url, study_name=study_name("smoke", Cell("tuned", depth), final=True))
         for s in seeds:
             final.add_trial(create_trial(value=0.9, user_attrs={"seed": s, "worker": "h:1"}))
         # The killed worker's claim, failed as stale 7 s after the kill.

@@ -41,7 +41,7 @@ from study.storage import StudyError, open_storage
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--preset",
-    "quick",
+    "smoke",
     "--experiments",
     "tuned",
     "--depths",
@@ -192,7 +192,7 @@ def test_a_new_best_trial_gets_its_own_seeds_and_old_runs_are_reported_supersede
     old = pd.read_csv(tmp_path / "final.csv")
     # A better configuration appears in the storage (another worker's budget, an imported trial).
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
-    tune = optuna.load_study(study_name="quick-tuned-depth2", storage=storage)
+    tune = optuna.load_study(study_name="smoke-tuned-depth2", storage=storage)
     tune.add_trial(
         create_trial(
             params={"lr": 0.05, "epochs": 2, "width": 32},
@@ -444,7 +444,7 @@ def test_tables_and_report_say_what_is_still_below_the_stored_budget(tmp_path: P
 
     study_depth.main([*TINY, "--depths", "2", "--n-trials", "1", "--seeds", "2", "--out", str(tmp_path)])
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    final = optuna.load_study(study_name="quick-tuned-depth2-final", storage=url)
+    final = optuna.load_study(study_name="smoke-tuned-depth2-final", storage=url)
     final.set_user_attr("seeds", 3)  # what a larger command registered and is still running
     capsys.readouterr()
     study_depth.main([*BASE_RECIPE, "--out", str(tmp_path)])  # another experiment, run now
@@ -457,7 +457,7 @@ def test_tables_and_report_say_what_is_still_below_the_stored_budget(tmp_path: P
 
 BASE_RECIPE = [
     "--preset",
-    "quick",
+    "smoke",
     "--experiments",
     "recipe",
     "--depths",
@@ -490,7 +490,7 @@ def test_presets_share_the_documented_defaults():
     assert full.matched.replicates >= 2 and full.matched.min_width >= 16 and full.matched.check_seeds >= 4
     assert full.tuned.depths == (3, 4, 5) and full.tuned.n_trials >= 24 and full.tuned.space.max_epochs == 15
     assert full.tuned.space.width[1] == 1024 and full.tuned.space.min_width >= 16
-    assert isinstance(PRESETS["quick"], StudyConfig)
+    assert isinstance(PRESETS["smoke"], StudyConfig)
     cells = full.cells()
     assert len(cells) == len(set(cells)) == 14 + 24 + 3
     assert Cell("matched", 1) in cells and Cell("matched", 4, 242_762) in cells
@@ -534,7 +534,7 @@ CELL = ["experiment", "budget", "shape", "variant", "depth"]
 def test_each_experiment_end_to_end_and_resumed(experiment: str, tmp_path: Path):
     args = [
         "--preset",
-        "quick",
+        "smoke",
         *EXPERIMENT_ARGS[experiment],
         "--seeds",
         "2",
@@ -550,7 +550,7 @@ def test_each_experiment_end_to_end_and_resumed(experiment: str, tmp_path: Path)
     )
     assert set(final.experiment) == {experiment}
     cells = final.groupby(CELL, dropna=False)
-    assert all(sorted(g.seed) == [1, 2] and g.source_trial.nunique() == 1 for _, g in cells)  # quick: 2 per check
+    assert all(sorted(g.seed) == [1, 2] and g.source_trial.nunique() == 1 for _, g in cells)  # smoke: 2 per check
     base = final[final.variant == ""]
     if experiment == "recipe":
         assert trials.empty and set(final.source_trial) == {-1} and set(base.param_lr) == {0.03}
@@ -603,21 +603,21 @@ def test_each_experiment_end_to_end_and_resumed(experiment: str, tmp_path: Path)
 
 
 def test_running_one_experiment_keeps_the_other_experiments_rows(tmp_path: Path):
-    base = ["--preset", "quick", "--seeds", "1", "--train-subset", "300", "--no-report", "--out", str(tmp_path)]
+    base = ["--preset", "smoke", "--seeds", "1", "--train-subset", "300", "--no-report", "--out", str(tmp_path)]
     study_depth.main([*base, *EXPERIMENT_ARGS["recipe"]])
     study_depth.main([*base, *EXPERIMENT_ARGS["tuned"]])
     assert set(pd.read_csv(tmp_path / "final.csv").experiment) == {"recipe", "tuned"}
 
 
 def test_another_split_or_sampler_seed_is_its_own_study(tmp_path: Path):
-    base = ["--preset", "quick", *EXPERIMENT_ARGS["tuned"], "--seeds", "1", "--train-subset", "300", "--no-report"]
+    base = ["--preset", "smoke", *EXPERIMENT_ARGS["tuned"], "--seeds", "1", "--train-subset", "300", "--no-report"]
     study_depth.main([*base, "--out", str(tmp_path / "a")])
     shared = ["--storage", f"sqlite:///{tmp_path / 'a' / 'study.db'}"]  # one storage on purpose, own tables
     p = run_study(*base, "--split-seed", "1", "--sampler-seed", "2", *shared, "--out", str(tmp_path / "b"))
     assert p.returncode == 0, p.stderr
     names = {s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'a' / 'study.db'}")}
-    assert {"quick-tuned-depth3", "quick-split1-sampler2-tuned-depth3"} <= names
-    p = run_study(*base, "--split-seed", "1", "--study-name", "quick", *shared, "--out", str(tmp_path / "a"))
+    assert {"smoke-tuned-depth3", "smoke-split1-sampler2-tuned-depth3"} <= names
+    p = run_study(*base, "--split-seed", "1", "--study-name", "smoke", *shared, "--out", str(tmp_path / "a"))
     assert p.returncode == 1 and "split_seed" in p.stderr  # same names, other hold-out: refused
     args = study_depth.parse_args(["--preset", "full", "--tuning-seed", "-2", "--out", str(tmp_path)])
     cfg, _ = study_depth.configs_from_args(args)
@@ -627,7 +627,7 @@ def test_another_split_or_sampler_seed_is_its_own_study(tmp_path: Path):
 def test_fashion_mnist_study_end_to_end_and_resume_across_datasets_refused(tmp_path: Path):
     args = [
         "--preset",
-        "quick",
+        "smoke",
         "--dataset",
         "fashion-mnist",
         *EXPERIMENT_ARGS["tuned"],
@@ -641,7 +641,7 @@ def test_fashion_mnist_study_end_to_end_and_resume_across_datasets_refused(tmp_p
     ]
     study_depth.main(args)
     final = pd.read_csv(tmp_path / "final.csv")
-    assert sorted(final.seed) == [1, 2] and final.study.str.startswith("quick-fashion-mnist-tuned").all()
+    assert sorted(final.seed) == [1, 2] and final.study.str.startswith("smoke-fashion-mnist-tuned").all()
     assert json.loads((tmp_path / "config.json").read_text())["dataset"] == "fashion-mnist"
     # Both datasets share one storage under their own names (tables in their own folders)...
     study_depth.main(
@@ -660,10 +660,10 @@ def test_fashion_mnist_study_end_to_end_and_resume_across_datasets_refused(tmp_p
         ]
     )
     names = {s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'study.db'}")}
-    assert {"quick-tuned-depth3", "quick-fashion-mnist-tuned-depth3"} <= names
+    assert {"smoke-tuned-depth3", "smoke-fashion-mnist-tuned-depth3"} <= names
     # ... and resuming a study with the other dataset is refused.
     shared = ["--storage", f"sqlite:///{tmp_path / 'study.db'}"]
-    p = run_study(*args[:2], "--dataset", "mnist", "--study-name", "quick-fashion-mnist", *args[4:], *shared)
+    p = run_study(*args[:2], "--dataset", "mnist", "--study-name", "smoke-fashion-mnist", *args[4:], *shared)
     assert p.returncode == 1 and "dataset" in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
@@ -833,7 +833,7 @@ def test_a_trial_killed_while_suggesting_never_blocks_tables_or_reruns(tmp_path:
     study_depth.main(
         [*TINY, "--depths", "2", "--n-trials", "1", "--seeds", "1", "--storage", url, "--out", str(tmp_path)]
     )
-    tune = optuna.load_study(study_name="quick-tuned-depth2", storage=url)
+    tune = optuna.load_study(study_name="smoke-tuned-depth2", storage=url)
     tune.add_trial(
         create_trial(
             state=TrialState.FAIL,
@@ -853,7 +853,7 @@ def test_a_trial_killed_while_suggesting_never_blocks_tables_or_reruns(tmp_path:
 
 
 def test_a_quick_study_in_a_checkout_never_rewrites_the_committed_results(tmp_path: Path):
-    """The default --out follows the preset (quick: results/quick), so a quick study never lands in the
+    """The default --out follows the preset (smoke: results/smoke), so a smoke or quick study never lands in the
     committed results/; pointed there explicitly it is refused before any work."""
     results = tmp_path / "results"
     results.mkdir()
@@ -862,13 +862,13 @@ def test_a_quick_study_in_a_checkout_never_rewrites_the_committed_results(tmp_pa
     args = [sys.executable, "-m", "study.depth", *TINY, "--depths", "2", "--n-trials", "1", "--seeds", "1"]
     p = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr
-    assert (results / "quick" / "final.csv").is_file()
-    assert sorted(f.name for f in results.iterdir()) == ["config.json", "quick"]
+    assert (results / "smoke" / "final.csv").is_file()
+    assert sorted(f.name for f in results.iterdir()) == ["config.json", "smoke"]
     assert (results / "config.json").read_bytes() == committed
     p = subprocess.run([*args, "--out", "results"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     name = json.loads(committed)["name"]  # full, or full-tuning-2, ...
     assert p.returncode == 2 and f"holds the tables of study {name!r}" in p.stderr and "Traceback" not in p.stderr
-    assert sorted(f.name for f in results.iterdir()) == ["config.json", "quick"]
+    assert sorted(f.name for f in results.iterdir()) == ["config.json", "smoke"]
 
 
 def test_a_second_sigterm_stops_every_worker_at_once(tmp_path: Path):
@@ -883,9 +883,9 @@ def test_a_second_sigterm_stops_every_worker_at_once(tmp_path: Path):
 
 def test_one_study_never_mixes_cells_of_other_shared_settings(tmp_path: Path):
     """config.json and the report state the study-level settings once, so every cell must share them."""
-    tuned = ["--preset", "quick", *EXPERIMENT_ARGS["tuned"], "--seeds", "1", "--no-report", "--out", str(tmp_path)]
+    tuned = ["--preset", "smoke", *EXPERIMENT_ARGS["tuned"], "--seeds", "1", "--no-report", "--out", str(tmp_path)]
     study_depth.main([*tuned, "--train-subset", "300"])
-    matched = ["--preset", "quick", "--experiments", "matched", "--depths", "1", "--seeds", "1", "--no-report"]
+    matched = ["--preset", "smoke", "--experiments", "matched", "--depths", "1", "--seeds", "1", "--no-report"]
     p = run_study(*matched, "--out", str(tmp_path))  # the preset's 5,000-image subset, not 300
     assert p.returncode == 1 and "train_subset" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert json.loads((tmp_path / "config.json").read_text())["train_subset"] == 300
