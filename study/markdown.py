@@ -107,11 +107,11 @@ def answer_sentence(name: str, primary: list[Contrast], margin: float) -> str:
     for c in primary:
         settings.setdefault(c.setting, []).append(c)
     both = [s for s, cs in settings.items() if len(cs) == 2 and all(c.outcome == "equivalent" for c in cs)]
-    one = "; ".join(
-        f"{NEIGHBOUR_WORDS.get(c.b, c.b)} in {c.setting}"
-        for c in primary
-        if c.outcome == "equivalent" and c.setting not in both
-    )
+    alone: dict[int, list[str]] = {}  # neighbour -> settings where only that contrast is equivalent
+    for c in primary:
+        if c.outcome == "equivalent" and c.setting not in both:
+            alone.setdefault(c.b, []).append(c.setting)
+    one = "; ".join(f"{NEIGHBOUR_WORDS.get(b, b)} in {' and in '.join(ss)}" for b, ss in alone.items())
     phrases = []  # what four layers does, each a verb phrase
     if both:
         phrases.append(
