@@ -9,6 +9,8 @@ from functools import cache
 
 import torch
 
+from .redact import redact
+
 
 @cache
 def cpu_name() -> str:
@@ -45,7 +47,7 @@ def environment(device: torch.device | str, threads: int) -> dict[str, object]:
 
 
 def command_line() -> str:
-    """How this process was started, as a user would type it ("python -m study.depth ...")."""
+    """How this process was started, as a user would type it ("python -m study.depth ..."), passwords masked."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     prog = ["python", "-m", spec.name.removesuffix(".__main__")] if spec else ["python", sys.argv[0]]
-    return " ".join(shlex.quote(a) for a in [*prog, *sys.argv[1:]])
+    return redact(" ".join(shlex.quote(a) for a in [*prog, *sys.argv[1:]]))

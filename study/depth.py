@@ -15,6 +15,7 @@ and several workers share the work.
 from __future__ import annotations
 
 from mnist_bench import cli
+from mnist_bench.redact import redact
 
 cli.starting(__name__)
 
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"study {cfg.name!r}: {', '.join(cfg.experiments)}: {len(cells)} cells, "
             f"{sum(cfg.n_trials(c) for c in cells)} tuning trials and {sum(cfg.seeds(c) for c in cells)} final "
-            f"runs, {run.workers} worker(s) x {run.threads} thread(s), storage {run.storage}",
+            f"runs, {run.workers} worker(s) x {run.threads} thread(s), storage {redact(run.storage)}",
             flush=True,
         )
         lone = run.workers == 1
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # outside the workers' safe points: nothing was in flight
         raise Interrupted(
             f"interrupted: runs in flight are recorded as failed, everything finished is in "
-            f"{run.storage}; run the same command again to continue"
+            f"{redact(run.storage)}; run the same command again to continue"
         ) from None
     print(tables.summary(written["final"]))
     pending = json.loads((run.out / "config.json").read_text()).get("in_progress", [])

@@ -28,6 +28,7 @@ import pandas as pd
 
 from mnist_bench.errors import UsageError, UserError
 from mnist_bench.interrupt import Interrupted
+from mnist_bench.redact import redact
 
 from . import figures, replication
 from .analysis import (
@@ -406,7 +407,7 @@ def environment(final: pd.DataFrame) -> list[str]:
         c for c in ("device", "device_name", "cpu", "gpu", "threads", "torch_version", "python_version") if c in final
     ]
     env = final[env_cols].astype(object)
-    commands = sorted(set(final["command"].dropna())) if "command" in final else []
+    commands = sorted({redact(str(c)) for c in final["command"].dropna()}) if "command" in final else []
     return [
         "## Environment",
         "",

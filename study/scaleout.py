@@ -45,6 +45,7 @@ from optuna.trial import TrialState
 from mnist_bench.env import environment
 from mnist_bench.errors import UsageError, UserError
 from mnist_bench.interrupt import Interrupted
+from mnist_bench.redact import redact
 
 from .config import MAX_DEPTH, Cell, study_name
 from .coord import SURPLUS, failed_trial
@@ -426,7 +427,7 @@ def write_kill_test(admin: sqlalchemy.Engine, args, path: Path) -> int:
     print(f"wrote {path}")
     broken = df[~df.exact]
     if len(broken):
-        raise UserError("; ".join(f"{r.storage}: {r.problems or 'hang'}" for r in broken.itertuples()))
+        raise UserError("; ".join(f"{redact(r.storage)}: {r.problems or 'hang'}" for r in broken.itertuples()))
     return 0
 
 

@@ -25,6 +25,7 @@ import warnings
 import optuna
 
 from mnist_bench.errors import UsageError
+from mnist_bench.redact import redact
 
 from .config import in_memory
 from .storage import StudyError, grpc_address, open_storage, quiet_grpc
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     srv = server(args.storage, args.host, args.port, args.threads)
-    print(f"serving {args.storage} on grpc://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
+    print(f"serving {redact(args.storage)} on grpc://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
     try:
         srv.wait_for_termination()
     finally:

@@ -21,6 +21,7 @@ import sqlalchemy.event
 import sqlalchemy.exc
 
 from mnist_bench.errors import UsageError, UserError
+from mnist_bench.redact import redact
 
 
 class StudyError(UserError):
@@ -53,7 +54,7 @@ def open_storage(
     if path is not None and path.is_file() and not must_exist and not os.access(path, os.W_OK):
         raise StudyError(f"storage file {path} is read-only; make it writable to add to the study")
     if must_exist and (missing := not_optuna(url)):
-        raise StudyError(f"{url!r} is not an Optuna storage ({missing}); check the --storage URL")
+        raise StudyError(f"{redact(url)!r} is not an Optuna storage ({missing}); check the --storage URL")
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else server_engine_kwargs(url)
     for races in itertools.count():
         try:
@@ -86,7 +87,7 @@ def open_storage(
                 ) from None
             scheme = url.split("://", 1)[0].split("+")[0] if "://" in url else ""
             hint = "" if scheme in ("sqlite", "postgresql", "mysql", "mariadb") else f"; expected {STORAGE_FORMS}"
-            raise StudyError(f"cannot open storage {url!r}: {first_line(e)}{hint}") from None
+            raise StudyError(f"cannot open storage {redact(url)!r}: {first_line(e)}{hint}") from None
 
 
 SERVER_FULL_WAIT = 120  # seconds a new connection waits for a free slot on the server before it gives up
@@ -308,7 +309,7 @@ def driver_error(e: BaseException) -> BaseException:
 
 
 def first_line(e: BaseException) -> str:
-    lines = str(driver_error(e)).strip().splitlines()
+    lines = redact(str(driver_error(e))).strip().splitlines()  # a driver may quote its connection string
     return lines[0] if lines else type(e).__name__
 
 

@@ -732,3 +732,29 @@ def test_throughput_keeps_its_measurements_when_the_table_cannot_be_written(tmp_
 def test_the_table_covers_every_command():
     assert {c.command for c in CASES.values()} == set(COMMANDS)
     json.dumps({k: v.code for k, v in CASES.items()})  # the counts the closing note gives
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("postgresql://postgres:SECRET@127.0.0.1:5432/db", "postgresql://postgres:***@127.0.0.1:5432/db"),
+        ("postgresql+psycopg://u:p%40ss@h/db?sslmode=require", "postgresql+psycopg://u:***@h/db?sslmode=require"),
+        (
+            "postgresql://u@h/db?password=SECRET&application_name=x",
+            "postgresql://u@h/db?password=***&application_name=x",
+        ),
+        ("--storage mysql+pymysql://root:pw@h/test --out X", "--storage mysql+pymysql://root:***@h/test --out X"),
+        ("host=h password=SECRET dbname=x", "host=h password=*** dbname=x"),
+        ("sqlite:////tmp/a.db", "sqlite:////tmp/a.db"),
+        ("grpc://proxy:13000", "grpc://proxy:13000"),
+        ("mysql://root:@localhost/test", "mysql://root:@localhost/test"),  # no password: nothing to mask
+    ],
+)
+def test_a_password_is_masked_as_sqlalchemy_masks_it(text, shown):
+    import sqlalchemy
+
+    from mnist_bench.redact import redact
+
+    assert redact(text) == shown
+    if text.startswith("postgresql") and "password=" not in text:  # SQLAlchemy's own masking agrees
+        assert shown == sqlalchemy.make_url(text).render_as_string(hide_password=True)

@@ -157,3 +157,20 @@ def test_the_committed_study_opens_in_optuna_dashboard(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_readme_is_read_in_a_minute_and_links_what_it_moved_out():
+    """Answer first: at most 12,000 bytes; its first 40 lines hold the answer (a number in points), the answer
+    figure and both commands; the method and operations pages exist and are linked; no commit hashes."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    first = "\n".join(text.splitlines()[:40])
+    assert len(text.encode()) <= 12_000
+    assert re.search(r"[+−-]\d+\.\d+ points", first) and "results/answer.png" in first
+    assert "make study" in first and "make test" in first
+    for page in ("docs/method.md", "docs/operations.md", "results/README.md"):
+        assert (ROOT / page).is_file() and f"({page}" in text
+    assert not re.search(r"\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}\b", text)
+    for target in re.findall(r"\]\(([^)#]+)", text):  # every relative link points at a file here
+        assert target.startswith("http") or (ROOT / target).exists(), target

@@ -342,3 +342,33 @@ def test_a_full_server_is_waited_for_when_opening_and_mid_run_and_then_named_in_
             con.execute(sqlalchemy.text(f'drop owned by "{role}"'))
             con.execute(sqlalchemy.text(f'drop role if exists "{role}"'))
         admin.dispose()
+
+
+def test_a_storage_password_never_leaves_the_process(pg_url, tmp_path: Path):
+    """The password of a --storage URL is masked (***) on stdout, in the tables' command column and in every
+    attribute stored in the database; the server trusts local connections, so it is not even needed."""
+    import sqlalchemy
+
+    secret = "S3cretPassw0rd"
+    url = pg_url.replace("postgresql://postgres@", f"postgresql://postgres:{secret}@")
+    assert secret in url
+    out = tmp_path / "out"
+    args = ["--preset", "smoke", "--experiments", "tuned", "--depths", "3", "--n-trials", "1", "--seeds", "1"]
+    p = subprocess.run(
+        [sys.executable, "-m", "study.depth", *args, "--train-subset", "300", "--no-report", "--storage", url,
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert secret not in p.stdout + p.stderr and "postgres:***@" in p.stdout
+    for f in out.iterdir():
+        assert secret not in f.read_text(errors="replace"), f.name
+    assert (pd.read_csv(out / "final.csv")["command"].str.contains("postgres:\\*\\*\\*@")).all()
+    engine = sqlalchemy.create_engine(pg_url)
+    try:
+        with engine.connect() as con:
+            for table in ("trial_user_attributes", "trial_system_attributes", "study_user_attributes"):
+                values = con.execute(sqlalchemy.text(f"select value_json from {table}")).scalars().all()
+                assert values and not any(secret in v for v in values), table
+    finally:
+        engine.dispose()

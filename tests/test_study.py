@@ -490,7 +490,21 @@ def test_presets_share_the_documented_defaults():
     assert full.matched.replicates >= 2 and full.matched.min_width >= 16 and full.matched.check_seeds >= 4
     assert full.tuned.depths == (3, 4, 5) and full.tuned.n_trials >= 24 and full.tuned.space.max_epochs == 15
     assert full.tuned.space.width[1] == 1024 and full.tuned.space.min_width >= 16
-    assert isinstance(PRESETS["smoke"], StudyConfig)
+    assert isinstance(PRESETS["smoke"], StudyConfig) and PRESETS["smoke"].train_subset == 2_000
+    quick = PRESETS["quick"]  # the first command: real data, the full study's recipe cells, read at 2 epochs
+    assert quick.train_subset is None and quick.experiments == ("recipe",) and quick.recipe.epochs == 2
+    assert quick.recipe.variants == ("momentum",) and quick.recipe.depths == (1, 3, 4, 5)
+    assert {(c.depth, c.variant) for c in quick.cells()} == {
+        (1, ""),
+        (3, ""),
+        (4, ""),
+        (5, ""),
+        (1, "momentum"),
+        (4, "momentum"),
+    }
+    assert {k: v for k, v in quick.identity(Cell("recipe", 4)).items() if k != "experiment"} == {
+        k: v for k, v in full.identity(Cell("recipe", 4)).items() if k != "experiment"
+    }  # the same data, split and fixed settings as the full study: only the recipe's epochs and seeds differ
     cells = full.cells()
     assert len(cells) == len(set(cells)) == 14 + 24 + 3
     assert Cell("matched", 1) in cells and Cell("matched", 4, 242_762) in cells
