@@ -242,7 +242,9 @@ def how_to_read(an: Analysis) -> list[str]:
         f"- *Inconclusive*: neither, with a planning number: the paired seeds that would give {POWER:.0%} power "
         f"at the family's strictest level if the true difference were ±{m:.2f} (to find it) or 0 (to show "
         "equivalence), from the spread of the seeds at hand; a true difference in between needs more.",
-        f"- The *Wilcoxon* signed-rank p is unadjusted, a check on direction and outliers{floor}.",
+        "- The *Wilcoxon* signed-rank p is unadjusted, a check on direction and outliers, computed on the per-seed "
+        "differences counted in whole test images (so equal differences tie exactly) by scipy with Pratt's treatment "
+        f"of zero differences, exact where there are no ties or zeros, else the normal approximation{floor}.",
         f"- *Failed run*: at or below {pts(FAILED_AT)}% (twice chance) or a loss that is not finite; counted, "
         "compared with Fisher's exact test, and kept out of every mean and interval.",
         "- Intervals cover seed-to-seed variation on one fixed test set of 10,000 images (0.01 points is one "
