@@ -3,19 +3,18 @@
 It trains a *pack* of K networks of one shape in one pass (K = 1 is a pack of one: there is no other
 training loop). Each network keeps its own config: seed (initialisation and batch order), learning
 rate, momentum, weight decay, schedule and epochs. The pack's weights are stacked, layer by layer,
-into (K, out, in) tensors; a step is one forward and one backward for the whole pack:
+into (K, in, out) tensors; a step is one forward and one backward for the whole pack, every layer one
+batched product (`torch.baddbmm`): networks with one batch order (one seed's learning-rate grid) read
+one batch per step, networks with their own orders (one rate's seeds) gather one each.
 
-- networks with one batch order (one seed's learning-rate grid) see the same images every step, so
-  the first layer is one wide matrix product, (B, 784) @ (784, K*out), and the rest batched;
-- networks with their own batch orders (one rate's seeds) gather K batches, and every layer is one
-  batched product (`torch.baddbmm`).
-
-Each network's update is torch's own SGD (`torch.optim.sgd.sgd`) on its slice of the stack, with its
-own step size, so a network's arithmetic does not depend on its pack: on the CPU its weights, epoch
-metrics and test predictions are bit-identical alone or in any pack (tests/test_pack.py; a CUDA
-backend may pick other kernels for other pack sizes, so there a rerun of the same pack reproduces,
-not a different packing). Measured on a 2-core Intel Xeon with one thread (results/throughput.csv):
-see `python -m mnist_bench.throughput --packs`.
+Every network's update is torch.optim.SGD's arithmetic on its slice of the stack, with its own step
+size (Adam: torch's own Adam, slice by slice), so its arithmetic does not depend on its pack: on the
+CPU a network's weights, epoch metrics and test predictions are bit-identical alone or in any pack
+(tests/test_pack.py). That needs a BLAS whose products do not depend on where a slice sits in memory:
+MKL in its strict reproducibility mode (MKL_CBWR, set by `mnist_bench` before the first product), which
+`slices_compute_alone` checks once per process; where it fails, a pack trains one network at a time.
+On CUDA other pack sizes may pick other kernels: the same pack reproduces, another may differ in rounding.
+Measured in results/throughput.csv (`python -m mnist_bench.throughput`).
 
 The trainer never sees argparse or Optuna objects. A study reports and prunes through `on_epoch`,
 plain callables that receive each epoch's metrics and return True to stop that network; a network
@@ -24,8 +23,10 @@ that diverges, is stopped or is interrupted (`should_stop`) leaves the pack, and
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -285,6 +286,28 @@ class _Run:
     loss_sum: torch.Tensor | None = None
 
 
+@functools.cache
+def slices_compute_alone() -> bool:
+    """Whether a batched product on the CPU computes each slice exactly as the same slice copied out and
+    computed alone, on shapes whose slices sit at every alignment (odd widths; the forward product and a
+    weight gradient's). MKL without its strict mode fails this; checked once per process."""
+    g = torch.Generator().manual_seed(0)
+    for k, b, n, p in ((3, 64, 235, 10), (7, 50, 47, 11), (5, 16, 131, 67)):
+        a, grad, w = (
+            torch.randn(k, b, n, generator=g),
+            torch.randn(k, b, p, generator=g),
+            torch.randn(k, n, p, generator=g),
+        )
+        forward_all, gradient_all = torch.bmm(a, w), torch.bmm(a.transpose(1, 2), grad)
+        for i in range(k):
+            alone = a[i : i + 1].clone()  # a fresh allocation, as a network trained alone has
+            if not torch.equal(forward_all[i], torch.bmm(alone, w[i : i + 1].clone())[0]):
+                return False
+            if not torch.equal(gradient_all[i], torch.bmm(alone.transpose(1, 2), grad[i : i + 1].clone())[0]):
+                return False
+    return True
+
+
 def train(
     model: nn.Module,
     data: MNIST,
@@ -336,6 +359,17 @@ def train_pack(
     device, batch, n = datas[0].device, configs[0].batch_size, len(datas[0].train_x)
     if device.type == "cpu":
         torch.set_num_threads(configs[0].threads)
+        if k > 1 and not slices_compute_alone():
+            warnings.warn(
+                "this BLAS computes a slice of a batched product differently from the slice alone (for MKL, set "
+                "MKL_CBWR=AUTO,STRICT before the first matrix product): training the pack one network at a time",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return [
+                train_pack([m], [d], [c], [e], evaluate_test, [s], test_each_epoch)[0]
+                for m, d, c, e, s in zip(models, datas, configs, on_epoch or [None] * k, should_stop or [None] * k)
+            ]
     for model, config in zip(models, configs):
         reset_parameters(model, config.seed)
     pack = Pack(models, configs, device)

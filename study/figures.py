@@ -319,7 +319,12 @@ def answer_figure(path: Path, analyses: list[Analysis]) -> str:
             forest_row(ax, y, c, colour, f"{c.outcome} (n={c.n})", DATASET_MARKERS[k % 2], limit)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"{s}: depth {a} minus {b}" for s, a, b in rows], fontsize=8)
-    ax.invert_yaxis()
+    ax.yaxis.grid(False)
+    for i in range(len(rows) - 1):  # a band per contrast: both datasets' rows between two lines
+        ax.axhline(i + 0.5, color="0.85", lw=0.8)
+    for edge in (-limit, limit):  # differences are drawn within these; right of them, the outcome words
+        ax.axvline(edge, color="0.5", lw=0.8, ls=":")
+    ax.set_ylim(len(rows) - 0.5, -0.5)
     for k, an in enumerate(analyses):
         ax.scatter([], [], marker=DATASET_MARKERS[k % 2], color="0.6", edgecolor="k", label=an.name)
     for outcome in ("better", "worse", "equivalent", "inconclusive"):
@@ -328,8 +333,8 @@ def answer_figure(path: Path, analyses: list[Analysis]) -> str:
         xlabel="depth 4 minus its neighbour, test accuracy (points)",
         title="Why four layers? Depth 4 against 3 and 5, paired by seed",
     )
-    ax.set_xlim(-limit, limit + 0.3 * 2 * limit)  # room for the outcome words
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the rows, never on one
+    ax.set_xlim(-limit * 1.02, limit + 0.75 * limit)  # room for the outcome words
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.06 - 1.2 / fig.get_figheight() / 4), ncol=4)
     _save(plt, fig, path)
     return (
         "Every primary contrast"
@@ -341,7 +346,9 @@ def answer_figure(path: Path, analyses: list[Analysis]) -> str:
         + ": mean per-seed difference (marker), its interval at the Holm-consistent level "
         "(thin line: excludes 0 exactly when the outcome is better or worse) and the two-one-sided-tests "
         f"interval (thick line: inside the ±{margin:.2f}-point band exactly when the outcome is equivalent). "
-        f"The axis spans ±{limit:.2f} points; a contrast reaching beyond it ends in an arrow with its value."
+        f"Differences are drawn between the dotted lines at ±{limit:.2f} points (right of them: the outcome); an "
+        "interval reaching beyond a dotted line ends there in an arrow labelled with where it ends (or, if the mean "
+        "difference lies beyond too, with the mean)."
     )
 
 

@@ -111,11 +111,11 @@ def answer_sentence(name: str, primary: list[Contrast], margin: float) -> str:
     for c in primary:
         if c.outcome == "equivalent" and c.setting not in both:
             alone.setdefault(c.b, []).append(c.setting)
-    one = "; ".join(f"{NEIGHBOUR_WORDS.get(b, b)} in {' and in '.join(ss)}" for b, ss in alone.items())
+    one = " and ".join(f"{NEIGHBOUR_WORDS.get(b, b)} in {' / '.join(ss)}" for b, ss in alone.items())
     phrases = []  # what four layers does, each a verb phrase
     if both:
         phrases.append(
-            f"is within {m} of both three and five in {len(both)} of {len(settings)} settings ({'; '.join(both)})"
+            f"is within {m} of both three and five in {len(both)} of {len(settings)} settings ({' / '.join(both)})"
             + (f", and of {one}" if one else "")
         )
     elif one:
@@ -126,23 +126,23 @@ def answer_sentence(name: str, primary: list[Contrast], margin: float) -> str:
         for c in primary
         if c.outcome in ("better", "worse")
     ]
-    undecided = sum(c.outcome in ("inconclusive", "not computed") for c in primary)
+    open_ = [c for c in primary if c.outcome in ("inconclusive", "not computed")]
     if not phrases:
         return f"On {name}, no contrast of four layers with three or five is decided: all {len(primary)} are undecided."
-    rest = (
-        f"; {undecided} of its {len(primary)} contrasts {'is' if undecided == 1 else 'are'} undecided"
-        if undecided
-        else ""
-    )
+    listed = " / ".join(f"{NEIGHBOUR_WORDS.get(c.b, c.b)} in {c.setting}" for c in open_)
+    rest = f"; against {listed} it is undecided" if open_ else ""
     return f"On {name}, four layers " + "; it ".join(phrases) + rest + "."
 
 
 def setting_table(primary: list[Contrast]) -> str:
-    """One row per setting: depth 4 minus 3 and minus 5, each as difference, interval and outcome."""
+    """One row per setting: depth 4 minus 3 and minus 5, each as difference, Holm-level interval (which decides
+    better or worse) and outcome, with the two-one-sided-tests interval where that decided equivalence."""
     rows: dict[str, dict] = {}
     for c in primary:
         row = rows.setdefault(c.setting, {"setting": c.setting})
         words = outcome_words(c).split(" (planning")[0]
+        if c.outcome == "equivalent":  # decided by the two-one-sided-tests interval, not the Holm one
+            words += f" (TOST {interval(*c.ci_equivalence)})"
         text = f"{signed(c.diff)} {interval(*c.ci)}: {words}" if c.outcome != "not computed" else words
         row[f"depth 4 minus {c.b}"] = text
     columns = ["setting", *sorted({k for r in rows.values() for k in r} - {"setting"})]

@@ -20,6 +20,7 @@ from mnist_bench import cli
 
 cli.starting(__name__)
 
+import json
 import math
 import os
 from pathlib import Path
@@ -74,7 +75,11 @@ FIGURES = (
     "throughput.png",
     "packs.png",
 )
-OUTPUT_FILES = ("report.md", *FIGURES)  # what render may write; proven replaceable before any work
+OUTPUT_FILES = (
+    "report.md",
+    "report-options.json",
+    *FIGURES,
+)  # what render may write; proven replaceable before any work
 
 
 def group_table(s: Setting) -> str:
@@ -425,27 +430,76 @@ def environment(final: pd.DataFrame) -> list[str]:
 # --- the document ----------------------------------------------------------------------------------
 
 
+OPTIONS = "report-options.json"  # beside report.md: the options it was rendered with, reused by a later render
+
+
 def render(
     results: Path,
     out: Path | None = None,
     compare_with: Path | None = None,
-    margin: float = DEFAULT_MARGIN,
+    margin: float | None = None,
     replicate_of: Path | None = None,
 ) -> Path:
     """Render report.md and the figures from the tables in `results` into `out` (default: the same
     folder); with `compare_with`, another dataset's results folder, add the cross-dataset section.
-    `margin` is the equivalence margin as an accuracy fraction (0.002 = 0.2 points). A figure or the
+    `margin` is the equivalence margin as an accuracy fraction (0.002 = 0.2 points). A report is rendered
+    again as it was: an option left out (None) is the one recorded in `out`'s report-options.json, if any,
+    so a plain rerender never drops the sections a --compare or --replicate added. A figure or the
     report that cannot be written ends in one line; the tables are never touched."""
+    out = out or results
+    compare_with, margin, replicate_of = recorded_options(out, compare_with, margin, replicate_of)
     try:
-        return _render(results, out, compare_with, margin, replicate_of)
+        path = _render(results, out, compare_with, margin, replicate_of)
+        pairs = (("compare", compare_with), ("replicate", replicate_of))
+        relative = {k: None if v is None else os.path.relpath(v, out) for k, v in pairs}
+        (out / OPTIONS).write_text(json.dumps({**relative, "margin_points": round(100 * margin, 6)}, indent=1) + "\n")
+        return path
     except OSError as e:
         where = e.filename or out or results
         raise UserError(f"cannot write {where} ({e.strerror or e}); the tables it comes from are kept") from None
 
 
+def recorded_options(
+    out: Path, compare_with: Path | None, margin: float | None, replicate_of: Path | None
+) -> tuple[Path | None, float, Path | None]:
+    """(compare, margin, replicate): each as given, or else as recorded beside the report in `out`."""
+    path = out / OPTIONS
+    recorded: dict = {}
+    if path.is_file():
+        try:
+            recorded = json.loads(path.read_text())
+            assert isinstance(recorded, dict)
+        except (ValueError, UnicodeDecodeError, AssertionError):
+            raise UsageError(f"{path} is not the options file this command writes; move it aside") from None
+    reused = []
+
+    def folder(given: Path | None, key: str) -> Path | None:
+        if given is not None or not recorded.get(key):
+            return given
+        found = out / str(recorded[key])
+        if not found.is_dir():
+            raise UsageError(
+                f"{path} records --{key} {recorded[key]} (relative to {out}), which is not a folder: pass --{key}, "
+                f"or remove {path.name} to render without it"
+            )
+        reused.append(f"--{key} {found}")
+        return found
+
+    compare_with, replicate_of = folder(compare_with, "compare"), folder(replicate_of, "replicate")
+    if margin is None:
+        points = recorded.get("margin_points")
+        valid = isinstance(points, (int, float)) and 0 < points < 100
+        margin = points / 100 if valid else DEFAULT_MARGIN
+        if valid and margin != DEFAULT_MARGIN:
+            reused.append(f"--margin {points:g}")
+    if reused:
+        print(f"as {path} records: {' '.join(reused)}")
+    return compare_with, margin, replicate_of
+
+
 def _render(
     results: Path,
-    out: Path | None = None,
+    out: Path,
     compare_with: Path | None = None,
     margin: float = DEFAULT_MARGIN,
     replicate_of: Path | None = None,
@@ -453,7 +507,6 @@ def _render(
     """Render report.md and the figures from the tables in `results` into `out` (default: the same
     folder); with `compare_with`, another dataset's results folder, add the cross-dataset section.
     `margin` is the equivalence margin as an accuracy fraction (0.002 = 0.2 points)."""
-    out = out or results
     trials, epochs, final, config = load_results(results)
     other = load_results(compare_with) if compare_with is not None else None
     again = None
@@ -691,14 +744,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--margin",
         type=cli.margin_points,
-        default=100 * DEFAULT_MARGIN,
+        default=None,
         help="equivalence margin in points of test accuracy: the smallest difference that matters "
-        f"(default: {100 * DEFAULT_MARGIN:g})",
+        f"(default: as recorded beside the report in report-options.json, else {100 * DEFAULT_MARGIN:g})",
     )
     args = p.parse_args(argv)
     if args.storage and args.results:
         p.error("give --results (saved tables) or --storage (an Optuna storage), not both")
-    margin = args.margin / 100
+    margin = None if args.margin is None else args.margin / 100
     try:
         for flag, folder in (("--compare", args.compare), ("--replicate", args.replicate)):
             if folder is not None and not folder.is_dir():
@@ -729,7 +782,7 @@ def from_storage(
     name: str | None,
     out: Path,
     compare_with: Path | None = None,
-    margin: float = DEFAULT_MARGIN,
+    margin: float | None = None,
     replicate_of: Path | None = None,
 ) -> Path:
     """Write the tables of study `name` (the only one when None) from the storage into `out`, then render."""

@@ -8,6 +8,7 @@ Holm-consistent interval levels, and the number of seeds that would resolve a co
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,7 @@ from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestPower
 from statsmodels.stats.weightstats import ttost_paired
+from statsmodels.tools.sm_exceptions import ConvergenceWarning
 
 ALPHA = 0.05  # family-wise error rate of each Holm family
 POWER = 0.80  # for the seeds needed to resolve an inconclusive contrast
@@ -119,11 +121,32 @@ def seeds_to_resolve(sd: float, margin: float, level: float, power: float = POWE
     0 and the margin needs more seeds than either."""
     if not (sd > 0 and margin > 0):
         raise ValueError("needs a positive spread and margin")
-    power_of = TTestPower()
     effect = margin / sd
-    differ = power_of.solve_power(effect_size=effect, alpha=level, power=power, alternative="two-sided")
-    equal = power_of.solve_power(effect_size=effect, alpha=level, power=(1 + power) / 2, alternative="larger")
-    return max(2, math.ceil(max(differ, equal)))
+    differ = seeds_for(effect, level, power, "two-sided")
+    equal = seeds_for(effect, level, (1 + power) / 2, "larger")
+    return max(2, differ, equal)
+
+
+def seeds_for(effect: float, level: float, power: float, alternative: str, most: int = 10**7) -> int:
+    """Smallest n whose paired t-test reaches `power` (statsmodels' solver; where its root finder does not
+    converge, as for a tiny spread, the same power function searched by bisection; capped at `most`)."""
+    power_of = TTestPower()
+    with warnings.catch_warnings():  # a root finder that fails says so by returning nan: handled below
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        n = power_of.solve_power(effect_size=effect, alpha=level, power=power, alternative=alternative)
+    if n is not None and math.isfinite(float(n)):
+        return math.ceil(float(n))
+
+    def enough(k: int) -> bool:
+        return power_of.power(effect_size=effect, nobs=k, alpha=level, alternative=alternative) >= power
+
+    lo, hi = 2, 2
+    while not enough(hi) and hi < most:
+        lo, hi = hi, min(2 * hi, most)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(mid) else (mid + 1, hi)
+    return hi
 
 
 def resolving_power(sd: float, n: int, margin: float, level: float) -> tuple[float, float]:

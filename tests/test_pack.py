@@ -139,3 +139,35 @@ def test_a_cuda_pack_reruns_bit_identically(small):
     first, second = run(configs, cuda), run(configs, cuda)
     for a, ra, b, rb in zip(first[0], first[1], second[0], second[1]):
         same_run(a, ra, b, rb)
+
+
+def test_the_text_network_in_a_pack_of_twelve_at_batch_64_is_bit_identical_to_training_alone(small):
+    """The study's default pack size, the text's widths and batch size (one epoch on the 2,000-image subset)."""
+    base = dataclasses.replace(BASE, batch_size=64, epochs=1, schedule="linear", weight_decay=0.0)
+    alone_model = mlp((256, 128, 64))
+    (alone_result,) = train_pack([alone_model], small, [dataclasses.replace(base, seed=7)])
+    models = [mlp((256, 128, 64)) for _ in range(12)]
+    results = train_pack(models, small, [dataclasses.replace(base, seed=s) for s in range(1, 13)])
+    same_run(alone_model, alone_result, models[6], results[6])
+
+
+def test_where_the_blas_breaks_slices_a_pack_trains_one_network_at_a_time(small, alone, monkeypatch):
+    from mnist_bench import train as trainer
+
+    monkeypatch.setattr(trainer, "slices_compute_alone", lambda: False)
+    with pytest.warns(RuntimeWarning, match="one network at a time"):
+        models, results = run([dataclasses.replace(BASE, seed=9), BASE], small)
+    assert [r.pack for r in results] == [1, 1]
+    same_run(alone["base"][0][0], alone["base"][1][0], models[1], results[1])
+
+
+def test_this_process_computes_slices_as_alone_or_says_so():
+    """With MKL's strict mode (set by mnist_bench) the check passes; whatever the BLAS, it is one bool."""
+    import os
+
+    from mnist_bench.train import slices_compute_alone
+
+    assert os.environ.get("MKL_CBWR") or not torch.backends.mkl.is_available()
+    assert slices_compute_alone() in (True, False)
+    if torch.backends.mkl.is_available() and os.environ["MKL_CBWR"].endswith("STRICT"):
+        assert slices_compute_alone()

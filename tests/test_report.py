@@ -4,6 +4,7 @@ paired data, and the document rendered from synthetic tables for every subset of
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -884,7 +885,7 @@ def test_the_answer_sentence_names_its_settings_and_the_table_has_one_row_per_se
     from study.analysis import Contrast
     from study.markdown import answer_sentence, setting_table
 
-    eq = dict(outcome="equivalent", n=10, diff=0.0002, ci=(-0.001, 0.0015))
+    eq = dict(outcome="equivalent", n=10, diff=0.0002, ci=(-0.001, 0.0015), ci_equivalence=(-0.0007, 0.0011))
     contrasts = [
         Contrast("recipe, 10 epochs", 4, 3, "better", 10, 0.0028, ci=(0.0002, 0.0053)),
         Contrast("recipe, 10 epochs", 4, 5, "inconclusive", 10, 0.0004, ci=(-0.004, 0.005), seeds_needed=59),
@@ -897,12 +898,56 @@ def test_the_answer_sentence_names_its_settings_and_the_table_has_one_row_per_se
     assert text == (
         "On MNIST, four layers is within ±0.20 points of both three and five in 1 of 3 settings (tuned), and of "
         "three in constant width; it beats three in recipe, 10 epochs (+0.28 points, interval +0.02 to +0.53); it "
-        "trails five in constant width (-0.30 points, interval -0.50 to -0.10); 1 of its 6 contrasts is undecided."
+        "trails five in constant width (-0.30 points, interval -0.50 to -0.10); against five in recipe, 10 epochs "
+        "it is undecided."
     )
     undecided = [Contrast("tuned", 4, b, "inconclusive", 6, 0.001, ci=(-0.002, 0.004), seeds_needed=30) for b in (3, 5)]
     assert "all 2 are undecided" in answer_sentence("Fashion-MNIST", undecided, 0.002)
     table = setting_table(contrasts).splitlines()
     assert table[0] == "| setting | depth 4 minus 3 | depth 4 minus 5 |" and len(table) == 2 + 3
     assert (
-        "| constant width | +0.02 [-0.10, +0.15]: equivalent within the margin | -0.30 [-0.50, -0.10]: worse |" in table
+        "| constant width | +0.02 [-0.10, +0.15]: equivalent within the margin (TOST [-0.07, +0.11]) | "
+        "-0.30 [-0.50, -0.10]: worse |" in table
     )
+
+
+def test_a_plain_rerender_is_the_report_as_it_was_rendered(tmp_path: Path, capsys):
+    """The options a report was rendered with (--compare, --replicate, --margin) are recorded beside it and
+    reused when they are left out, so `python -m study.report` on a committed folder never drops sections."""
+    trials, epochs, final = study_tables(FOUR_WINS, FOUR_WINS, TUNED)
+    for name in "af":
+        (tmp_path / name).mkdir()
+    first = write(tmp_path / "a", trials, epochs, final)
+    fashion = write(tmp_path / "f", trials, epochs, final.assign(test_accuracy=final.test_accuracy - 0.01),
+                    {**CONFIG, "dataset": "fashion-mnist"})  # fmt: skip
+    full = render(first, compare_with=fashion, margin=0.003).read_text()
+    assert "## Does the answer carry over" in full and "±0.30 points" in full
+    assert json.loads((first / "report-options.json").read_text()) == {
+        "compare": "../f",
+        "replicate": None,
+        "margin_points": 0.3,
+    }
+    capsys.readouterr()
+    assert render(first).read_text() == full  # nothing given: as recorded
+    said = capsys.readouterr().out
+    assert "--compare" in said and "--margin 0.3" in said
+    assert "±0.20 points" in render(first, margin=0.002).read_text()  # given: as given, and recorded
+    shutil.rmtree(fashion)
+    with pytest.raises(UsageError, match="records --compare ../f .* which is not a folder"):
+        render(first)
+
+
+def test_the_planning_number_survives_a_spread_too_small_for_the_solver():
+    """statsmodels' root finder returns nan (with a warning) for a huge effect; the same power function,
+    searched directly, gives the smallest n, and the report never crashes on it."""
+    import warnings
+
+    from statsmodels.stats.power import TTestPower
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning escapes
+        n = stats.seeds_to_resolve(1e-9, 0.002, 0.0045)
+    assert n == 2
+    for effect, level in ((0.5, 0.0045), (2.0, 0.05), (0.1, 0.01)):  # where the solver converges, it decides
+        solved = TTestPower().solve_power(effect_size=effect, alpha=level, power=0.8, alternative="two-sided")
+        assert stats.seeds_for(effect, level, 0.8, "two-sided") == math.ceil(solved)
