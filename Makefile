@@ -52,6 +52,22 @@ slice: $(VENV)/.installed  ## time the 242,762-parameter matched slice at depth 
 		echo "$$k,$$(echo "$$end - $$start" | bc),\"$$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)\",2,\"$${cmd#$(PY) }\"" >> $(SLICE_OUT); \
 	done
 	cat $(SLICE_OUT)
+	set -- $(SLICE_PACKS); $(PY) -c "$$SAME_RESULTS" runs/slice-pack$$1 runs/slice-pack$$2
+
+# Whether two study folders hold the same results: every tuning run's validation accuracy and every final run's
+# test accuracy and loss, matched by study, trial and seed (the timing columns differ, and are not compared).
+export SAME_RESULTS
+define SAME_RESULTS
+import sys, pandas as pd
+a, b = sys.argv[1:3]
+def key(folder, table, cols):
+    t = pd.read_csv(f"{folder}/{table}")
+    return t.sort_values(["study", "trial" if "trial" in t else "seed", "seed" if "seed" in t else "trial"])[cols].to_numpy().tolist()
+same = key(a, "trials.csv", ["study", "trial", "val_accuracy"]) == key(b, "trials.csv", ["study", "trial", "val_accuracy"])
+same &= key(a, "final.csv", ["study", "seed", "test_accuracy", "test_loss"]) == key(b, "final.csv", ["study", "seed", "test_accuracy", "test_loss"])
+print(f"{a} and {b}: {'the same' if same else 'DIFFERENT'} validation and test results")
+sys.exit(0 if same else 1)
+endef
 
 lock: $(VENV)/.installed  ## re-resolve the whole dependency tree into requirements.lock (Python 3.11, x86_64 Linux)
 	$(VENV)/bin/uv pip compile pyproject.toml --all-extras --constraint lock-constraints.txt \
