@@ -41,7 +41,7 @@ from torch import nn
 
 from .data import FILES, MNIST, RAW_FOLDERS, find_file, load_mnist, read_verified, resolve_device
 from .env import environment
-from .errors import UserError
+from .errors import UsageError, UserError
 from .interrupt import Interrupted
 from .models import funnel_widths, mlp, train_flops
 from .paths import default_data_dir
@@ -395,6 +395,20 @@ def profile(
     )
 
 
+def sweep_kind(path: Path) -> str | None:
+    """What the table at `path` holds: "full", "quick" or "packs" (a table from before the column: full);
+    None when there is none, or it is not a table of this command."""
+    if not path.is_file():
+        return None
+    try:
+        header = pd.read_csv(path, nrows=1)
+    except (ValueError, OSError, UnicodeDecodeError):
+        return None
+    if "sweep" in header and len(header):
+        return str(header["sweep"].iloc[0])
+    return "full" if "samples_per_s" in header else None
+
+
 def device_or_all(text: str) -> str:
     return text if text == "all" else cli.device_name(text)
 
@@ -417,7 +431,11 @@ def main(argv: list[str] | None = None) -> int:
         help=f"CPU thread counts to sweep (default: 1 and all cores = {os.cpu_count()})",
     )
     p.add_argument(
-        "--out", type=cli.path_arg, default=cli.RESULTS_DIR, help="folder for throughput.csv (default: results/)"
+        "--out",
+        type=cli.path_arg,
+        default=None,
+        help="folder for throughput.csv (default: results/ for the full sweep, results/quick/ for --quick or "
+        "--only-packs, which never replace a full sweep's table)",
     )
     p.add_argument(
         "--name", type=cli.file_name, default="throughput.csv", help="file name of the table (default: throughput.csv)"
@@ -449,8 +467,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         devices = [resolve_device(args.device)]
     threads = args.threads or sorted({1, os.cpu_count() or 1})
+    kind = "quick" if args.quick else "packs" if args.only_packs else "full"
+    out = args.out or (cli.RESULTS_DIR if kind == "full" else cli.RESULTS_DIR / "quick")
     load_mnist(args.data_dir, val_size=0, dataset=args.dataset)  # verify the data before timing anything
-    path = cli.prepare_out(args.out, args.name)  # and where the table goes
+    path = cli.prepare_out(out, args.name)  # and where the table goes
+    if kind != "full" and sweep_kind(path) == "full":
+        raise UsageError(
+            f"{path} holds a full sweep; a {'--quick' if args.quick else '--only-packs'} sweep never replaces it: "
+            "pass another --out or --name"
+        )
     try:
         timing = QUICK if args.quick else Timing()
         packs = tuple(dict.fromkeys(args.packs))
@@ -462,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         raise Interrupted(
             f"interrupted: nothing written ({path} is written when the sweep ends); temporary files removed"
         ) from None
+    df = df.assign(sweep=kind)[["sweep", *[c for c in df.columns if c != "sweep"]]]  # full, quick, or packs alone
     print(summary(df))
     partial = None
     try:  # measurements are kept even when the table cannot take them

@@ -4,6 +4,7 @@ and nothing left behind. The table below is the contract (README: 2 usage, 1 dat
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,6 +61,14 @@ def a_file(tmp: Path, content: bytes = b"not a folder\n") -> Path:
     f = tmp / "a-file"
     f.write_bytes(content)
     return f
+
+
+def full_sweep(tmp: Path) -> Path:
+    """A folder holding the committed full throughput sweep's table."""
+    folder = tmp / "sweep"
+    folder.mkdir()
+    shutil.copy(ROOT / "results" / "throughput.csv", folder / "throughput.csv")
+    return folder
 
 
 def other_study(tmp: Path, name: str = "full", db: bool = False) -> Path:
@@ -338,6 +347,12 @@ CASES = {
         env={"MNIST_BENCH_PG_URL": "sqlite:///x.db"},
     ),
     # Another study's results are never written over (a quick run into the committed results/).
+    "throughput-quick-over-a-full-sweep": Case(
+        "mnist_bench.throughput", lambda t: ["--quick", "--out", str(full_sweep(t))], 2, "holds a full sweep"
+    ),
+    "throughput-packs-over-a-full-sweep": Case(
+        "mnist_bench.throughput", lambda t: ["--only-packs", "--out", str(full_sweep(t))], 2, "never replaces it"
+    ),
     "depth-over-another-studys-tables": Case(
         "study.depth", lambda t: [*TINY, "--out", str(other_study(t))], 2, "holds the tables of study 'full'"
     ),
@@ -682,7 +697,7 @@ def test_throughput_quick_writes_documented_columns(tmp_path: Path, monkeypatch)
     monkeypatch.setattr(throughput, "BATCH_SIZES", (64, 256))
     monkeypatch.setattr(throughput, "DEPTHS", (1, 4))
     tiny = throughput.Timing(warmup_seconds=0.01, min_seconds=0.01, repeats=2)
-    df = throughput.sweep([throughput.torch.device("cpu")], [1], tiny, None, log=lambda s: None)
+    df = throughput.sweep([throughput.torch.device("cpu")], [1], tiny, None, packs=(1, 3), log=lambda s: None)
     assert {
         "pipeline",
         "model",
@@ -698,10 +713,12 @@ def test_throughput_quick_writes_documented_columns(tmp_path: Path, monkeypatch)
         "cpu",
         "gpu",
     } <= set(df.columns)
-    assert set(df.pipeline) == {"harness", "source-dataloader"}
-    assert len(df[df.pipeline == "harness"]) == 2 * 2 + 2  # grid plus two optimizer variants
-    assert (df.samples_per_s > 0).all() and (df.peak_gflops > 0).all()
-    assert "harness / source" in throughput.summary(df)
+    assert set(df.pipeline) == {"harness", "source-dataloader", "pack"}
+    assert len(df[df.pipeline == "harness"]) == 2 * 2  # the grid
+    packs = df[df.pipeline == "pack"]
+    assert sorted(zip(packs["pack"], packs["batch_order"])) == [(1, "separate"), (3, "separate"), (3, "shared")]
+    assert (df.samples_per_s > 0).all() and (df.peak_gflops > 0).all() and (packs.speedup > 0).all()
+    assert "harness / source" in throughput.summary(df) and "K=3 shared" in throughput.summary(df)
 
 
 def test_throughput_keeps_its_measurements_when_the_table_cannot_be_written(tmp_path: Path, monkeypatch):
@@ -716,7 +733,8 @@ def test_throughput_keeps_its_measurements_when_the_table_cannot_be_written(tmp_
     monkeypatch.setattr(throughput, "summary", lambda df: "")
     name = "x" * 250 + ".csv"  # 254 bytes: the name fits, and so must whatever is written on the way
     args = ["--device", "cpu", "--threads", "1", "--name", name, "--out", str(tmp_path)]
-    assert throughput.main(args) == 0 and pd.read_csv(tmp_path / name).equals(measured)
+    written = measured.assign(sweep="full")[["sweep", "model", "samples_per_s"]]
+    assert throughput.main(args) == 0 and pd.read_csv(tmp_path / name).equals(written)
 
     def full(*a):
         raise OSError(28, "No space left on device")
@@ -725,7 +743,7 @@ def test_throughput_keeps_its_measurements_when_the_table_cannot_be_written(tmp_
     with pytest.raises(UserError, match=r"No space left on device\); the measurements are in ") as e:
         throughput.main(args)
     kept = Path(str(e.value).rsplit("the measurements are in ", 1)[1])
-    assert pd.read_csv(kept).equals(measured) and [p.name for p in tmp_path.iterdir()] == [name]
+    assert pd.read_csv(kept).equals(written) and [p.name for p in tmp_path.iterdir()] == [name]
     kept.unlink()
 
 
