@@ -31,7 +31,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,6 +235,25 @@ def row(
     }
 
 
+def settings(
+    devices: list[torch.device],
+    thread_counts: list[int],
+    timing: Timing,
+    data_dir: Path | None,
+    dataset: str,
+    log: Callable[[str], None],
+) -> Iterator[tuple[MNIST, torch.device, int, float]]:
+    """(data, device, threads, matmul peak) for every device and thread count, the threads set and the peak
+    measured and logged before each."""
+    for device in devices:
+        data = load_mnist(data_dir, val_size=0, device=device, dataset=dataset)
+        for threads in thread_counts if device.type == "cpu" else [1]:
+            torch.set_num_threads(threads)
+            peak = peak_gflops(device, timing)
+            log(f"{device.type} {threads} thread(s): float32 matmul peak {peak:.1f} GFLOP/s")
+            yield data, device, threads, peak
+
+
 def sweep(
     devices: list[torch.device],
     thread_counts: list[int],
@@ -243,43 +262,39 @@ def sweep(
     packs: tuple[int, ...] = PACKS,
     log: Callable[[str], None] = print,
     dataset: str = "mnist",
+    only_packs: bool = False,
 ) -> pd.DataFrame:
-    """Every setting timed; the images' values do not matter to a step's time (both datasets have the
-    same shapes), so `dataset` only says which pinned files feed it."""
+    """Every setting timed (`only_packs`: the pack rows alone); the images' values do not matter to a step's
+    time (both datasets have the same shapes), so `dataset` only says which pinned files feed it."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = torchvision_root(data_dir, Path(tmp), dataset)
-        for device in devices:
-            data = load_mnist(data_dir, val_size=0, device=device, dataset=dataset)
-            for threads in thread_counts if device.type == "cpu" else [1]:
-                torch.set_num_threads(threads)
-                peak = peak_gflops(device, timing)
-                log(f"{device.type} {threads} thread(s): float32 matmul peak {peak:.1f} GFLOP/s")
-                for depth in DEPTHS:
-                    for batch in BATCH_SIZES:
-                        step = HarnessStep(depth, batch, data)
-                        seconds = median_seconds_per_call(step, device, timing)
-                        rows.append(row("harness", depth, batch, device, threads, seconds, step.flops_per_sample, peak))
-                    source = SourceStep(depth, root, device, dataset_name=dataset)
-                    seconds = median_seconds_per_call(source, device, timing)
-                    rows.append(
-                        row(
-                            "source-dataloader",
-                            depth,
-                            SOURCE_BATCH,
-                            device,
-                            threads,
-                            seconds,
-                            source.flops_per_sample,
-                            peak,
-                        )
+        root = None if only_packs else torchvision_root(data_dir, Path(tmp), dataset)
+        for data, device, threads, peak in settings(devices, thread_counts, timing, data_dir, dataset, log):
+            for depth in () if only_packs else DEPTHS:
+                for batch in BATCH_SIZES:
+                    step = HarnessStep(depth, batch, data)
+                    seconds = median_seconds_per_call(step, device, timing)
+                    rows.append(row("harness", depth, batch, device, threads, seconds, step.flops_per_sample, peak))
+                source = SourceStep(depth, root, device, dataset_name=dataset)
+                seconds = median_seconds_per_call(source, device, timing)
+                rows.append(
+                    row(
+                        "source-dataloader",
+                        depth,
+                        SOURCE_BATCH,
+                        device,
+                        threads,
+                        seconds,
+                        source.flops_per_sample,
+                        peak,
                     )
-                    log(
-                        f"  {rows[-1]['model']:8s} harness {rows[-len(BATCH_SIZES) - 1]['samples_per_s']:>10,.0f} "
-                        f"samples/s at batch 64 vs source {rows[-1]['samples_per_s']:>9,.0f}"
-                    )
-                if packs:
-                    rows += pack_rows(data, device, threads, timing, peak, packs, log)
+                )
+                log(
+                    f"  {rows[-1]['model']:8s} harness {rows[-len(BATCH_SIZES) - 1]['samples_per_s']:>10,.0f} "
+                    f"samples/s at batch 64 vs source {rows[-1]['samples_per_s']:>9,.0f}"
+                )
+            if packs:
+                rows += pack_rows(data, device, threads, timing, peak, packs, log)
     return pd.DataFrame(rows)
 
 
@@ -320,27 +335,6 @@ def pack_rows(
                 f"  pack of {k:2d}, {order:8s}: {rows[-1]['samples_per_s']:>9,.0f} model-samples/s, "
                 f"{speedup:.2f}x of {k} separate runs, {rows[-1]['fraction_of_peak']:.0%} of peak"
             )
-    return rows
-
-
-def pack_sweep(
-    devices: list[torch.device],
-    thread_counts: list[int],
-    timing: Timing,
-    data_dir: Path | None,
-    packs: tuple[int, ...],
-    dataset: str = "mnist",
-    log: Callable[[str], None] = print,
-) -> list[dict]:
-    """The pack rows alone, per device and thread count."""
-    rows = []
-    for device in devices:
-        data = load_mnist(data_dir, val_size=0, device=device, dataset=dataset)
-        for threads in thread_counts if device.type == "cpu" else [1]:
-            torch.set_num_threads(threads)
-            peak = peak_gflops(device, timing)
-            log(f"{device.type} {threads} thread(s): float32 matmul peak {peak:.1f} GFLOP/s")
-            rows += pack_rows(data, device, threads, timing, peak, packs, log)
     return rows
 
 
@@ -479,10 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         timing = QUICK if args.quick else Timing()
         packs = tuple(dict.fromkeys(args.packs))
-        if args.only_packs:
-            df = pd.DataFrame(pack_sweep(devices, threads, timing, args.data_dir, packs, dataset=args.dataset))
-        else:
-            df = sweep(devices, threads, timing, args.data_dir, packs=packs, dataset=args.dataset)
+        df = sweep(devices, threads, timing, args.data_dir, packs, dataset=args.dataset, only_packs=args.only_packs)
     except KeyboardInterrupt:
         raise Interrupted(
             f"interrupted: nothing written ({path} is written when the sweep ends); temporary files removed"
