@@ -350,9 +350,12 @@ def opening_sentence(an: Analysis) -> str:
     counts = {o: sum(c.outcome == o for c in an.primary) for o in (*OUTCOMES, "not computed")}
     listed = ", ".join(f"{k} {o}" for o, k in counts.items() if k or o in OUTCOMES)  # "0 worse" is news too
     wins, both = an.four_beats_both()
-    verdict = "in none" if wins == 0 else "in every one" if wins == both else f"in {wins}"
+    if both == 1:
+        where = "in its one setting" if wins else "in none of its one setting"
+    else:
+        where = ("in none" if wins == 0 else "in every one" if wins == both else f"in {wins}") + f" of {both} settings"
     return (
-        f"On {an.name}, four layers beats both three and five {verdict} of {plural(both, 'setting')}; of its "
+        f"On {an.name}, four layers beats both three and five {where}; of its "
         f"{plural(len(an.primary), 'paired contrast')} with them (Holm, margin ±{100 * an.margin:.2f} points): "
         f"{listed}."
     )
