@@ -349,6 +349,8 @@ def test_kill_9_during_the_last_final_run_then_the_same_command_finishes_exactly
         "20000",
         "--heartbeat",
         "1",
+        "--pack",
+        "1",  # one seed at a time, so "the last one running" is a state that lasts (packs: test_coord.py)
         "--out",
         str(out),
     ]
