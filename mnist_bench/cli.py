@@ -50,13 +50,14 @@ def starting(name: str) -> None:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with a one-line usage error (the full usage is one --help away)."""
+    """argparse whose usage errors are the project's: one line, "error: ..." like every other error of the
+    command, exit code 2 (the full usage is one --help away)."""
 
     def __init__(self, prog: str, doc: str | None):
         super().__init__(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def positive_int(text: str) -> int:

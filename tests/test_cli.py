@@ -52,6 +52,8 @@ def assert_one_line(p: subprocess.CompletedProcess, code: int, words: str = ""):
     assert p.returncode == code, (p.returncode, p.stderr)
     assert "Traceback" not in p.stderr and len(err.splitlines()) == 1, p.stderr
     assert words.lower() in err.lower(), err
+    if code in (1, 2):  # one prefix for every error, argparse's usage errors included
+        assert err.startswith("error: "), err
 
 
 # --- the table of bad inputs ---------------------------------------------------------------------
