@@ -37,6 +37,7 @@ from torch.optim.adam import adam as torch_adam  # torch.optim.Adam's arithmetic
 
 from .data import MNIST
 from .errors import UsageError
+from .models import linears
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "linear")  # linear: the step size decays to zero over the run, step by step
@@ -129,12 +130,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def linear_layers(model: nn.Module) -> list[nn.Linear]:
-    return [m for m in model.modules() if isinstance(m, nn.Linear)]
-
-
 def shape_of(model: nn.Module) -> tuple[tuple[int, int], ...]:
-    return tuple((m.in_features, m.out_features) for m in linear_layers(model))
+    return tuple((m.in_features, m.out_features) for m in linears(model))
 
 
 def forward(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +155,7 @@ class Pack:
             raise UsageError("a pack trains networks of one shape")
         if len({c.optimizer for c in configs}) != 1:
             raise UsageError("the networks of a pack share their optimizer")
-        layers = [linear_layers(m) for m in models]
+        layers = [linears(m) for m in models]
         depth = len(layers[0])
         with torch.no_grad():
             self.weights = [torch.stack([ls[i].weight.t() for ls in layers]).to(device) for i in range(depth)]
@@ -169,12 +166,10 @@ class Pack:
         self.device = device
         self.momentum: list[torch.Tensor | None] = [None] * len(self.parameters())  # SGD buffers, stacked
         self.adam: list[dict] = [{} for _ in configs]  # Adam's state, one network at a time
+        self.constants()
 
     def parameters(self) -> list[torch.Tensor]:
         return [*self.weights, *self.biases]
-
-    def __len__(self) -> int:
-        return len(self.configs)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, lrs: Sequence[float]) -> torch.Tensor:
         """One training step of every network: (K,) detached mean batch losses (no host sync). `x` is
@@ -194,26 +189,33 @@ class Pack:
                     adam(config, state, [p[i] for p in self.parameters()], [p.grad[i] for p in self.parameters()], lr)
         return losses.detach()
 
-    def per_network(self, values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-        """(K, 1, ...) float tensor of one value per network, broadcastable against `like`."""
-        return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *[1] * (like.dim() - 1))
+    def per_network(self, values: Sequence[float]) -> dict[int, torch.Tensor]:
+        """{dimensions: (K, 1, ...) tensor} of one value per network, broadcastable against each parameter."""
+        column = torch.tensor(values, dtype=self.weights[0].dtype, device=self.device)
+        return {d: column.view(-1, *[1] * (d - 1)) for d in {p.dim() for p in self.parameters()}}
+
+    def constants(self) -> None:
+        """Each network's weight decay and momentum as broadcastable tensors (None where all are 0), made when
+        the pack's membership changes rather than at every step."""
+        decay, momentum = [c.weight_decay for c in self.configs], [c.momentum for c in self.configs]
+        self.decay = self.per_network(decay) if any(decay) else None
+        self.beta = self.per_network(momentum) if any(momentum) else None
 
     def sgd(self, lrs: Sequence[float]) -> None:
         """torch.optim.SGD's update (dampening 0, no Nesterov), every network with its own constants:
         g = grad + wd * p; buf = g at the first step, else momentum * buf + g; p = p - lr * buf."""
-        decay = [c.weight_decay for c in self.configs]
-        momentum = [c.momentum for c in self.configs]
+        step = self.per_network([-lr for lr in lrs])
         for i, p in enumerate(self.parameters()):
             g = p.grad
-            if any(decay):
-                g = g.addcmul(p, self.per_network(decay, p))
-            if any(momentum):
+            if self.decay is not None:
+                g = g.addcmul(p, self.decay[p.dim()])
+            if self.beta is not None:
                 if self.momentum[i] is None:
                     self.momentum[i] = g.clone()
                 else:
-                    self.momentum[i].mul_(self.per_network(momentum, p)).add_(g)
+                    self.momentum[i].mul_(self.beta[p.dim()]).add_(g)
                 g = self.momentum[i]
-            p.addcmul_(g, self.per_network([-lr for lr in lrs], p))
+            p.addcmul_(g, step[p.dim()])
 
     def keep(self, indices: Sequence[int]) -> None:
         """Drop every network but `indices` (in that order) from the pack."""
@@ -224,6 +226,7 @@ class Pack:
             self.momentum = [None if m is None else m.index_select(0, index) for m in self.momentum]
         self.configs = [self.configs[i] for i in indices]
         self.adam = [self.adam[i] for i in indices]
+        self.constants()
 
     @torch.no_grad()
     def evaluate(self, i: int, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float, torch.Tensor]:
@@ -244,7 +247,7 @@ class Pack:
     def write_back(self, i: int, model: nn.Module) -> None:
         """Copy network `i`'s weights into `model` (same shape)."""
         with torch.no_grad():
-            for layer, w, b in zip(linear_layers(model), self.weights, self.biases):
+            for layer, w, b in zip(linears(model), self.weights, self.biases):
                 layer.weight.copy_(w[i].t())
                 layer.bias.copy_(b[i])
 
