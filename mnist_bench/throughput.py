@@ -149,8 +149,8 @@ class HarnessStep:
 
 def paired_seconds(
     a: Callable[[], object], b: Callable[[], object], device: torch.device, timing: Timing
-) -> tuple[float, float, float]:
-    """(median seconds per call of a, of b, median of the per-round ratios a/b), timed alternately round
+) -> tuple[float, float]:
+    """(median seconds per call of a, median of the per-round ratios a/b), timed alternately round
     after round after a warm-up of each (a then b in even rounds, b then a in odd ones, so neither always
     runs on the caches the other left), so both see the same machine."""
     for fn in (a, b):
@@ -160,8 +160,7 @@ def paired_seconds(
         order = (a, b) if r % 2 == 0 else (b, a)
         seconds = {id(fn): median_seconds_per_call(fn, device, Timing(0.0, timing.min_seconds, 1)) for fn in order}
         rounds.append((seconds[id(a)], seconds[id(b)]))
-    ta, tb = (statistics.median(r[i] for r in rounds) for i in (0, 1))
-    return ta, tb, statistics.median(x / y for x, y in rounds)
+    return statistics.median(r[0] for r in rounds), statistics.median(x / y for x, y in rounds)
 
 
 def torchvision_root(data_dir: Path | None, root: Path, dataset: str = "mnist") -> Path:
@@ -314,7 +313,7 @@ def pack_rows(
     for k in packs:
         for order in ("shared", "separate") if k > 1 else ("separate",):
             step = HarnessStep(PACK_DEPTH, SOURCE_BATCH, data, pack=k, shared=order == "shared")
-            seconds, single, ratio = paired_seconds(step, alone, device, timing)
+            seconds, ratio = paired_seconds(step, alone, device, timing)
             speedup = k / ratio  # K runs of the pack of one take K x its time
             rows.append(
                 row(

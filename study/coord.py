@@ -208,8 +208,7 @@ class Ledger:
     # Reading the board.
     def open_key(self, demand: Mapping[str, int]) -> str | None:
         """The first key with fewer live claims than its capacity: what to claim next."""
-        live = [key_of(t) for t in self.trials() if is_live(t)]
-        return next((k for k, cap in demand.items() if live.count(k) < cap), None)
+        return next(iter(self.open_keys(demand, 1)), None)
 
     def open_keys(self, demand: Mapping[str, int], limit: int) -> list[str]:
         """Up to `limit` distinct keys with fewer live claims than their capacity, in `demand`'s order: what a

@@ -342,7 +342,7 @@ class Worker:
         if cell.experiment != "matched":
             return [k] if (k := ledger.open_key(demand)) is not None else []
         keys = ledger.open_keys(demand, len(demand))
-        keys = [k for k in keys if keys and grid_index(k)[1] == grid_index(keys[0])[1]]
+        keys = [k for k in keys if grid_index(k)[1] == grid_index(keys[0])[1]]  # one replicate: one seed
         return keys[: self.pack_size(len(demand))]
 
     def work(self) -> None:
@@ -408,22 +408,15 @@ class Worker:
                     job.params = suggest(job.trial, self.cfg, cell)
             configs = [train_config(self.cfg, cell, job.params, job.seed, self.run.threads) for job in jobs]
             widths = [cell_widths(cell, job.params, self.settings[cell.experiment]) for job in jobs]
-            packs: dict[tuple[int, ...], list[int]] = {}  # a search's proposals may differ in shape
-            for i, w in enumerate(widths):
-                packs.setdefault(w, []).append(i)
-            results = [None] * len(jobs)
-            for shape, members in packs.items():
-                trained = train_pack(
-                    [mlp(shape) for _ in members],
-                    data_of(self.data, cell),
-                    [configs[i] for i in members],
-                    on_epoch=[self.reporter(jobs[i], configs[i]) for i in members] if tuning else None,
-                    evaluate_test=not tuning,
-                    should_stop=[lambda: progress.touch() or interrupt.STOP.is_set()] * len(members),
-                    test_each_epoch=cell.experiment == "recipe",
-                )
-                for i, result in zip(members, trained):
-                    results[i] = result
+            results = train_pack(  # one shape: a grid replicate's or a cell's seeds; a search asks one at a time
+                [mlp(w) for w in widths],
+                data_of(self.data, cell),
+                configs,
+                on_epoch=[self.reporter(job, config) for job, config in zip(jobs, configs)] if tuning else None,
+                evaluate_test=not tuning,
+                should_stop=[lambda: progress.touch() or interrupt.STOP.is_set()] * len(jobs),
+                test_each_epoch=cell.experiment == "recipe",
+            )
             for job, config, w, result in zip(jobs, configs, widths, results):
                 if not result.interrupted and not job.lost:
                     self.record(ledger, job, config, w, result, tuning)

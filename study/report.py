@@ -468,9 +468,10 @@ def recorded_options(
     if path.is_file():
         try:
             recorded = json.loads(path.read_text())
-            assert isinstance(recorded, dict)
-        except (ValueError, UnicodeDecodeError, AssertionError):
-            raise UsageError(f"{path} is not the options file this command writes; move it aside") from None
+        except (ValueError, UnicodeDecodeError):
+            recorded = None
+        if not isinstance(recorded, dict):
+            raise UsageError(f"{path} is not the options file this command writes; move it aside")
     reused = []
 
     def folder(given: Path | None, key: str) -> Path | None:
