@@ -49,6 +49,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 LIVE = (TrialState.RUNNING, *FINISHED)  # WAITING is not live: see the module docstring
 TUNE = "tune"  # the key every tuning trial claims
 SURPLUS = "surplus"  # user attr of a claim that lost its race
+SLOT = "slot"  # system attr: a tuning trial's sampler stream (see TrialSeededSampler)
 BEAT = "beat"  # system attr: the claiming worker's heartbeat counter (see the module docstring)
 
 
@@ -60,17 +61,24 @@ def derived_seed(seed: int, number: int | str) -> int:
 
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):
-    """A sampler whose random stream is a function of (seed, trial number): trial n of a study
-    draws the same numbers whoever runs it, and no two trials share a stream. A resumed worker
-    therefore never replays the configurations of earlier trials (a sampler seeded once per process
-    would), and workers sharing a storage never propose identical trials."""
+    """A sampler whose random stream is a function of (seed, slot): the slot of a trial is the smallest
+    number no live trial before it holds (system attr ``slot``), so an uninterrupted search's trial n
+    draws stream n, and a trial that was given back (Ctrl-C, a stale claim: failed, ran nothing) frees
+    its slot: the next proposal re-asks it. A lone worker resumed after an interruption therefore
+    proposes what the uninterrupted run would have (the sampler's history, complete and pruned trials,
+    is the same), and never replays a configuration of a finished trial (a sampler seeded once per
+    process would). Workers sharing a storage propose from different slots; two asks that race within
+    the moment between a trial's creation and its slot's write, just after a third trial was given
+    back, can share a stream (one extra trial of a configuration, never a wrong result)."""
 
     def __init__(self, seed: int, make: Callable[[int], optuna.samplers.BaseSampler]):
         self._seed, self._make = seed, make
         self._current = make(seed)
 
     def before_trial(self, study, trial):
-        self._current = self._make(derived_seed(self._seed, trial.number))
+        slot = free_slot(study.get_trials(deepcopy=False), trial.number)
+        study._storage.set_trial_system_attr(trial._trial_id, SLOT, slot)
+        self._current = self._make(derived_seed(self._seed, slot))
         self._current.before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):
@@ -84,6 +92,13 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 
     def after_trial(self, study, trial, state, values):
         self._current.after_trial(study, trial, state, values)
+
+
+def free_slot(trials: list[FrozenTrial], number: int) -> int:
+    """The smallest slot that no live trial numbered below `number` holds (a trial stored without one,
+    by an older version, holds its own number, the stream it drew)."""
+    held = {t.system_attrs.get(SLOT, t.number) for t in trials if t.number < number and t.state != TrialState.FAIL}
+    return next(s for s in range(number + 1) if s not in held)
 
 
 # --- stored values -------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ own connection to one SQLite storage, take their steps in the order the test dic
 recover, resume, race for the last slot and the last seed). Deterministic and fast; one end-to-end
 multi-process test per storage kind lives in test_study.py and test_postgres.py."""
 
+import math
 from pathlib import Path
 
 import optuna
@@ -176,6 +177,53 @@ def test_a_resumed_sampler_never_replays_earlier_trials(tmp_path: Path):
     assert len(set(first)) == 6
     # Reproducible: the same runs on a fresh storage propose the same values.
     assert resumed_proposals(f"sqlite:///{tmp_path / 'b.db'}") == first
+
+
+def proposals_with_give_backs(url: str, given_back: set[int], n: int = 4) -> list[float]:
+    """A lone worker's finished proposals until `n` finished, in a new process (a new sampler) after each
+    ask whose index is in `given_back`: that trial is failed as Ctrl-C leaves it, having run nothing."""
+    finished, asked = [], 0
+
+    def sampler():
+        return TrialSeededSampler(0, lambda s: optuna.samplers.TPESampler(seed=s, n_startup_trials=2))
+
+    study = optuna.create_study(storage=open_storage(url), study_name="s", sampler=sampler(), load_if_exists=True)
+    while len(finished) < n:
+        trial = study.ask()
+        lr = trial.suggest_float("lr", 1e-3, 1.0, log=True)
+        asked += 1
+        if asked - 1 in given_back:
+            study.tell(trial, state=TrialState.FAIL)
+            study = optuna.load_study(storage=open_storage(url), study_name="s", sampler=sampler())
+            continue
+        study.tell(trial, -abs(math.log(lr / 0.05)))  # a smooth objective: TPE's proposals depend on history
+        finished.append(lr)
+    return finished
+
+
+def test_an_interrupted_search_resumes_to_the_proposals_of_the_uninterrupted_one(tmp_path: Path):
+    # The fuzz case: Ctrl-C in trial 0, the same command again: trial 0's proposal must be re-asked, and
+    # every later one be what the uninterrupted run proposes (startup and TPE proposals alike).
+    straight = proposals_with_give_backs(f"sqlite:///{tmp_path / 'a.db'}", set())
+    assert len(set(straight)) == 4
+    assert proposals_with_give_backs(f"sqlite:///{tmp_path / 'b.db'}", {0}) == straight
+    assert proposals_with_give_backs(f"sqlite:///{tmp_path / 'c.db'}", {0, 1, 3, 4}) == straight
+
+
+def test_slots_are_the_smallest_not_held_by_a_live_earlier_trial():
+    from study.coord import SLOT, free_slot
+
+    def t(number, state, slot=None):
+        value = 0.5 if state == TrialState.COMPLETE else None
+        trial = optuna.trial.create_trial(state=state, value=value, system_attrs={} if slot is None else {SLOT: slot})
+        trial.number = number
+        return trial
+
+    assert free_slot([], 0) == 0
+    assert free_slot([t(0, TrialState.COMPLETE, 0), t(1, TrialState.FAIL, 1)], 2) == 1
+    assert free_slot([t(0, TrialState.FAIL, 0), t(1, TrialState.RUNNING, 1)], 2) == 0
+    assert free_slot([t(0, TrialState.COMPLETE), t(1, TrialState.PRUNED)], 2) == 2  # stored before slots: its number
+    assert free_slot([t(0, TrialState.COMPLETE, 0), t(5, TrialState.COMPLETE, 1)], 3) == 1  # later trials hold nothing
 
 
 def test_best_trial_skips_diverged_and_surplus_and_ties_go_to_the_earliest():
