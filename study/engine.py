@@ -578,6 +578,17 @@ def stop_at_once_on_the_second(signum: int, count: int) -> bool:
     return False
 
 
+def stop_at_the_next_safe_point(signum: int, count: int) -> bool:
+    """The lone worker's second signal takes the first one's path (the stop flag: the pack stops at its next
+    step, its runs are given back, one line): raised at an arbitrary point, KeyboardInterrupt could land in
+    the heartbeat thread's join or SQLAlchemy's pool. A third exits at once, writing nothing (a write can
+    wait on a database lock): its runs in flight stay running until the heartbeat rule fails them. Silent: the
+    command's one line comes when it stops."""
+    if count > 2:
+        os._exit(130)
+    return True
+
+
 def _worker_process(cfg: StudyConfig, run: RunConfig, index: int, parent: int) -> None:
     """A spawned worker. SIGINT is ignored (inherited): the parent is the one controller and
     forwards SIGTERM, whose first arrival stops at a safe point and second at once."""
@@ -598,7 +609,7 @@ def run_workers(cfg: StudyConfig, run: RunConfig, data: dict[str, MNIST] | None 
     """Run the study with `run.workers` workers: in this process for one, else spawned processes.
     Returns when every budget is finished; raises Interrupted (exit 130) after every worker stopped."""
     if run.workers == 1:
-        with interrupt.graceful():
+        with interrupt.graceful(on_signal=stop_at_the_next_safe_point):
             work(cfg, run, data=data, storage=storage)  # the command's own storage: half the connections
         return
     ctx = multiprocessing.get_context("spawn")

@@ -24,6 +24,7 @@ from study import depth as study_depth
 from study.config import (
     PRESETS,
     Cell,
+    Recipe,
     RunConfig,
     SearchSpace,
     StudyConfig,
@@ -791,6 +792,40 @@ def test_a_sigterm_while_a_worker_is_being_started_reaches_that_worker_too(tmp_p
     with pytest.raises(interrupt.Interrupted):
         engine.run_workers(cfg, run)
     assert sent == [(10**6, signal.SIGTERM)]  # worker-0 told once; worker-1 never started
+
+
+def test_a_second_signal_in_the_lone_worker_takes_the_first_ones_path_even_inside_the_heartbeats_join(
+    small: MNIST, tmp_path: Path, monkeypatch
+):
+    # Scripted: Ctrl-C twice while the first run's heartbeat thread is being joined. A KeyboardInterrupt raised
+    # there (the old second signal) escaped from inside threading's join; now both only set the stop flag, the
+    # finished run is kept, the command stops at its next safe point, and a rerun finishes the same study.
+    import threading
+
+    from mnist_bench import interrupt
+    from study import engine
+
+    real_join, delivered = threading.Thread.join, []
+
+    def join(self, *args, **kwargs):
+        if self.name.startswith("heartbeat-") and not delivered:
+            delivered.append(self.name)
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # both handled here, inside the join
+        return real_join(self, *args, **kwargs)
+
+    monkeypatch.setattr(threading.Thread, "join", join)
+    cfg = StudyConfig(name="p", experiments=("recipe",), recipe=Recipe(depths=(1,), epochs=1, seeds=2, variants=()))
+    run = RunConfig(storage=f"sqlite:///{tmp_path / 's.db'}", out=tmp_path, pack=1)
+    with pytest.raises(interrupt.Interrupted):
+        engine.run_workers(cfg, run, data={"full": small})
+    assert delivered
+    final = optuna.load_study(study_name="p-recipe-depth1-final", storage=run.storage).get_trials()
+    assert [t.state for t in final] == [TrialState.COMPLETE]  # seed 1 kept; seed 2 never started
+    monkeypatch.setattr(threading.Thread, "join", real_join)
+    engine.run_workers(cfg, run, data={"full": small})
+    final = optuna.load_study(study_name="p-recipe-depth1-final", storage=run.storage).get_trials()
+    assert sorted(t.user_attrs["seed"] for t in final if t.state == TrialState.COMPLETE) == [1, 2]
 
 
 NESTED_SIGNALS = """
