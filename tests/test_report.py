@@ -77,11 +77,25 @@ def test_wilcoxon_counts_whole_test_images_so_float_noise_never_breaks_a_tie():
     x, y = base + counts / 10_000, base  # fractions, as the tables hold them: not exact in binary
     expected = wilcoxon(counts, zero_method="pratt", method="auto").pvalue
     assert stats.paired(x, y, 0.002).p_wilcoxon == pytest.approx(expected) == pytest.approx(0.641, abs=5e-4)
-    tied = np.array([5, 5, 5, -5, 3, 3, 0, 8, -2, 5])  # ties and a zero: the normal approximation, Pratt's zeros
+    tied = np.array([5, 5, 5, -5, 3, 3, 0, 8, -2, 5])  # ties and a zero: the sign-flip permutation, Pratt's zeros
     x = 0.97 + np.linspace(0, 0.01, 10) + tied / 10_000
     p = stats.paired(x, x - tied / 10_000, 0.002).p_wilcoxon
     assert p == pytest.approx(wilcoxon(tied, zero_method="pratt", method="auto").pvalue)
     assert stats.wilcoxon_p(np.zeros(4)) == 1.0
+
+
+def test_wilcoxon_p_is_scipys_in_every_branch():
+    """Ties or zeros at up to 13 seeds take scipy's exact permutation branch, computed here vectorised: the
+    p-values must be scipy.stats.wilcoxon's own, to the last bit, there and in the other branches (exact
+    distribution without ties; the normal approximation from 14 seeds with ties)."""
+    from scipy.stats import wilcoxon
+
+    rng = np.random.default_rng(3)
+    cases = [rng.integers(-4, 5, n) for n in (3, 6, 10, 13, 14, 16)]  # ties and zeros
+    cases += [np.array([1, -2, 3, 4, -5, 6, 7, 8, -9, 10]), np.array([0, 0, 0, 2])]
+    for counts in cases:
+        expected = wilcoxon(counts.astype(float), zero_method="pratt", method="auto").pvalue
+        assert stats.wilcoxon_p(counts / 10_000) == expected, counts
 
 
 def test_mcnemar_exact_is_a_two_sided_sign_test_on_the_discordant_pairs():
