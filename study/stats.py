@@ -141,6 +141,60 @@ def wilcoxon_p(d: np.ndarray) -> float:
     return float(stats.wilcoxon(counts, **WILCOXON).pvalue)
 
 
+@dataclass(frozen=True)
+class Crossed:
+    """The mean of a seeds x test-images table of per-image values (a contrast: 1, 0 or -1 where one depth's
+    run classifies the image correctly and the other's does not), with the variance of that mean from both
+    samples: the seeds (initialisation, batch order, split) and the test images (a sample of the images the
+    answer is about), crossed, and their interaction.
+
+    The variance is the two-way ANOVA (random effects, no replication) moment estimator: with seed, image and
+    interaction components s2_seed, s2_image, s2_both, Var(mean) = s2_seed / n + s2_image / m + s2_both / nm,
+    and E[MS_seeds + MS_images - MS_residual] = nm Var(mean) exactly, whatever the distribution (Hoeffding's
+    decomposition of a crossed exchangeable array). Floored at the seeds-only variance MS_seeds / nm, the
+    interval the seeds alone give, which is what it adds to. Its degrees of freedom are Satterthwaite's."""
+
+    mean: float
+    var: float  # of the mean: seeds, test images and their interaction
+    df: float
+    var_seeds: float  # MS_seeds / nm: the paired t interval's variance (per-seed means on one fixed test set)
+    n: int
+    m: int
+
+    def interval(self, level: float) -> tuple[float, float]:
+        """Two-sided (1 - level) interval of the mean."""
+        half = float(stats.t.ppf(1 - level / 2, self.df)) * math.sqrt(self.var)
+        return (self.mean - half, self.mean + half)
+
+    def equivalence_bound(self, level: float) -> float:
+        """The smallest margin at which two one-sided tests at `level` each declare the mean inside +-margin:
+        the farther end of the (1 - 2 level) interval from zero."""
+        low, high = self.interval(2 * level)
+        return max(abs(low), abs(high))
+
+
+def crossed(table: np.ndarray) -> Crossed:
+    """Crossed estimate of a (seeds, images) table's mean; needs at least two seeds and two images."""
+    d = np.asarray(table, dtype=float)
+    n, m = d.shape
+    if n < 2 or m < 2:
+        raise ValueError("needs at least two seeds and two test images")
+    grand = d.mean()
+    seeds, images = d.mean(axis=1), d.mean(axis=0)
+    ss_seeds = m * float(np.sum((seeds - grand) ** 2))
+    ss_images = n * float(np.sum((images - grand) ** 2))
+    ss_both = float(np.sum((d - grand) ** 2)) - ss_seeds - ss_images
+    df_seeds, df_images, df_both = n - 1, m - 1, (n - 1) * (m - 1)
+    ms = (ss_seeds / df_seeds, ss_images / df_images, max(ss_both, 0.0) / df_both)
+    var_seeds = ms[0] / (n * m)
+    var = (ms[0] + ms[1] - ms[2]) / (n * m)
+    if not var > var_seeds:
+        return Crossed(float(grand), var_seeds, float(df_seeds), var_seeds, n, m)
+    terms = ((ms[0], df_seeds), (ms[1], df_images), (-ms[2], df_both))
+    df = (var * n * m) ** 2 / sum(t * t / k for t, k in terms)
+    return Crossed(float(grand), float(var), float(df), var_seeds, n, m)
+
+
 def paired_interval(x: np.ndarray, y: np.ndarray, level: float) -> tuple[float, float]:
     """Two-sided (1 - level) interval of mean(x - y) from the paired t-test (scipy)."""
     ci = stats.ttest_rel(x, y).confidence_interval(1 - level)
