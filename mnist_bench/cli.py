@@ -9,6 +9,7 @@ PyTorch is loaded.
 from __future__ import annotations
 
 import argparse
+import codecs
 import os
 import re
 import signal
@@ -193,9 +194,38 @@ def remove_empty_created() -> None:
     _created.clear()
 
 
+def _escape(e: UnicodeError):
+    """An encoding error handler for stdout and stderr: a surrogate escape (bytes of a command line the locale
+    could not decode) as the bytes it stands for, any other character the stream's encoding lacks as a
+    backslash escape."""
+    if isinstance(e, UnicodeEncodeError):
+        try:
+            return codecs.lookup_error("surrogateescape")(e)
+        except UnicodeError:
+            pass
+    return codecs.lookup_error("backslashreplace")(e)
+
+
+ESCAPE = "mnist-bench-escape"
+codecs.register_error(ESCAPE, _escape)
+
+
+def printable_streams() -> None:
+    """Printing never fails on a character stdout or stderr cannot encode (a path with "é" under LC_ALL=C, or
+    an undecodable byte in an argument under UTF-8): one line of output is worth more than a traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors=ESCAPE)
+            except (ValueError, OSError, AttributeError):  # a closed or replaced stream: nothing to protect
+                pass
+
+
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Call `main`, turning the project's user-facing errors into one line and an exit code; a failed
     command removes the --out folders it created that are still empty."""
+    printable_streams()
     if _signalled_while_starting:
         print("interrupted while starting; nothing was done", file=sys.stderr)
         sys.exit(130)

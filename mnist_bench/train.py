@@ -29,6 +29,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +91,22 @@ class EpochMetrics:
     val_accuracy: float | None
     train_seconds: float  # cumulative share of training time at the end of this epoch (see TrainResult)
     test_accuracy: float | None = None  # only with train(test_each_epoch=True): nothing is selected on it
+    val_correct: int | None = None  # validation images classified correctly (val_accuracy = this / their number)
+    test_correct: int | None = None  # as test_accuracy
+
+
+class Evaluation(NamedTuple):
+    """A network over one split: its mean loss, how many images it classified correctly (the exact figure;
+    accuracy is derived from it) and its predicted class of each image."""
+
+    loss: float
+    correct: int
+    images: int
+    predictions: torch.Tensor  # uint8, on the CPU
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.images, 1)
 
 
 @dataclass
@@ -97,6 +114,8 @@ class TrainResult:
     epochs: list[EpochMetrics] = field(default_factory=list)
     test_loss: float | None = None
     test_accuracy: float | None = None
+    test_correct: int | None = None  # test images classified correctly: test_accuracy = test_correct / test_images
+    test_images: int = 0
     test_predictions: torch.Tensor | None = None  # predicted class of each test image (uint8, on the CPU)
     # Its share of its pack's training time (the pack's wall time divided among the networks in it while
     # they trained; alone, the wall time of its steps), evaluation excluded: shares add up to wall time.
@@ -229,9 +248,8 @@ class Pack:
         self.constants()
 
     @torch.no_grad()
-    def evaluate(self, i: int, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float, torch.Tensor]:
-        """(mean cross-entropy, accuracy in 0..1, predicted classes) of network `i` over (x, y), computed as a
-        pack of one, so the figures do not depend on the pack."""
+    def evaluate(self, i: int, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Evaluation:
+        """Network `i` over (x, y), computed as a pack of one, so the figures do not depend on the pack."""
         weights = [w[i : i + 1] for w in self.weights]
         biases = [b[i : i + 1] for b in self.biases]
         loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
@@ -241,8 +259,8 @@ class Pack:
             loss_sum += F.cross_entropy(logits, y[j : j + batch_size], reduction="sum").double()
             predictions.append(logits.argmax(dim=1))
         predicted = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long, device=x.device)
-        n = max(len(x), 1)
-        return loss_sum.item() / n, (predicted == y).sum().item() / n, predicted.to("cpu", torch.uint8)
+        correct = int((predicted == y).sum().item())
+        return Evaluation(loss_sum.item() / max(len(x), 1), correct, len(x), predicted.to("cpu", torch.uint8))
 
     def write_back(self, i: int, model: nn.Module) -> None:
         """Copy network `i`'s weights into `model` (same shape)."""
@@ -445,11 +463,18 @@ def train_pack(
                 gone[j] = "diverged"
                 continue
             d, c = r.data, r.config
-            val_loss, val_acc = (
-                pack.evaluate(j, d.val_x, d.val_y, c.eval_batch_size)[:2] if len(d.val_x) else (None, None)
+            val = pack.evaluate(j, d.val_x, d.val_y, c.eval_batch_size) if len(d.val_x) else None
+            test = pack.evaluate(j, d.test_x, d.test_y, c.eval_batch_size) if test_each_epoch else None
+            metrics = EpochMetrics(
+                epoch,
+                loss / n,
+                None if val is None else val.loss,
+                None if val is None else val.accuracy,
+                r.result.train_seconds,
+                None if test is None else test.accuracy,
+                None if val is None else val.correct,
+                None if test is None else test.correct,
             )
-            test_acc = pack.evaluate(j, d.test_x, d.test_y, c.eval_batch_size)[1] if test_each_epoch else None
-            metrics = EpochMetrics(epoch, loss / n, val_loss, val_acc, r.result.train_seconds, test_acc)
             r.result.epochs.append(metrics)
             callback = on_epoch[r.index]
             if callback is not None and callback(metrics):
@@ -457,8 +482,12 @@ def train_pack(
             elif epoch == c.epochs:
                 gone[j] = ""
             if j in gone and evaluate_test:
-                r.result.test_loss, r.result.test_accuracy, r.result.test_predictions = pack.evaluate(
-                    j, d.test_x, d.test_y, c.eval_batch_size
+                test = pack.evaluate(j, d.test_x, d.test_y, c.eval_batch_size)
+                r.result.test_loss, r.result.test_accuracy = test.loss, test.accuracy
+                r.result.test_correct, r.result.test_images, r.result.test_predictions = (
+                    test.correct,
+                    test.images,
+                    test.predictions,
                 )
         if gone:
             leave(gone)

@@ -77,6 +77,16 @@ class Group:
         return self.runs > 0 and len(self.failed) >= UNRELIABLE_SHARE * self.runs
 
 
+def exact_accuracy(runs: pd.DataFrame) -> pd.Series:
+    """Each run's test accuracy, from its count of correct images where the run recorded one (the exact figure:
+    per-seed differences are then whole numbers of images over the same denominator), else as stored."""
+    acc = pd.to_numeric(runs["test_accuracy"], errors="coerce")
+    if {"test_correct", "test_images"} <= set(runs.columns):
+        counted = runs["test_correct"].notna() & runs["test_images"].notna() & (runs["test_images"] > 0)
+        acc = acc.where(~counted, runs["test_correct"] / runs["test_images"])
+    return acc.astype(float)
+
+
 def groups_of(final: pd.DataFrame, depths=()) -> dict[int, Group]:
     """Groups by depth of one setting's final runs; `depths` the study asked for (missing ones become
     groups without runs, named where they are needed)."""
@@ -86,13 +96,13 @@ def groups_of(final: pd.DataFrame, depths=()) -> dict[int, Group]:
         g = final[final["depth"] == d]
         loss = g["test_loss"] if "test_loss" in g else pd.Series(0.0, index=g.index)
         diverged = g["diverged"].fillna(False).astype(bool) if "diverged" in g else pd.Series(False, index=g.index)
-        acc = pd.to_numeric(g["test_accuracy"], errors="coerce")
+        acc = exact_accuracy(g)
         bad = pd.Series([failed_run(a, lo, dv) for a, lo, dv in zip(acc, loss, diverged)], index=g.index, dtype=bool)
         ok = g[~bad]
         out[d] = Group(
             depth=d,
-            trained=pd.Series(ok["test_accuracy"].to_numpy(float), index=ok["seed"].astype(int).to_numpy()),
-            failed={int(s): float(a) for s, a in zip(g[bad]["seed"], pd.to_numeric(g[bad]["test_accuracy"]))},
+            trained=pd.Series(acc[~bad].to_numpy(float), index=ok["seed"].astype(int).to_numpy()),
+            failed={int(s): float(a) for s, a in zip(g[bad]["seed"], acc[bad])},
             n_params=int(g["n_params"].iloc[0]) if len(g) else 0,
             train_flops=float(g["train_flops"].mean()) if len(g) and "train_flops" in g else math.nan,
             train_seconds=float(g["train_seconds"].mean()) if len(g) and "train_seconds" in g else math.nan,

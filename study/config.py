@@ -413,6 +413,15 @@ def study_name(name: str, cell: Cell, final: bool = False) -> str:
     return f"{name}-{cell.key}" + (FINAL_SUFFIX if final else "")
 
 
+# Optuna's column holds a study name of at most 512 characters (VARCHAR(512): PostgreSQL and MySQL refuse a
+# longer one, SQLite does not); the same name must work on every storage, so --study-name leaves room for the
+# longest suffix a cell adds.
+STORED_NAME_CHARS = 512
+MAX_STUDY_NAME = STORED_NAME_CHARS - len(
+    study_name("", Cell("matched", MAX_DEPTH, 10**10 - 1, "constant", max([*VARIANTS, *CHECKS], key=len)), final=True)
+)
+
+
 def parse_study_name(study: str) -> tuple[str, Cell] | None:
     """(name, cell) of a tuning study's name, None for any other study."""
     m = NAME.fullmatch(study)
@@ -431,7 +440,7 @@ def refuse_other_study(out: Path, name: str, database: Path | None = None) -> No
         import json
 
         try:
-            found = json.loads(config.read_text())
+            found = json.loads(config.read_text(encoding="utf-8"))
             found = found.get("name") if isinstance(found, dict) else None
         except (ValueError, UnicodeDecodeError):
             found = None

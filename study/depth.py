@@ -29,6 +29,7 @@ from .config import (
     DEFAULT_MARGIN,
     EXPERIMENTS,
     MAX_DEPTH,
+    MAX_STUDY_NAME,
     PRESETS,
     RunConfig,
     StudyConfig,
@@ -49,6 +50,11 @@ def name_arg(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*", text) or "-depth" in text:
         raise argparse.ArgumentTypeError(
             f"must be letters, digits, '_', '.' and single '-' (not '-depth'), got {text!r}"
+        )
+    if len(text) > MAX_STUDY_NAME:  # the same name must work on every storage, whose column holds 512
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_STUDY_NAME} characters (Optuna's storage holds study names of 512, with each "
+            f"cell's suffix), got {len(text)}"
         )
     return text
 
@@ -298,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{redact(run.storage)}; run the same command again to continue"
         ) from None
     print(tables.summary(written["final"]))
-    pending = json.loads((run.out / "config.json").read_text()).get("in_progress", [])
+    pending = json.loads((run.out / "config.json").read_text(encoding="utf-8")).get("in_progress", [])
     if pending:
         print(
             f"in progress: {len(pending)} part(s) below the budget the storage holds (another command is running "

@@ -59,8 +59,10 @@ from .coord import (
     best_trial,
     derived_seed,
     encode_curve,
+    encode_predictions,
     failed_trial,
     final_key,
+    refuse_foreign,
 )
 from .storage import StudyError, guarded, open_storage
 
@@ -170,8 +172,8 @@ def refuse_mixed_settings(storage, cfg: StudyConfig) -> None:
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         parsed = parse_study_name(summary.study_name)
         stored = summary.user_attrs.get("config")
-        if not parsed or parsed[0] != cfg.name or stored is None:
-            continue
+        if not parsed or parsed[0] != cfg.name or not isinstance(stored, dict):
+            continue  # none yet, or not study.depth's: open_studies says so for the cells it opens
         theirs = {"dataset": "mnist", **stored}  # made before datasets were a setting: MNIST was the only one
         changed = sorted(k for k in mine if theirs.get(k) != mine[k])
         if changed:
@@ -202,9 +204,11 @@ def open_studies(
         pruner=pruner,
         load_if_exists=True,
     )
+    refuse_foreign(tune)  # another program's study of that name is never adopted (nor a final study made beside it)
     final = optuna.create_study(
         storage=storage, study_name=study_name(cfg.name, cell, final=True), direction="maximize", load_if_exists=True
     )
+    refuse_foreign(final)
     identity = cfg.identity(cell)
     for study, budget_key, budget in ((tune, "n_trials", cfg.n_trials(cell)), (final, "seeds", cfg.seeds(cell))):
         attrs = study.user_attrs
@@ -465,7 +469,10 @@ class Worker:
             "param_momentum": config.momentum,
             "schedule": config.schedule,
             "widths": list(widths),
+            "test_predictions": None if (pred := result.test_predictions) is None else encode_predictions(pred),
             "test_accuracy": result.test_accuracy,
+            "test_correct": result.test_correct,  # the exact figure: test_accuracy is test_correct / test_images
+            "test_images": result.test_images,
             "test_loss": result.test_loss,
             **attrs,
         }

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mnist_bench.files import write_file
+
 from .analysis import Analysis, Contrast, Interaction, Setting, pareto
 
 PALETTE = "colorblind"
@@ -44,10 +46,17 @@ def depth_colour(colours, depth: int):
     return colours[(depth - 1) % len(colours)]
 
 
+def _write(fig, path: Path) -> None:
+    """The figure as a PNG at `path`, whole or not at all (files.write_file: a full disk keeps the old one)."""
+    write_file(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+
+
 def _save(plt, fig, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        _write(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def _integer_depths(ax, depths) -> None:
@@ -407,8 +416,10 @@ def throughput_figure(path: Path, throughput: pd.DataFrame) -> str:
         ax.set(xscale="log", yscale="log")
     g.set_axis_labels("batch size", "samples / s")
     g.figure.suptitle("Training-step throughput", y=1.02)
-    g.figure.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(g.figure)
+    try:
+        _write(g.figure, path)
+    finally:
+        plt.close(g.figure)
     return "Training-step samples/s per model and batch size: harness vs source pipeline, per device and thread count."
 
 

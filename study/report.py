@@ -28,6 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from mnist_bench.errors import UsageError, UserError
+from mnist_bench.files import write_file
 from mnist_bench.interrupt import Interrupted
 from mnist_bench.redact import redact
 
@@ -50,6 +51,7 @@ from .analysis import (
 from .config import DEFAULT_MARGIN, FAILED_AT, LR_RULES, SOURCE_PARAMS, VARIANTS, SearchSpace, refuse_other_study
 from .design import checks, trial_counts
 from .markdown import answer_sentence, contrast_table, interval, md_table, p_value, pts, setting_table, signed
+from .results import load_results, read_throughput
 from .sections import (
     caps_lines,
     checks_section,
@@ -61,7 +63,6 @@ from .sections import (
     tuned_origin,
 )
 from .stats import ALPHA, POWER, fisher
-from .tables import CHECKS, load_results, read_optional
 
 FIGURES = (
     "answer.png",
@@ -452,7 +453,7 @@ def render(
         path = _render(results, out, compare_with, margin, replicate_of)
         pairs = (("compare", compare_with), ("replicate", replicate_of))
         relative = {k: None if v is None else os.path.relpath(v, out) for k, v in pairs}
-        (out / OPTIONS).write_text(json.dumps({**relative, "margin_points": round(100 * margin, 6)}, indent=1) + "\n")
+        write_file(out / OPTIONS, json.dumps({**relative, "margin_points": round(100 * margin, 6)}, indent=1) + "\n")
         return path
     except OSError as e:
         where = e.filename or out or results
@@ -467,9 +468,11 @@ def recorded_options(
     recorded: dict = {}
     if path.is_file():
         try:
-            recorded = json.loads(path.read_text())
+            recorded = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError):
             recorded = None
+        except OSError as e:
+            raise UserError(f"cannot read {path} ({e.strerror or e})") from None
         if not isinstance(recorded, dict):
             raise UsageError(f"{path} is not the options file this command writes; move it aside")
     reused = []
@@ -523,7 +526,7 @@ def _render(
             raise UsageError(f"--replicate {replicate_of} holds the same runs as {results} (a copy, not a second run)")
     if out.resolve() != results.resolve():
         refuse_other_study(out, config.get("name"))
-    throughput = read_optional(results / "throughput.csv", CHECKS["throughput"])
+    throughput = read_throughput(results / "throughput.csv")
     out.mkdir(parents=True, exist_ok=True)
 
     an = analyse(epochs, final, config, margin)
@@ -698,13 +701,7 @@ def _render(
             doc += ["![packs](packs.png)", "", caption, ""]
     doc += caveats(config) + environment(final)
     path = out / "report.md"
-    partial = out / ".report.md.partial"
-    try:
-        partial.write_text("\n".join(doc))
-        partial.replace(path)  # a reader never sees half a report
-    except OSError as e:
-        partial.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path} ({e.strerror or e}); the tables it comes from are kept") from None
+    write_file(path, "\n".join(doc))  # UTF-8, whole or not at all: a reader never sees half a report
     return path
 
 
@@ -788,6 +785,7 @@ def from_storage(
 ) -> Path:
     """Write the tables of study `name` (the only one when None) from the storage into `out`, then render."""
     from study import tables
+    from study.coord import holdings
     from study.storage import guarded, open_storage
 
     cli.prepare_out(out, files=(*tables.OUTPUT_FILES, *OUTPUT_FILES))
@@ -795,6 +793,8 @@ def from_storage(
 
     def write() -> None:
         names = tables.study_names(storage)
+        if not names:
+            raise UsageError(f"storage {holdings(storage)}; nothing to report: check the --storage URL")
         if name is None and len(names) != 1:
             raise UsageError(f"storage holds studies {sorted(names) or 'none'}; pick one with --study-name")
         chosen = name or next(iter(names))

@@ -59,8 +59,14 @@ def fresh_database(admin: sqlalchemy.Engine) -> Iterator[tuple[str, str]]:
     """(name, URL) of a new PostgreSQL database, dropped afterwards whatever happens. The name carries this
     command's process id, so a command (or a test) can tell its own databases from another's on one server."""
     name = f"mnist_bench_scaleout_{os.getpid()}_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as con:
-        con.execute(sqlalchemy.text(f'create database "{name}"'))
+    try:
+        with admin.connect() as con:
+            con.execute(sqlalchemy.text(f'create database "{name}"'))
+    except sqlalchemy.exc.SQLAlchemyError as e:  # a role without CREATEDB, a full server disk: one line
+        raise UserError(
+            f"cannot create a database at {redact(ADMIN_URL)!r} ({first_line(e)}); "
+            "MNIST_BENCH_PG_URL must name a role that may CREATE DATABASE"
+        ) from None
     try:
         yield name, ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     finally:
@@ -96,7 +102,7 @@ def run_setting(admin: sqlalchemy.Engine, workers: int, n_trials: int, depth: in
             procs: list[subprocess.Popen] = []
             try:
                 for i in range(workers):  # each worker's one-line error goes to a file: this command says one line
-                    with open(f"{tmp}/w{i}.err", "w") as err:
+                    with open(f"{tmp}/w{i}.err", "w", encoding="utf-8") as err:
                         procs.append(
                             subprocess.Popen([*cmd, "--out", f"{tmp}/w{i}"], stdout=subprocess.DEVNULL, stderr=err)
                         )
@@ -106,7 +112,7 @@ def run_setting(admin: sqlalchemy.Engine, workers: int, n_trials: int, depth: in
             wall = time.perf_counter() - start
             for i, code in enumerate(codes):
                 if code:
-                    lines = Path(f"{tmp}/w{i}.err").read_text().strip().splitlines()
+                    lines = Path(f"{tmp}/w{i}.err").read_text(encoding="utf-8").strip().splitlines()
                     raise UserError(f"worker {i} exited with {code}: {lines[-1] if lines else 'no message'}")
         study = optuna.load_study(study_name=study_name("smoke", Cell("tuned", depth)), storage=url)
         trials = [
@@ -162,7 +168,7 @@ def kill_test(
             proxy = subprocess.Popen(
                 [sys.executable, "-m", "study.serve", "--storage", url, "--port", str(port), "--threads", "64"],
                 stdout=subprocess.DEVNULL,
-                stderr=open(f"{tmp}/proxy.err", "w"),  # noqa: SIM115 - the child keeps it
+                stderr=open(f"{tmp}/proxy.err", "w", encoding="utf-8"),  # noqa: SIM115 - the child keeps it
             )
             url_for_workers = f"grpc://127.0.0.1:{port}"
             open_proxy(url_for_workers, timeout=120).close()  # workers start once the proxy answers
@@ -179,7 +185,7 @@ def kill_test(
         procs: dict[int, subprocess.Popen] = {}
 
         def start(i: int) -> None:
-            with open(f"{tmp}/w{i}.err", "a") as err:
+            with open(f"{tmp}/w{i}.err", "a", encoding="utf-8") as err:
                 procs[i] = subprocess.Popen([*cmd, "--out", f"{tmp}/w{i}"], stdout=subprocess.DEVNULL, stderr=err)
 
         watcher = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
@@ -224,7 +230,8 @@ def kill_test(
         errors = [
             f"worker {i}: {lines[-1]}"
             for i, p in procs.items()
-            if p.returncode not in (0, None) and (lines := Path(f"{tmp}/w{i}.err").read_text().strip().splitlines())
+            if p.returncode not in (0, None)
+            and (lines := Path(f"{tmp}/w{i}.err").read_text(encoding="utf-8").strip().splitlines())
         ]
         return audit(url, kind, workers, n_trials, seeds, killed, peak, hang, wall, errors)
 
@@ -392,7 +399,9 @@ def available_memory_mb(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     of native static initialisation), which a kernel swaps out without slowing the worker."""
     try:
         fields = {
-            k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in meminfo.read_text().splitlines()) if v
+            k: int(v.split()[0])
+            for k, _, v in (line.partition(":") for line in meminfo.read_text(encoding="utf-8").splitlines())
+            if v
         }
     except (OSError, ValueError, IndexError):
         return None

@@ -28,7 +28,16 @@ from mnist_bench.errors import UsageError
 from mnist_bench.redact import redact
 
 from .config import in_memory
-from .storage import StudyError, grpc_address, open_storage, quiet_grpc
+from .storage import (
+    PROXY_SAYS,
+    StudyError,
+    explain,
+    first_line,
+    grpc_address,
+    lost_connection,
+    open_storage,
+    quiet_grpc,
+)
 
 DEFAULT_PORT = 13000
 
@@ -68,7 +77,9 @@ def server(url: str, host: str, port: int, threads: int):
     # What run_grpc_proxy_server builds, plus a server that does not block and a port that is not shared:
     # gRPC sets SO_REUSEPORT by default, so a second proxy on a taken port would start without a word.
     # The port is bound first, so a refused start creates no database.
-    srv = grpc.server(ThreadPoolExecutor(max_workers=threads), options=[("grpc.so_reuseport", 0)])
+    srv = grpc.server(
+        ThreadPoolExecutor(max_workers=threads), options=[("grpc.so_reuseport", 0)], interceptors=[explaining(url)]
+    )
     try:
         bound = srv.add_insecure_port(f"{host}:{port}")
     except RuntimeError:  # grpcio: "Failed to bind to address ..."
@@ -81,6 +92,39 @@ def server(url: str, host: str, port: int, threads: int):
         api_pb2_grpc.add_StorageServiceServicer_to_server(OptunaStorageProxyService(storage), srv)
     srv.start()
     return srv
+
+
+def explaining(url: str):
+    """A gRPC server interceptor: a storage call that fails in the proxy's database answers the worker with
+    the database's own words, classified (study.storage.explain), instead of gRPC's "Exception calling
+    application" with Optuna's wrapper message (and a traceback in the proxy's log): the worker then says
+    what the database refused, not that it lost the connection."""
+    import grpc
+    import sqlalchemy.exc
+
+    class Explaining(grpc.ServerInterceptor):
+        def intercept_service(self, continuation, details):
+            handler = continuation(details)
+            if handler is None or handler.unary_unary is None:
+                return handler
+            inner = handler.unary_unary
+
+            def behaviour(request, context):
+                try:
+                    return inner(request, context)
+                except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+                    lost = lost_connection(e)
+                    said = None if lost else explain(e, url)
+                    code = grpc.StatusCode.UNAVAILABLE if lost else grpc.StatusCode.INTERNAL
+                    context.abort(code, f"{PROXY_SAYS}{said or first_line(e)}")
+
+            return grpc.unary_unary_rpc_method_handler(
+                behaviour,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+
+    return Explaining()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,9 +10,11 @@ import contextlib
 import itertools
 import os
 import random
+import re
+import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
@@ -29,10 +31,14 @@ class StudyError(UserError):
 
 
 def sqlite_path(url: str) -> Path | None:
-    """The file of a sqlite:/// URL (None for other URLs and in-memory databases)."""
+    """The file of a sqlite:/// URL as SQLAlchemy reads it: without its ?query, percent-escapes decoded
+    (None for other URLs and in-memory databases)."""
     if not url.startswith("sqlite:///"):
         return None
-    path = url.removeprefix("sqlite:///")
+    try:
+        path = sqlalchemy.engine.make_url(url).database or ""
+    except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot read: the opener says so
+        path = url.removeprefix("sqlite:///")
     return None if path in ("", ":memory:") else Path(path)
 
 
@@ -45,6 +51,8 @@ def open_storage(
     if grpc_address(url) is not None:
         return open_proxy(url)
     path = sqlite_path(url)
+    if path is not None and path.is_dir():
+        raise StudyError(not_a_file(path))
     if must_exist and path is not None and not path.is_file():
         raise StudyError(f"no storage file {path}; check the --storage URL")
     if path is not None and not path.parent.is_dir():
@@ -55,7 +63,7 @@ def open_storage(
         raise StudyError(f"storage file {path} is read-only; make it writable to add to the study")
     if must_exist and (missing := not_optuna(url)):
         raise StudyError(f"{redact(url)!r} is not an Optuna storage ({missing}); check the --storage URL")
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else server_engine_kwargs(url)
+    engine_kwargs = sqlite_engine_kwargs(url) if url.startswith("sqlite") else server_engine_kwargs(url)
     for races in itertools.count():
         try:
             with warnings.catch_warnings():  # heartbeats: documented fault tolerance, still tagged experimental
@@ -73,10 +81,13 @@ def open_storage(
             raise
         except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors of every kind become one line
             # Workers or commands started at once on an empty database race to create Optuna's tables;
-            # the loser sees "already exists" (PostgreSQL: an integrity or programming error; SQLite: an
-            # operational error) and simply opens what the winner made.
-            racing = isinstance(e, (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)) or (
-                isinstance(e, sqlalchemy.exc.OperationalError) and "already exists" in str(e)
+            # the loser sees "already exists" or a unique violation (PostgreSQL: in its catalog, or a duplicate
+            # table; SQLite: an operational error, or Optuna's version row twice) and simply opens what the
+            # winner made. Any other refusal (a permission, a full disk) is no race: it is said at once.
+            racing = (
+                isinstance(database_error(e), sqlalchemy.exc.IntegrityError)
+                or sqlstate(driver_error(e)) in ("23505", "42P07")
+                or "already exists" in str(driver_error(e))
             )
             if racing and races < 4:
                 pause(0.5 + random.random())
@@ -85,6 +96,8 @@ def open_storage(
                 raise StudyError(
                     f"storage file {path} is damaged ({damage}); move it aside to start afresh, or restore a copy"
                 ) from None
+            if (why := explain(e, url)) is not None:
+                raise StudyError(f"cannot open storage {redact(url)!r}: {why}") from None
             scheme = url.split("://", 1)[0].split("+")[0] if "://" in url else ""
             hint = "" if scheme in ("sqlite", "postgresql", "mysql", "mariadb") else f"; expected {STORAGE_FORMS}"
             raise StudyError(f"cannot open storage {redact(url)!r}: {first_line(e)}{hint}") from None
@@ -99,18 +112,13 @@ def server_full(e: BaseException) -> BaseException | None:
     database server refused a connection because a connection limit is reached: PostgreSQL's SQLSTATE
     53300 (max_connections, or a role's or database's CONNECTION LIMIT) or MySQL's 1040. None for other
     errors. It passes as other clients disconnect."""
-    seen: set[int] = set()
-    cause: BaseException | None = e
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        orig = driver_error(cause)
-        code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)  # psycopg 3, psycopg2
+    for cause in causes(e):
+        orig = getattr(cause, "orig", None) or cause
         text = str(orig).lower()
-        if code == "53300" or any(
+        if sqlstate(orig) == "53300" or any(
             m in text for m in ("too many clients", "connection slots are reserved", "too many connections")
         ):
             return cause
-        cause = cause.__cause__ or cause.__context__
     return None
 
 
@@ -217,10 +225,36 @@ PG_CONNECT = {
 
 
 def server_engine_kwargs(url: str) -> dict:
+    """The engine's arguments for a database server. SQLAlchemy lets connect_args replace what the URL's
+    query says, so a setting the URL gives wins here instead of being dropped: its libpq `options` (a
+    search_path, a longer statement_timeout) come after ours, which PostgreSQL applies last; its
+    connect_timeout and keepalives replace ours."""
     kwargs: dict = {"pool_pre_ping": True}
     if url.startswith("postgresql"):
-        kwargs["connect_args"] = dict(PG_CONNECT)
+        query = url_query(url)
+        connect = {k: v for k, v in PG_CONNECT.items() if k not in query}
+        if "options" in query:
+            connect["options"] = " ".join([PG_CONNECT["options"], *query["options"]])
+        kwargs["connect_args"] = connect
     return kwargs
+
+
+SQLITE_TIMEOUT = 60  # seconds a SQLite connection waits for another process's lock (?timeout=S in the URL)
+
+
+def sqlite_engine_kwargs(url: str) -> dict:
+    """A SQLite connection waits SQLITE_TIMEOUT s for a lock, or what the URL's ?timeout= says."""
+    return {} if "timeout" in url_query(url) else {"connect_args": {"timeout": SQLITE_TIMEOUT}}
+
+
+def url_query(url: str) -> dict[str, tuple[str, ...]]:
+    """The query parameters of a database URL, each as a tuple of its values ({} for a URL SQLAlchemy
+    cannot read: the opener says so in one line)."""
+    try:
+        query = sqlalchemy.engine.make_url(url).query
+    except Exception:  # noqa: BLE001 - a malformed URL
+        return {}
+    return {k: (v,) if isinstance(v, str) else tuple(v) for k, v in query.items()}
 
 
 def immediate_transactions(storage: optuna.storages.RDBStorage) -> optuna.storages.RDBStorage:
@@ -264,6 +298,8 @@ def not_optuna(url: str) -> str | None:
     """Why the database at `url` holds no Optuna study schema (None when it does), read without writing."""
     path = sqlite_path(url)
     if path is not None:
+        if path.is_dir():
+            return "a folder"
         if path.stat().st_size == 0:
             return "an empty file"
         if sqlite_damage(path):
@@ -303,14 +339,262 @@ def sqlite_damage(path: Path) -> str | None:
         return str(e)
 
 
+def causes(e: BaseException) -> Iterator[BaseException]:
+    """`e` and the exceptions it was raised from or while handling (Optuna raises its StorageInternalError
+    from SQLAlchemy's error, which wraps the driver's), each once."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        yield cause
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
+
+
+def database_error(e: BaseException) -> sqlalchemy.exc.DBAPIError | None:
+    """SQLAlchemy's wrapper of the driver's error in `e`'s chain, if any (it holds the statement)."""
+    return next((c for c in causes(e) if isinstance(c, sqlalchemy.exc.DBAPIError)), None)
+
+
 def driver_error(e: BaseException) -> BaseException:
-    """The database driver's own error under SQLAlchemy's wrapper (`e` itself when there is none)."""
-    return getattr(e, "orig", None) or e
+    """The database driver's own error in `e`'s chain (`e` itself when there is none)."""
+    db = database_error(e)
+    return db.orig if db is not None and db.orig is not None else getattr(e, "orig", None) or e
 
 
 def first_line(e: BaseException) -> str:
+    if (rpc := rpc_error(e)) is not None:  # a gRPC error's str() is a multi-line dump; its details are the words
+        lines = redact(rpc[0]).strip().splitlines()
+        return lines[0].strip() if lines else f"gRPC status {rpc[1]}"
     lines = redact(str(driver_error(e))).strip().splitlines()  # a driver may quote its connection string
-    return lines[0] if lines else type(e).__name__
+    return lines[0].strip() if lines else type(driver_error(e)).__name__
+
+
+PROXY_SAYS = "at the storage proxy: "  # how study.serve starts what it answers about its database's trouble
+
+
+def rpc_error(e: BaseException) -> tuple[str, str] | None:
+    """(details, status code's name) of a gRPC error in `e`'s chain; None when there is none."""
+    for cause in causes(e):
+        details, code = getattr(cause, "details", None), getattr(cause, "code", None)
+        if callable(details) and callable(code):
+            try:
+                said, status = details(), code()
+            except Exception:  # noqa: BLE001 - not a gRPC error after all
+                continue
+            if isinstance(said, str):
+                return said, getattr(status, "name", str(status))
+    return None
+
+
+def proxy_answer(e: BaseException) -> tuple[str, bool] | None:
+    """What the gRPC storage proxy (study.serve) answered about its database's trouble, from a worker's
+    gRPC error in `e`'s chain, and whether its database refused a statement (gRPC's INTERNAL; UNAVAILABLE:
+    it lost its connection); None for other errors."""
+    rpc = rpc_error(e)
+    if rpc is None or not rpc[0].startswith(PROXY_SAYS):
+        return None
+    return redact(rpc[0].strip().splitlines()[0]), rpc[1] == "INTERNAL"
+
+
+def sqlstate(orig: BaseException) -> str | None:
+    """A PostgreSQL error's SQLSTATE (psycopg 3, psycopg2)."""
+    return getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+
+
+def not_a_file(path: Path) -> str:
+    return f"{path} is a folder, not a database file: give a database file in the --storage URL, or move it aside"
+
+
+# SQLite's primary result codes (sqlite3.Error.sqlite_errorcode & 0xFF)
+SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN = 5, 6, 8, 10, 13, 14
+SQLITE_TOOBIG, SQLITE_CONSTRAINT, SQLITE_MISMATCH = 18, 19, 20
+NOT_AGAIN = "running the same command again cannot help"
+AGAIN = "then run the same command again to continue"
+PRIVILEGES = "SELECT, INSERT, UPDATE and DELETE on Optuna's tables and USAGE on their sequences"
+
+
+def statement_of(db: sqlalchemy.exc.DBAPIError | None) -> str:
+    """What a failed statement did, in a few words: "an INSERT into studies", "a SELECT from trials"."""
+    sql = " ".join((getattr(db, "statement", None) or "").split())
+    if not sql:
+        return "a statement"
+    verb = sql.split(" ", 1)[0].upper()
+    article = "an" if verb[:1] in "AEIOU" else "a"
+    table = re.search(r"\b(INTO|FROM|UPDATE|TABLE(?: IF NOT EXISTS)?)\s+\"?([A-Za-z_][\w.]*)", sql, re.IGNORECASE)
+    if table is None:
+        return f"{article} {verb}"
+    word = {"INTO": "into", "FROM": "from"}.get(table[1].upper(), "of")
+    return f"{article} {verb} {word} {table[2]}"
+
+
+def role_of(url: str) -> str:
+    try:
+        user = sqlalchemy.engine.make_url(url).username
+    except Exception:  # noqa: BLE001
+        user = None
+    return f"role {user!r}" if user else "this command's role"
+
+
+def folder_refuses(folder: Path) -> str | None:
+    """Why a new file cannot be created in `folder` (None when one can): SQLite creates its journal
+    beside the database for every write."""
+    probe = folder / f".mnist-bench-write-test-{os.getpid()}"
+    try:
+        probe.touch(exist_ok=False)
+    except FileExistsError:
+        return None
+    except OSError as e:
+        return e.strerror or str(e)
+    probe.unlink(missing_ok=True)
+    return None
+
+
+def explain(e: BaseException, url: str) -> str | None:
+    """One line for a storage error that a lost connection does not explain: the database's own words
+    (under Optuna's and SQLAlchemy's wrappers), what it refused, and what to change; None for a lost
+    connection and for errors it does not know. A rejected statement (a permission, invalid data) is
+    repeated by running again; a full disk, a read-only file and a timeout pass once their cause does.
+    Through the gRPC proxy: what the proxy said of its database's refusal (study.serve explains it there)."""
+    if (answer := proxy_answer(e)) is not None:
+        return answer[0] if answer[1] else None
+    db = database_error(e)
+    if db is None:
+        return None  # not the database's own error (the caller's, or the driver's before it reached one)
+    orig = driver_error(e)
+    code = sqlstate(orig) or ""
+    lite = getattr(orig, "sqlite_errorcode", None)
+    lite = lite & 0xFF if isinstance(lite, int) else None
+    low = str(orig).lower()
+    said = first_line(e)
+    what = statement_of(db)
+    path = sqlite_path(url)
+    if lite == SQLITE_FULL or "database or disk is full" in low or code == "53100" or "no space left" in low:
+        if path is None:
+            return f"the database server's disk is full ({said}): free space on the server, {AGAIN}"
+        free = free_bytes(path.parent)
+        if free is not None and free > 16 * 2**20:  # SQLite's size limit (max_page_count) or a quota
+            return (
+                f"SQLite refused to grow {path} ({said}) although its disk has {free / 2**20:,.0f} MB free: a size "
+                f"limit or a disk quota is reached; lift it or move the storage, {AGAIN}"
+            )
+        return f"the disk holding {path} is full ({said}); free space there or move the storage, {AGAIN}"
+    if path is not None and (lite == SQLITE_READONLY or lite == SQLITE_CANTOPEN or "readonly database" in low):
+        if path.is_dir():
+            return not_a_file(path)
+        if path.is_file() and (why := folder_refuses(path.parent)) is not None:
+            return (
+                f"SQLite cannot create its journal beside {path}: the folder {path.parent} refuses new files "
+                f"({why}; {said}); make the folder writable, {AGAIN}"
+            )
+        if (path.is_file() and not os.access(path, os.W_OK)) or lite == SQLITE_READONLY:
+            return f"storage file {path} is read-only ({said}); make it and its folder writable, {AGAIN}"
+        return None
+    if path is not None and lite == SQLITE_IOERR:
+        return (
+            f"SQLite could not read or write {path} ({said}): the disk or its file system failed, or the file was "
+            f"replaced while open; check the disk, {AGAIN}"
+        )
+    if code == "25006":
+        return (
+            f"the database accepts only reads ({said}): a standby server, or default_transaction_read_only "
+            f"is on; point --storage at a writable primary, {AGAIN}"
+        )
+    if code == "42501" or "permission denied" in low or "command denied" in low:
+        verb = what.split(" ")[1:2]
+        if verb == ["CREATE"]:
+            grant = "CREATE on the schema, or let a role that has it create Optuna's tables once"
+        elif verb == ["SELECT"]:
+            grant = "SELECT on Optuna's tables (a command that runs the study needs " + PRIVILEGES + ")"
+        elif verb in (["INSERT"], ["UPDATE"], ["DELETE"]):
+            grant = PRIVILEGES
+        else:
+            grant = "the privilege that statement needs"
+        return (
+            f"the database refused {role_of(url)} {what} ({said}): grant it {grant}, or name a role that has "
+            f"them in --storage; {NOT_AGAIN}"
+        )
+    if code == "22001" or "data too long" in low or lite == SQLITE_TOOBIG:
+        return (
+            f"the database rejected {what} ({said}): a name or value is longer than Optuna's column holds "
+            f"(512 characters for a study name); shorten it (--study-name); {NOT_AGAIN}"
+        )
+    if code[:2] in ("22", "23") or lite in (SQLITE_CONSTRAINT, SQLITE_MISMATCH):
+        return f"the database rejected the data of {what} ({said}); {NOT_AGAIN}"
+    if code == "57014" and "statement timeout" in low:
+        return (
+            f"{what} ran past the server's statement_timeout ({said}; {pg_setting('statement_timeout', url)}): "
+            "the server is overloaded, or another client holds Optuna's tables; raise it with "
+            f"?options=-c%20statement_timeout%3D<ms> in the --storage URL, or wait, {AGAIN}"
+        )
+    if code == "55P03" or "lock wait timeout" in low:
+        return (
+            f"{what} waited past the server's lock_timeout for a lock on Optuna's tables ({said}; "
+            f"{pg_setting('lock_timeout', url)}): another client holds it (an idle transaction?); end that, or "
+            f"raise it with ?options=-c%20lock_timeout%3D<ms> in the --storage URL, {AGAIN}"
+        )
+    if code == "40P01" or "deadlock" in low:
+        return f"the database broke a deadlock by cancelling {what} ({said}); {AGAIN}"
+    if code == "57014":
+        return f"someone cancelled {what} on the database server ({said}); {AGAIN}"
+    if lite in (SQLITE_BUSY, SQLITE_LOCKED) or "database is locked" in low:
+        wait = url_query(url).get("timeout", (str(SQLITE_TIMEOUT),))[0]
+        return (
+            f"another process held the SQLite file {path}'s lock for longer than its busy timeout ({wait} s; {said}): "
+            "a SQLite file serves a few workers, PostgreSQL many (README: Scaling out); raise it with ?timeout=S in "
+            f"the --storage URL, or end the process that holds it, {AGAIN}"
+        )
+    if code == "3F000" or "no schema has been selected" in low:
+        return (
+            f"no schema on the session's search_path exists to hold Optuna's tables ({said}): create the schema, "
+            f"or name one that exists with ?options=-csearch_path%3DSCHEMA in the --storage URL; {NOT_AGAIN}"
+        )
+    if path is not None and "no such table" in low:
+        return f"Optuna's tables are not in {path} ({said}): the file was replaced or emptied meanwhile; {NOT_AGAIN}"
+    if code == "42P01":
+        return (
+            f"Optuna's tables are not where the session looks for them ({said}): dropped meanwhile, or the "
+            f"--storage URL's search_path names another schema; {NOT_AGAIN}"
+        )
+    return None
+
+
+def pg_setting(name: str, url: str) -> str:
+    """Who sets a PostgreSQL timeout for this command's sessions, and to what: "this command sets 120 s", or
+    "the --storage URL sets 5000" (the URL's options come after ours, so they win)."""
+    for options, who in (
+        (" ".join(url_query(url).get("options", ())), "the --storage URL"),
+        (PG_CONNECT["options"], ""),
+    ):
+        if found := re.findall(rf"{name}\s*=\s*(\S+)", options):
+            value = found[-1]
+            return f"{who} sets {value}" if who else f"this command sets {int(value) / 1000:g} s"
+    return "the server's default"
+
+
+def free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def lost_connection(e: BaseException) -> bool:
+    """Whether `e` says the connection to a database server broke (not a statement it refused)."""
+    db = database_error(e)
+    if db is None:
+        return isinstance(e, sqlalchemy.exc.DisconnectionError)
+    code = sqlstate(db.orig) or ""
+    return (
+        db.connection_invalidated
+        or code[:2] == "08"
+        or code in ("57P01", "57P02", "57P03")
+        # a server's driver failing outside any statement (SQLite has no connection to lose)
+        or (isinstance(db, sqlalchemy.exc.OperationalError) and not code and not from_sqlite(db))
+    )
+
+
+def from_sqlite(db: sqlalchemy.exc.DBAPIError) -> bool:
+    return type(db.orig).__module__.startswith("sqlite3")
 
 
 def storage_problem(url: str) -> str | None:
@@ -321,6 +605,9 @@ def storage_problem(url: str) -> str | None:
             return None
         except StudyError:
             return f"no answer from the gRPC storage proxy at {address[0]}:{address[1]}"
+    path = sqlite_path(url)
+    if path is not None and path.is_dir():
+        return f"{path} is a folder"
     connect_args = {"timeout": 5} if url.startswith("sqlite") else {"connect_timeout": 5}
     engine = None
     try:
@@ -347,14 +634,18 @@ def storage_errors() -> tuple[type[BaseException], ...]:
 
 
 def guarded(fn: Callable, url: str):
-    """Run `fn`; an error while the storage is unreachable or unreadable becomes one line.
-    Optuna does not always surface a lost connection as a database error, so ask the storage."""
+    """Run `fn`; a storage's trouble becomes one true line: the database's own words under Optuna's
+    wrapper, classified (explain: a refused statement, a full disk, a timeout), and "lost the
+    connection" only when the connection broke or the storage does not answer now. Optuna does not
+    always surface a lost connection as a database error, so ask the storage."""
     try:
         return fn()
     except (UserError, KeyboardInterrupt):
         raise
     except Exception as e:
         path = sqlite_path(url)
+        if path is not None and path.is_dir():
+            raise StudyError(not_a_file(path)) from None
         if path is not None and path.is_file() and (damage := sqlite_damage(path)):
             raise StudyError(
                 f"storage file {path} is damaged ({damage}); move it aside to start afresh, or restore a copy"
@@ -364,9 +655,20 @@ def guarded(fn: Callable, url: str):
                 f"the database server has no free connection slot ({first_line(refusal)}); {full_advice(refusal)}, "
                 "then run the same command again to continue"
             ) from None
-        problem = storage_problem(url)
+        if (why := explain(e, url)) is not None:
+            raise StudyError(why) from None
+        if path is not None and not path.exists() and isinstance(e, storage_errors()):
+            raise StudyError(
+                f"storage file {path} is gone (moved or deleted while the command ran); put it back, {AGAIN}"
+            ) from None
+        problem = None if lost_connection(e) else storage_problem(url)
         if problem is None and not isinstance(e, storage_errors()):
             raise  # a genuine bug: keep the traceback
+        if problem is None and not lost_connection(e) and database_error(e) is not None:
+            raise StudyError(
+                f"the database refused {statement_of(database_error(e))} ({first_line(e)}); this is not a lost "
+                f"connection: {NOT_AGAIN}"
+            ) from None
         raise StudyError(
             f"lost the connection to the storage ({problem or first_line(e)}); run the same command again to continue"
         ) from None

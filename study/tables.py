@@ -1,5 +1,5 @@
 """Tidy pandas tables built from the Optuna storage alone (so any worker, on any machine, can write
-them), and read back for the report with every cell checked against what its column may hold.
+them); study.results reads them back for the report.
 
 Every row carries its `dataset`, `experiment` (recipe, matched, tuned), `budget` (matched: the
 parameter budget) and `depth`:
@@ -13,24 +13,17 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 from pathlib import Path
 
 import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from mnist_bench.errors import UsageError, UserError
+from mnist_bench.errors import UserError
+from mnist_bench.files import os_error, write_files
 from mnist_bench.models import forward_flops, mlp, n_params, train_flops
-from mnist_bench.paths import DATASETS
 
-from .config import CHECKS as CHECK_NAMES
 from .config import (
-    EXPERIMENTS,
-    MAX_DEPTH,
-    SHAPES,
-    TRIAL_STATES,
-    VARIANTS,
     Cell,
     cell_widths,
     chooser,
@@ -38,9 +31,10 @@ from .config import (
     parse_study_name,
     study_name,
 )
-from .coord import FIXED, SURPLUS, best_trial, decode_curve, failed_trial
+from .coord import FIXED, SURPLUS, best_trial, decode_curve, failed_trial, foreign, refuse_foreign
 from .storage import StudyError
 
+CELL_COLUMNS = ["experiment", "budget", "shape", "variant", "depth"]  # what names a cell in every table
 ENV_COLUMNS = ("device", "device_name", "cpu", "gpu", "threads", "torch_version", "python_version", "command", "worker")
 # Optuna's states by the names of config.TRIAL_STATES ("failed" and "diverged" come from what a
 # completed trial holds, in trial_state).
@@ -118,6 +112,8 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
     duplicate seed written by an older protocol), so nothing is dropped silently."""
     tune = load(storage, study_name(name, cell))
     final = load(storage, study_name(name, cell, final=True))
+    refuse_foreign(tune, made=True)  # another program's study, or one adopted by an older version: one line
+    refuse_foreign(final)
     config = tune.user_attrs["config"]
     tuning = tune.get_trials(deepcopy=False)
     rule = config["experiment"].get("lr_rule", "mean")  # a grid's rule; studies stored before it: the mean
@@ -162,6 +158,7 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
                 "replicate": t.user_attrs.get("replicate"),
                 "tuning_seed": t.user_attrs.get("tuning_seed"),
                 "val_accuracy": t.value if t.state == TrialState.COMPLETE else (vals[-1] if vals else None),
+                "val_correct": curve[-1]["val_correct"] if curve else None,  # of the last epoch, as val_accuracy
                 "best_epoch_val_accuracy": max(vals) if vals else None,
                 "epochs_run": len(curve),
                 **_trial_cost(cell, t, config["experiment"]),
@@ -194,6 +191,8 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
             **fixed,
             "momentum": a.get("param_momentum", fixed["momentum"]),
             "test_accuracy": a["test_accuracy"],
+            "test_correct": a.get("test_correct"),  # exact; runs stored before counts: empty
+            "test_images": a.get("test_images"),
             "test_loss": a["test_loss"],
             "diverged": a["diverged"],
             "failed": failed_run(_number(a["test_accuracy"]), _number(a["test_loss"]), a["diverged"]),
@@ -298,7 +297,7 @@ def study_names(storage) -> dict[str, list[Cell]]:
     found: dict[str, list[Cell]] = {}
     for s in optuna.get_all_study_summaries(storage, include_best_trial=False):
         parsed = parse_study_name(s.study_name)
-        if parsed:
+        if parsed and foreign(s) is None:  # another program's study of such a name is not one of ours
             found.setdefault(parsed[0], []).append(parsed[1])
     return {
         k: sorted(
@@ -311,10 +310,11 @@ def study_names(storage) -> dict[str, list[Cell]]:
 def write_tables(storage, name: str, cells, out: Path) -> dict[str, pd.DataFrame]:
     """trials/epochs/final/superseded.csv and config.json (the study's fixed settings, each
     experiment's settings and budgets, and its cells)."""
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write to {out} ({os_error(e)})") from None
     tables = collect(storage, name, cells)
-    for key, df in tables.items():
-        df.to_csv(out / f"{key}.csv", index=False)
     experiments: dict[str, dict] = {}
     shared: dict = {}
     in_progress = []
@@ -345,7 +345,9 @@ def write_tables(storage, name: str, cells, out: Path) -> dict[str, pd.DataFrame
         "superseded_final_runs": len(tables["superseded"]),
         "in_progress": in_progress,
     }
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    files: dict[str, str] = {f"{key}.csv": df.to_csv(index=False) for key, df in tables.items()}
+    files["config.json"] = json.dumps(config, indent=2) + "\n"
+    write_files(out, files)  # all of them or none: never a new final.csv beside an old epochs.csv
     return tables
 
 
@@ -399,195 +401,3 @@ def summary(final: pd.DataFrame) -> str:
 
 
 # --- reading them back: the report's input, every cell checked ---------------------------------------
-
-REQUIRED = {  # the columns the report reads
-    "trials": ("experiment", "budget", "depth", "trial", "state", "retrained", "val_accuracy", "n_params"),
-    "epochs": (
-        "experiment",
-        "budget",
-        "shape",
-        "variant",
-        "depth",
-        "run",
-        "trial",
-        "seed",
-        "epoch",
-        "train_loss",
-        "val_loss",
-        "val_accuracy",
-        "test_accuracy",
-    ),
-    "final": (
-        "experiment",
-        "budget",
-        "shape",
-        "variant",
-        "depth",
-        "seed",
-        "test_accuracy",
-        "widths",
-        "n_params",
-        "train_flops",
-        "train_seconds",
-    ),
-}
-CELL_COLUMNS = ["experiment", "budget", "shape", "variant", "depth"]  # what names a cell in every table
-DTYPES = {"widths": "string", "command": "string", "budget": "Int64", "shape": "string", "variant": "string"}
-# What a column may hold (checked on read, so a damaged cell is one line, never a wrong number);
-# "!" marks a column that may not be empty.
-CHECKS = {
-    "trials": {
-        "experiment": "experiment!",
-        "shape": "shape!",
-        "variant": "variant",
-        "state": "state!",
-        "depth": "depth!",
-        "trial": "index!",
-        "val_accuracy": "fraction",
-        "best_epoch_val_accuracy": "fraction",
-        "n_params": "count",
-        "train_flops": "amount",
-        "epochs_run": "index",
-        "retrained": "flag!",
-    },
-    "epochs": {
-        "experiment": "experiment!",
-        "shape": "shape!",
-        "variant": "variant",
-        "depth": "depth!",
-        "epoch": "count!",
-        "seed": "count",
-        "trial": "index",
-        "val_accuracy": "fraction",
-        "test_accuracy": "fraction",
-        "train_loss": "number",
-        "train_seconds": "amount",
-    },
-    "final": {
-        "experiment": "experiment!",
-        "shape": "shape!",
-        "variant": "variant",
-        "depth": "depth!",
-        "seed": "count!",
-        "test_accuracy": "fraction",
-        "test_loss": "number",
-        "n_params": "count!",
-        "train_flops": "amount",
-        "train_seconds": "amount",
-        "diverged": "flag",
-    },
-    "throughput": {"samples_per_s": "positive!", "batch_size": "count!", "threads": "count!", "depth": "index!"},
-}
-NAMES = {  # columns that hold one of a few names
-    "experiment": ("one of " + ", ".join(EXPERIMENTS), set(EXPERIMENTS)),
-    "state": ("a trial state (" + ", ".join(TRIAL_STATES) + ")", set(TRIAL_STATES)),
-    "shape": ("one of " + ", ".join(SHAPES), set(SHAPES)),
-    "variant": ("empty or one of " + ", ".join([*VARIANTS, *CHECK_NAMES]), {"", *VARIANTS, *CHECK_NAMES}),
-}
-KINDS = {
-    "depth": (f"a depth in 1..{MAX_DEPTH}", lambda x: x.between(1, MAX_DEPTH) & (x % 1 == 0)),
-    "fraction": ("an accuracy in [0, 1]", lambda x: x.between(0, 1)),
-    "count": ("a whole number of at least 1", lambda x: (x >= 1) & (x % 1 == 0)),
-    "index": ("a whole number of at least 0", lambda x: (x >= 0) & (x % 1 == 0)),
-    "amount": ("a number of at least 0", lambda x: x >= 0),
-    "positive": ("a number above 0", lambda x: x > 0),
-    "number": ("a number", lambda x: x == x),  # nan/inf are values here (a diverged loss)
-}
-FLAGS = {"True": True, "False": False, "true": True, "false": False, "1": True, "0": False, True: True, False: False}
-
-
-def validate(df: pd.DataFrame, path: Path, checks: dict[str, str]) -> pd.DataFrame:
-    """Columns as numbers of the kind `checks` says, or one line naming the file, row and column."""
-
-    def refuse(col: str, i, what: str) -> None:
-        row = df.index.get_loc(i) + 2  # line 1 is the header
-        value = df[col][i]
-        shown = "an empty cell" if pd.isna(value) else repr(value.item() if hasattr(value, "item") else value)
-        raise UserError(f"{path} row {row}, column {col!r}: {shown} is not {what}")
-
-    for col, kind in checks.items():
-        if col not in df:
-            continue
-        required, kind = kind.endswith("!"), kind.rstrip("!")
-        raw = df[col]
-        if required and raw.isna().any():
-            refuse(col, raw.isna().idxmax(), "allowed to be empty")
-        if kind in NAMES:
-            what, allowed = NAMES[kind]
-            bad = raw.notna() & ~raw.isin(allowed)
-            if bad.any():
-                refuse(col, bad.idxmax(), what)
-            continue
-        if kind == "flag":
-            bad = raw.notna() & ~raw.map(lambda v: isinstance(v, (bool, str)) and v in FLAGS)
-            if bad.any():
-                refuse(col, bad.idxmax(), "True or False")
-            df[col] = raw.map(lambda v: FLAGS.get(v, v) if isinstance(v, (bool, str)) else v)
-            continue
-        num = pd.to_numeric(raw, errors="coerce")
-        what, ok = KINDS[kind]
-        bad = (raw.notna() & num.isna() & (raw.astype(str).str.lower() != "nan")) | (num.notna() & ~ok(num))
-        if kind != "number":
-            bad |= num.isin([math.inf, -math.inf])
-        if bad.any():
-            refuse(col, bad.idxmax(), what)
-        df[col] = num
-    return df
-
-
-def read_table(path: Path, required: tuple[str, ...] = (), checks: dict[str, str] | None = None) -> pd.DataFrame:
-    """A CSV written by study.tables (or throughput), or one line saying what is wrong with it."""
-    try:
-        head = pd.read_csv(path, nrows=0).columns
-        df = pd.read_csv(path, dtype={k: v for k, v in DTYPES.items() if k in head})
-    except pd.errors.EmptyDataError:
-        raise UserError(
-            f"{path} is empty (0 bytes): regenerate it with python -m study.depth, or "
-            "python -m study.report --storage URL"
-        ) from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, TypeError) as e:
-        raise UserError(
-            f"{path} is not a readable table ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-        ) from None
-    if "experiment" in df:  # tables from before shapes and variants: every cell a funnel, as declared
-        df["shape"] = df["shape"] if "shape" in df else "funnel"
-        df["variant"] = df["variant"].fillna("") if "variant" in df else ""
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise UserError(
-            f"{path} has no column {missing[0]!r}: not a table written by study.depth (or written by "
-            "an older version; regenerate with python -m study.report --storage URL --out DIR)"
-        )
-    df = validate(df, path, checks or {})
-    if path.name == "final.csv" and {*CELL_COLUMNS, "seed"} <= set(df.columns):
-        twice = df.duplicated([*CELL_COLUMNS, "seed"], keep="first")
-        if twice.any():
-            row = df.index.get_loc(twice.idxmax()) + 2
-            raise UserError(f"{path} row {row}: a second run of the same cell and seed (one run per seed is counted)")
-    return df
-
-
-def read_optional(path: Path, checks: dict[str, str] | None = None) -> pd.DataFrame | None:
-    return read_table(path, checks=checks) if path.is_file() else None
-
-
-def load_results(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
-    """(trials, epochs, final, config) of a results folder, or one line saying what is wrong."""
-    missing = [f for f in ("trials.csv", "epochs.csv", "final.csv") if not (results / f).is_file()]
-    if missing:
-        raise UsageError(f"{results} has no {missing[0]}: run python -m study.depth first, or pass --storage")
-    trials, epochs, final = (
-        read_table(results / f"{k}.csv", REQUIRED[k], CHECKS[k]) for k in ("trials", "epochs", "final")
-    )
-    if final.empty:
-        raise UserError(f"{results / 'final.csv'} has no rows: the study has no retrained runs yet (still tuning?)")
-    config_path = results / "config.json"
-    try:
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{config_path} is not valid JSON ({e})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("experiments", {}), dict):
-        raise UserError(f"{config_path} is not a study's config.json (an object with 'experiments')")
-    if config.get("dataset", "mnist") not in DATASETS:
-        raise UserError(f"{config_path}: unknown dataset {config.get('dataset')!r} (known: {', '.join(DATASETS)})")
-    return trials, epochs, final, config

@@ -83,6 +83,8 @@ def test_statistics_figures_and_document_each_have_their_module():
     }  # the rerun comparison; the document places it
     assert "design" not in study["analysis"] and "report" not in study["design"] | study["sections"]
     assert study["serve"] <= {"config", "storage"}  # the proxy knows storages, not studies or claims
+    assert study["tables"] <= {"config", "coord", "storage"}  # tables from the storage: no statistics
+    assert study["results"] <= {"config", "tables"}  # a results folder read back and checked: no statistics
 
 
 def locked() -> dict[str, str]:

@@ -566,6 +566,11 @@ def test_each_experiment_end_to_end_and_resumed(experiment: str, tmp_path: Path)
         pd.read_csv(tmp_path / f"{k}.csv", keep_default_na=False) for k in ("trials", "epochs", "final")
     )
     assert set(final.experiment) == {experiment}
+    # Accuracy as counts: each run's correct test images over the 10,000, exactly its accuracy; validation too.
+    assert (final.test_images == 10_000).all() and (final.test_correct / final.test_images == final.test_accuracy).all()
+    if not trials.empty:
+        done = trials[trials.state == "complete"]
+        assert (done.val_correct / 2_000 == done.val_accuracy).all()  # smoke: a 2,000-image hold-out
     cells = final.groupby(CELL, dropna=False)
     assert all(sorted(g.seed) == [1, 2] and g.source_trial.nunique() == 1 for _, g in cells)  # smoke: 2 per check
     base = final[final.variant == ""]
