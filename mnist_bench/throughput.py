@@ -43,8 +43,9 @@ from .data import FILES, MNIST, RAW_FOLDERS, find_file, load_mnist, read_verifie
 from .env import environment
 from .errors import UsageError, UserError
 from .interrupt import Interrupted
-from .models import funnel_widths, mlp, train_flops
+from .models import mlp, train_flops
 from .paths import default_data_dir
+from .sizes import funnel_widths
 from .train import Pack, TrainConfig, sync
 
 DEPTHS = (1, 3, 4, 5)  # softmax and the funnel cut to depth

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mnist_bench.errors import UsageError
+from mnist_bench.sizes import widths_for_budget
 
 MAX_DEPTH = 8
 EXPERIMENTS = ("recipe", "matched", "tuned")
@@ -387,8 +388,6 @@ def cell_widths(cell: Cell, params: dict, settings: dict) -> tuple[int, ...]:
     if cell.experiment == "recipe":
         return tuple(settings["funnel"][: cell.depth - 1])
     if cell.experiment == "matched":
-        from mnist_bench.models import widths_for_budget  # noqa: PLC0415 - keeps this module free of PyTorch
-
         return widths_for_budget(cell.depth, cell.budget or 0, settings["min_width"], cell.shape)
     return widths_of(cell.depth, params, space_from_dict(settings["space"]))
 

@@ -37,16 +37,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_bench.train import EpochMetrics
-
 from .config import FINAL_SUFFIX, failed_run, grid_scores, parse_study_name
 from .storage import StudyError
+
+if TYPE_CHECKING:  # the tables and the report read stored curves without loading PyTorch
+    from mnist_bench.train import EpochMetrics
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 LIVE = (TrialState.RUNNING, *FINISHED)  # WAITING is not live: see the module docstring

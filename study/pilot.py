@@ -29,7 +29,8 @@ def _run(job: tuple[str, int, int]) -> tuple[int, int, float]:
     import torch
 
     from mnist_bench.data import load_mnist
-    from mnist_bench.models import mlp, widths_for_budget
+    from mnist_bench.models import mlp
+    from mnist_bench.sizes import widths_for_budget
     from mnist_bench.train import TrainConfig, train
 
     dataset, depth, seed = job

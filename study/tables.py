@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from mnist_bench.errors import UserError
 from mnist_bench.files import os_error, write_files
-from mnist_bench.models import forward_flops, mlp, n_params, train_flops
+from mnist_bench.sizes import count_params, forward_flops, train_flops
 
 from .config import (
     Cell,
@@ -56,12 +56,12 @@ def trial_state(t: optuna.trial.FrozenTrial) -> str:
 
 
 def _cost(widths, samples: int | None) -> dict:
-    model = mlp([int(w) for w in widths])
-    per_sample = train_flops(model)
+    hidden = [int(w) for w in widths]
+    per_sample = train_flops(hidden)
     return {
-        "widths": "-".join(str(int(w)) for w in widths),
-        "n_params": n_params(model),
-        "forward_flops": forward_flops(model),
+        "widths": "-".join(str(w) for w in hidden),
+        "n_params": count_params(hidden),
+        "forward_flops": forward_flops(hidden),
         "train_flops_per_sample": per_sample,
         "samples_seen": samples,
         "train_flops": per_sample * samples if samples is not None else None,

@@ -176,3 +176,14 @@ def test_the_readme_is_read_in_a_minute_and_links_what_it_moved_out():
     assert not re.search(r"\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}\b", text)
     for target in re.findall(r"\]\(([^)#]+)", text):  # every relative link points at a file here
         assert target.startswith("http") or (ROOT / target).exists(), target
+
+
+def test_the_report_and_the_tables_never_load_pytorch():
+    """Reading and rendering results needs no tensors: without PyTorch a report command starts in about 1.5 s,
+    not 5 (every CLI test of the report pays it)."""
+    import subprocess
+    import sys
+
+    code = "import sys, study.report, study.results, study.tables, study.coord; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr

@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mnist_bench.models import depth, forward_flops, funnel_widths, mlp, n_params, train_flops
+from mnist_bench.models import depth, forward_flops, mlp, n_params, train_flops
+from mnist_bench.sizes import funnel_widths
 
 CASES = [(), (256,), (256, 128), (256, 128, 64), (256, 128, 64, 32), (32, 16, 16, 8, 8)]
 
@@ -43,7 +44,7 @@ def test_funnel_and_bad_widths():
 @pytest.mark.parametrize("budget", [60_000, 242_762, 1_000_000, 20_000, 3_000_000])
 @pytest.mark.parametrize("depth", [2, 3, 4, 5, 6])
 def test_matched_budget_widths_are_a_halving_funnel_within_two_percent(depth, budget):
-    from mnist_bench.models import count_params, funnel_for_budget
+    from mnist_bench.sizes import count_params, funnel_for_budget
 
     widths = funnel_for_budget(depth, budget)
     assert len(widths) == depth - 1 and min(widths) >= 8
@@ -54,7 +55,7 @@ def test_matched_budget_widths_are_a_halving_funnel_within_two_percent(depth, bu
 
 
 def test_the_source_network_is_its_own_matched_funnel():
-    from mnist_bench.models import funnel_for_budget
+    from mnist_bench.sizes import funnel_for_budget
 
     assert funnel_for_budget(4, 242_762) == (256, 128, 64) and funnel_for_budget(1, 242_762) == ()
 
@@ -62,7 +63,7 @@ def test_the_source_network_is_its_own_matched_funnel():
 @pytest.mark.parametrize("depth", [2, 3, 4, 5, 6])
 @pytest.mark.parametrize("budget", [60_000, 242_762, 1_000_000])
 def test_constant_width_shape_is_equally_wide_within_two_percent_and_never_under_16(depth, budget):
-    from mnist_bench.models import count_params, widths_for_budget
+    from mnist_bench.sizes import count_params, widths_for_budget
 
     constant = widths_for_budget(depth, budget, 16, "constant")
     funnel = widths_for_budget(depth, budget, 16, "funnel")
@@ -75,7 +76,7 @@ def test_constant_width_shape_is_equally_wide_within_two_percent_and_never_under
 
 def test_an_unknown_shape_is_a_usage_error():
     from mnist_bench.errors import UsageError
-    from mnist_bench.models import widths_for_budget
+    from mnist_bench.sizes import widths_for_budget
 
     with pytest.raises(UsageError, match="shape"):
         widths_for_budget(3, 60_000, 16, "pyramid")
