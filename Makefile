@@ -20,8 +20,11 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 study: $(VENV)/.installed  ## set up, then the quick study (the recipe with and without momentum, depths 1 and 3-5, 2 epochs) + report into results/quick
 	$(PY) -m study.depth --preset quick --out results/quick
 
-test: lint  ## set up, lint, then run the whole test suite (benchmarks once, untimed)
-	$(PY) -m pytest
+# One test process per core (pytest-xdist; each process has its own PostgreSQL databases and temporary
+# folders); a free worker takes queued tests from a busy one, so the long end-to-end tests never wait in line.
+PYTEST_WORKERS ?= auto
+test: lint  ## set up, lint, then run the whole test suite in parallel (benchmarks once, untimed)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal
 
 SOAK_RUNS ?= 5
 SOAK_OUT ?= results/soak.csv
