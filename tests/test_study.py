@@ -735,9 +735,10 @@ def _post_mortem(proc: subprocess.Popen, workers: list[int]) -> str:
     return "\n".join([*lines, b"".join(chunks).decode(errors="replace")[-20000:]])
 
 
-def _workers_started(tmp_path: Path):
+def _workers_started(tmp_path: Path, subset: str = "20000", *extra: str):
     out = tmp_path / "out"
-    args = [*TINY, "--depths", "2", "--n-trials", "20", "--train-subset", "20000", "--workers", "2", "--out", str(out)]
+    args = [*TINY, "--depths", "2", "--n-trials", "20", "--train-subset", subset, "--workers", "2", "--out", str(out)]
+    args += extra
     proc = subprocess.Popen(
         [sys.executable, "-m", "study.depth", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -875,7 +876,8 @@ def test_a_stop_signal_arriving_while_the_stop_flag_is_being_set_or_waited_on_ne
 
 
 def test_a_killed_worker_is_one_line_naming_it(tmp_path: Path):
-    proc, workers, out = _workers_started(tmp_path)
+    # Shorter trials and heartbeat (the dead run is failed after 3 s, not 30): the survivor's share is the cost.
+    proc, workers, out = _workers_started(tmp_path, "8000", "--heartbeat", "1")
     os.kill(workers[1], signal.SIGKILL)
     _, err = proc.communicate(timeout=600)  # the other worker finishes the budget, redoing the dead run
     assert proc.returncode == 1 and "Traceback" not in err
