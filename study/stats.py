@@ -195,6 +195,52 @@ def crossed(table: np.ndarray) -> Crossed:
     return Crossed(float(grand), float(var), float(df), var_seeds, n, m)
 
 
+@dataclass(frozen=True)
+class Chosen:
+    """A contrast with each depth at its own best rate, the choice made on validation: the mean test difference
+    at the chosen rates, and the variance of that whole procedure. The seeds' part (with the choice) comes from
+    a bootstrap over seeds that makes the choice again in every resample; the test images' part from the
+    crossed decomposition at the chosen rates (the choice reads no test image, so the two add)."""
+
+    mean: float
+    var: float
+    df: float
+    choices: tuple[int, int]  # the rate index each depth chose
+    moved: float  # the share of resamples in which either depth chose another rate
+
+    def interval(self, level: float) -> tuple[float, float]:
+        half = float(stats.t.ppf(1 - level / 2, self.df)) * math.sqrt(self.var)
+        return (self.mean - half, self.mean + half)
+
+    def equivalence_bound(self, level: float) -> float:
+        low, high = self.interval(2 * level)
+        return max(abs(low), abs(high))
+
+
+def chosen(
+    val_a: np.ndarray, val_b: np.ndarray, test_a: np.ndarray, test_b: np.ndarray, resamples: int = 2000, seed: int = 0
+) -> Chosen:
+    """`val_x` (rates, seeds): validation accuracy of depth x at each rate of the band, seed by seed; `test_x`
+    (rates, seeds, images): its correctness on each test image (0/1). The same seeds at every rate and depth."""
+    rates, n = val_a.shape
+    acc_a, acc_b = test_a.mean(axis=2), test_b.mean(axis=2)  # (rates, seeds)
+    ca, cb = int(np.argmax(val_a.mean(axis=1))), int(np.argmax(val_b.mean(axis=1)))
+    rng = np.random.default_rng(seed)
+    w = rng.multinomial(n, np.full(n, 1 / n), size=resamples) / n  # (resamples, seeds) weights
+    ra = np.argmax(w @ val_a.T, axis=1)  # (resamples,)
+    rb = np.argmax(w @ val_b.T, axis=1)
+    boot = np.einsum("bs,bs->b", w, acc_a[ra] - acc_b[rb])
+    var_seeds = float(boot.var(ddof=1)) * n / (n - 1)
+    at = crossed(test_a[ca].astype(np.int8) - test_b[cb].astype(np.int8))
+    var_images = max(at.var - at.var_seeds, 0.0)
+    mean = float(acc_a[ca].mean() - acc_b[cb].mean())
+    moved = float(np.mean((ra != ca) | (rb != cb)))
+    var = var_seeds + var_images
+    m = test_a.shape[2]
+    df = var**2 / (var_seeds**2 / (n - 1) + var_images**2 / (m - 1)) if var > 0 else float(n - 1)  # Satterthwaite
+    return Chosen(mean, var, float(df), (ca, cb), moved)
+
+
 def paired_interval(x: np.ndarray, y: np.ndarray, level: float) -> tuple[float, float]:
     """Two-sided (1 - level) interval of mean(x - y) from the paired t-test (scipy)."""
     ci = stats.ttest_rel(x, y).confidence_interval(1 - level)
