@@ -6,10 +6,12 @@ import platform
 import shlex
 import sys
 from functools import cache
-
-import torch
+from typing import TYPE_CHECKING
 
 from .redact import redact
+
+if TYPE_CHECKING:  # importing this module loads no PyTorch (a command's --help and usage errors stay fast)
+    import torch
 
 
 @cache
@@ -25,6 +27,8 @@ def cpu_name() -> str:
 
 
 def device_name(device: torch.device | str) -> str:
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -33,6 +37,8 @@ def device_name(device: torch.device | str) -> str:
 
 def environment(device: torch.device | str, threads: int) -> dict[str, object]:
     """Columns appended to every table row."""
+    import torch
+
     device = torch.device(device)
     return {
         "device": device.type,

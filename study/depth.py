@@ -258,25 +258,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg, run = configs_from_args(args)
 
-    import optuna
-
-    from mnist_bench.data import resolve_device
-    from mnist_bench.interrupt import Interrupted
-
-    from . import engine, tables
+    from . import tables
     from .storage import guarded, open_storage
 
     if run.render_report:
         from . import report  # before any training: a broken install fails now, not after the study
 
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our progress bars and tables report trials
-    resolve_device(run.device)  # usage errors before anything is written
     # Never over another study's tables (the committed results/ are rewritten only by the study that made them).
     default_storage = args.storage is None
     refuse_other_study(run.out, cfg.name, run.out / "study.db" if default_storage else None)
-    data = engine.load_data(cfg, run)  # verified before anything is written; reused by a lone worker
     outputs = (*tables.OUTPUT_FILES, *(report.OUTPUT_FILES if run.render_report else ()))
-    cli.prepare_out(run.out, files=outputs)  # before any training: results must have somewhere to go
+    # Results must have somewhere to go: checked before PyTorch loads (a wrong --out is a one-second answer); a
+    # folder made here and left empty by a later refusal is removed again (cli.run).
+    cli.prepare_out(run.out, files=outputs)
+
+    import optuna
+
+    from mnist_bench.data import resolve_device
+    from mnist_bench.interrupt import Interrupted
+
+    from . import engine
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our progress bars and tables report trials
+    resolve_device(run.device)  # usage errors before anything is written
+    data = engine.load_data(cfg, run)  # verified before anything is written; reused by a lone worker
     storage = open_storage(run.storage, run.heartbeat_interval, run.grace_period)
 
     def study() -> dict:
