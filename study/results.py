@@ -32,6 +32,7 @@ from .config import (
     Recipe,
     StudyConfig,
     Tuned,
+    failed_run,
 )
 from .tables import CELL_COLUMNS
 
@@ -639,6 +640,31 @@ def _fit_counts(path: Path, final: pd.DataFrame) -> None:
         )
 
 
+def _fit_failures(path: Path, final: pd.DataFrame) -> None:
+    """Only a run that diverged has no test accuracy (the trainer evaluates every other run); and where the
+    table says whether a run failed, that is what its accuracy, loss and `diverged` say (config.failed_run):
+    an edited row reads as a refusal, never as a quiet failure in the counts."""
+    acc = pd.to_numeric(final["test_accuracy"], errors="coerce")
+    diverged = final["diverged"] if "diverged" in final else pd.Series(False, index=final.index)
+    diverged = diverged.map(lambda v: FLAGS.get(v, v) if isinstance(v, (bool, str)) else v).fillna(False).astype(bool)
+    missing = acc.isna() & ~diverged
+    if missing.any():
+        i = missing.idxmax()
+        raise UserError(f"{path} row {row_of(final, i)}: no test accuracy on a run that did not diverge: {FIT}")
+    if "failed" not in final:
+        return
+    loss = (
+        pd.to_numeric(final["test_loss"], errors="coerce") if "test_loss" in final else pd.Series(0.0, index=acc.index)
+    )
+    said = final["failed"].map(lambda v: FLAGS.get(v, v) if isinstance(v, (bool, str)) else v)
+    for i in final.index:
+        if pd.notna(said[i]) and bool(said[i]) != failed_run(acc[i], loss[i], diverged[i]):
+            raise UserError(
+                f"{path} row {row_of(final, i)}: failed is {bool(said[i])}, but its test accuracy, loss and diverged "
+                f"say {not bool(said[i])}: {FIT}"
+            )
+
+
 def check_fit(
     results: Path, trials: pd.DataFrame, epochs: pd.DataFrame, final: pd.DataFrame, config: dict, cfg: StudyConfig
 ) -> None:
@@ -657,6 +683,7 @@ def check_fit(
         _fit_config(paths, cells, trials, config, cfg)
     _fit_epochs(paths, cells, epochs, final, "final", _curve_lengths(final, paths["final"]))
     _fit_counts(paths["final"], final)
+    _fit_failures(paths["final"], final)
     if written:
         ran = trials["epochs_run"] if "epochs_run" in trials else pd.Series(math.nan, index=trials.index)
         _fit_epochs(paths, cells, epochs, trials, "tuning", ran)
@@ -666,6 +693,9 @@ def check_fit(
 def load_results(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
     """(trials, epochs, final, config) of a results folder, or one line saying what is wrong: a table or
     config.json that is missing, unreadable or of the wrong type, or files that do not fit together."""
+    folders = [f for f in ("trials.csv", "epochs.csv", "final.csv") if (results / f).is_dir()]
+    if folders:
+        raise UserError(f"{results / folders[0]} is a folder, not a table")
     missing = [f for f in ("trials.csv", "epochs.csv", "final.csv") if not (results / f).is_file()]
     if missing:
         raise UsageError(f"{results} has no {missing[0]}: run python -m study.depth first, or pass --storage")

@@ -31,7 +31,7 @@ from .config import (
     parse_study_name,
     study_name,
 )
-from .coord import FIXED, SURPLUS, best_trial, decode_curve, failed_trial, foreign, refuse_foreign
+from .coord import CURVE_COLUMNS, FIXED, SURPLUS, best_trial, decode_curve, failed_trial, foreign, refuse_foreign
 from .storage import StudyError
 
 CELL_COLUMNS = ["experiment", "budget", "shape", "variant", "depth"]  # what names a cell in every table
@@ -239,23 +239,7 @@ EMPTY_COLUMNS = {
         "n_params",
         "param_lr",
     ],
-    "epochs": [
-        "study",
-        "experiment",
-        "budget",
-        "shape",
-        "variant",
-        "depth",
-        "run",
-        "trial",
-        "seed",
-        "epoch",
-        "train_loss",
-        "val_loss",
-        "val_accuracy",
-        "train_seconds",
-        "test_accuracy",
-    ],
+    "epochs": ["study", "experiment", "budget", "shape", "variant", "depth", "run", "trial", "seed", *CURVE_COLUMNS],
     "final": [
         "study",
         "experiment",

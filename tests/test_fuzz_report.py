@@ -19,7 +19,7 @@ import pytest
 from mnist_bench import cli, files
 from mnist_bench.errors import UsageError, UserError
 from study import report, tables
-from study.config import PRESETS, Cell, refuse_other_study
+from study.config import Cell, refuse_other_study
 from study.results import load_results, read_config, read_throughput
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,6 +147,26 @@ def test_an_accuracy_that_is_not_its_count_over_the_test_images_is_refused(resul
     final.loc[3, "test_correct"] = 10_001
     final.to_csv(results / "final.csv", index=False)
     refused(results, "final.csv row 5: more correct test images than test images")
+
+
+def test_a_run_whose_failure_its_own_row_contradicts_is_refused(results: Path):
+    # From a new user's trial: an accuracy of nan on a row that says it neither diverged nor failed was counted
+    # as a failed run without a word.
+    original = table(results, "final")
+    final = original.copy()
+    final.loc[2, "test_accuracy"] = "nan"
+    put(results, "final", final)
+    refused(results, "final.csv row 4: no test accuracy on a run that did not diverge")
+    final = original.copy()
+    final.loc[2, "failed"] = "True"  # its accuracy is a trained network's
+    put(results, "final", final)
+    refused(results, "final.csv row 4: failed is True, but its test accuracy, loss and diverged say False")
+
+
+def test_a_table_that_is_a_folder_is_named_so(results: Path):
+    (results / "trials.csv").unlink()
+    (results / "trials.csv").mkdir()
+    refused(results, "trials.csv is a folder, not a table")
 
 
 def test_final_runs_in_epochs_that_final_does_not_list_are_refused(results: Path):
@@ -325,23 +345,9 @@ def test_a_throughput_table_without_the_columns_the_figures_read_is_refused(resu
 
 def small_storage(tmp: Path) -> str:
     """An SQLite storage with one tuned cell of the smoke study: one finished trial, no final run yet."""
-    url = f"sqlite:///{tmp / 'study.db'}"
-    tune = optuna.create_study(storage=url, study_name="smoke-tuned-depth2", direction="maximize")
-    tune.set_user_attr("config", PRESETS["smoke"].identity(Cell("tuned", 2)))
-    tune.add_trial(
-        optuna.trial.create_trial(
-            params={"lr": 0.1, "epochs": 1, "width": 16},
-            distributions={
-                "lr": optuna.distributions.FloatDistribution(1e-3, 1.0, log=True),
-                "epochs": optuna.distributions.IntDistribution(1, 4),
-                "width": optuna.distributions.IntDistribution(16, 256, log=True),
-            },
-            value=0.9,
-            user_attrs={"curve": [[1, 1.0, 1.0, 0.9, 1.0]], "diverged": False},
-        )
-    )
-    optuna.create_study(storage=url, study_name="smoke-tuned-depth2-final", direction="maximize")
-    return url
+    from test_cli import storage_with
+
+    return storage_with(tmp, final=True, name="study.db")
 
 
 def test_a_full_disk_mid_write_keeps_every_old_table_and_says_one_line(tmp_path: Path, monkeypatch):
