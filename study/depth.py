@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, run = configs_from_args(args)
 
     from . import tables
-    from .storage import guarded, open_storage
+    from .storage import check_file, guarded, open_storage
 
     if run.render_report:
         from . import report  # before any training: a broken install fails now, not after the study
@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     # Results must have somewhere to go: checked before PyTorch loads (a wrong --out is a one-second answer); a
     # folder made here and left empty by a later refusal is removed again (cli.run).
     cli.prepare_out(run.out, files=outputs)
+    check_file(run.storage)
 
     import optuna
 

@@ -42,6 +42,25 @@ def sqlite_path(url: str) -> Path | None:
     return None if path in ("", ":memory:") else Path(path)
 
 
+def check_file(url: str, must_exist: bool = False) -> None:
+    """What an SQLite URL's file says before anything opens it (nothing is created): a folder, a missing
+    folder, a file that is not SQLite's, a read-only file; one line each. Commands call it before loading
+    PyTorch and the data, so a wrong --storage is a one-second answer."""
+    path = sqlite_path(url)
+    if path is None:
+        return
+    if path.is_dir():
+        raise StudyError(not_a_file(path))
+    if must_exist and not path.is_file():
+        raise StudyError(f"no storage file {path}; check the --storage URL")
+    if not path.parent.is_dir():
+        raise StudyError(f"no folder {path.parent} for the storage file; check the --storage URL")
+    if path.is_file() and path.stat().st_size and not is_sqlite(path):
+        raise StudyError(f"{path} is not an SQLite database file; check the --storage URL")
+    if path.is_file() and not must_exist and not os.access(path, os.W_OK):
+        raise StudyError(f"storage file {path} is read-only; make it writable to add to the study")
+
+
 def open_storage(
     url: str, heartbeat_interval: int | None = None, grace_period: int | None = None, must_exist: bool = False
 ) -> optuna.storages.BaseStorage:
@@ -50,17 +69,8 @@ def open_storage(
     creating it: a reader never writes into the database it reads."""
     if grpc_address(url) is not None:
         return open_proxy(url)
+    check_file(url, must_exist)
     path = sqlite_path(url)
-    if path is not None and path.is_dir():
-        raise StudyError(not_a_file(path))
-    if must_exist and path is not None and not path.is_file():
-        raise StudyError(f"no storage file {path}; check the --storage URL")
-    if path is not None and not path.parent.is_dir():
-        raise StudyError(f"no folder {path.parent} for the storage file; check the --storage URL")
-    if path is not None and path.is_file() and path.stat().st_size and not is_sqlite(path):
-        raise StudyError(f"{path} is not an SQLite database file; check the --storage URL")
-    if path is not None and path.is_file() and not must_exist and not os.access(path, os.W_OK):
-        raise StudyError(f"storage file {path} is read-only; make it writable to add to the study")
     if must_exist and (missing := not_optuna(url)):
         raise StudyError(f"{redact(url)!r} is not an Optuna storage ({missing}); check the --storage URL")
     engine_kwargs = sqlite_engine_kwargs(url) if url.startswith("sqlite") else server_engine_kwargs(url)
