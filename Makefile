@@ -20,9 +20,11 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 study: $(VENV)/.installed  ## set up, then the quick study (the recipe with and without momentum, depths 1 and 3-5, 2 epochs) + report into results/quick
 	$(PY) -m study.depth --preset quick --out results/quick
 
-# One test process per core (pytest-xdist; each process has its own PostgreSQL databases and temporary
-# folders); a free worker takes queued tests from a busy one, so the long end-to-end tests never wait in line.
-PYTEST_WORKERS ?= auto
+# One test process per core, plus one (pytest-xdist; each process has its own PostgreSQL databases and temporary
+# folders): part of the suite waits on worker processes, a proxy or a heartbeat, and the extra process fills those
+# waits (on 2 cores: 5 min 58 s with 3 processes, 6 min 9 s with 2). A free process takes queued tests from a busy
+# one, so the long end-to-end tests never wait in line.
+PYTEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(len(os.sched_getaffinity(0)) + 1)" 2>/dev/null || echo 2)
 test: lint  ## set up, lint, then run the whole test suite in parallel (benchmarks once, untimed)
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal
 
