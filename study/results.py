@@ -142,6 +142,7 @@ CHECKS = {
         "param_lr": "positive",
         "param_epochs": "count",
         "diverged": "flag",
+        "failed": "flag",
     },
     "throughput": {
         "pipeline": "text!",
@@ -273,10 +274,6 @@ def read_table(
         if twice.any():
             raise UserError(f"{path} row {row_of(df, twice.idxmax())}: {why}")
     return df
-
-
-def read_optional(path: Path, checks: dict[str, str] | None = None) -> pd.DataFrame | None:
-    return read_table(path, checks=checks) if path.is_file() else None
 
 
 def read_throughput(path: Path) -> pd.DataFrame | None:
@@ -644,19 +641,18 @@ def _fit_failures(path: Path, final: pd.DataFrame) -> None:
     """Only a run that diverged has no test accuracy (the trainer evaluates every other run); and where the
     table says whether a run failed, that is what its accuracy, loss and `diverged` say (config.failed_run):
     an edited row reads as a refusal, never as a quiet failure in the counts."""
-    acc = pd.to_numeric(final["test_accuracy"], errors="coerce")
-    diverged = final["diverged"] if "diverged" in final else pd.Series(False, index=final.index)
-    diverged = diverged.map(lambda v: FLAGS.get(v, v) if isinstance(v, (bool, str)) else v).fillna(False).astype(bool)
+    acc = final["test_accuracy"]  # validated: numbers, and the flags True or False (CHECKS)
+    diverged = (
+        final["diverged"].fillna(False).astype(bool) if "diverged" in final else pd.Series(False, index=final.index)
+    )
     missing = acc.isna() & ~diverged
     if missing.any():
         i = missing.idxmax()
         raise UserError(f"{path} row {row_of(final, i)}: no test accuracy on a run that did not diverge: {FIT}")
     if "failed" not in final:
         return
-    loss = (
-        pd.to_numeric(final["test_loss"], errors="coerce") if "test_loss" in final else pd.Series(0.0, index=acc.index)
-    )
-    said = final["failed"].map(lambda v: FLAGS.get(v, v) if isinstance(v, (bool, str)) else v)
+    loss = final["test_loss"] if "test_loss" in final else acc * 0.0
+    said = final["failed"]
     for i in final.index:
         if pd.notna(said[i]) and bool(said[i]) != failed_run(acc[i], loss[i], diverged[i]):
             raise UserError(

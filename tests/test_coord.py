@@ -546,3 +546,15 @@ def test_a_grid_is_claimed_a_replicate_at_a_time_and_split_among_a_commands_work
     w.ledgers[cell][0].claim("lr-grid0r0")
     assert w.tune_keys(cell, demand) == ["lr-grid1r0", "lr-grid2r0"]  # never mixes replicates (seeds)
     assert Worker.pack_size(w, 10) == 5 and Worker.pack_size(w, 40) == 12
+
+
+def test_a_runs_test_predictions_are_stored_as_a_string_and_read_back_exactly():
+    import numpy as np
+    import torch
+
+    from study.coord import decode_predictions, encode_predictions
+
+    predictions = torch.randint(0, 10, (10_000,), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    text = encode_predictions(predictions)
+    assert isinstance(text, str) and len(text) == 13_336  # base64 of 10,000 bytes: any storage holds it
+    assert np.array_equal(decode_predictions(text), predictions.numpy())
