@@ -190,6 +190,67 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch
     return order[val_size:], order[:val_size]
 
 
+@dataclass(frozen=True)
+class Source:
+    """The verified dataset as loaded, before any split: the 60k training images as uint8 and the test split
+    already on `device` as float32. `split` makes a train / validation split of it; every split shares one
+    test tensor, so a study can give each seed its own hold-out without a copy of the test set per seed."""
+
+    images: torch.Tensor  # uint8 (60000, 28, 28)
+    labels: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.test_x.device
+
+    def split(self, val_size: int = VAL_SIZE, split_seed: int = 0, train_subset: int | None = None) -> MNIST:
+        """Train / validation / test: a seeded hold-out of `val_size` training images (split_indices), and
+        the first `train_subset` of the remaining images when given; validation and test are never cut."""
+        if not 0 <= val_size < len(self.images):
+            raise DataError(f"validation size {val_size} must be in [0, {len(self.images) - 1}]")
+        train_idx, val_idx = split_indices(len(self.images), val_size, split_seed)
+        if train_subset is not None:
+            if not 0 < train_subset <= len(train_idx):
+                raise UsageError(
+                    f"training subset {train_subset} must be in 1..{len(train_idx)} (the training "
+                    f"images left after a {val_size}-image hold-out)"
+                )
+            train_idx = train_idx[:train_subset]
+        return MNIST(
+            train_x=_images_to(self.images[train_idx], self.device),
+            train_y=_labels_to(self.labels[train_idx], self.device),
+            val_x=_images_to(self.images[val_idx], self.device),
+            val_y=_labels_to(self.labels[val_idx], self.device),
+            test_x=self.test_x,
+            test_y=self.test_y,
+        )
+
+
+def _images_to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (n, 28, 28) -> float32 (n, 784) in [0, 1] on `device`, once."""
+    return (x.reshape(len(x), 28 * 28).to(device=device, dtype=torch.float32) / 255.0).contiguous()
+
+
+def _labels_to(y: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return y.to(device=device, dtype=torch.long)
+
+
+def load_source(
+    data_dir: str | Path | None = None, device: str | torch.device = "cpu", dataset: str = "mnist"
+) -> Source:
+    """The verified dataset on `device`, not yet split (see Source.split)."""
+    raw = load_raw(data_dir, dataset=dataset)
+    device = resolve_device(device) if isinstance(device, str) else device
+    return Source(
+        images=raw["train-images-idx3-ubyte"],
+        labels=raw["train-labels-idx1-ubyte"],
+        test_x=_images_to(raw["t10k-images-idx3-ubyte"], device),
+        test_y=_labels_to(raw["t10k-labels-idx1-ubyte"], device),
+    )
+
+
 def load_mnist(
     data_dir: str | Path | None = None,
     val_size: int = VAL_SIZE,
@@ -204,32 +265,4 @@ def load_mnist(
     images (0 trains on all 60k). `train_subset` keeps only the first n of the remaining training
     images (for quick runs and tests); validation and test are never cut.
     """
-    raw = load_raw(data_dir, dataset=dataset)
-    device = resolve_device(device) if isinstance(device, str) else device
-    images = raw["train-images-idx3-ubyte"]
-    if not 0 <= val_size < len(images):
-        raise DataError(f"validation size {val_size} must be in [0, {len(images) - 1}]")
-    train_idx, val_idx = split_indices(len(images), val_size, split_seed)
-    if train_subset is not None:
-        if not 0 < train_subset <= len(train_idx):
-            raise UsageError(
-                f"training subset {train_subset} must be in 1..{len(train_idx)} (the training "
-                f"images left after a {val_size}-image hold-out)"
-            )
-        train_idx = train_idx[:train_subset]
-
-    def images_to(x: torch.Tensor) -> torch.Tensor:  # uint8 (n, 28, 28) -> float32 (n, 784), once
-        return (x.reshape(len(x), 28 * 28).to(device=device, dtype=torch.float32) / 255.0).contiguous()
-
-    def labels_to(y: torch.Tensor) -> torch.Tensor:
-        return y.to(device=device, dtype=torch.long)
-
-    labels = raw["train-labels-idx1-ubyte"]
-    return MNIST(
-        train_x=images_to(images[train_idx]),
-        train_y=labels_to(labels[train_idx]),
-        val_x=images_to(images[val_idx]),
-        val_y=labels_to(labels[val_idx]),
-        test_x=images_to(raw["t10k-images-idx3-ubyte"]),
-        test_y=labels_to(raw["t10k-labels-idx1-ubyte"]),
-    )
+    return load_source(data_dir, device, dataset).split(val_size, split_seed, train_subset)

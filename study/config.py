@@ -29,7 +29,12 @@ FAILED_AT = 2 / CLASSES  # a run ending at or below twice chance accuracy learne
 # A tuning trial in the tables: complete; failed (ran to the end at or below twice chance); diverged
 # (NaN/inf loss); pruned; interrupted (killed or stopped, then redone); running or waiting (in flight).
 TRIAL_STATES = ("complete", "failed", "diverged", "pruned", "interrupted", "running", "waiting")
-DEFAULT_MARGIN = 0.002  # the report's equivalence margin: 0.2 points, the smallest difference that matters
+DEFAULT_MARGIN = 0.002  # the equivalence margin of studies that declare none (before the factorial design)
+# The declared margins (docs/method.md, "The margin"): a tenth of the error rate of the text's network at its own
+# budget (depth 4, 242,762 parameters) in the previous committed study, rounded to a hundredth of a point: a change
+# of depth that removes or adds fewer than one error in ten does not matter. Declared before the rerun's test
+# results were read: MNIST 98.26% (an error rate of 1.74%), Fashion-MNIST 88.78% (11.22%).
+DECLARED_MARGINS = {"mnist": 0.0017, "fashion-mnist": 0.0112}
 
 
 def failed_run(accuracy: float, loss: float = 0.0, diverged: bool = False) -> bool:
@@ -131,9 +136,14 @@ CHECKS = {
 class Matched:
     """Depth at a matched parameter budget: hidden widths halve layer to layer (the funnel) or stay
     equal (constant, at `constant_budgets`), floored at `min_width`, each model within 2% of its budget;
-    softmax (depth 1) is the reference. The learning rate is chosen per cell on a log grid, every grid
-    point trained `replicates` times with different seeds and never pruned; the choice follows `lr_rule`
-    (LR_RULES)."""
+    softmax (depth 1) is the reference.
+
+    With a `band` (the factorial design, docs/method.md): every cell trains every rate of the band with each
+    final seed, reading validation (for choosing a depth's rate) and test (for the answer); nothing is tuned
+    apart, so the choice is made again inside every resample of the analysis. Depths outside 3-5 are
+    references with `reference_seeds`. Without a band (studies stored before it): the learning rate is
+    chosen per cell on a log grid, every grid point trained `replicates` times and never pruned, by
+    `lr_rule` (LR_RULES), then retrained with the seeds."""
 
     depths: tuple[int, ...] = (1, 2, 3, 4, 5, 6)  # depth 1 has one size (7,850 parameters): one cell
     budgets: tuple[int, ...] = (60_000, SOURCE_PARAMS, 1_000_000)
@@ -155,6 +165,12 @@ class Matched:
     checks: tuple[str, ...] = tuple(CHECKS)
     check_budget: int = SOURCE_PARAMS
     check_seeds: int = 6
+    band: tuple[float, ...] = ()  # the factorial's peak learning rates (empty: the grid design above)
+    reference_seeds: int = 6  # factorial: seeds of the depths outside 3-5 (secondary references)
+
+    @property
+    def factorial(self) -> bool:
+        return bool(self.band)
 
     def __post_init__(self) -> None:
         if self.lr_rule not in LR_RULES:
@@ -170,6 +186,10 @@ class Tuned:
     n_trials: int = 24  # completed, trained (not failed) trials per depth
     seeds: int = 6  # fewer than matched: what the 90 minutes hold (docs/method.md)
     space: SearchSpace = field(default_factory=SearchSpace)
+    # The search's own variance: its runners-up (the next-best trials by validation) retrained too, with fewer
+    # seeds each; the tuned contrasts' range over every pick of the top 1 + runners_up (docs/method.md).
+    runners_up: int = 0
+    runner_up_seeds: int = 3
 
 
 @dataclass(frozen=True)
@@ -195,6 +215,14 @@ class StudyConfig:
     tuning_seed: int = 0  # init/batch-order seed of a tuning trial (matched replicate r: tuning_seed - r), <= 0
     sampler_seed: int = 0  # TPE seed; each cell's search draws from (seed, cell, trial number): independent
     sampler_startup_trials: int = 10  # TPE: random trials before it models the space
+    # Seed k also draws the validation hold-out of its final runs (split_seed + k), so the training subset varies
+    # with the seed, identically across depths and rates; tuning runs keep the split of split_seed.
+    split_per_seed: bool = False
+    margin: float = DEFAULT_MARGIN  # the declared equivalence margin (not part of the identity: it trains nothing)
+
+    def final_split(self, seed: int) -> int:
+        """The split seed of final run `seed`'s hold-out."""
+        return self.split_seed + seed if self.split_per_seed else self.split_seed
 
     def __post_init__(self) -> None:
         if self.tuning_seed > 0:  # final runs use seeds 1..K: a tuning run must never be one of them
@@ -231,6 +259,8 @@ class StudyConfig:
         if cell.variant or cell.experiment == "recipe":
             return 0
         if cell.experiment == "matched":
+            if self.matched.factorial:
+                return 0  # every rate is a final run
             thin = cell.budget in self.matched.thin_budgets
             return 0 if thin else self.matched.lr_points * self.matched.replicates
         return self.tuned.n_trials
@@ -240,6 +270,8 @@ class StudyConfig:
             return self.recipe.variant_seeds
         if cell.experiment == "matched" and cell.variant:
             return self.matched.check_seeds
+        if cell.experiment == "matched" and self.matched.factorial and cell.depth not in NEIGHBOURHOOD:
+            return self.matched.reference_seeds
         if cell.experiment == "matched" and cell.budget in self.matched.thin_budgets:
             return self.matched.thin_seeds
         return getattr(self, cell.experiment).seeds
@@ -247,11 +279,27 @@ class StudyConfig:
     def identity(self, cell: Cell) -> dict:
         """The settings that must match to resume the studies of `cell`."""
         d = dataclasses.asdict(self)
-        for k in ("name", "experiments", *EXPERIMENTS):
+        for k in ("name", "experiments", "margin", *EXPERIMENTS):
             d.pop(k)
+        if not self.split_per_seed:
+            d.pop("split_per_seed")  # as studies stored before it
         exp = dataclasses.asdict(getattr(self, cell.experiment))
-        for k in ("depths", "budgets", "n_trials", "seeds", "variant_seeds", "check_seeds", "thin_seeds"):
+        for k in (
+            "depths",
+            "budgets",
+            "n_trials",
+            "seeds",
+            "variant_seeds",
+            "check_seeds",
+            "thin_seeds",
+            "reference_seeds",
+            "runner_up_seeds",
+        ):
             exp.pop(k, None)  # budgets of runs may grow; lr_points and replicates stay: they define the grid
+        if cell.experiment == "matched" and not self.matched.band:
+            exp.pop("band")  # as studies stored before it
+        if cell.experiment == "tuned" and not self.tuned.runners_up:
+            exp.pop("runners_up")
         return jsonable({**d, "experiment": exp, "cell": cell.key})
 
 
@@ -346,9 +394,55 @@ PRESETS = {
         tuned=Tuned(n_trials=5, seeds=3, space=SearchSpace(width=(16, 128), max_epochs=3)),
         sampler_startup_trials=3,
     ),
-    # The committed study, sized for at most 90 minutes per dataset on 2 CPU cores (--workers 2).
-    "full": StudyConfig(),
+    # "full", the committed study, sized for at most 90 minutes per dataset on 2 CPU cores (--workers 2), is the
+    # design each dataset declares: full_design(dataset), below.
 }
+
+
+# The factorial design as declared for each dataset before its rerun (docs/method.md: "The design, declared"):
+# the band is the quarter-decade grid points around every optimum of depths 3-5 in both earlier runs' grids, with a
+# point to spare on each side of where the optima fell; seeds give 80% power at the Holm level for the declared
+# margin at the spread the earlier runs measured, inflated for the test-set and choice variance the intervals now
+# carry; epochs by the pilot's late gain (python -m study.pilot --epochs ...). Cut to fit 90 minutes: the
+# 1,000,000-parameter budget and the secondary depths 2 and 6 of the matched experiment, and its runner-up check
+# (the factorial trains every rate of the band).
+QUARTER_DECADES = {k: 10 ** (k / 4) for k in range(-8, 0)}  # 0.01, 0.0178, ..., 0.562
+FULL_DESIGN = {
+    "mnist": {"band": tuple(QUARTER_DECADES[k] for k in (-6, -5, -4, -3)), "seeds": 16, "epochs": 10},
+    "fashion-mnist": {"band": tuple(QUARTER_DECADES[k] for k in (-7, -6, -5, -4)), "seeds": 10, "epochs": 10},
+}
+
+
+def full_design(dataset: str) -> StudyConfig:
+    """The full preset as `dataset` declares it: the factorial matched experiment, per-seed hold-outs and the margin."""
+    d = FULL_DESIGN[dataset]
+    matched = Matched(
+        depths=(1, *NEIGHBOURHOOD),
+        budgets=(60_000, SOURCE_PARAMS),
+        thin_budgets=(),
+        band=d["band"],
+        seeds=d["seeds"],
+        epochs=d["epochs"],
+        checks=("horizon",),
+        lr_rule="mean",
+        replicates=1,
+    )
+    return dataclasses.replace(
+        StudyConfig(),
+        dataset=dataset,
+        matched=matched,
+        tuned=Tuned(runners_up=2),
+        split_per_seed=True,
+        margin=DECLARED_MARGINS[dataset],
+    )
+
+
+PRESETS["full"] = full_design("mnist")
+
+
+def preset(name: str, dataset: str = "mnist") -> StudyConfig:
+    """A preset for `dataset`: the full one as that dataset declares it (full_design), the others as they are."""
+    return full_design(dataset) if name == "full" else dataclasses.replace(PRESETS[name], dataset=dataset)
 
 
 def lr_grid(m: Matched) -> tuple[float, ...]:

@@ -196,6 +196,22 @@ def best_trial(trials: list[FrozenTrial], place: int = 0, rule: str = "mean") ->
     return ranked[place] if len(ranked) > place else None
 
 
+def band_choice(runs: list, place: int = 0) -> int | None:
+    """The band point a factorial cell chooses from its completed final runs (FrozenTrials with "band_point"
+    and "val_accuracy" attributes): the highest mean validation accuracy over its seeds, a diverged or failed run
+    counting at its accuracy (0 when diverged); ties go to the lower rate. place 1: the runner-up. The one rule,
+    used by the workers (a check retrains it) and the analysis (stats.chosen makes it again per resample)."""
+    scores: dict[int, list[float]] = {}
+    for t in runs:
+        point = t.user_attrs.get("band_point")
+        if point is None or t.state != TrialState.COMPLETE or t.user_attrs.get(SURPLUS):
+            continue
+        val = t.user_attrs.get("val_accuracy")
+        scores.setdefault(int(point), []).append(0.0 if val is None or t.user_attrs.get("diverged") else float(val))
+    ranked = sorted(scores, key=lambda i: (-sum(scores[i]) / len(scores[i]), i))
+    return ranked[place] if len(ranked) > place else None
+
+
 def optuna_heartbeats(storage) -> bool:
     """Whether `storage` keeps Optuna's heartbeats (a database opened with an interval; the gRPC proxy
     does not relay them)."""

@@ -26,6 +26,7 @@ import os
 import re
 
 from .config import (
+    DECLARED_MARGINS,
     DEFAULT_MARGIN,
     EXPERIMENTS,
     MAX_DEPTH,
@@ -34,6 +35,7 @@ from .config import (
     RunConfig,
     StudyConfig,
     in_memory,
+    preset,
     refuse_other_study,
 )
 
@@ -162,8 +164,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--margin",
         type=cli.margin_points,
-        default=100 * DEFAULT_MARGIN,
-        help=f"the report's equivalence margin in points of test accuracy (default: {100 * DEFAULT_MARGIN:g})",
+        default=None,
+        help="the report's equivalence margin in points of test accuracy (default: the one the study declares: "
+        f"{', '.join(f'{k} {100 * v:g}' for k, v in DECLARED_MARGINS.items())} for full, "
+        f"else {100 * DEFAULT_MARGIN:g})",
     )
     cli.add_common(
         p,
@@ -184,7 +188,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             f"--depths {max(args.depths)} is beyond the recipe's funnel (depths 1-{deepest}: the text's widths cut or "
             "extended); run deeper networks with --experiments matched tuned"
         )
-    matched = PRESETS[args.preset].matched
+    matched = preset(args.preset, args.dataset).matched
     budgets = args.budgets or matched.budgets
     thin = sorted(set(budgets) & set(matched.thin_budgets))
     if thin and matched.check_budget not in budgets and (not args.experiments or "matched" in args.experiments):
@@ -205,7 +209,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def configs_from_args(args: argparse.Namespace) -> tuple[StudyConfig, RunConfig]:
     """The preset, with what the flags override. Another dataset, split, sampler or tuning seed gets its own
     study names (by default), so each can share the storage with the original."""
-    cfg = PRESETS[args.preset]
+    cfg = preset(args.preset, args.dataset)
     experiments = {}
     for exp in EXPERIMENTS:
         sub = getattr(cfg, exp)
@@ -322,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     if run.render_report:
         from . import report
 
-        print(f"wrote {report.render(run.out, margin=args.margin / 100)}")
+        margin = cfg.margin if args.margin is None else args.margin / 100
+        print(f"wrote {report.render(run.out, margin=margin)}")
     else:
         print(f"wrote tables to {run.out}")
     return 0

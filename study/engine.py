@@ -30,7 +30,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from mnist_bench import interrupt
-from mnist_bench.data import MNIST, load_mnist
+from mnist_bench.data import MNIST, Source, load_source
 from mnist_bench.env import environment
 from mnist_bench.errors import UserError
 from mnist_bench.models import mlp
@@ -56,6 +56,7 @@ from .coord import (
     Ledger,
     Progress,
     TrialSeededSampler,
+    band_choice,
     best_trial,
     derived_seed,
     encode_curve,
@@ -129,32 +130,32 @@ def train_config(cfg: StudyConfig, cell: Cell, params: dict, seed: int, threads:
     )
 
 
-def load_data(cfg: StudyConfig, run: RunConfig) -> dict[str, MNIST]:
-    """The data each experiment trains on: "split" (training images minus the validation hold-out)
-    for the tuned experiments, "full" (every training image, no hold-out) for the recipe."""
-    data = {}
+def load_data(cfg: StudyConfig, run: RunConfig) -> dict[str, MNIST | Source]:
+    """The data each experiment trains on: "split" (training images minus the validation hold-out of
+    split_seed) for tuning, "full" (every training image, no hold-out) for the recipe, and "source" (the
+    verified files, unsplit) from which a study with split_per_seed gives each final seed its own hold-out."""
+    source = load_source(run.data_dir, device=run.device, dataset=cfg.dataset)
+    data: dict[str, MNIST | Source] = {"source": source}
     if {"matched", "tuned"} & set(cfg.experiments):
-        data["split"] = load_mnist(
-            run.data_dir,
-            val_size=cfg.val_size,
-            split_seed=cfg.split_seed,
-            device=run.device,
-            train_subset=cfg.train_subset,
-            dataset=cfg.dataset,
-        )
+        data["split"] = source.split(cfg.val_size, cfg.split_seed, cfg.train_subset)
     if "recipe" in cfg.experiments:
-        data["full"] = load_mnist(
-            run.data_dir, val_size=0, device=run.device, train_subset=cfg.train_subset, dataset=cfg.dataset
-        )
+        data["full"] = source.split(0, train_subset=cfg.train_subset)
         if any(c.variant == "standardised" for c in cfg.cells()):
             data["standardised"] = data["full"].standardised()
     return data
 
 
-def data_of(data: dict[str, MNIST], cell: Cell) -> MNIST:
+def data_of(data: dict[str, MNIST | Source], cell: Cell) -> MNIST:
     if cell.experiment != "recipe":
         return data["split"]
     return data["standardised" if cell.variant == "standardised" else "full"]
+
+
+BAND_KEY = "rate"  # + band point + "-seed" + seed: a factorial cell's final run
+
+
+def band_key(point: int, seed: int) -> str:
+    return f"{BAND_KEY}{point}-seed{seed}"
 
 
 # --- studies -------------------------------------------------------------------------------------
@@ -265,6 +266,8 @@ class Worker:
         self.cfg, self.run, self.data, self.env, self.progress = cfg, run, data, env, progress
         self.cells = cfg.cells()
         self.done: set[Cell] = set()
+        self.splits: dict[int, MNIST] = {}  # final seeds' own hold-outs (split_per_seed)
+        self.labelled: set[Cell] = set()  # cells whose final study holds the test labels
         self.base = {c: chooser(c, dataclasses.asdict(cfg.matched)) for c in self.cells}
         self.settings = {e: dataclasses.asdict(getattr(cfg, e)) for e in EXPERIMENTS}  # for cell_widths
         self.studies = {c: open_studies(storage, cfg, c, run.heartbeat_interval) for c in self.cells}
@@ -286,22 +289,40 @@ class Worker:
         failed = sum(not t.user_attrs.get(SURPLUS) and failed_trial(t) for t in trials)
         return {TUNE: n + min(failed, n)}
 
-    def final_demand(self, cell: Cell) -> tuple[dict[str, int], dict[str, int], int]:
-        """(demand, seed of each key, source trial) of a cell whose chooser's tuning is finished."""
+    def final_demand(self, cell: Cell) -> tuple[dict[str, int], dict[str, Run]]:
+        """(demand, what each key runs) of a cell whose chooser's tuning is finished. A factorial cell: every band
+        point with every seed, seed-major (a seed's rates share its batch order: one pack); its check: the band
+        point its base cell chose, with the check's seeds. A tuned cell: its best trial with the seeds, and its
+        runners-up (Tuned.runners_up) with runner_up_seeds each: how much the answer hangs on the search's pick."""
         base = self.base[cell]
+        seeds = range(1, self.cfg.seeds(cell) + 1)
+        if cell.experiment == "matched" and self.cfg.matched.factorial:
+            if base == cell:
+                runs = {band_key(i, s): Run(s, FIXED, i) for s in seeds for i in range(len(self.cfg.matched.band))}
+                return {k: 1 for k in runs}, runs
+            point = band_choice(self.ledgers[base][1].trials(), cell.place)
+            if point is None:
+                raise StudyError(f"{cell.key}: no completed final run of {base.key} to choose a rate from")
+            runs = {band_key(point, s): Run(s, FIXED, point) for s in seeds}
+            return {k: 1 for k in runs}, runs
         if self.cfg.n_trials(base) == 0:
-            source = FIXED
-        else:
-            chosen = best_trial(self.ledgers[base][0].trials(), cell.place, self.cfg.matched.lr_rule)
-            if chosen is None:
-                raise StudyError(
-                    f"{cell.key}: no completed, non-diverged tuning trial to retrain"
-                    + (" (a runner-up needs two grid points)" if cell.place else "")
-                    + "; widen the search space or grow --n-trials"
-                )
-            source = chosen.number
-        seeds = {final_key(source, s): s for s in range(1, self.cfg.seeds(cell) + 1)}
-        return {k: 1 for k in seeds}, seeds, source
+            runs = {final_key(FIXED, s): Run(s, FIXED) for s in seeds}
+            return {k: 1 for k in runs}, runs
+        trials = self.ledgers[base][0].trials()
+        chosen = best_trial(trials, cell.place, self.cfg.matched.lr_rule)
+        if chosen is None:
+            raise StudyError(
+                f"{cell.key}: no completed, non-diverged tuning trial to retrain"
+                + (" (a runner-up needs two grid points)" if cell.place else "")
+                + "; widen the search space or grow --n-trials"
+            )
+        runs = {final_key(chosen.number, s): Run(s, chosen.number) for s in seeds}
+        if cell.experiment == "tuned":
+            for place in range(1, self.cfg.tuned.runners_up + 1):
+                if (other := best_trial(trials, place)) is not None:
+                    more = range(1, self.cfg.tuned.runner_up_seeds + 1)
+                    runs |= {final_key(other.number, s): Run(s, other.number, place=place) for s in more}
+        return {k: 1 for k in runs}, runs
 
     def step(self) -> str:
         """Do one unit of work: 'ran' (a pack of trials or seeds, won or lost), 'wait' (others hold what is
@@ -313,6 +334,11 @@ class Worker:
             final = self.ledgers[cell][1]
             base = self.base[cell]
             tune = self.ledgers[base][0]  # a check waits for its chooser's tuning (claimed there)
+            if base != cell and cell.experiment == "matched" and self.cfg.matched.factorial:
+                base_final = self.ledgers[base][1]
+                if not base_final.finished(self.final_demand(base)[0]):
+                    waiting = True  # a check retrains the rate its base cell chooses from all its seeds
+                    continue
             demand = self.tune_demand(base)
             if demand:
                 if base == cell:
@@ -323,10 +349,14 @@ class Worker:
                 if not tune.finished(demand):
                     waiting = True
                     continue
-            demand, seeds, source = self.final_demand(cell)
+            demand, runs = self.final_demand(cell)
             final.recover_stale()
             if keys := final.open_keys(demand, self.pack_size(len(demand))):
-                self.final_pack(cell, source, {k: seeds[k] for k in keys})
+                first = runs[keys[0]]
+                if first.point is not None:  # a factorial: one seed's rates, one batch order and hold-out
+                    keys = [k for k in keys if runs[k].seed == first.seed]
+                keys = [k for k in keys if runs[k].source == first.source]  # one configuration: one shape
+                self.final_pack(cell, {k: runs[k] for k in keys})
                 return "ran"
             if final.finished(demand):
                 self.done.add(cell)  # finished work stays finished: never read this cell again
@@ -384,15 +414,23 @@ class Worker:
         if jobs:
             self.train_jobs(cell, ledger, jobs, tuning=True)
 
-    def final_pack(self, cell: Cell, source: int, seeds: dict[str, int]) -> None:
+    def final_pack(self, cell: Cell, runs: dict[str, Run]) -> None:
+        """Claim and train final runs of one configuration (one source trial: one shape)."""
         ledger = self.ledgers[cell][1]
         tuning = self.ledgers[self.base[cell]][0]
+        source = next(iter(runs.values())).source
         params = {} if source == FIXED else next(t for t in tuning.trials() if t.number == source).params
         jobs = []
-        for key, seed in seeds.items():
-            claim = ledger.claim(key, {"source_trial": source, "seed": seed, "worker": self.env.get("worker")})
+        for key, run in runs.items():
+            attrs = {"source_trial": source, "seed": run.seed, "worker": self.env.get("worker")}
+            if run.point is not None:
+                attrs["band_point"] = run.point
+            if run.place:
+                attrs["place"] = run.place
+            claim = ledger.claim(key, attrs)
             if claim.won:
-                jobs.append(Job(claim.trial_id, None, seed, params))
+                lr = {} if run.point is None else {"lr": self.cfg.matched.band[run.point]}
+                jobs.append(Job(claim.trial_id, None, run.seed, params | lr))
         if jobs:
             self.train_jobs(cell, ledger, jobs, tuning=False)
 
@@ -414,7 +452,7 @@ class Worker:
             widths = [cell_widths(cell, job.params, self.settings[cell.experiment]) for job in jobs]
             results = train_pack(  # one shape: a grid replicate's or a cell's seeds; a search asks one at a time
                 [mlp(w) for w in widths],
-                data_of(self.data, cell),
+                [self.data_for(cell, job.seed, tuning) for job in jobs],
                 configs,
                 on_epoch=[self.reporter(job, config) for job, config in zip(jobs, configs)] if tuning else None,
                 evaluate_test=not tuning,
@@ -423,9 +461,21 @@ class Worker:
             )
             for job, config, w, result in zip(jobs, configs, widths, results):
                 if not result.interrupted and not job.lost:
-                    self.record(ledger, job, config, w, result, tuning)
+                    self.record(cell, ledger, job, config, w, result, tuning)
             if any(r.interrupted for r in results):
                 raise interrupt.Interrupted(INTERRUPTED)
+
+    def data_for(self, cell: Cell, seed: int, tuning: bool) -> MNIST:
+        """A run's data: the recipe's, a tuning run's (the study's one hold-out), or, with split_per_seed, final
+        seed k's own hold-out (made once per seed and kept while this worker's packs use it)."""
+        if tuning or cell.experiment == "recipe" or not self.cfg.split_per_seed:
+            return data_of(self.data, cell)
+        split = self.cfg.final_split(seed)
+        if split not in self.splits:
+            if len(self.splits) >= 2:
+                self.splits.pop(next(iter(self.splits)))
+            self.splits[split] = self.data["source"].split(self.cfg.val_size, split, self.cfg.train_subset)
+        return self.splits[split]
 
     @staticmethod
     def reporter(job: Job, config: TrainConfig) -> Callable[[EpochMetrics], bool]:
@@ -443,7 +493,9 @@ class Worker:
 
         return on_epoch
 
-    def record(self, ledger: Ledger, job: Job, config: TrainConfig, widths, result: TrainResult, tuning: bool) -> None:
+    def record(
+        self, cell: Cell, ledger: Ledger, job: Job, config: TrainConfig, widths, result: TrainResult, tuning: bool
+    ) -> None:
         attrs = {
             "curve": encode_curve(result.epochs),
             "train_seconds": result.train_seconds,
@@ -474,10 +526,30 @@ class Worker:
             "test_correct": result.test_correct,  # the exact figure: test_accuracy is test_correct / test_images
             "test_images": result.test_images,
             "test_loss": result.test_loss,
+            # the last epoch's validation (a factorial cell chooses its rate by it; its test predictions decide)
+            "val_accuracy": result.epochs[-1].val_accuracy if result.epochs else None,
+            "val_correct": result.epochs[-1].val_correct if result.epochs else None,
+            "split_seed": self.cfg.final_split(job.seed) if cell.experiment != "recipe" else None,
             **attrs,
         }
         value = result.test_accuracy if result.test_accuracy is not None else 0.0
+        if cell not in self.labelled and result.test_predictions is not None:
+            final = self.studies[cell][1]  # the test labels once per final study: predictions are read against them
+            if "test_labels" not in final.user_attrs:
+                final.set_user_attr("test_labels", encode_predictions(data_of(self.data, cell).test_y.cpu()))
+            self.labelled.add(cell)
         ledger.finish(job.trial_id, TrialState.COMPLETE, value, attrs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What a final run's key stands for: its seed, the tuning trial it retrains (FIXED: none), the band point of
+    a factorial cell, and the place of that trial in its search (0 the best; 1, 2 runners-up)."""
+
+    seed: int
+    source: int
+    point: int | None = None
+    place: int = 0
 
 
 @dataclasses.dataclass

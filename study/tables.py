@@ -31,7 +31,17 @@ from .config import (
     parse_study_name,
     study_name,
 )
-from .coord import CURVE_COLUMNS, FIXED, SURPLUS, best_trial, decode_curve, failed_trial, foreign, refuse_foreign
+from .coord import (
+    CURVE_COLUMNS,
+    FIXED,
+    SURPLUS,
+    band_choice,
+    best_trial,
+    decode_curve,
+    failed_trial,
+    foreign,
+    refuse_foreign,
+)
 from .storage import StudyError
 
 CELL_COLUMNS = ["experiment", "budget", "shape", "variant", "depth"]  # what names a cell in every table
@@ -118,13 +128,23 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
     tuning = tune.get_trials(deepcopy=False)
     rule = config["experiment"].get("lr_rule", "mean")  # a grid's rule; studies stored before it: the mean
     best = best_trial(tuning, rule=rule)
-    if cell.experiment == "recipe":
+    factorial = cell.experiment == "matched" and bool(config["experiment"].get("band"))
+    point = None  # a factorial check's band point: the one its base cell chooses now
+    if cell.experiment == "recipe" or factorial:
         source = FIXED
+        by = chooser(cell, config["experiment"])
+        if factorial and by != cell:
+            point = band_choice(load(storage, study_name(name, by, final=True)).get_trials(deepcopy=False), cell.place)
     else:  # a matched check retrains its base cell's choice (or runner-up)
         by = chooser(cell, config["experiment"])
         base = tuning if by == cell else load(storage, study_name(name, by)).get_trials(deepcopy=False)
         chosen = best_trial(base, cell.place, rule)
         source = chosen.number if chosen else None
+    places = {source: 0}  # a tuned cell also retrains its runners-up (Tuned.runners_up)
+    if cell.experiment == "tuned":
+        for place in range(1, int(config["experiment"].get("runners_up", 0)) + 1):
+            if (other := best_trial(tuning, place)) is not None:
+                places[other.number] = place
     where = {
         "dataset": config.get("dataset", "mnist"),
         "experiment": cell.experiment,
@@ -185,6 +205,9 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
             **where,
             "seed": a["seed"],
             "source_trial": a["source_trial"],
+            "band_point": a.get("band_point"),
+            "place": a.get("place", 0),
+            "split_seed": a.get("split_seed"),
             "run_trial": t.number,
             **{k: v for k, v in a.items() if k.startswith("param_")},
             **_cost(a["widths"], a.get("samples_seen")),
@@ -194,6 +217,8 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
             "test_correct": a.get("test_correct"),  # exact; runs stored before counts: empty
             "test_images": a.get("test_images"),
             "test_loss": a["test_loss"],
+            "val_accuracy": a.get("val_accuracy"),  # the last epoch's (a factorial's rate is chosen by it)
+            "val_correct": a.get("val_correct"),
             "diverged": a["diverged"],
             "failed": failed_run(_number(a["test_accuracy"]), _number(a["test_loss"]), a["diverged"]),
             "train_seconds": a["train_seconds"],
@@ -203,12 +228,17 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
             "curve": json.dumps(curve),
             **_env(t),
         }
-        if a["source_trial"] != source:
+        run = (a["source_trial"], a.get("band_point"), a["seed"])
+        if a["source_trial"] not in places:
             superseded.append({**row, "reason": f"source trial {a['source_trial']} is no longer the best"})
-        elif a["seed"] in seen:
-            superseded.append({**row, "reason": f"duplicate of seed {a['seed']} (run {seen[a['seed']]})"})
+        elif point is not None and a.get("band_point") != point:
+            superseded.append(
+                {**row, "reason": f"band point {a.get('band_point')} is no longer its base cell's choice"}
+            )
+        elif run in seen:
+            superseded.append({**row, "reason": f"duplicate of seed {a['seed']} (run {seen[run]})"})
         else:
-            seen[a["seed"]] = t.number
+            seen[run] = t.number
             finals.append(row)
             epochs += [
                 {"study": final.study_name, **where, "run": "final", "trial": t.number, "seed": a["seed"], **c}
