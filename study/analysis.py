@@ -12,6 +12,7 @@ is a failed run: counted, compared by Fisher's exact test, and kept out of accur
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from . import stats
+from . import factorial, stats
 from .config import DEFAULT_MARGIN, TRIAL_STATES, failed_run, grid_scores
 from .stats import ALPHA
 
@@ -146,6 +147,18 @@ class Contrast:
     p_wilcoxon: float = math.nan
     seeds_needed: int | None = None  # for an inconclusive contrast
     reason: str | None = None  # why it could not be computed
+    # What the interval carries (factorial.ESTIMATES: "chosen", "crossed" or "seeds") and what it gives:
+    estimate: str = "seeds"
+    var: float = math.nan  # of the difference: every source the estimate carries
+    var_seeds: float = math.nan  # of which the seeds' part (with the choice, for "chosen")
+    bound: float = math.nan  # the equivalence bound: the smallest margin TOST passes at its Holm level
+    moved: float = math.nan  # "chosen": the share of seed resamples in which a depth's chosen rate moved
+    margins: dict = field(default_factory=dict)  # outcome in this family at each of REPORT_MARGINS
+
+    @property
+    def sd_total(self) -> float:
+        """The per-seed spread giving the estimate's variance (what seeds are planned and power computed from)."""
+        return math.sqrt(self.var * self.n) if self.n and math.isfinite(self.var) else self.sd
 
     @property
     def label(self) -> str:
@@ -158,9 +171,20 @@ def clip(ci: tuple[float, float], bound: float) -> tuple[float, float]:
     return (max(ci[0], -bound), min(ci[1], bound))
 
 
-def contrast_family(pairs: list[tuple[str, Group, Group]], margin: float, alpha: float = ALPHA) -> list[Contrast]:
+REPORT_MARGINS = (0.001, 0.0015, 0.002, 0.0025)  # the primary table's outcomes at each (points: 0.10 ... 0.25)
+
+
+def contrast_family(
+    pairs: list[tuple[str, Group, Group]],
+    margin: float,
+    alpha: float = ALPHA,
+    estimates: list[tuple[str, stats.Estimate] | None] | None = None,
+) -> list[Contrast]:
     """Every declared contrast (setting, a, b) of one Holm family, a minus b. A contrast that cannot be
-    computed stays in the family with p = 1, so the family never shrinks."""
+    computed stays in the family with p = 1, so the family never shrinks. `estimates` (one per pair, or None):
+    (kind, estimate) whose mean, variance and degrees of freedom replace the paired t's (factorial: the whole
+    uncertainty); the per-seed statistics (n, spread, correlation, Wilcoxon) stay the seeds'."""
+    estimates = estimates or [None] * len(pairs)
     tests, reasons, samples = [], [], []
     for _, ga, gb in pairs:
         x, y = aligned(ga, gb)
@@ -174,6 +198,9 @@ def contrast_family(pairs: list[tuple[str, Group, Group]], margin: float, alpha:
             reasons.append(f"depth {missing[0]} has no retrained runs yet" if missing else str(e))
     p = [t.p if t else 1.0 for t in tests]
     p_eq = [t.p_equivalence if t else 1.0 for t in tests]
+    for i, (t, est) in enumerate(zip(tests, estimates)):
+        if t is not None and est is not None:
+            p[i], p_eq[i] = est[1].p, est[1].p_equivalence(margin)
     p_holm, p_eq_holm = stats.holm(p, alpha), stats.holm(p_eq, alpha)
     levels, levels_eq = stats.holm_levels(p, alpha), stats.holm_levels(p_eq, alpha)
     strictest = alpha / max(len(pairs), 1)
@@ -183,12 +210,49 @@ def contrast_family(pairs: list[tuple[str, Group, Group]], margin: float, alpha:
             out.append(Contrast(setting, ga.depth, gb.depth, "not computed", reason=reasons[i]))
             continue
         x, y = samples[i]
+        est = estimates[i]
+        mean = est[1].mean if est else t.mean
         if p_holm[i] <= alpha:
-            outcome = "better" if t.mean > 0 else "worse"
+            outcome = "better" if mean > 0 else "worse"
         elif p_eq_holm[i] <= alpha:
             outcome = "equivalent"
         else:
             outcome = "inconclusive"
+        if est is not None:
+            kind, e = est
+            ci_eq = clip(e.interval(min(2 * levels_eq[i], 1.0)), 1.0)
+            extra = {
+                "estimate": kind,
+                "var": e.var,
+                "var_seeds": getattr(e, "var_seeds", math.nan),
+                "moved": getattr(e, "moved", math.nan),
+                "bound": max(abs(ci_eq[0]), abs(ci_eq[1])),
+            }
+            sd_total = math.sqrt(e.var * t.n)
+            out.append(
+                Contrast(
+                    setting,
+                    ga.depth,
+                    gb.depth,
+                    outcome,
+                    t.n,
+                    e.mean,
+                    t.sd,
+                    t.corr,
+                    clip(e.interval(levels[i]), 1.0),
+                    levels[i],
+                    p[i],
+                    p_holm[i],
+                    ci_eq,
+                    p_eq_holm[i],
+                    t.p_wilcoxon,
+                    stats.seeds_to_resolve(sd_total, margin, strictest) if outcome == "inconclusive" else None,
+                    None,
+                    **extra,
+                )
+            )
+            continue
+        ci_eq = clip(stats.paired_interval(x, y, min(2 * levels_eq[i], 1.0)), 1.0)
         out.append(
             Contrast(
                 setting,
@@ -203,11 +267,14 @@ def contrast_family(pairs: list[tuple[str, Group, Group]], margin: float, alpha:
                 levels[i],
                 t.p,
                 p_holm[i],
-                clip(stats.paired_interval(x, y, min(2 * levels_eq[i], 1.0)), 1.0),
+                ci_eq,
                 p_eq_holm[i],
                 t.p_wilcoxon,
                 stats.seeds_to_resolve(t.sd, margin, strictest) if outcome == "inconclusive" else None,
                 None,
+                var=t.sd**2 / t.n,
+                var_seeds=t.sd**2 / t.n,
+                bound=max(abs(ci_eq[0]), abs(ci_eq[1])),
             )
         )
     return out
@@ -225,6 +292,7 @@ class Setting:
     groups: dict[int, Group]
     primary: bool  # holds primary contrasts (the recipe's 2-epoch check does not)
     secondary: list[Contrast] = field(default_factory=list)  # exploratory pairs, own Holm family
+    studies: dict = field(default_factory=dict)  # depth -> the final studies (final.csv's `study`) of its group
 
     @property
     def declared(self) -> list[tuple[int, int]]:
@@ -265,6 +333,13 @@ def recipe_at_epoch(epochs: pd.DataFrame, final: pd.DataFrame, epoch: int) -> pd
     return merged
 
 
+def studies_of(rows: pd.DataFrame) -> dict[int, set]:
+    """{depth: the final studies its rows come from} (tables without a study column: none)."""
+    if "study" not in rows:
+        return {}
+    return {int(d): set(g["study"]) for d, g in rows.groupby("depth")}
+
+
 def declared(df: pd.DataFrame) -> pd.DataFrame:
     """Rows of cells as declared: not a recipe variant nor a matched check (tables from before variants
     have no such column: every row is declared)."""
@@ -293,7 +368,7 @@ def settings_of(epochs: pd.DataFrame, final: pd.DataFrame, config: dict) -> list
         last = int(r.get("epochs", 10))
         checks = sorted({int(ep) for _, ep, _ in r.get("claims", [])} - {last})
         checks = [ep for ep in checks if ep < last]
-        out.append(Setting(f"recipe, {last} epochs", "recipe", groups_of(rec, depths), True))
+        out.append(Setting(f"recipe, {last} epochs", "recipe", groups_of(rec, depths), True, studies=studies_of(rec)))
         out += [
             Setting(f"recipe, {ep} epochs", "recipe", groups_of(recipe_at_epoch(epochs, final, ep), depths), False)
             for ep in checks
@@ -305,14 +380,17 @@ def settings_of(epochs: pd.DataFrame, final: pd.DataFrame, config: dict) -> list
         at = m[m["budget"] == b]
         thin = b in mexp.get("thin_budgets", [])
         depths = [d for d in mexp.get("depths", []) if d > 1 and (not thin or d in (3, 4, 5))]
-        out.append(Setting(matched_key(b), "matched", groups_of(of_shape(at, "funnel"), depths), True))
+        funnel = of_shape(at, "funnel")
+        out.append(Setting(matched_key(b), "matched", groups_of(funnel, depths), True, studies=studies_of(funnel)))
         constant = of_shape(at, "constant")
         if len(constant) or b in mexp.get("constant_budgets", []):
             both = pd.concat([constant, of_shape(at, "funnel")[lambda x: x["depth"] == 2]])
-            out.append(Setting(matched_key(b, "constant"), "matched", groups_of(both, depths), True))
+            key = matched_key(b, "constant")
+            out.append(Setting(key, "matched", groups_of(both, depths), True, studies=studies_of(both)))
     tuned = final_declared[final_declared["experiment"] == "tuned"]
     if "tuned" in exps or len(tuned):
-        out.append(Setting("tuned", "tuned", groups_of(tuned, exps.get("tuned", {}).get("depths", [])), True))
+        groups = groups_of(tuned, exps.get("tuned", {}).get("depths", []))
+        out.append(Setting("tuned", "tuned", groups, True, studies=studies_of(tuned)))
     return out
 
 
@@ -339,15 +417,60 @@ class Analysis:
         return sum(all(c.outcome == "better" for c in cs) for cs in full), len(full)
 
 
-def analyse(epochs: pd.DataFrame, final: pd.DataFrame, config: dict, margin: float = DEFAULT_MARGIN) -> Analysis:
+def analyse(
+    epochs: pd.DataFrame,
+    final: pd.DataFrame,
+    config: dict,
+    margin: float = DEFAULT_MARGIN,
+    predictions: factorial.Predictions | None = None,
+) -> Analysis:
+    """The settings and contrasts of a study's tables. `final` is every final run (a factorial cell's runs at
+    every rate, a tuned cell's runners-up): the groups read factorial.retrained(final), one run per cell and
+    seed; with `predictions`, each primary contrast's interval carries the test images (and, in a factorial
+    setting, the rate choice) too, and its outcome is also given at each of REPORT_MARGINS."""
+    every = final
+    final = factorial.retrained(final)
     settings = settings_of(epochs, final, config)
     pairs = [(s.key, s.groups[a], s.groups[b]) for s in settings for a, b in s.declared]
-    primary = contrast_family(pairs, margin)
+    estimates = [primary_estimate(s, a, b, final, every, predictions) for s in settings for a, b in s.declared]
+    primary = contrast_family(pairs, margin, estimates=estimates)
+    others = {m: contrast_family(pairs, m, estimates=estimates) for m in REPORT_MARGINS}
+    primary = [
+        dataclasses.replace(c, margins={m: others[m][i].outcome for m in REPORT_MARGINS}) for i, c in enumerate(primary)
+    ]
     settings = [
-        Setting(s.key, s.experiment, s.groups, s.primary, secondary_family(s.key, s.groups, s.declared, margin))
-        for s in settings
+        dataclasses.replace(s, secondary=secondary_family(s.key, s.groups, s.declared, margin)) for s in settings
     ]
     return Analysis(config.get("dataset", "mnist"), margin, settings, primary)
+
+
+def primary_estimate(
+    s: Setting, a: int, b: int, final: pd.DataFrame, every: pd.DataFrame, preds: factorial.Predictions | None
+) -> tuple[str, stats.Estimate] | None:
+    """The whole-uncertainty estimate of depth a minus b in setting `s` (factorial module), or None (seeds only)."""
+    if preds is None:
+        return None
+    rows = {d: setting_rows(s, d, final) for d in (a, b)}
+    if any(r.empty for r in rows.values()):
+        return None
+    try:
+        if "band_point" in final and all(r["band_point"].notna().all() for r in rows.values()):
+            cells = {
+                d: factorial.band_rows(every, factorial.cell_key(r.iloc[0][factorial.CELL])) for d, r in rows.items()
+            }
+            return "chosen", factorial.chosen_estimate(cells[a], cells[b], preds)
+        trained = {d: r[~r["seed"].astype(int).isin(s.groups[d].failed)] for d, r in rows.items()}
+        return "crossed", factorial.crossed_estimate(trained[a], trained[b], preds)
+    except ValueError:
+        return None
+
+
+def setting_rows(s: Setting, depth: int, final: pd.DataFrame) -> pd.DataFrame:
+    """The retrained final runs behind setting `s`'s group of `depth` (its study column names the cell)."""
+    g = s.groups.get(depth)
+    if g is None or "study" not in final or not s.studies.get(depth):
+        return final.iloc[:0]
+    return final[final["study"].isin(s.studies[depth])]
 
 
 def opening_sentence(an: Analysis) -> str:

@@ -37,6 +37,13 @@ DEFAULT_MARGIN = 0.002  # the equivalence margin of studies that declare none (b
 DECLARED_MARGINS = {"mnist": 0.0017, "fashion-mnist": 0.0112}
 
 
+def declared_margin(config: Mapping) -> float:
+    """The equivalence margin a study declares (`config`: its config.json): the dataset's DECLARED_MARGINS for a
+    study of the factorial design (a matched band), DEFAULT_MARGIN for the studies before it."""
+    band = config.get("experiments", {}).get("matched", {}).get("band")
+    return DECLARED_MARGINS.get(config.get("dataset", "mnist"), DEFAULT_MARGIN) if band else DEFAULT_MARGIN
+
+
 def failed_run(accuracy: float, loss: float = 0.0, diverged: bool = False) -> bool:
     """A failed run: it diverged, its loss or accuracy is not finite, or it ends at or below twice
     chance (the 60k-parameter depth-6 funnel once stayed at 11.35% with loss ln 10 from epoch 1)."""
@@ -124,6 +131,14 @@ def grid_scores(means: Mapping[int, float], rule: str) -> dict[int, float]:
     if rule == "mean":
         return dict(means)
     return {i: (means.get(i - 1, m) + 2 * m + means.get(i + 1, m)) / 4 for i, m in means.items()}
+
+
+def rank_band(scores: Mapping[int, list[float]]) -> list[int]:
+    """A factorial cell's band points in order of preference from each point's validation accuracies over the
+    seeds: the highest mean first, ties to the lower rate. The one rule: the workers (a check retrains the first),
+    the tables and the analysis (stats.chosen makes the same choice again inside every resample) apply it."""
+    means = {i: sum(v) / len(v) for i, v in scores.items() if len(v)}
+    return sorted(means, key=lambda i: (-means[i], i))
 
 
 CHECKS = {
@@ -218,7 +233,6 @@ class StudyConfig:
     # Seed k also draws the validation hold-out of its final runs (split_seed + k), so the training subset varies
     # with the seed, identically across depths and rates; tuning runs keep the split of split_seed.
     split_per_seed: bool = False
-    margin: float = DEFAULT_MARGIN  # the declared equivalence margin (not part of the identity: it trains nothing)
 
     def final_split(self, seed: int) -> int:
         """The split seed of final run `seed`'s hold-out."""
@@ -265,6 +279,9 @@ class StudyConfig:
             return 0 if thin else self.matched.lr_points * self.matched.replicates
         return self.tuned.n_trials
 
+    def final_runs(self, cell: Cell) -> int:
+        return final_runs(cell, self.seeds(cell), dataclasses.asdict(getattr(self, cell.experiment)))
+
     def seeds(self, cell: Cell) -> int:
         if cell.experiment == "recipe" and cell.variant:
             return self.recipe.variant_seeds
@@ -279,7 +296,7 @@ class StudyConfig:
     def identity(self, cell: Cell) -> dict:
         """The settings that must match to resume the studies of `cell`."""
         d = dataclasses.asdict(self)
-        for k in ("name", "experiments", "margin", *EXPERIMENTS):
+        for k in ("name", "experiments", *EXPERIMENTS):
             d.pop(k)
         if not self.split_per_seed:
             d.pop("split_per_seed")  # as studies stored before it
@@ -304,6 +321,16 @@ class StudyConfig:
 
 
 NEIGHBOURHOOD = (3, 4, 5)  # the depths of "why four layers, not three or five?"
+
+
+def final_runs(cell: Cell, seeds: int, settings: Mapping) -> int:
+    """Final runs of a cell with `seeds` seeds (`settings`: its experiment's, as a dict or as stored): times the
+    band's rates in a factorial cell (not its check), plus each runner-up's seeds in a tuned cell."""
+    if cell.experiment == "matched" and settings.get("band") and not cell.variant:
+        return seeds * len(settings["band"])
+    if cell.experiment == "tuned":
+        return seeds + int(settings.get("runners_up", 0)) * int(settings.get("runner_up_seeds", 0))
+    return seeds
 
 
 def jsonable(x):
@@ -400,16 +427,36 @@ PRESETS = {
 
 
 # The factorial design as declared for each dataset before its rerun (docs/method.md: "The design, declared"):
-# the band is the quarter-decade grid points around every optimum of depths 3-5 in both earlier runs' grids, with a
-# point to spare on each side of where the optima fell; seeds give 80% power at the Holm level for the declared
-# margin at the spread the earlier runs measured, inflated for the test-set and choice variance the intervals now
-# carry; epochs by the pilot's late gain (python -m study.pilot --epochs ...). Cut to fit 90 minutes: the
-# 1,000,000-parameter budget and the secondary depths 2 and 6 of the matched experiment, and its runner-up check
-# (the factorial trains every rate of the band).
+# - band: the quarter-decade grid points around every optimum of depths 3-5 in both earlier runs' grids (MNIST's
+#   optima fell on 0.0316-0.1, Fashion-MNIST's on 0.0316-0.0562), with a point to spare where an optimum sat
+#   near an end; the same band for every depth;
+# - seeds: 80% power at the Holm level for the declared margin at the spread the earlier runs measured, with room
+#   for the test-set and choice variance the intervals now carry (MNIST: 14 at a per-seed spread of 0.14 points;
+#   Fashion-MNIST: 4 at 0.23, kept at 10 so the seed resamples have something to resample);
+# - epochs: Fashion-MNIST's late gain from 10 to 20 epochs is +0.69 to +0.91 points, from 20 to 40 epochs -0.15
+#   to +0.34 (python -m study.pilot --dataset fashion-mnist --epochs 10 20 40 --seeds 2:
+#   results/pilots/fashion-mnist-horizon.log), so 20; MNIST's from 10 to 20 is +0.03 to +0.09 (the earlier run's
+#   horizon check), so 10, the horizon check measuring it again.
+# Cut to fit 90 minutes: the 1,000,000-parameter budget, the secondary depths 2 and 6 of the matched experiment
+# and its runner-up check (the factorial trains every rate); on Fashion-MNIST, whose runs are twice as long, also
+# the 60,000-parameter budget and the constant-width shape: its matched setting is the text's 242,762-parameter
+# funnel, where the seeds are sized.
 QUARTER_DECADES = {k: 10 ** (k / 4) for k in range(-8, 0)}  # 0.01, 0.0178, ..., 0.562
 FULL_DESIGN = {
-    "mnist": {"band": tuple(QUARTER_DECADES[k] for k in (-6, -5, -4, -3)), "seeds": 16, "epochs": 10},
-    "fashion-mnist": {"band": tuple(QUARTER_DECADES[k] for k in (-7, -6, -5, -4)), "seeds": 10, "epochs": 10},
+    "mnist": {
+        "band": tuple(QUARTER_DECADES[k] for k in (-6, -5, -4, -3)),
+        "seeds": 16,
+        "epochs": 10,
+        "budgets": (60_000, SOURCE_PARAMS),
+        "constant_budgets": (SOURCE_PARAMS,),
+    },
+    "fashion-mnist": {
+        "band": tuple(QUARTER_DECADES[k] for k in (-7, -6, -5, -4)),
+        "seeds": 10,
+        "epochs": 20,
+        "budgets": (SOURCE_PARAMS,),
+        "constant_budgets": (),
+    },
 }
 
 
@@ -418,7 +465,8 @@ def full_design(dataset: str) -> StudyConfig:
     d = FULL_DESIGN[dataset]
     matched = Matched(
         depths=(1, *NEIGHBOURHOOD),
-        budgets=(60_000, SOURCE_PARAMS),
+        budgets=d["budgets"],
+        constant_budgets=d["constant_budgets"],
         thin_budgets=(),
         band=d["band"],
         seeds=d["seeds"],
@@ -433,7 +481,6 @@ def full_design(dataset: str) -> StudyConfig:
         matched=matched,
         tuned=Tuned(runners_up=2),
         split_per_seed=True,
-        margin=DECLARED_MARGINS[dataset],
     )
 
 
@@ -489,6 +536,7 @@ def cell_widths(cell: Cell, params: dict, settings: dict) -> tuple[int, ...]:
 # --- names in the storage ------------------------------------------------------------------------
 
 FINAL_SUFFIX = "-final"
+PREDICTIONS_FILE = "predictions.npz"  # every final run's predicted class of each test image, beside the tables
 NAME = re.compile(
     r"(?P<name>.+)-(?P<experiment>recipe|matched|tuned)(-(?P<shape>constant))?"
     rf"(-(?P<variant>{'|'.join([*VARIANTS, *CHECKS])}))?(-params(?P<budget>\d+))?-depth(?P<depth>\d+)"

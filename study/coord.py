@@ -44,7 +44,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from .config import FINAL_SUFFIX, failed_run, grid_scores, parse_study_name
+from .config import FINAL_SUFFIX, failed_run, grid_scores, parse_study_name, rank_band
 from .storage import StudyError
 
 if TYPE_CHECKING:  # the tables and the report read stored curves without loading PyTorch
@@ -198,9 +198,7 @@ def best_trial(trials: list[FrozenTrial], place: int = 0, rule: str = "mean") ->
 
 def band_choice(runs: list, place: int = 0) -> int | None:
     """The band point a factorial cell chooses from its completed final runs (FrozenTrials with "band_point"
-    and "val_accuracy" attributes): the highest mean validation accuracy over its seeds, a diverged or failed run
-    counting at its accuracy (0 when diverged); ties go to the lower rate. place 1: the runner-up. The one rule,
-    used by the workers (a check retrains it) and the analysis (stats.chosen makes it again per resample)."""
+    and "val_accuracy" attributes), by config.rank_band; a diverged run counts at 0. place 1: the runner-up."""
     scores: dict[int, list[float]] = {}
     for t in runs:
         point = t.user_attrs.get("band_point")
@@ -208,7 +206,7 @@ def band_choice(runs: list, place: int = 0) -> int | None:
             continue
         val = t.user_attrs.get("val_accuracy")
         scores.setdefault(int(point), []).append(0.0 if val is None or t.user_attrs.get("diverged") else float(val))
-    ranked = sorted(scores, key=lambda i: (-sum(scores[i]) / len(scores[i]), i))
+    ranked = rank_band(scores)
     return ranked[place] if len(ranked) > place else None
 
 

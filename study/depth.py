@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             engine.open_studies(storage, cfg, cell, run.heartbeat_interval)  # refuse mismatches before any work
         print(
             f"study {cfg.name!r}: {', '.join(cfg.experiments)}: {len(cells)} cells, "
-            f"{sum(cfg.n_trials(c) for c in cells)} tuning trials and {sum(cfg.seeds(c) for c in cells)} final "
+            f"{sum(cfg.n_trials(c) for c in cells)} tuning trials and {sum(cfg.final_runs(c) for c in cells)} final "
             f"runs, {run.workers} worker(s) x {run.threads} thread(s), storage {redact(run.storage)}",
             flush=True,
         )
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     if run.render_report:
         from . import report
 
-        margin = cfg.margin if args.margin is None else args.margin / 100
+        margin = None if args.margin is None else args.margin / 100  # None: the study's declared margin
         print(f"wrote {report.render(run.out, margin=margin)}")
     else:
         print(f"wrote tables to {run.out}")

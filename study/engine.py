@@ -602,7 +602,7 @@ def work(cfg: StudyConfig, run: RunConfig, index: int = 0, data: dict[str, MNIST
     # A thread lock, not tqdm's default multiprocessing one: a worker killed with -9 then leaks no semaphore
     # (the resource tracker would print a warning about it when the command ends).
     tqdm.set_lock(threading.RLock())
-    total = sum(cfg.n_trials(c) + cfg.seeds(c) for c in cfg.cells())
+    total = sum(cfg.n_trials(c) + cfg.final_runs(c) for c in cfg.cells())
     with tqdm(
         total=total, desc=f"worker {index}", position=index, leave=True, unit="run", mininterval=1.0, disable=None
     ) as bar:
@@ -612,7 +612,7 @@ def work(cfg: StudyConfig, run: RunConfig, index: int = 0, data: dict[str, MNIST
                 return
             done = sum(
                 min(tune.counts(worker.tune_demand(c))[0], cfg.n_trials(c))
-                + min(final.counts_completed(), cfg.seeds(c))
+                + min(final.counts_completed(), cfg.final_runs(c))
                 for c, (tune, final) in worker.ledgers.items()
             )
             bar.update(done - bar.n)

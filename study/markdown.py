@@ -84,8 +84,22 @@ def contrast_table(contrasts: list[Contrast], with_setting: bool, notes: dict | 
             "outcome": outcome_words(c)
             + (f"; {notes[(c.setting, c.a, c.b)]}" if notes and (c.setting, c.a, c.b) in notes else ""),
         }
+        if any(x.margins for x in contrasts):  # the primary family: what the interval carries, and the margin's role
+            row |= {
+                "interval carries": ESTIMATE_WORDS.get(c.estimate, c.estimate),
+                "equivalence bound": f"±{pts(c.bound)}" if math.isfinite(c.bound) else "n/a",
+                **{f"at ±{100 * m:.2f}": SHORT.get(o, o) for m, o in c.margins.items()},
+            }
         rows.append(row)
     return md_table(pd.DataFrame(rows))
+
+
+ESTIMATE_WORDS = {
+    "chosen": "seeds, rate choice, test images",
+    "crossed": "seeds, test images",
+    "seeds": "seeds only",
+}
+SHORT = {"equivalent": "equivalent", "inconclusive": "undecided", "not computed": "n/a"}
 
 
 # --- the answer, first -----------------------------------------------------------------------------
@@ -94,32 +108,28 @@ NEIGHBOUR_WORDS = {3: "three", 5: "five"}
 
 
 def answer_sentence(name: str, primary: list[Contrast], margin: float) -> str:
-    """The answer in one sentence that names its settings: where depth 4 is within the margin of both
-    neighbours, of one, where it is better or worse (with the difference and interval), and how many
-    contrasts are undecided."""
+    """The answer in one sentence that states bounds, not labels: for each neighbour, the settings where four
+    layers is equivalent to it at the declared margin and the largest equivalence bound among them ("within
+    ±X points"); where it is better or worse (difference and interval); and what is undecided, with its bound."""
     if not primary:
         return (
             f"On {name}, this study has no setting with depth 4 and a neighbour, so it does not answer "
             '"why four layers?"; the sections below describe what it ran.'
         )
-    m = f"±{100 * margin:.2f} points"
-    settings: dict[str, list[Contrast]] = {}
-    for c in primary:
-        settings.setdefault(c.setting, []).append(c)
-    both = [s for s, cs in settings.items() if len(cs) == 2 and all(c.outcome == "equivalent" for c in cs)]
-    alone: dict[int, list[str]] = {}  # neighbour -> settings where only that contrast is equivalent
-    for c in primary:
-        if c.outcome == "equivalent" and c.setting not in both:
-            alone.setdefault(c.b, []).append(c.setting)
-    one = " and ".join(f"{NEIGHBOUR_WORDS.get(b, b)} in {' / '.join(ss)}" for b, ss in alone.items())
-    phrases = []  # what four layers does, each a verb phrase
-    if both:
-        phrases.append(
-            f"is within {m} of both three and five in {len(both)} of {len(settings)} settings ({' / '.join(both)})"
-            + (f", and of {one}" if one else "")
-        )
-    elif one:
-        phrases.append(f"is within {m} of {one}")
+    within = []
+    for b in sorted({c.b for c in primary}):
+        eq = [c for c in primary if c.b == b and c.outcome == "equivalent"]
+        if eq:
+            bound = max(c.bound for c in eq)
+            within.append(
+                f"within ±{pts(bound)} points of {NEIGHBOUR_WORDS.get(b, b)} in "
+                + (
+                    f"every setting ({len(eq)})"
+                    if len(eq) == len(settings_of(primary))
+                    else " / ".join(c.setting for c in eq)
+                )
+            )
+    phrases = ["is " + " and ".join(within)] if within else []
     phrases += [
         f"{'beats' if c.outcome == 'better' else 'trails'} {NEIGHBOUR_WORDS.get(c.b, c.b)} in {c.setting} "
         f"({signed(c.diff)} points, interval {signed(c.ci[0])} to {signed(c.ci[1])})"
@@ -127,11 +137,23 @@ def answer_sentence(name: str, primary: list[Contrast], margin: float) -> str:
         if c.outcome in ("better", "worse")
     ]
     open_ = [c for c in primary if c.outcome in ("inconclusive", "not computed")]
+    declared = f"the declared margin ±{100 * margin:.2f} points"
     if not phrases:
-        return f"On {name}, no contrast of four layers with three or five is decided: all {len(primary)} are undecided."
-    listed = " / ".join(f"{NEIGHBOUR_WORDS.get(c.b, c.b)} in {c.setting}" for c in open_)
+        return (
+            f"On {name}, no contrast of four layers with three or five is decided at {declared}: all {len(primary)} "
+            "are undecided (their equivalence bounds are in the table)."
+        )
+    listed = " / ".join(
+        f"{NEIGHBOUR_WORDS.get(c.b, c.b)} in {c.setting}"
+        + (f" (bound ±{pts(c.bound)})" if math.isfinite(c.bound) else "")
+        for c in open_
+    )
     rest = f"; against {listed} it is undecided" if open_ else ""
-    return f"On {name}, four layers " + "; it ".join(phrases) + rest + "."
+    return f"On {name}, at {declared}, four layers " + "; it ".join(phrases) + rest + "."
+
+
+def settings_of(primary: list[Contrast]) -> list[str]:
+    return list(dict.fromkeys(c.setting for c in primary))
 
 
 def setting_table(primary: list[Contrast]) -> str:
@@ -143,6 +165,8 @@ def setting_table(primary: list[Contrast]) -> str:
         words = outcome_words(c).split(" (planning")[0]
         if c.outcome == "equivalent":  # decided by the two-one-sided-tests interval, not the Holm one
             words += f" (TOST {interval(*c.ci_equivalence)})"
+        if math.isfinite(c.bound) and c.outcome != "not computed":
+            words += f"; bound ±{pts(c.bound)}"
         text = f"{signed(c.diff)} {interval(*c.ci)}: {words}" if c.outcome != "not computed" else words
         row[f"depth 4 minus {c.b}"] = text
     columns = ["setting", *sorted({k for r in rows.values() for k in r} - {"setting"})]

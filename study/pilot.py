@@ -24,7 +24,7 @@ cli.starting(__name__)
 
 import multiprocessing
 
-from .config import SOURCE_PARAMS, full_design
+from .config import DECLARED_MARGINS, SOURCE_PARAMS, full_design
 
 PEAK_LR = 0.0316
 DEPTHS = (3, 4, 5)
@@ -89,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         diff = np.array([acc[(4, s)] - acc[(other, s)] for s in seeds])
         sds.append(float(diff.std(ddof=1)))
         print(f"depth 4 minus {other}: mean {100 * diff.mean():+.3f} points, sd {100 * sds[-1]:.3f} points")
-    needed = stats.seeds_to_resolve(max(sds), design.margin, level)
+    margin = DECLARED_MARGINS[args.dataset]
+    needed = stats.seeds_to_resolve(max(sds), margin, level)
     print(
-        f"seeds for 80% power at level {stats.ALPHA}/{family} = {level:.4f}, margin {100 * design.margin:g} points, "
+        f"seeds for 80% power at level {stats.ALPHA}/{family} = {level:.4f}, margin {100 * margin:g} points, "
         f"largest sd {100 * max(sds):.3f}: {needed}"
     )
     return 0

@@ -32,7 +32,7 @@ from mnist_bench.files import write_file
 from mnist_bench.interrupt import Interrupted
 from mnist_bench.redact import redact
 
-from . import figures, replication
+from . import factorial, figures, replication
 from .analysis import (
     DATASET_NAMES,
     SOURCE_DEPTH,
@@ -48,7 +48,17 @@ from .analysis import (
     opening_sentence,
     state_counts,
 )
-from .config import DEFAULT_MARGIN, FAILED_AT, LR_RULES, SOURCE_PARAMS, VARIANTS, SearchSpace, refuse_other_study
+from .config import (
+    DEFAULT_MARGIN,
+    FAILED_AT,
+    LR_RULES,
+    PREDICTIONS_FILE,
+    SOURCE_PARAMS,
+    VARIANTS,
+    SearchSpace,
+    declared_margin,
+    refuse_other_study,
+)
 from .design import checks, trial_counts
 from .markdown import answer_sentence, contrast_table, interval, md_table, p_value, pts, setting_table, signed
 from .results import load_results, read_throughput
@@ -450,7 +460,7 @@ def render(
     out = out or results
     compare_with, margin, replicate_of = recorded_options(out, compare_with, margin, replicate_of)
     try:
-        path = _render(results, out, compare_with, margin, replicate_of)
+        path, margin = _render(results, out, compare_with, margin, replicate_of)
         pairs = (("compare", compare_with), ("replicate", replicate_of))
         relative = {k: None if v is None else os.path.relpath(v, out) for k, v in pairs}
         write_file(out / OPTIONS, json.dumps({**relative, "margin_points": round(100 * margin, 6)}, indent=1) + "\n")
@@ -462,7 +472,7 @@ def render(
 
 def recorded_options(
     out: Path, compare_with: Path | None, margin: float | None, replicate_of: Path | None
-) -> tuple[Path | None, float, Path | None]:
+) -> tuple[Path | None, float | None, Path | None]:
     """(compare, margin, replicate): each as given, or else as recorded beside the report in `out`."""
     path = out / OPTIONS
     recorded: dict = {}
@@ -490,10 +500,10 @@ def recorded_options(
         return found
 
     compare_with, replicate_of = folder(compare_with, "compare"), folder(replicate_of, "replicate")
-    if margin is None:
+    if margin is None:  # else the one the study declares (config.json), read with the tables
         points = recorded.get("margin_points")
         valid = isinstance(points, (int, float)) and 0 < points < 100
-        margin = points / 100 if valid else DEFAULT_MARGIN
+        margin = points / 100 if valid else None
         if valid and margin != DEFAULT_MARGIN:
             reused.append(f"--margin {points:g}")
     if reused:
@@ -505,13 +515,17 @@ def _render(
     results: Path,
     out: Path,
     compare_with: Path | None = None,
-    margin: float = DEFAULT_MARGIN,
+    margin: float | None = None,
     replicate_of: Path | None = None,
-) -> Path:
+) -> tuple[Path, float]:
     """Render report.md and the figures from the tables in `results` into `out` (default: the same
     folder); with `compare_with`, another dataset's results folder, add the cross-dataset section.
-    `margin` is the equivalence margin as an accuracy fraction (0.002 = 0.2 points)."""
-    trials, epochs, final, config = load_results(results)
+    `margin` is the equivalence margin as an accuracy fraction (0.002 = 0.2 points); None: the one the study
+    declares in config.json (DEFAULT_MARGIN for studies that declare none). Returns (report, margin)."""
+    trials, epochs, every, config = load_results(results)
+    predictions = factorial.read_predictions(results / PREDICTIONS_FILE)
+    final = factorial.retrained(every)  # one run per cell and seed: each factorial cell at its chosen rate
+    margin = margin if margin is not None else declared_margin(config)
     other = load_results(compare_with) if compare_with is not None else None
     again = None
     if replicate_of is not None:
@@ -529,7 +543,7 @@ def _render(
     throughput = read_throughput(results / "throughput.csv")
     out.mkdir(parents=True, exist_ok=True)
 
-    an = analyse(epochs, final, config, margin)
+    an = analyse(epochs, every, config, margin, predictions)
     second = analyse(other[1], other[2], other[3], margin) if other is not None else None
     dataset = config.get("dataset", "mnist")
     exps = config.get("experiments", {})
@@ -702,7 +716,7 @@ def _render(
     doc += caveats(config) + environment(final)
     path = out / "report.md"
     write_file(path, "\n".join(doc))  # UTF-8, whole or not at all: a reader never sees half a report
-    return path
+    return path, margin
 
 
 def analyse_softmax(final: pd.DataFrame):

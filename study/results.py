@@ -70,13 +70,18 @@ REQUIRED = {  # the columns the report reads
 }
 PACK_COLUMNS = ("pack", "batch_order", "speedup", "fraction_of_peak")  # what the packs figure reads of pack rows
 KEYS = {  # what names one row of a table: a second row with the same key is refused, never counted twice
-    "final": ([*CELL_COLUMNS, "seed"], "a second run of the same cell and seed (one run per seed is counted)"),
+    "final": (
+        [*CELL_COLUMNS, "seed"],
+        "a second run of the same cell, configuration and seed (one run per seed is counted)",
+    ),
     "trials": ([*CELL_COLUMNS, "trial"], "a second row of the same cell and trial number (one row per tuning trial)"),
     "epochs": (
         [*CELL_COLUMNS, "run", "trial", "seed", "epoch"],
         "a second row of the same run and epoch (one row per epoch of a run)",
     ),
 }
+# Columns that also name a row where a table has them: a factorial cell's band point, a tuned cell's runners-up.
+OPTIONAL_KEYS = {"final": ["source_trial", "band_point"]}
 DTYPES = {"widths": "string", "command": "string", "budget": "Int64", "shape": "string", "variant": "string"}
 # What a column may hold (checked on read, so a damaged cell is one line, never a wrong number);
 # "!" marks a column that may not be empty.
@@ -143,6 +148,12 @@ CHECKS = {
         "param_epochs": "count",
         "diverged": "flag",
         "failed": "flag",
+        "band_point": "index",
+        "place": "index",
+        "pack": "count",
+        "split_seed": "whole",
+        "val_accuracy": "fraction",
+        "val_correct": "index",
     },
     "throughput": {
         "pipeline": "text!",
@@ -270,6 +281,7 @@ def read_table(
     df = validate(df, path, checks or {})
     key, why = KEYS.get(path.stem, (None, ""))
     if key is not None and set(key) <= set(df.columns):
+        key = key + [c for c in OPTIONAL_KEYS.get(path.stem, []) if c in df.columns]
         twice = df.duplicated(key, keep="first")
         if twice.any():
             raise UserError(f"{path} row {row_of(df, twice.idxmax())}: {why}")
@@ -517,7 +529,7 @@ def _fit_config(
         if cell not in present:
             continue
         entry = pending.get((cell.key, "final runs"))
-        seeds, n = cfg.seeds(cell), runs.get(cell, 0)
+        seeds, n = cfg.final_runs(cell), runs.get(cell, 0)
         if entry is not None and n != entry["done"]:
             raise UserError(
                 f"{paths['final']} has {n} final runs of {cell.key}, where config.json records {entry['done']} of "
@@ -560,10 +572,14 @@ def _fit_epochs(
     each run's epochs (`lengths`, empty where unknown), and no run that table does not list."""
     table, column = ("final", "seed") if run == "final" else ("trials", "trial")
     what = "the final run of {cell}, seed {n}" if run == "final" else "tuning trial {n} of {cell}"
+    own = column
+    if run == "final" and "run_trial" in runs and runs["run_trial"].notna().all():
+        # a cell may hold several runs of one seed (a factorial's rates): match each by its own trial number
+        column, own, what = "trial", "run_trial", "the final run of {cell} in trial {n}"
     rows = epochs["run"] == run
     kept = _count((cell, _whole(n)) for cell, n, r in zip(cells["epochs"], epochs[column], rows) if r)
     listed = set()
-    for i, cell, n, length in zip(runs.index, cells[table], runs[column], lengths, strict=True):
+    for i, cell, n, length in zip(runs.index, cells[table], runs[own], lengths, strict=True):
         key = (cell, _whole(n))
         listed.add(key)
         if pd.notna(length) and kept.get(key, 0) != length:
@@ -594,8 +610,9 @@ def _fit_retrained(
     runs = _count(cells["final"])
     sources: dict[Cell, set] = {}
     if "source_trial" in final:
-        for cell, source in zip(cells["final"], final["source_trial"], strict=True):
-            if pd.notna(source):
+        place = final["place"].fillna(0) if "place" in final else pd.Series(0, index=final.index)
+        for cell, source, p in zip(cells["final"], final["source_trial"], place, strict=True):
+            if pd.notna(source) and p == 0:  # a tuned cell's runners-up retrain other trials on purpose
                 sources.setdefault(cell, set()).add(int(source))
     for cell, numbers in marked.items():
         named = ", ".join(map(str, sorted(sources.get(cell, ()))))

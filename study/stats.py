@@ -142,7 +142,45 @@ def wilcoxon_p(d: np.ndarray) -> float:
 
 
 @dataclass(frozen=True)
-class Crossed:
+class Estimate:
+    """A mean with the variance of its estimate and Satterthwaite degrees of freedom: the t reference that
+    every interval and test of a primary contrast is read from (the paired t test is the case of seeds alone)."""
+
+    mean: float
+    var: float
+    df: float
+
+    @property
+    def se(self) -> float:
+        return math.sqrt(self.var)
+
+    def interval(self, level: float) -> tuple[float, float]:
+        """Two-sided (1 - level) interval of the mean."""
+        half = float(stats.t.ppf(1 - level / 2, self.df)) * self.se
+        return (self.mean - half, self.mean + half)
+
+    def equivalence_bound(self, level: float) -> float:
+        """The smallest margin at which two one-sided tests at `level` each declare the mean inside +-margin:
+        the farther end of the (1 - 2 level) interval from zero."""
+        low, high = self.interval(2 * level)
+        return max(abs(low), abs(high))
+
+    @property
+    def p(self) -> float:
+        """Two-sided p of H0: mean 0."""
+        return float(2 * stats.t.sf(abs(self.mean) / self.se, self.df)) if self.se > 0 else float(self.mean == 0)
+
+    def p_equivalence(self, margin: float) -> float:
+        """Two one-sided tests of H0: |mean| >= margin (the larger of the two p-values)."""
+        if not self.se > 0:
+            return 0.0 if abs(self.mean) < margin else 1.0
+        lower = stats.t.sf((self.mean + margin) / self.se, self.df)
+        upper = stats.t.cdf((self.mean - margin) / self.se, self.df)
+        return float(max(lower, upper))
+
+
+@dataclass(frozen=True)
+class Crossed(Estimate):
     """The mean of a seeds x test-images table of per-image values (a contrast: 1, 0 or -1 where one depth's
     run classifies the image correctly and the other's does not), with the variance of that mean from both
     samples: the seeds (initialisation, batch order, split) and the test images (a sample of the images the
@@ -154,23 +192,9 @@ class Crossed:
     decomposition of a crossed exchangeable array). Floored at the seeds-only variance MS_seeds / nm, the
     interval the seeds alone give, which is what it adds to. Its degrees of freedom are Satterthwaite's."""
 
-    mean: float
-    var: float  # of the mean: seeds, test images and their interaction
-    df: float
     var_seeds: float  # MS_seeds / nm: the paired t interval's variance (per-seed means on one fixed test set)
     n: int
     m: int
-
-    def interval(self, level: float) -> tuple[float, float]:
-        """Two-sided (1 - level) interval of the mean."""
-        half = float(stats.t.ppf(1 - level / 2, self.df)) * math.sqrt(self.var)
-        return (self.mean - half, self.mean + half)
-
-    def equivalence_bound(self, level: float) -> float:
-        """The smallest margin at which two one-sided tests at `level` each declare the mean inside +-margin:
-        the farther end of the (1 - 2 level) interval from zero."""
-        low, high = self.interval(2 * level)
-        return max(abs(low), abs(high))
 
 
 def crossed(table: np.ndarray) -> Crossed:
@@ -196,25 +220,16 @@ def crossed(table: np.ndarray) -> Crossed:
 
 
 @dataclass(frozen=True)
-class Chosen:
+class Chosen(Estimate):
     """A contrast with each depth at its own best rate, the choice made on validation: the mean test difference
     at the chosen rates, and the variance of that whole procedure. The seeds' part (with the choice) comes from
     a bootstrap over seeds that makes the choice again in every resample; the test images' part from the
     crossed decomposition at the chosen rates (the choice reads no test image, so the two add)."""
 
-    mean: float
-    var: float
-    df: float
     choices: tuple[int, int]  # the rate index each depth chose
     moved: float  # the share of resamples in which either depth chose another rate
-
-    def interval(self, level: float) -> tuple[float, float]:
-        half = float(stats.t.ppf(1 - level / 2, self.df)) * math.sqrt(self.var)
-        return (self.mean - half, self.mean + half)
-
-    def equivalence_bound(self, level: float) -> float:
-        low, high = self.interval(2 * level)
-        return max(abs(low), abs(high))
+    var_seeds: float  # the seeds' part, the choice made again in every resample
+    n: int
 
 
 def chosen(
@@ -238,7 +253,7 @@ def chosen(
     var = var_seeds + var_images
     m = test_a.shape[2]
     df = var**2 / (var_seeds**2 / (n - 1) + var_images**2 / (m - 1)) if var > 0 else float(n - 1)  # Satterthwaite
-    return Chosen(mean, var, float(df), (ca, cb), moved)
+    return Chosen(mean, var, float(df), (ca, cb), moved, var_seeds, n)
 
 
 def paired_interval(x: np.ndarray, y: np.ndarray, level: float) -> tuple[float, float]:

@@ -24,10 +24,13 @@ from mnist_bench.files import os_error, write_files
 from mnist_bench.sizes import count_params, forward_flops, train_flops
 
 from .config import (
+    NEIGHBOURHOOD,
+    PREDICTIONS_FILE,
     Cell,
     cell_widths,
     chooser,
     failed_run,
+    final_runs,
     parse_study_name,
     study_name,
 )
@@ -38,6 +41,7 @@ from .coord import (
     band_choice,
     best_trial,
     decode_curve,
+    decode_predictions,
     failed_trial,
     foreign,
     refuse_foreign,
@@ -223,10 +227,12 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
             "failed": failed_run(_number(a["test_accuracy"]), _number(a["test_loss"]), a["diverged"]),
             "train_seconds": a["train_seconds"],
             "samples_per_s": a["samples_per_s"],
+            "pack": a.get("pack"),  # networks trained in its pass (results do not depend on it)
             "started": _utc(t.datetime_start),
             "finished": _utc(t.datetime_complete),
             "curve": json.dumps(curve),
             **_env(t),
+            PREDICTIONS: a.get("test_predictions"),  # exported to predictions.npz, not to final.csv
         }
         run = (a["source_trial"], a.get("band_point"), a["seed"])
         if a["source_trial"] not in places:
@@ -253,7 +259,35 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
 
 
 TABLES = ("trials", "epochs", "final", "superseded")
-OUTPUT_FILES = (*(f"{k}.csv" for k in TABLES), "config.json")  # what write_tables writes
+OUTPUT_FILES = (*(f"{k}.csv" for k in TABLES), "config.json", PREDICTIONS_FILE)  # what write_tables writes
+PREDICTIONS = "test_predictions"  # a final row's stored predictions on their way to PREDICTIONS_FILE
+
+
+def predictions_file(final: pd.DataFrame, labels: dict[str, str]) -> bytes:
+    """PREDICTIONS_FILE of the final runs (numpy's compressed npz): `study` and `run_trial` name each run (final.csv's
+    columns), `predictions` (runs x test images, uint8) its predicted class of every test image, `labels` the test
+    labels. Runs stored before predictions, and studies without stored labels, are left out."""
+    import io
+
+    import numpy as np
+
+    rows = final[final[PREDICTIONS].notna()] if PREDICTIONS in final else final.iloc[:0]
+    rows = rows[rows["study"].isin(labels)]
+    found = {decode_predictions(t).tobytes() for t in labels.values()}
+    if len(found) > 1:
+        raise StudyError("the final studies hold different test labels: not one test set")
+    preds = [decode_predictions(t) for t in rows[PREDICTIONS]]
+    buffer = io.BytesIO()
+    np.savez_compressed(
+        buffer,
+        study=rows["study"].to_numpy(str),
+        run_trial=rows["run_trial"].to_numpy(np.int64),
+        predictions=np.stack(preds) if preds else np.zeros((0, 0), np.uint8),
+        labels=np.frombuffer(found.pop(), np.uint8) if found else np.zeros(0, np.uint8),
+    )
+    return buffer.getvalue()
+
+
 EMPTY_COLUMNS = {
     "trials": [
         "study",
@@ -329,12 +363,16 @@ def write_tables(storage, name: str, cells, out: Path) -> dict[str, pd.DataFrame
     except OSError as e:
         raise UserError(f"cannot write to {out} ({os_error(e)})") from None
     tables = collect(storage, name, cells)
+    labels: dict[str, str] = {}
     experiments: dict[str, dict] = {}
     shared: dict = {}
     in_progress = []
     for cell in cells:
         tune = load(storage, study_name(name, cell))
-        in_progress += progress(tune, load(storage, study_name(name, cell, final=True)), cell, tables)
+        final = load(storage, study_name(name, cell, final=True))
+        in_progress += progress(tune, final, cell, tables)
+        if "test_labels" in final.user_attrs:
+            labels[final.study_name] = final.user_attrs["test_labels"]
         config = dict(tune.user_attrs["config"])
         exp = experiments.setdefault(cell.experiment, {**config.pop("experiment"), "depths": [], "budgets": []})
         config.pop("cell")
@@ -348,6 +386,8 @@ def write_tables(storage, name: str, cells, out: Path) -> dict[str, pd.DataFrame
             exp["variant_seeds" if cell.experiment == "recipe" else "check_seeds"] = seeds
         elif cell.budget is not None and cell.budget in exp.get("thin_budgets", []):
             exp["thin_seeds"] = seeds
+        elif cell.experiment == "matched" and exp.get("band") and cell.depth not in NEIGHBOURHOOD:
+            exp["reference_seeds"] = seeds  # a factorial's secondary references
         else:
             exp["n_trials"] = tune.user_attrs.get("n_trials")
             exp["seeds"] = seeds
@@ -359,7 +399,10 @@ def write_tables(storage, name: str, cells, out: Path) -> dict[str, pd.DataFrame
         "superseded_final_runs": len(tables["superseded"]),
         "in_progress": in_progress,
     }
-    files: dict[str, str] = {f"{key}.csv": df.to_csv(index=False) for key, df in tables.items()}
+    files: dict[str, str | bytes] = {PREDICTIONS_FILE: predictions_file(tables["final"], labels)}
+    for key in ("final", "superseded"):
+        tables[key] = tables[key].drop(columns=[PREDICTIONS], errors="ignore")
+    files |= {f"{key}.csv": df.to_csv(index=False) for key, df in tables.items()}
     files["config.json"] = json.dumps(config, indent=2) + "\n"
     write_files(out, files)  # all of them or none: never a new final.csv beside an old epochs.csv
     return tables
@@ -381,11 +424,11 @@ def progress(tune: optuna.Study, final: optuna.Study, cell: Cell, tables: dict[s
             done = len(ran)
         if done < budget:
             out.append({"cell": cell.key, "what": "tuning runs", "done": done, "budget": budget})
-    seeds = final.user_attrs.get("seeds") or 0
+    runs = final_runs(cell, final.user_attrs.get("seeds") or 0, tune.user_attrs["config"]["experiment"])
     rows = tables["final"]
     done = int((rows["study"] == final.study_name).sum()) if len(rows) else 0
-    if done < seeds:
-        out.append({"cell": cell.key, "what": "final runs", "done": done, "budget": seeds})
+    if done < runs:
+        out.append({"cell": cell.key, "what": "final runs", "done": done, "budget": runs})
     return out
 
 

@@ -1,0 +1,163 @@
+"""The factorial design read back from the tables, and the whole uncertainty of a primary contrast.
+
+A factorial cell (config.Matched.band) trains every rate of the band with every seed; each depth's rate is the
+band point with the best mean validation accuracy (config.rank_band). `retrained` is final.csv as a study of
+one run per cell and seed: each factorial cell at its chosen rate, each tuned cell's best trial (its runners-up
+apart). A primary contrast's estimate reads the runs' per-image test predictions (predictions.npz):
+
+- a factorial setting: each depth at its own best rate, the choice made again inside every seed resample
+  (stats.chosen), plus the test images' part (stats.crossed);
+- any other (the recipe, the tuned depths): the seeds x test-images table of per-image differences
+  (stats.crossed), so the test set's sampling is in the interval too.
+
+Without predictions (tables from before them) a contrast falls back to the paired t on per-seed accuracies
+(seeds only), and says so.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mnist_bench.errors import UserError
+
+from . import stats
+from .config import rank_band
+
+REGENERATE = "regenerate it from the study's storage with python -m study.report --storage URL --out DIR"
+CELL = ["experiment", "budget", "shape", "variant", "depth"]
+SEEDS_ONLY = "seeds only (no per-image predictions)"
+ESTIMATES = {
+    "chosen": "seeds, the rate choice and test images",
+    "crossed": "seeds and test images",
+    "seeds": SEEDS_ONLY,
+}
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Each final run's correctness on every test image, keyed by (study, run_trial) as final.csv names runs."""
+
+    correct: dict[tuple[str, int], np.ndarray]  # bool (images,)
+    images: int
+
+    @classmethod
+    def from_arrays(cls, study, run_trial, predictions, labels) -> Predictions:
+        labels = np.asarray(labels)
+        correct = {
+            (str(s), int(t)): np.asarray(p) == labels for s, t, p in zip(study, run_trial, predictions, strict=True)
+        }
+        return cls(correct, len(labels))
+
+    def of(self, row) -> np.ndarray | None:
+        return self.correct.get((str(row["study"]), int(row["run_trial"])))
+
+
+def read_predictions(path: Path) -> Predictions | None:
+    """predictions.npz as tables.write_tables writes it, None where there is none, or one line saying what is
+    wrong with it."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ("study", "run_trial", "predictions", "labels")}
+        preds, labels = arrays["predictions"], arrays["labels"]
+        if preds.ndim != 2 or labels.ndim != 1 or (len(preds) and preds.shape[1] != len(labels)):
+            raise ValueError(f"predictions of shape {preds.shape} against {labels.shape} labels")
+        if not len(arrays["study"]) == len(arrays["run_trial"]) == len(preds):
+            raise ValueError("its arrays name a different number of runs")
+        return Predictions.from_arrays(arrays["study"], arrays["run_trial"], preds, labels)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path} is not the predictions file study.depth writes ({first}): {REGENERATE}") from None
+
+
+def _points(final: pd.DataFrame) -> pd.Series:
+    return final["band_point"] if "band_point" in final else pd.Series(np.nan, index=final.index)
+
+
+def val_score(row) -> float:
+    """What a run contributes to its rate's choice: its last epoch's validation accuracy, 0 when it diverged
+    (as coord.band_choice, which the workers apply)."""
+    val = row.get("val_accuracy")
+    if bool(row.get("diverged", False)) or val is None or pd.isna(val):
+        return 0.0
+    return float(val)
+
+
+def cell_key(values) -> tuple:
+    """A cell's CELL values with every missing value as None (a dictionary key that compares equal)."""
+    return tuple(None if pd.isna(v) else v for v in values)
+
+
+def choices(final: pd.DataFrame) -> dict[tuple, int]:
+    """The band point each factorial cell of final.csv chose: {cell_key: point}."""
+    rows = final[_points(final).notna()]
+    scores: dict[tuple, dict[int, list[float]]] = {}
+    for _, row in rows.iterrows():
+        cell = scores.setdefault(cell_key(row[c] for c in CELL), {})
+        cell.setdefault(int(row["band_point"]), []).append(val_score(row))
+    return {k: rank_band(v)[0] for k, v in scores.items()}
+
+
+def retrained(final: pd.DataFrame) -> pd.DataFrame:
+    """final.csv with one run per cell and seed: a factorial cell's runs at its chosen rate, a tuned cell's runs of
+    its best trial (place 0). Tables from before either are returned as they are."""
+    keep = pd.Series(True, index=final.index)
+    if "place" in final:
+        keep &= final["place"].fillna(0) == 0
+    points = _points(final)
+    if points.notna().any():
+        chosen = choices(final)
+        cells = zip(*(final[c] for c in CELL))
+        wanted = pd.Series([chosen.get(cell_key(k)) for k in cells], index=final.index, dtype=float)
+        keep &= points.isna() | (points == wanted)
+    return final[keep]
+
+
+def band_rows(final: pd.DataFrame, cell: tuple) -> pd.DataFrame:
+    """Every run of one factorial cell (its cell_key; all band points)."""
+    at = final[_points(final).notna()]
+    keys = [cell_key(k) for k in zip(*(at[c] for c in CELL))]
+    return at[[k == cell for k in keys]]
+
+
+def chosen_estimate(a: pd.DataFrame, b: pd.DataFrame, preds: Predictions) -> stats.Chosen:
+    """Depth a minus depth b, each at its own best rate, from every run of both factorial cells (`a`, `b`): the
+    seeds with every band point of both depths trained and predicted (raises ValueError when fewer than two)."""
+    points = sorted(set(a["band_point"].astype(int)) | set(b["band_point"].astype(int)))
+    seeds = []
+    for s in sorted(set(a["seed"]) & set(b["seed"])):
+        rows = [_run(g, p, s) for g in (a, b) for p in points]
+        if all(r is not None and preds.of(r) is not None for r in rows):
+            seeds.append(int(s))
+    if len(seeds) < 2:
+        raise ValueError(f"{len(seeds)} seed(s) with every rate of both depths predicted: an interval needs 2")
+
+    def arrays(g: pd.DataFrame):
+        val = np.array([[val_score(_run(g, p, s)) for s in seeds] for p in points])
+        test = np.stack([np.stack([preds.of(_run(g, p, s)) for s in seeds]) for p in points])
+        return val, test
+
+    (val_a, test_a), (val_b, test_b) = arrays(a), arrays(b)
+    return stats.chosen(val_a, val_b, test_a, test_b)
+
+
+def crossed_estimate(a: pd.DataFrame, b: pd.DataFrame, preds: Predictions) -> stats.Crossed:
+    """Depth a minus depth b over the seeds both trained with predictions: the seeds x images table."""
+    by_a = {int(r["seed"]): preds.of(r) for _, r in a.iterrows()}
+    by_b = {int(r["seed"]): preds.of(r) for _, r in b.iterrows()}
+    seeds = sorted(s for s in set(by_a) & set(by_b) if by_a[s] is not None and by_b[s] is not None)
+    if len(seeds) < 2:
+        raise ValueError(f"{len(seeds)} seed(s) with both depths' predictions: an interval needs 2")
+    table = np.stack([by_a[s].astype(np.int8) - by_b[s].astype(np.int8) for s in seeds])
+    return stats.crossed(table)
+
+
+def _run(g: pd.DataFrame, point: int, seed: int):
+    rows = g[(g["band_point"] == point) & (g["seed"] == seed)]
+    return rows.iloc[0] if len(rows) else None
