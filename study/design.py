@@ -185,7 +185,8 @@ def horizon_gains(final: pd.DataFrame, budget: int) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class SeedPlan:
-    """How many seeds the primary contrasts at the text's budget need, from their measured spread."""
+    """How many seeds the primary contrasts at the text's budget need, from their measured spread (per seed, with
+    every source their intervals carry: Contrast.sd_total)."""
 
     sd: float  # the largest spread of per-seed differences among those contrasts
     level: float  # the Holm family's strictest level (alpha / family size)
@@ -196,10 +197,10 @@ class SeedPlan:
 def seed_plan(an: Analysis, budget: int) -> SeedPlan | None:
     """Seeds the primary contrasts at `budget` (both shapes) need, from their largest measured spread."""
     keys = (matched_key(budget), matched_key(budget, "constant"))
-    at = [c for c in an.primary if c.setting in keys and math.isfinite(c.sd) and c.sd > 0]
+    at = [c for c in an.primary if c.setting in keys and math.isfinite(c.sd_total) and c.sd_total > 0]
     if not at:
         return None
-    sd = max(c.sd for c in at)
+    sd = max(c.sd_total for c in at)
     level = ALPHA / len(an.primary)
     return SeedPlan(sd, level, stats.seeds_to_resolve(sd, an.margin, level), min(c.n for c in at))
 
@@ -211,10 +212,10 @@ def achieved_power(an: Analysis) -> pd.DataFrame:
     level = ALPHA / max(len(an.primary), 1)
     rows = []
     for s in an.settings:
-        cs = [c for c in an.primary if c.setting == s.key and math.isfinite(c.sd) and c.sd > 0]
+        cs = [c for c in an.primary if c.setting == s.key and math.isfinite(c.sd_total) and c.sd_total > 0]
         if not cs:
             continue
-        sd, n = max(c.sd for c in cs), min(c.n for c in cs)
+        sd, n = max(c.sd_total for c in cs), min(c.n for c in cs)
         differ, equal = stats.resolving_power(sd, n, an.margin, level)
         rows.append({"setting": s.key, "n": n, "sd": sd, "differ": differ, "equivalent": equal})
     return pd.DataFrame(rows)

@@ -161,3 +161,70 @@ def crossed_estimate(a: pd.DataFrame, b: pd.DataFrame, preds: Predictions) -> st
 def _run(g: pd.DataFrame, point: int, seed: int):
     rows = g[(g["band_point"] == point) & (g["seed"] == seed)]
     return rows.iloc[0] if len(rows) else None
+
+
+def band_runs(final: pd.DataFrame) -> pd.DataFrame:
+    """The factorial cells' runs as a learning-rate table shaped like trials.csv's grid rows (what the
+    learning-rate figure draws): `grid_point` the band point, `replicate` the seed, `state` complete, failed or
+    diverged, `retrained` the chosen point's runs, `val_accuracy` the last epoch's."""
+    rows = final[_points(final).notna() & (final["variant"].fillna("") == "")]
+    if rows.empty:
+        return pd.DataFrame(columns=[*CELL, "param_lr", "grid_point", "replicate", "state", "retrained"])
+    chosen = choices(rows)
+    diverged = rows["diverged"].fillna(False).astype(bool) if "diverged" in rows else False
+    failed = rows["failed"].fillna(False).astype(bool) if "failed" in rows else False
+    keys = [cell_key(k) for k in zip(*(rows[c] for c in CELL))]
+    return rows.assign(
+        grid_point=rows["band_point"].astype(int),
+        replicate=rows["seed"],
+        state=np.where(diverged, "diverged", np.where(failed, "failed", "complete")),
+        retrained=[int(p) == chosen[k] for p, k in zip(rows["band_point"], keys)],
+    )
+
+
+def band_summary(final: pd.DataFrame, band: list[float]) -> pd.DataFrame:
+    """Per factorial cell: the chosen rate and its runner-up, the chosen one's lead in mean validation accuracy,
+    how many seeds prefer the runner-up, whether the choice sits on the band's edge (the band is then wrong:
+    widen it and rerun that cell), and the mean test accuracy at every rate."""
+    runs = band_runs(final)
+    out = []
+    for key, g in runs.groupby(CELL, dropna=False, sort=True):
+        per = g.pivot_table(index="seed", columns="grid_point", values="val_accuracy", aggfunc="first")
+        scores = {int(p): [val_score(r) for _, r in rows.iterrows()] for p, rows in g.groupby("grid_point")}
+        ranked = rank_band(scores)
+        best, runner = ranked[0], ranked[1] if len(ranked) > 1 else None
+        means = {p: sum(v) / len(v) for p, v in scores.items()}
+        test = g.groupby("grid_point")["test_accuracy"].mean()
+        out.append(
+            {
+                **dict(zip(CELL, cell_key(key))),
+                "chosen": band[best],
+                "runner_up": band[runner] if runner is not None else np.nan,
+                "lead": means[best] - means[runner] if runner is not None else np.nan,
+                "seeds_preferring_runner_up": int((per[runner] > per[best]).sum()) if runner is not None else 0,
+                "seeds": len(per),
+                "edge": best in (0, len(band) - 1),
+                **{f"test_{i}": test.get(i, np.nan) for i in range(len(band))},
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def search_picks(final: pd.DataFrame, a: int, b: int) -> pd.DataFrame:
+    """The tuned contrast a minus b at every pick of each depth's search (place 0 its best trial, 1 and 2 its
+    runners-up by validation): the mean per-seed difference over the seeds both picks trained (failed runs left
+    out). How much the answer hangs on which near-tied configuration each search happened to rank first."""
+    tuned = final[(final["experiment"] == "tuned") & (final["variant"].fillna("") == "")]
+    if "place" not in tuned:
+        return pd.DataFrame(columns=["place_a", "place_b", "n", "diff"])
+    ok = tuned[~tuned["failed"].fillna(False).astype(bool)] if "failed" in tuned else tuned
+    rows = []
+    for pa, ga in ok[ok["depth"] == a].groupby("place"):
+        for pb, gb in ok[ok["depth"] == b].groupby("place"):
+            x = ga.set_index("seed")["test_accuracy"]
+            y = gb.set_index("seed")["test_accuracy"]
+            seeds = sorted(set(x.index) & set(y.index))
+            if seeds:
+                diff = float((x.loc[seeds] - y.loc[seeds]).mean())
+                rows.append({"place_a": int(pa), "place_b": int(pb), "n": len(seeds), "diff": diff})
+    return pd.DataFrame(rows, columns=["place_a", "place_b", "n", "diff"])

@@ -49,6 +49,7 @@ from .analysis import (
     state_counts,
 )
 from .config import (
+    DECLARED_MARGINS,
     DEFAULT_MARGIN,
     FAILED_AT,
     LR_RULES,
@@ -63,11 +64,13 @@ from .design import checks, trial_counts
 from .markdown import answer_sentence, contrast_table, interval, md_table, p_value, pts, setting_table, signed
 from .results import load_results, read_throughput
 from .sections import (
+    band_section,
     caps_lines,
     checks_section,
     claims_section,
     late_section,
     lr_section,
+    search_section,
     seed_section,
     time_section,
     tuned_origin,
@@ -244,7 +247,7 @@ def how_to_read(an: Analysis) -> list[str]:
     return [
         "**How to read it.**",
         "",
-        f"- *Margin* ±{m:.2f} points of test accuracy (`--margin`): the smallest difference that matters.",
+        f"- *Margin* ±{m:.2f} points of test accuracy (`--margin`): {margin_reason(an)}.",
         "- *Paired by seed*: seed k fixes initialisation and batch order for every depth (common random numbers), "
         "so each contrast takes the per-seed differences of the seeds both depths trained: a paired t interval, "
         "n, and the correlation r of the two depths over seeds.",
@@ -263,9 +266,44 @@ def how_to_read(an: Analysis) -> list[str]:
         f"of zero differences, exact where there are no ties or zeros, else the normal approximation{floor}.",
         f"- *Failed run*: at or below {pts(FAILED_AT)}% (twice chance) or a loss that is not finite; counted, "
         "compared with Fisher's exact test, and kept out of every mean and interval.",
-        "- Intervals cover seed-to-seed variation on one fixed test set of 10,000 images (0.01 points is one "
-        "image); sampling of the test set itself is not in them.",
+        *carried(an),
         "",
+    ]
+
+
+def margin_reason(an: Analysis) -> str:
+    declared = DECLARED_MARGINS.get(an.dataset)
+    if declared is not None and math.isclose(an.margin, declared):
+        return (
+            "declared before the study's test results were read, a tenth of the error rate of the text's network at "
+            "its own budget in the previous run: a change of depth that removes or adds fewer than one error in ten "
+            "does not matter (docs/method.md)"
+        )
+    if math.isclose(an.margin, DEFAULT_MARGIN):
+        return "the margin of the designs before the declared ones (docs/method.md)"
+    return "as given with --margin, not the study's declared one"
+
+
+def carried(an: Analysis) -> list[str]:
+    """What the intervals carry: the primary ones from the runs' per-image predictions where the tables have them."""
+    kinds = {c.estimate for c in an.primary if c.outcome != "not computed"}
+    if kinds <= {"seeds"}:
+        return [
+            "- Intervals cover seed-to-seed variation on one fixed test set of 10,000 images (0.01 points is one "
+            "image); sampling of the test set itself is not in them (these tables have no per-image predictions)."
+        ]
+    return [
+        "- *What a primary interval carries*: the seeds and the test images, both as samples (the test set is a "
+        "sample of the images the answer is about): the seeds x test-images table of per-image differences, its "
+        "variance by the two-way random-effects decomposition (seeds, images, their interaction), Satterthwaite's "
+        "degrees of freedom. In a factorial setting also the rate choice: each depth at its own best rate, chosen "
+        "on validation again inside every bootstrap resample of the seeds. Everything is recomputed from "
+        f"`{PREDICTIONS_FILE}`, every final run's predicted class of each test image.",
+        "- *Equivalence bound*: the smallest margin at which the two one-sided tests pass at the contrast's Holm "
+        "level: the answer as a number, whatever margin a reader holds. The columns *at ±0.10* ... *at ±0.25* give "
+        "each contrast's outcome had the family been decided at that margin.",
+        "- Secondary contrasts and each depth's own interval cover the seeds on this one test set (0.01 points is "
+        "one image).",
     ]
 
 
@@ -414,8 +452,8 @@ def caveats(config: dict) -> list[str]:
         "recipe, where nothing is tuned, after every epoch)",
         "- cost is exact training FLOPs (forward and backward of the Linear layers, per sample, times samples seen); "
         "seconds depend on the machine and its load and are shown only beside them",
-        "- every interval is over seeds on one fixed test set (10,000 images): it does not include the sampling "
-        "variation of the test set itself",
+        "- the primary intervals carry the test set's sampling where the tables hold per-image predictions; every "
+        "other interval is over seeds on this one test set (10,000 images)",
         "",
     ]
 
@@ -616,19 +654,40 @@ def _render(
         constant = ", ".join(f"{b:,}" for b in m.get("constant_budgets", []))
         thin = ", ".join(f"{b:,}" for b in m.get("thin_budgets", []))
         grid = m.get("lr", [0, 0])
+        if m.get("band"):
+            band = m["band"]
+            how = (
+                f" The factorial design: every cell trains every peak learning rate of one band "
+                f"({', '.join(f'{x:.3g}' for x in band)}, the same for every depth) with each seed, {m.get('seeds')} "
+                f"seeds at depths 3-5 and {m.get('reference_seeds')} at the other depths (references); seed k fixes "
+                "the initialisation, the batch order and the validation hold-out of every depth and rate (common "
+                "random numbers, so contrasts stay paired, and the training images vary with the seed). A depth's "
+                "rate is the one with the highest mean validation accuracy over its seeds; its test accuracy is read "
+                "at that rate, and the primary contrasts choose again inside every resample (below)."
+            )
+        else:
+            how = (
+                " Each cell's peak learning rate is chosen on the validation hold-out from a "
+                f"{m.get('lr_points')}-point log grid {grid[0]:.3g} to {grid[1]:.3g}, every point trained "
+                f"{m.get('replicates')} times (tuning seeds {config.get('tuning_seed')} and below, never a final "
+                f"run's seed) and never pruned; {LR_RULES[m.get('lr_rule', 'mean')]} is retrained with "
+                f"{m.get('seeds')} seeds."
+            )
         doc += [
             "## 2. Depth at a matched parameter budget",
             "",
-            f"Two shapes: hidden widths that halve layer to layer (the text's 256-128-64 funnel) and, at {constant} "
-            f"parameters, every hidden layer equally wide (depth 2, one hidden layer, is the same network in both). "
-            f"No hidden layer is narrower than {m.get('min_width')} units; every model is within "
+            "Hidden widths that halve layer to layer (the text's 256-128-64 funnel)"
+            + (
+                f" and, at {constant} parameters, every hidden layer equally wide (depth 2, one hidden layer, is the "
+                "same network in both)"
+                if constant
+                else ""
+            )
+            + f". No hidden layer is narrower than {m.get('min_width')} units; every model is within "
             f"{100 * m.get('tolerance', 0.02):.0f}% of its budget. SGD with momentum {config.get('momentum')}, batch "
             f"{config.get('batch_size')}, {m.get('epochs')} epochs, the learning rate decaying "
-            f"{config.get('schedule', 'constant')}ly to zero over the run. Each cell's peak learning rate is chosen on "
-            f"the validation hold-out from a {m.get('lr_points')}-point log grid {grid[0]:.3g} to {grid[1]:.3g}, every "
-            f"point trained {m.get('replicates')} times (tuning seeds {config.get('tuning_seed')} and below, never a "
-            f"final run's seed) and never "
-            f"pruned; {LR_RULES[m.get('lr_rule', 'mean')]} is retrained with {m.get('seeds')} seeds."
+            f"{config.get('schedule', 'constant')}ly to zero over the run."
+            + how
             + (
                 f" Thinned at {thin} parameters: depths 3-5 only, no grid of their own (each depth retrains the "
                 f"learning rate it chose at {m.get('check_budget', SOURCE_PARAMS):,} parameters), "
@@ -648,7 +707,10 @@ def _render(
                 f"{interval(*soft.ci, signed_values=False)}).",
                 "",
             ]
-        doc += lr_section(trials, out, m.get("lr_rule", "mean"), an.margin)
+        if m.get("band"):
+            doc += band_section(every, out, m["band"], an)
+        else:
+            doc += lr_section(trials, out, m.get("lr_rule", "mean"), an.margin)
         for s in matched:
             doc += section(an, s, s.key.split(", ", 1)[1])
         doc += late_section(epochs, final, an.margin, m.get("check_budget", SOURCE_PARAMS))
@@ -690,6 +752,7 @@ def _render(
         caption = figures.tuned_figure(out / "tuned.png", tuned, trials)
         doc += ["![tuned](tuned.png)", "", caption, ""] + tuned_origin(trials, config)
         doc += section(an, tuned, "Each depth tuned")
+        doc += search_section(every, trials, an)
         doc += cost_section(trials, epochs)
         curves = figures.curves_figure(out / "curves.png", trials, epochs)
         if curves:
@@ -707,7 +770,7 @@ def _render(
             tuple(thin),
             exps.get("matched", {}).get("check_budget", SOURCE_PARAMS),
         )
-    doc += time_section(trials, final)
+    doc += time_section(trials, every)
     doc += sanity_checks(trials, config)
     if throughput is not None and not throughput.empty:
         doc += ["![throughput](throughput.png)", "", figures.throughput_figure(out / "throughput.png", throughput), ""]
@@ -757,8 +820,9 @@ def main(argv: list[str] | None = None) -> int:
         "--margin",
         type=cli.margin_points,
         default=None,
-        help="equivalence margin in points of test accuracy: the smallest difference that matters "
-        f"(default: as recorded beside the report in report-options.json, else {100 * DEFAULT_MARGIN:g})",
+        help="equivalence margin in points of test accuracy (default: as recorded beside the report in "
+        "report-options.json, else the one the study declares: a tenth of the error rate for the factorial design, "
+        f"{100 * DEFAULT_MARGIN:g} before it)",
     )
     args = p.parse_args(argv)
     if args.storage and args.results:

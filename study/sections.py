@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import figures
+from . import factorial, figures
 from .analysis import (
     CHECK_WORDS,
     Analysis,
@@ -113,6 +113,39 @@ def tuned_origin(trials: pd.DataFrame, config: dict) -> list[str]:
     ]
 
 
+def search_section(every: pd.DataFrame, trials: pd.DataFrame, an: Analysis) -> list[str]:
+    """The search's own variance: each tuned primary contrast at every pick of the two searches' top trials (their
+    best and runners-up by validation, retrained too), against the primary interval at the best picks."""
+    contrasts = [c for c in an.primary if c.setting == "tuned" and c.outcome != "not computed"]
+    picks = {c: factorial.search_picks(every, c.a, c.b) for c in contrasts}
+    if not any(len(p) > 1 for p in picks.values()):
+        return []
+    tuned = trials[(trials["experiment"] == "tuned") & (trials["state"] == "complete")]
+    gaps = []
+    for d, g in tuned.groupby("depth"):
+        top = g["val_accuracy"].sort_values(ascending=False).to_numpy(float)
+        if len(top) >= 3:
+            gaps.append(f"depth {d} {pts(top[0] - top[2])}")
+    lines = []
+    for c, p in picks.items():
+        lo, hi = p["diff"].min(), p["diff"].max()
+        inside = c.ci[0] <= lo and hi <= c.ci[1]
+        lines.append(
+            f"- depth {c.a} minus {c.b}: {signed(lo)} to {signed(hi)} points over {len(p)} picks "
+            f"({', '.join(str(n) for n in sorted(set(p['n'])))} seeds each); the primary interval "
+            f"{interval(*c.ci)} {'covers' if inside else 'does not cover'} that range"
+        )
+    return [
+        "The search's own variance: each search's best trial is one pick among near-ties (its top three lie within "
+        + (", ".join(gaps) if gaps else "n/a")
+        + " points of validation accuracy), so its two runners-up were retrained too, with fewer seeds each. Each "
+        "tuned primary contrast at every pick of both searches (each difference over the seeds both picks trained):",
+        "",
+        *lines,
+        "",
+    ]
+
+
 def caps_lines(trials: pd.DataFrame, config: dict) -> list[str]:
     """Which declared caps of the tuned search bind, and whether they bind for some depths only."""
     bound = caps_binding(trials, config)
@@ -207,6 +240,63 @@ def lr_section(trials: pd.DataFrame, out: Path, rule: str = "mean", margin: floa
             "",
         ]
     return doc + [md_table(pd.DataFrame(rows)), ""]
+
+
+def band_section(every: pd.DataFrame, out: Path, band: list[float], an: Analysis) -> list[str]:
+    """The factorial's rates: the validation accuracy of every run against its rate (lr.png), and per cell the
+    chosen rate, its lead over the runner-up, the seeds that prefer the runner-up, and the test accuracy at every
+    rate; a choice on the band's edge is named (the band is then wrong: widen it and rerun that cell)."""
+    runs = factorial.band_runs(every)
+    m = runs[runs["depth"] > 1]
+    if m.empty:
+        return []
+    panels = [
+        (matched_key(int(b), sh).removeprefix("matched, "), g)
+        for (b, sh), g in m.groupby(["budget", "shape"], sort=True)
+    ]
+    caption = figures.lr_figure(out / "lr.png", m, panels)
+    doc = ["![learning rates](lr.png)", "", caption, ""] if caption else []
+    summary = factorial.band_summary(every, band)
+    rows = []
+    for r in summary.sort_values(["budget", "shape", "depth"], na_position="first").itertuples():
+        rows.append(
+            {
+                "cell": cell_name(r),
+                "depth": r.depth,
+                "chosen rate": f"{r.chosen:.3g}" + (" (edge)" if r.edge else ""),
+                "runner-up": f"{r.runner_up:.3g}" if math.isfinite(r.runner_up) else "n/a",
+                "lead (points)": signed(r.lead),
+                "seeds preferring the runner-up": f"{r.seeds_preferring_runner_up} of {r.seeds}",
+                **{f"test at {rate:.3g}": pts(getattr(r, f"test_{i}")) for i, rate in enumerate(band)},
+            }
+        )
+    moved = [c for c in an.primary if c.estimate == "chosen" and math.isfinite(c.moved)]
+    edge = summary[summary["edge"] & summary["depth"].isin([3, 4, 5])]
+    doc += [
+        f"Every matched cell trains every rate of the band ({', '.join(f'{x:.3g}' for x in band)}) with each of its "
+        "seeds; a depth's rate is the one with the highest mean validation accuracy over its seeds (ties to the lower "
+        "rate). The test set plays no part in the choice. The primary contrasts make the choice again inside every "
+        "resample of the seeds, so their intervals carry it"
+        + (
+            f": a contrast's depths chose another rate in {100 * min(c.moved for c in moved):.0f}% to "
+            f"{100 * max(c.moved for c in moved):.0f}% of resamples"
+            if moved
+            else ""
+        )
+        + ".",
+        "",
+        md_table(pd.DataFrame(rows)),
+        "",
+    ]
+    if not edge.empty:
+        doc += [
+            "WARNING: the band is too narrow for "
+            + "; ".join(f"{cell_name(r)} depth {r.depth} (chosen {r.chosen:.3g})" for r in edge.itertuples())
+            + ": a primary depth's best rate sits on the band's edge, so its best may lie outside. Widen the band "
+            "and rerun that cell before reading its contrasts.",
+            "",
+        ]
+    return doc
 
 
 def late_section(epochs: pd.DataFrame, final: pd.DataFrame, margin: float, budget: int) -> list[str]:
@@ -359,8 +449,9 @@ def seed_section(an: Analysis, budget: int) -> list[str]:
     return [
         "### Enough seeds?",
         "",
-        f"At {budget:,} parameters (both shapes) the primary contrasts' per-seed differences spread by up to "
-        f"{pts(plan.sd)} points (standard deviation). To find a true difference of the margin (±{pts(an.margin)} "
+        f"At {budget:,} parameters the primary contrasts' per-seed differences spread by up to "
+        f"{pts(plan.sd)} points (standard deviation; with the test images and the rate choice where the intervals "
+        "carry them: the spread per seed that gives the interval's variance). To find a true difference of the margin (±{pts(an.margin)} "
         f"points), or show a true difference of 0 equivalent, with {POWER:.0%} power at the Holm family's strictest "
         f"level ({ALPHA} / {len(an.primary)} = {plan.level:.4f}), a paired t-test needs {needed} seeds "
         f"(statsmodels' t-test power); this study ran {plan.used}"
@@ -369,7 +460,7 @@ def seed_section(an: Analysis, budget: int) -> list[str]:
             if enough
             else ": fewer, so an inconclusive outcome here may be a matter of seeds."
         )
-        + " The number was chosen before the study from a pilot on the same network family (docs/method.md); "
+        + " The number was declared before the study from the earlier runs' spread (docs/method.md); "
         "a spread estimated from few seeds is itself uncertain. The power every primary setting's seeds give, at "
         "its measured spread:",
         "",
