@@ -453,7 +453,8 @@ def seed_section(an: Analysis, budget: int) -> list[str]:
         f"{pts(plan.sd)} points (standard deviation; with the test images and the rate choice where the intervals "
         "carry them: the spread per seed that gives the interval's variance). To find a true difference of the "
         f"margin (±{pts(an.margin)} points), or show a true difference of 0 equivalent, with {POWER:.0%} power at "
-        f"the Holm family's strictest level ({ALPHA} / {len(an.primary)} = {plan.level:.4f}), a paired t-test needs {needed} seeds "
+        f"the Holm family's strictest level ({ALPHA} / {len(an.primary)} = {plan.level:.4f}), a paired t-test "
+        f"needs {needed} seeds "
         f"(statsmodels' t-test power); this study ran {plan.used}"
         + (
             ": enough, if the spread is as measured."
