@@ -153,7 +153,7 @@ class Contrast:
     var_seeds: float = math.nan  # of which the seeds' part (with the choice, for "chosen")
     bound: float = math.nan  # the equivalence bound: the smallest margin TOST passes at its Holm level
     moved: float = math.nan  # "chosen": the share of seed resamples in which a depth's chosen rate moved
-    margins: dict = field(default_factory=dict)  # outcome in this family at each of REPORT_MARGINS
+    margins: tuple = ()  # (margin, outcome in this family at that margin) for each of REPORT_MARGINS
 
     @property
     def sd_total(self) -> float:
@@ -436,7 +436,8 @@ def analyse(
     primary = contrast_family(pairs, margin, estimates=estimates)
     others = {m: contrast_family(pairs, m, estimates=estimates) for m in REPORT_MARGINS}
     primary = [
-        dataclasses.replace(c, margins={m: others[m][i].outcome for m in REPORT_MARGINS}) for i, c in enumerate(primary)
+        dataclasses.replace(c, margins=tuple((m, others[m][i].outcome) for m in REPORT_MARGINS))
+        for i, c in enumerate(primary)
     ]
     settings = [
         dataclasses.replace(s, secondary=secondary_family(s.key, s.groups, s.declared, margin)) for s in settings

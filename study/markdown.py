@@ -88,7 +88,7 @@ def contrast_table(contrasts: list[Contrast], with_setting: bool, notes: dict | 
             row |= {
                 "interval carries": ESTIMATE_WORDS.get(c.estimate, c.estimate),
                 "equivalence bound": f"±{pts(c.bound)}" if math.isfinite(c.bound) else "n/a",
-                **{f"at ±{100 * m:.2f}": SHORT.get(o, o) for m, o in c.margins.items()},
+                **{f"at ±{100 * m:.2f}": SHORT.get(o, o) for m, o in c.margins},
             }
         rows.append(row)
     return md_table(pd.DataFrame(rows))
@@ -120,9 +120,10 @@ def answer_sentence(name: str, primary: list[Contrast], margin: float) -> str:
     for b in sorted({c.b for c in primary}):
         eq = [c for c in primary if c.b == b and c.outcome == "equivalent"]
         if eq:
-            bound = max(c.bound for c in eq)
+            bounds = [c.bound for c in eq]
+            bound = f"±{pts(max(bounds))} points" if all(math.isfinite(x) for x in bounds) else "the margin"
             within.append(
-                f"within ±{pts(bound)} points of {NEIGHBOUR_WORDS.get(b, b)} in "
+                f"within {bound} of {NEIGHBOUR_WORDS.get(b, b)} in "
                 + (
                     f"every setting ({len(eq)})"
                     if len(eq) == len(settings_of(primary))
@@ -137,7 +138,7 @@ def answer_sentence(name: str, primary: list[Contrast], margin: float) -> str:
         if c.outcome in ("better", "worse")
     ]
     open_ = [c for c in primary if c.outcome in ("inconclusive", "not computed")]
-    declared = f"the declared margin ±{100 * margin:.2f} points"
+    declared = f"a margin of ±{100 * margin:.2f} points"
     if not phrases:
         return (
             f"On {name}, no contrast of four layers with three or five is decided at {declared}: all {len(primary)} "
@@ -149,7 +150,7 @@ def answer_sentence(name: str, primary: list[Contrast], margin: float) -> str:
         for c in open_
     )
     rest = f"; against {listed} it is undecided" if open_ else ""
-    return f"On {name}, at {declared}, four layers " + "; it ".join(phrases) + rest + "."
+    return f"On {name}, four layers " + "; it ".join(phrases) + rest + f" (at {declared})."
 
 
 def settings_of(primary: list[Contrast]) -> list[str]:

@@ -117,8 +117,8 @@ def search_section(every: pd.DataFrame, trials: pd.DataFrame, an: Analysis) -> l
     """The search's own variance: each tuned primary contrast at every pick of the two searches' top trials (their
     best and runners-up by validation, retrained too), against the primary interval at the best picks."""
     contrasts = [c for c in an.primary if c.setting == "tuned" and c.outcome != "not computed"]
-    picks = {c: factorial.search_picks(every, c.a, c.b) for c in contrasts}
-    if not any(len(p) > 1 for p in picks.values()):
+    picks = [(c, factorial.search_picks(every, c.a, c.b)) for c in contrasts]
+    if not any(len(p) > 1 for _, p in picks):
         return []
     tuned = trials[(trials["experiment"] == "tuned") & (trials["state"] == "complete")]
     gaps = []
@@ -127,7 +127,7 @@ def search_section(every: pd.DataFrame, trials: pd.DataFrame, an: Analysis) -> l
         if len(top) >= 3:
             gaps.append(f"depth {d} {pts(top[0] - top[2])}")
     lines = []
-    for c, p in picks.items():
+    for c, p in picks:
         lo, hi = p["diff"].min(), p["diff"].max()
         inside = c.ci[0] <= lo and hi <= c.ci[1]
         lines.append(

@@ -69,12 +69,13 @@ def test_cycle_detector_finds_a_cycle():
 def test_statistics_figures_and_document_each_have_their_module():
     study = imports("study")
     assert study["stats"] == set()  # scipy and statsmodels only
-    assert study["analysis"] <= {"stats", "config"}
+    assert study["factorial"] <= {"stats", "config"}  # the factorial read back and its estimates: no words
+    assert study["analysis"] <= {"stats", "config", "factorial"}
     assert study["figures"] <= {"analysis"}
     assert "stats" not in study["figures"] and "figures" not in study["analysis"]
     assert study["markdown"] <= {"analysis", "stats"}  # how numbers print; no document logic
     assert study["design"] <= {"analysis", "config", "stats"}  # the checks computed: no words, no figures
-    assert study["sections"] <= {"analysis", "config", "design", "figures", "markdown", "stats"}  # never the document
+    assert study["sections"] <= {"analysis", "config", "design", "factorial", "figures", "markdown", "stats"}
     assert study["replication"] <= {
         "analysis",
         "config",

@@ -1,6 +1,7 @@
 """The report's statistics against published and hand-computed values, each outcome rule on synthetic
 paired data, and the document rendered from synthetic tables for every subset of experiments."""
 
+import dataclasses
 import json
 import math
 import re
@@ -900,27 +901,30 @@ def test_the_answer_sentence_names_its_settings_and_the_table_has_one_row_per_se
     from study.markdown import answer_sentence, setting_table
 
     eq = dict(outcome="equivalent", n=10, diff=0.0002, ci=(-0.001, 0.0015), ci_equivalence=(-0.0007, 0.0011))
+    bound = {"tuned": (0.0011, 0.0014), "constant width": (0.0009, math.nan)}  # the equivalence bound of 4-3, 4-5
     contrasts = [
         Contrast("recipe, 10 epochs", 4, 3, "better", 10, 0.0028, ci=(0.0002, 0.0053)),
         Contrast("recipe, 10 epochs", 4, 5, "inconclusive", 10, 0.0004, ci=(-0.004, 0.005), seeds_needed=59),
-        Contrast("tuned", 4, 3, **eq),
-        Contrast("tuned", 4, 5, **eq),
-        Contrast("constant width", 4, 3, **eq),
+        Contrast("tuned", 4, 3, **eq, bound=bound["tuned"][0]),
+        Contrast("tuned", 4, 5, **eq, bound=bound["tuned"][1]),
+        Contrast("constant width", 4, 3, **eq, bound=bound["constant width"][0]),
         Contrast("constant width", 4, 5, "worse", 10, -0.003, ci=(-0.005, -0.001)),
     ]
     text = answer_sentence("MNIST", contrasts, 0.002)
     assert text == (
-        "On MNIST, four layers is within ±0.20 points of both three and five in 1 of 3 settings (tuned), and of "
-        "three in constant width; it beats three in recipe, 10 epochs (+0.28 points, interval +0.02 to +0.53); it "
-        "trails five in constant width (-0.30 points, interval -0.50 to -0.10); against five in recipe, 10 epochs "
-        "it is undecided."
-    )
+        "On MNIST, four layers is within ±0.11 points of three in tuned / constant width and within ±0.14 points "
+        "of five in tuned; it beats three in recipe, 10 epochs (+0.28 points, interval +0.02 to +0.53); it trails "
+        "five in constant width (-0.30 points, interval -0.50 to -0.10); against five in recipe, 10 epochs it is "
+        "undecided (at a margin of ±0.20 points)."
+    )  # the largest bound among the settings where four is equivalent to that neighbour: a number, not a label
+    no_bound = [dataclasses.replace(c, bound=math.nan) for c in contrasts]
+    assert "within the margin of three in tuned / constant width" in answer_sentence("MNIST", no_bound, 0.002)
     undecided = [Contrast("tuned", 4, b, "inconclusive", 6, 0.001, ci=(-0.002, 0.004), seeds_needed=30) for b in (3, 5)]
     assert "all 2 are undecided" in answer_sentence("Fashion-MNIST", undecided, 0.002)
     table = setting_table(contrasts).splitlines()
     assert table[0] == "| setting | depth 4 minus 3 | depth 4 minus 5 |" and len(table) == 2 + 3
     assert (
-        "| constant width | +0.02 [-0.10, +0.15]: equivalent within the margin (TOST [-0.07, +0.11]) | "
+        "| constant width | +0.02 [-0.10, +0.15]: equivalent within the margin (TOST [-0.07, +0.11]); bound ±0.09 | "
         "-0.30 [-0.50, -0.10]: worse |" in table
     )
 
