@@ -575,22 +575,28 @@ def _fit_epochs(
     own = column
     if run == "final" and "run_trial" in runs and runs["run_trial"].notna().all():
         # a cell may hold several runs of one seed (a factorial's rates): match each by its own trial number
-        column, own, what = "trial", "run_trial", "the final run of {cell} in trial {n}"
+        column, own, what = "trial", "run_trial", "the final run of {cell}, seed {seed} (trial {n})"
     rows = epochs["run"] == run
     kept = _count((cell, _whole(n)) for cell, n, r in zip(cells["epochs"], epochs[column], rows) if r)
+    seed_of = {
+        (cell, _whole(n)): _whole(s)
+        for cell, n, s, r in zip(cells["epochs"], epochs[column], epochs["seed"], rows)
+        if r
+    }
     listed = set()
     for i, cell, n, length in zip(runs.index, cells[table], runs[own], lengths, strict=True):
         key = (cell, _whole(n))
         listed.add(key)
         if pd.notna(length) and kept.get(key, 0) != length:
+            seed = _whole(runs["seed"][i]) if "seed" in runs else None
             raise UserError(
                 f"{paths['epochs']} has {kept.get(key, 0)} of the {int(length)} epochs of "
-                f"{what.format(cell=cell.key, n=key[1])} ({paths[table].name} row {row_of(runs, i)}): {FIT}"
+                f"{what.format(cell=cell.key, n=key[1], seed=seed)} ({paths[table].name} row {row_of(runs, i)}): {FIT}"
             )
     for cell, n in kept:
         if (cell, n) not in listed:
             raise UserError(
-                f"{paths['epochs']} has epochs of {what.format(cell=cell.key, n=n)}, which "
+                f"{paths['epochs']} has epochs of {what.format(cell=cell.key, n=n, seed=seed_of[(cell, n)])}, which "
                 f"{paths[table].name} does not list: {FIT}"
             )
 

@@ -276,7 +276,7 @@ def predictions_file(final: pd.DataFrame, labels: dict[str, str]) -> bytes:
     found = {decode_predictions(t).tobytes() for t in labels.values()}
     if len(found) > 1:
         raise StudyError("the final studies hold different test labels: not one test set")
-    preds = [decode_predictions(t) for t in rows[PREDICTIONS]]
+    preds = [decode_predictions(t) for t in rows[PREDICTIONS]] if PREDICTIONS in rows else []
     buffer = io.BytesIO()
     np.savez_compressed(
         buffer,

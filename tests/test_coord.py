@@ -506,7 +506,7 @@ def test_a_pack_interrupted_mid_run_keeps_its_finished_runs_gives_the_rest_back_
     real = engine.train_pack
 
     def interrupted_after_the_first(models, data, configs, **kwargs):
-        results = real(models[:1], data, configs[:1], **kwargs)
+        results = real(models[:1], data[:1], configs[:1], **kwargs)  # one data set per model
         return results + [engine.TrainResult(interrupted=True) for _ in models[1:]]
 
     monkeypatch.setattr(engine, "train_pack", interrupted_after_the_first)
