@@ -178,7 +178,10 @@ def test_final_runs_in_epochs_that_final_does_not_list_are_refused(results: Path
             "in_progress", [{"cell": "tuned-depth5", "what": "final runs", "done": 5, "budget": 6}]
         ),
     )
-    refused(results, "epochs.csv has epochs of the final run of tuned-depth5, seed 6 (trial 5), which final.csv does not list")
+    refused(
+        results,
+        "epochs.csv has epochs of the final run of tuned-depth5, seed 6 (trial 5), which final.csv does not list",
+    )
 
 
 def test_tuning_epochs_of_a_trial_trials_does_not_list_are_refused(results: Path):
