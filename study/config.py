@@ -401,6 +401,7 @@ PRESETS = {
     "quick": StudyConfig(
         name="quick",
         experiments=("recipe",),
+        split_per_seed=True,  # as the full study (the recipe holds nothing out): the same identity
         recipe=Recipe(depths=(1, 3, 4, 5), epochs=2, seeds=10, variants=("momentum",), variant_seeds=5),
     ),
     # Every experiment and check, small, on a 2k training subset: what the tests run end to end.

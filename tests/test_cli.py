@@ -303,7 +303,7 @@ CASES = {
         "study.depth", lambda t: [*TINY, "--storage", damaged_storage(t), "--out", str(t / "o")], 1, "is damaged"
     ),
     "depth-thin-budget-alone": Case(
-        "study.depth", ["--preset", "full", "--experiments", "matched", "--budgets", "1000000"], 2, "add 242762"
+        "study.depth", ["--preset", "smoke", "--experiments", "matched", "--budgets", "60000"], 2, "add 242762"
     ),
     # Limits.
     "depth-huge-seeds": Case("study.depth", [*TINY, "--seeds", "1000000000"], 2, "1..1000"),
@@ -451,7 +451,9 @@ CASES = {
     "report-unknown-trial-state": Case(
         "study.report", lambda t: ["--results", str(edited(t, "trials", "state", "weird"))], 1, "a trial state"
     ),
-    "report-a-seed-twice": Case("study.report", lambda t: ["--results", str(seed_twice(t))], 1, "same cell and seed"),
+    "report-a-seed-twice": Case(
+        "study.report", lambda t: ["--results", str(seed_twice(t))], 1, "same cell, configuration and seed"
+    ),
     "report-results-and-storage": Case(
         "study.report", lambda t: ["--results", str(study_tables(t)), "--storage", storage_with(t, True)], 2, "not both"
     ),

@@ -32,8 +32,10 @@ from study.config import (
     cell_widths,
     chooser,
     failed_run,
+    full_design,
     hidden_widths,
     parse_study_name,
+    preset,
     study_name,
 )
 from study.engine import Worker
@@ -487,12 +489,15 @@ def test_widths_taper_and_floor():
 
 def test_presets_share_the_documented_defaults():
     full = PRESETS["full"]
-    assert full.experiments == ("recipe", "matched", "tuned") and full.schedule == "linear"
+    assert full == full_design("mnist") and preset("full", "fashion-mnist") == full_design("fashion-mnist")
+    assert full.experiments == ("recipe", "matched", "tuned") and full.schedule == "linear" and full.split_per_seed
     assert full.recipe.depths == (1, 2, 3, 4, 5, 6) and full.recipe.seeds >= 10 and full.recipe.variant_seeds >= 5
-    assert full.matched.budgets == (60_000, 242_762, 1_000_000) and full.matched.seeds >= 8
-    assert full.matched.replicates >= 2 and full.matched.min_width >= 16 and full.matched.check_seeds >= 4
+    # the factorial: depths 3-5 (and softmax, a reference) at every rate of one band, no grid, no thinned budget
+    assert full.matched.budgets == (60_000, 242_762) and full.matched.depths == (1, 3, 4, 5)
+    assert full.matched.factorial and len(full.matched.band) >= 3 and full.matched.thin_budgets == ()
+    assert full.matched.seeds >= 14 and full.matched.min_width >= 16 and full.matched.check_seeds >= 4
     assert full.tuned.depths == (3, 4, 5) and full.tuned.n_trials >= 24 and full.tuned.space.max_epochs == 15
-    assert full.tuned.space.width[1] == 1024 and full.tuned.space.min_width >= 16
+    assert full.tuned.space.width[1] == 1024 and full.tuned.space.min_width >= 16 and full.tuned.runners_up == 2
     assert isinstance(PRESETS["smoke"], StudyConfig) and PRESETS["smoke"].train_subset == 2_000
     quick = PRESETS["quick"]  # the first command: real data, the full study's recipe cells, read at 2 epochs
     assert quick.train_subset is None and quick.experiments == ("recipe",) and quick.recipe.epochs == 2
@@ -509,32 +514,33 @@ def test_presets_share_the_documented_defaults():
         k: v for k, v in full.identity(Cell("recipe", 4)).items() if k != "experiment"
     }  # the same data, split and fixed settings as the full study: only the recipe's epochs and seeds differ
     cells = full.cells()
-    assert len(cells) == len(set(cells)) == 14 + 24 + 3
+    assert len(cells) == len(set(cells)) == 14 + 13 + 3
     assert Cell("matched", 1) in cells and Cell("matched", 4, 242_762) in cells
-    assert {c.depth for c in cells if c.shape == "constant"} == {3, 4, 5, 6}  # depth 2: the funnel's network
+    assert {c.depth for c in cells if c.shape == "constant"} == {3, 4, 5}
     assert {(c.variant, c.depth) for c in cells if c.experiment == "matched" and c.variant} == {
-        (v, d) for v in ("horizon", "runnerup") for d in (3, 4, 5)
-    }
-    assert {c.depth for c in cells if c.budget == 1_000_000} == {3, 4, 5}  # thinned
+        ("horizon", d) for d in (3, 4, 5)
+    }  # the runner-up check is gone: the factorial trains every rate
     assert {(c.variant, c.depth) for c in cells if c.experiment == "recipe" and c.variant} == {
         (v, d) for v in ("momentum", "fastlr", "standardised", "twice") for d in (1, 4)
     }
-    fashion = dataclasses.replace(full, dataset="fashion-mnist").cells()
-    assert not [c for c in fashion if c.experiment == "recipe" and c.variant]  # the text's claims are MNIST's
+    fashion = preset("full", "fashion-mnist")
+    assert not [c for c in fashion.cells() if c.experiment == "recipe" and c.variant]  # the text's claims are MNIST's
+    assert fashion.matched.budgets == (242_762,) and fashion.matched.epochs == 20 and fashion.matched.seeds >= 10
     settings = {e: dataclasses.asdict(getattr(full, e)) for e in ("recipe", "matched")}
     for c in cells:
         assert parse_study_name(study_name("full", c)) == ("full", c)  # every cell's name reads back
         if c.experiment == "matched":
             assert min(cell_widths(c, {}, settings["matched"]), default=16) >= 16
-    assert [full.seeds(c) for c in (Cell("matched", 4, 1_000_000), Cell("matched", 4, 242_762, variant="horizon"))] == [
-        full.matched.thin_seeds,
-        full.matched.check_seeds,
+    band = len(full.matched.band)
+    assert [full.final_runs(c) for c in (Cell("matched", 4, 242_762), Cell("matched", 1))] == [
+        full.matched.seeds * band,
+        full.matched.reference_seeds * band,
     ]
-    assert full.n_trials(Cell("matched", 4, 242_762)) == 12 and full.n_trials(Cell("matched", 4, 1_000_000)) == 0
-    assert chooser(Cell("matched", 4, 1_000_000, "constant"), settings["matched"]) == Cell(
-        "matched", 4, 242_762, "constant"
-    )
-    assert chooser(Cell("matched", 4, 242_762, variant="runnerup"), settings["matched"]) == Cell("matched", 4, 242_762)
+    assert full.final_runs(Cell("matched", 4, 242_762, variant="horizon")) == full.matched.check_seeds
+    assert full.final_runs(Cell("tuned", 4)) == full.tuned.seeds + 2 * full.tuned.runner_up_seeds
+    assert full.n_trials(Cell("matched", 4, 242_762)) == 0  # every rate is a final run
+    assert chooser(Cell("matched", 4, 242_762, variant="horizon"), settings["matched"]) == Cell("matched", 4, 242_762)
+    assert full.final_split(3) == full.split_seed + 3 and PRESETS["smoke"].final_split(3) == PRESETS["smoke"].split_seed
     with pytest.raises(UsageError, match="tuning_seed"):
         dataclasses.replace(full, tuning_seed=1)  # a tuning run would be a final run's twin
 
