@@ -184,6 +184,16 @@ def refuse_mixed_settings(storage, cfg: StudyConfig) -> None:
             )
 
 
+def band_grew(stored: dict, identity: dict) -> bool:
+    """Whether `identity` is `stored` with rates appended to the factorial's band and nothing else changed: a band
+    may grow, as budgets may (a depth whose best rate sat on the band's edge: docs/method.md), and every run already
+    trained keeps its band point, since a point is its rate's position in the band as declared."""
+    old, new = stored.get("experiment", {}), identity.get("experiment", {})
+    band, grown = old.get("band") or [], new.get("band") or []
+    same = {**stored, "experiment": {**old, "band": grown}} == identity
+    return same and len(grown) > len(band) > 0 and grown[: len(band)] == band
+
+
 def open_studies(
     storage, cfg: StudyConfig, cell: Cell, heartbeat: int | None = None
 ) -> tuple[optuna.Study, optuna.Study]:
@@ -216,8 +226,8 @@ def open_studies(
         stored = attrs.get("config")
         if stored is not None and "dataset" not in stored:
             stored = {**stored, "dataset": "mnist"}  # made before datasets were a setting: MNIST was the only one
-        if stored is None:
-            study.set_user_attr("config", identity)
+        if stored is None or (stored != identity and band_grew(stored, identity)):
+            study.set_user_attr("config", identity)  # new, or a factorial whose band grew (its runs stay valid)
         elif stored != identity:
             changed = sorted(k for k in identity if stored.get(k) != identity[k])
             changed += sorted(

@@ -184,8 +184,9 @@ def band_runs(final: pd.DataFrame) -> pd.DataFrame:
 
 def band_summary(final: pd.DataFrame, band: list[float]) -> pd.DataFrame:
     """Per factorial cell: the chosen rate and its runner-up, the chosen one's lead in mean validation accuracy,
-    how many seeds prefer the runner-up, whether the choice sits on the band's edge (the band is then wrong:
-    widen it and rerun that cell), and the mean test accuracy at every rate."""
+    how many seeds prefer the runner-up, whether the choice sits on the band's edge (the lowest or highest rate:
+    the band is then wrong, widen it and rerun that cell), and the mean test accuracy at every band point (in the
+    band's declared order: a grown band appends its new rates)."""
     runs = band_runs(final)
     out = []
     for key, g in runs.groupby(CELL, dropna=False, sort=True):
@@ -203,7 +204,7 @@ def band_summary(final: pd.DataFrame, band: list[float]) -> pd.DataFrame:
                 "lead": means[best] - means[runner] if runner is not None else np.nan,
                 "seeds_preferring_runner_up": int((per[runner] > per[best]).sum()) if runner is not None else 0,
                 "seeds": len(per),
-                "edge": best in (0, len(band) - 1),
+                "edge": band[best] in (min(band), max(band)),
                 **{f"test_{i}": test.get(i, np.nan) for i in range(len(band))},
             }
         )

@@ -198,7 +198,10 @@ def tuned_figure(path: Path, setting: Setting, trials: pd.DataFrame) -> str:
     _integer_depths(left, setting.groups)
     left.set(ylabel="test accuracy (%)", title="Each depth tuned: retrained seeds")
     left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # off the dots
-    done = trials[(trials["experiment"] == "tuned") & (trials["state"] == "complete")].dropna(subset=["train_flops"])
+    done = trials[(trials["experiment"] == "tuned") & (trials["state"] == "complete")]
+    done = (
+        done.dropna(subset=["train_flops"]) if "train_flops" in done else done.iloc[:0]
+    )  # none yet: a study in progress
     for d, g in done.groupby("depth"):
         c = depth_colour(colours, int(d))
         right.scatter(g["train_flops"], 100 * g["val_accuracy"], s=14, alpha=0.4, color=c)

@@ -658,7 +658,8 @@ def _render(
             band = m["band"]
             how = (
                 f" The factorial design: every cell trains every peak learning rate of one band "
-                f"({', '.join(f'{x:.3g}' for x in band)}, the same for every depth) with each seed, {m.get('seeds')} "
+                f"({', '.join(f'{x:.3g}' for x in sorted(band))}, the same for every depth) with each seed, "
+                f"{m.get('seeds')} "
                 f"seeds at depths 3-5 and {m.get('reference_seeds')} at the other depths (references); seed k fixes "
                 "the initialisation, the batch order and the validation hold-out of every depth and rate (common "
                 "random numbers, so contrasts stay paired, and the training images vary with the seed). A depth's "

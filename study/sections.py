@@ -267,13 +267,17 @@ def band_section(every: pd.DataFrame, out: Path, band: list[float], an: Analysis
                 "runner-up": f"{r.runner_up:.3g}" if math.isfinite(r.runner_up) else "n/a",
                 "lead (points)": signed(r.lead),
                 "seeds preferring the runner-up": f"{r.seeds_preferring_runner_up} of {r.seeds}",
-                **{f"test at {rate:.3g}": pts(getattr(r, f"test_{i}")) for i, rate in enumerate(band)},
+                **{
+                    f"test at {rate:.3g}": pts(getattr(r, f"test_{i}"))
+                    for i, rate in sorted(enumerate(band), key=lambda x: x[1])
+                },
             }
         )
     moved = [c for c in an.primary if c.estimate == "chosen" and math.isfinite(c.moved)]
     edge = summary[summary["edge"] & summary["depth"].isin([3, 4, 5])]
     doc += [
-        f"Every matched cell trains every rate of the band ({', '.join(f'{x:.3g}' for x in band)}) with each of its "
+        f"Every matched cell trains every rate of the band ({', '.join(f'{x:.3g}' for x in sorted(band))}) with each "
+        "of its "
         "seeds; a depth's rate is the one with the highest mean validation accuracy over its seeds (ties to the lower "
         "rate). The test set plays no part in the choice. The primary contrasts make the choice again inside every "
         "resample of the seeds, so their intervals carry it"

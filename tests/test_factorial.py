@@ -177,3 +177,29 @@ def test_an_estimate_gives_scipys_t_test_when_it_carries_the_seeds_alone():
 
     assert e.p == pytest.approx(sps.ttest_rel(x, y).pvalue, rel=1e-9)
     assert e.p_equivalence(0.001) == pytest.approx(ttost_paired(x, y, -0.001, 0.001)[0], rel=1e-9)
+
+
+def test_a_band_grows_by_appending_rates_and_keeps_every_run(study, tmp_path):
+    """A depth whose best rate sits on the band's edge: the band grows (a rate appended), the same command trains
+    only the new rate's runs; any other change of the band is another design, refused."""
+    import shutil
+
+    from study.storage import StudyError
+
+    out, written = study
+    shutil.copy(out / "study.db", tmp_path / "study.db")
+    grown = dataclasses.replace(small(), matched=dataclasses.replace(small().matched, band=(*BAND, 0.025)))
+    run = RunConfig(storage=f"sqlite:///{tmp_path / 'study.db'}", out=tmp_path, workers=1, heartbeat_interval=5)
+    engine.run_workers(grown, run)
+    after = tables.write_tables(open_storage(run.storage), grown.name, grown.cells(), tmp_path)["final"]
+    before = written["final"]
+    seen = set(zip(before["study"], before["run_trial"]))
+    new = after[[k not in seen for k in zip(after["study"], after["run_trial"])]]
+    base = new[new["variant"] == ""]
+    assert set(base["band_point"]) == {3} and np.allclose(base["param_lr"], 0.025)
+    assert len(base) == 3 * SEEDS + 2  # depths 3-5 with their seeds, softmax with its references'
+    kept = after.merge(before, on=["study", "run_trial"], suffixes=("", "_before"))
+    assert (kept["test_correct"] == kept["test_correct_before"]).all()
+    reordered = dataclasses.replace(small(), matched=dataclasses.replace(small().matched, band=BAND[::-1]))
+    with pytest.raises(StudyError, match="other settings"):
+        engine.run_workers(reordered, run)
