@@ -476,6 +476,9 @@ def lr_figure(path: Path, trials: pd.DataFrame, panels: list[tuple[str, pd.DataF
             top = 100 * good["val_accuracy"].max()
             ax.set_ylim(max(top - 3, 100 * good["val_accuracy"].min() - 0.2), top + 0.3)
         ax.set(xscale="log", xlabel="peak learning rate", ylabel="validation accuracy (%)", title=title)
+        rates = sorted(set(t["param_lr"].dropna()))
+        ax.set_xticks(rates, [f"{x:.3g}" for x in rates], fontsize=7)  # the rates trained, not overlapping decades
+        ax.minorticks_off()
         ax.legend(fontsize=7, loc="lower center")
     _save(plt, fig, path)
     return (
