@@ -76,6 +76,17 @@ def read_predictions(path: Path) -> Predictions | None:
         raise UserError(f"{path} is not the predictions file study.depth writes ({first}): {REGENERATE}") from None
 
 
+def retrained_epochs(epochs: pd.DataFrame, view: pd.DataFrame) -> pd.DataFrame:
+    """epochs.csv without the final runs that `view` (retrained(final)) leaves out: a factorial cell's curves at
+    its chosen rate, a tuned cell's of its best trial."""
+    if "study" not in epochs or "study" not in view or "run_trial" not in view:
+        return epochs
+    kept = set(zip(view["study"], view["run_trial"]))
+    final = epochs["run"] == "final"
+    keep = ~final | pd.Series([k in kept for k in zip(epochs["study"], epochs["trial"])], index=epochs.index)
+    return epochs[keep]
+
+
 def _points(final: pd.DataFrame) -> pd.Series:
     return final["band_point"] if "band_point" in final else pd.Series(np.nan, index=final.index)
 

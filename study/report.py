@@ -433,6 +433,7 @@ def caveats(config: dict) -> list[str]:
             "val_size",
             "train_subset",
             "split_seed",
+            "split_per_seed",
             "tuning_seed",
             "sampler_seed",
         )
@@ -714,7 +715,8 @@ def _render(
             doc += lr_section(trials, out, m.get("lr_rule", "mean"), an.margin)
         for s in matched:
             doc += section(an, s, s.key.split(", ", 1)[1])
-        doc += late_section(epochs, final, an.margin, m.get("check_budget", SOURCE_PARAMS))
+        kept = factorial.retrained_epochs(epochs, final)  # a factorial cell's curves at its chosen rate
+        doc += late_section(kept, final, an.margin, m.get("check_budget", SOURCE_PARAMS))
         doc += checks_section(an, final, m.get("check_budget", SOURCE_PARAMS))
         doc += seed_section(an, m.get("check_budget", SOURCE_PARAMS))
     tuned = an.setting("tuned")

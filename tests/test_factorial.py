@@ -125,6 +125,9 @@ def test_retrained_keeps_each_cell_at_its_chosen_rate(study):
     for key, g in view[view["band_point"].notna()].groupby(factorial.CELL, dropna=False):
         assert set(g["band_point"]) == {chosen[factorial.cell_key(key)]}
         assert g["seed"].is_unique
+    kept = factorial.retrained_epochs(written["epochs"], view)
+    finals = kept[kept["run"] == "final"]
+    assert set(zip(finals["study"], finals["trial"])) == set(zip(view["study"], view["run_trial"]))
     # the rule: the highest mean validation accuracy over the seeds, ties to the lower rate
     assert rank_band({0: [0.5, 0.7], 1: [0.6, 0.6], 2: [0.1]}) == [0, 1, 2]
 
