@@ -43,6 +43,7 @@ from .config import (
     StudyConfig,
     cell_widths,
     chooser,
+    comparable,
     grid_runs,
     lr_grid,
     parse_study_name,
@@ -226,6 +227,7 @@ def open_studies(
         stored = attrs.get("config")
         if stored is not None and "dataset" not in stored:
             stored = {**stored, "dataset": "mnist"}  # made before datasets were a setting: MNIST was the only one
+        stored = comparable(stored) if stored is not None else None
         if stored is None or (stored != identity and band_grew(stored, identity)):
             study.set_user_attr("config", identity)  # new, or a factorial whose band grew (its runs stay valid)
         elif stored != identity:

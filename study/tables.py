@@ -381,6 +381,8 @@ def write_tables(storage, name: str, cells, out: Path) -> dict[str, pd.DataFrame
             exp["depths"].append(cell.depth)
         if cell.budget is not None and cell.budget not in exp["budgets"]:
             exp["budgets"].append(cell.budget)
+        if cell.experiment == "matched":  # a selection, like the budgets: the constant-width cells in the storage
+            exp["constant_budgets"] = sorted({c.budget for c in cells if c.shape == "constant" and c.budget})
         seeds = load(storage, study_name(name, cell, final=True)).user_attrs.get("seeds")
         if cell.variant:  # a recipe variant or a matched check: their own seed budgets
             exp["variant_seeds" if cell.experiment == "recipe" else "check_seeds"] = seeds
