@@ -147,7 +147,7 @@ class Contrast:
     p_wilcoxon: float = math.nan
     seeds_needed: int | None = None  # for an inconclusive contrast
     reason: str | None = None  # why it could not be computed
-    # What the interval carries (factorial.ESTIMATES: "chosen", "crossed" or "seeds") and what it gives:
+    # What the interval carries (markdown.ESTIMATE_WORDS: chosen, crossed, searched or seeds) and what it gives:
     estimate: str = "seeds"
     var: float = math.nan  # of the difference: every source the estimate carries
     var_seeds: float = math.nan  # of which the seeds' part (with the choice, for "chosen")
@@ -196,6 +196,10 @@ def contrast_family(
             missing = [g.depth for g in (ga, gb) if g.runs == 0]
             tests.append(None)
             reasons.append(f"depth {missing[0]} has no retrained runs yet" if missing else str(e))
+    for i, est in enumerate(estimates):
+        if tests[i] is not None and est is not None and est[0] == "refused":
+            tests[i], reasons[i] = None, est[1]  # not computed, with why: never a quietly narrower interval
+    estimates = [None if e is not None and e[0] == "refused" else e for e in estimates]
     p = [t.p if t else 1.0 for t in tests]
     p_eq = [t.p_equivalence if t else 1.0 for t in tests]
     for i, (t, est) in enumerate(zip(tests, estimates)):
@@ -228,7 +232,8 @@ def contrast_family(
                 "moved": getattr(e, "moved", math.nan),
                 "bound": max(abs(ci_eq[0]), abs(ci_eq[1])),
             }
-            sd_total = math.sqrt(e.var * t.n)
+            seeds_var = getattr(e, "var_seeds", e.var)
+            plan = stats.seeds_with_floor(math.sqrt(seeds_var * t.n), e.var - seeds_var, margin, strictest)
             out.append(
                 Contrast(
                     setting,
@@ -246,7 +251,7 @@ def contrast_family(
                     ci_eq,
                     p_eq_holm[i],
                     t.p_wilcoxon,
-                    stats.seeds_to_resolve(sd_total, margin, strictest) if outcome == "inconclusive" else None,
+                    plan if outcome == "inconclusive" else None,
                     None,
                     **extra,
                 )
@@ -447,23 +452,36 @@ def analyse(
 
 def primary_estimate(
     s: Setting, a: int, b: int, final: pd.DataFrame, every: pd.DataFrame, preds: factorial.Predictions | None
-) -> tuple[str, stats.Estimate] | None:
-    """The whole-uncertainty estimate of depth a minus b in setting `s` (factorial module), or None (seeds only)."""
+) -> tuple[str, stats.Estimate | str] | None:
+    """The whole-uncertainty estimate of depth a minus b in setting `s` (factorial module): (kind, estimate); None
+    where the tables have no predictions (seeds only, and the report says so); ("refused", why) where they have
+    them but this contrast's cannot be computed whole (a factorial cell with a rate missing for some seed, runs
+    without predictions): never a quietly narrower interval."""
     if preds is None:
         return None
     rows = {d: setting_rows(s, d, final) for d in (a, b)}
     if any(r.empty for r in rows.values()):
-        return None
+        return None  # a depth without runs: the contrast is not computed anyway
+    paired = len(common_seeds(s.groups[a], s.groups[b]))
     try:
         if "band_point" in final and all(r["band_point"].notna().all() for r in rows.values()):
             cells = {
                 d: factorial.band_rows(every, factorial.cell_key(r.iloc[0][factorial.CELL])) for d, r in rows.items()
             }
-            return "chosen", factorial.chosen_estimate(cells[a], cells[b], preds)
-        trained = {d: r[~r["seed"].astype(int).isin(s.groups[d].failed)] for d, r in rows.items()}
-        return "crossed", factorial.crossed_estimate(trained[a], trained[b], preds)
-    except ValueError:
-        return None
+            est = factorial.chosen_estimate(cells[a], cells[b], preds)
+            kind, what = "chosen", "with every rate of the band trained and predicted for both depths"
+        else:
+            trained = {d: r[~r["seed"].astype(int).isin(s.groups[d].failed)] for d, r in rows.items()}
+            est = factorial.crossed_estimate(trained[a], trained[b], preds)
+            kind, what = "crossed", "with both depths' predictions"
+            if s.experiment == "tuned":
+                est = factorial.with_search(est, every, a, b)
+                kind = "searched" if isinstance(est, stats.Searched) else kind
+    except ValueError as e:
+        return "refused", f"the whole interval needs {e}"
+    if est.n != paired:
+        return "refused", f"{est.n} of the {paired} paired seeds {what}: the band or the predictions are incomplete"
+    return kind, est
 
 
 def setting_rows(s: Setting, depth: int, final: pd.DataFrame) -> pd.DataFrame:

@@ -202,7 +202,12 @@ def seed_plan(an: Analysis, budget: int) -> SeedPlan | None:
         return None
     sd = max(c.sd_total for c in at)
     level = ALPHA / len(an.primary)
-    return SeedPlan(sd, level, stats.seeds_to_resolve(sd, an.margin, level), min(c.n for c in at))
+
+    def needed(c) -> int:  # the seeds' part shrinks with more seeds; the test images' (and a search's) does not
+        seeds = c.var_seeds if math.isfinite(c.var_seeds) else c.var
+        return stats.seeds_with_floor(math.sqrt(seeds * c.n), max(c.var - seeds, 0.0), an.margin, level)
+
+    return SeedPlan(sd, level, max(needed(c) for c in at), min(c.n for c in at))
 
 
 def achieved_power(an: Analysis) -> pd.DataFrame:

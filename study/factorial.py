@@ -30,12 +30,6 @@ from .config import rank_band
 
 REGENERATE = "regenerate it from the study's storage with python -m study.report --storage URL --out DIR"
 CELL = ["experiment", "budget", "shape", "variant", "depth"]
-SEEDS_ONLY = "seeds only (no per-image predictions)"
-ESTIMATES = {
-    "chosen": "seeds, the rate choice and test images",
-    "crossed": "seeds and test images",
-    "seeds": SEEDS_ONLY,
-}
 
 
 @dataclass(frozen=True)
@@ -240,3 +234,21 @@ def search_picks(final: pd.DataFrame, a: int, b: int) -> pd.DataFrame:
                 diff = float((x.loc[seeds] - y.loc[seeds]).mean())
                 rows.append({"place_a": int(pa), "place_b": int(pb), "n": len(seeds), "diff": diff})
     return pd.DataFrame(rows, columns=["place_a", "place_b", "n", "diff"])
+
+
+def with_search(base: stats.Crossed, final: pd.DataFrame, a: int, b: int) -> stats.Crossed | stats.Searched:
+    """A tuned contrast's crossed estimate with the search's pick added as a random factor (stats.searched), from
+    each depth's best trial and runners-up retrained on common seeds; `base` as it is where a depth has fewer
+    than two picks or two common seeds (tables from before runners-up)."""
+    tuned = final[(final["experiment"] == "tuned") & (final["variant"].fillna("") == "")]
+    if "place" not in tuned:
+        return base
+    ok = tuned[~tuned["failed"].fillna(False).astype(bool)] if "failed" in tuned else tuned
+    tables = []
+    for depth in (a, b):
+        runs = ok[ok["depth"] == depth].pivot_table(index="place", columns="seed", values="test_accuracy")
+        runs = runs.dropna(axis=1)  # the seeds every pick trained
+        if runs.shape[0] < 2 or runs.shape[1] < 2:
+            return base
+        tables.append(runs.to_numpy(float))
+    return stats.searched(base, *tables)

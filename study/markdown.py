@@ -8,7 +8,7 @@ import math
 import pandas as pd
 
 from .analysis import Contrast
-from .stats import ALPHA
+from .stats import ALPHA, UNREACHABLE
 
 
 def pts(x: float) -> str:
@@ -57,6 +57,8 @@ def outcome_words(c: Contrast) -> str:
     if c.outcome == "equivalent":
         return "equivalent within the margin"
     if c.outcome == "inconclusive":
+        if c.seeds_needed >= UNREACHABLE:
+            return "inconclusive (no number of seeds resolves it: the test set's part alone is too wide)"
         seeds = f"{c.seeds_needed}" if c.seeds_needed <= 1000 else "more than 1,000"
         return f"inconclusive (planning: {seeds} paired seeds)"
     if math.isfinite(c.p_equivalence_holm) and c.p_equivalence_holm <= ALPHA:
@@ -94,9 +96,10 @@ def contrast_table(contrasts: list[Contrast], with_setting: bool, notes: dict | 
     return md_table(pd.DataFrame(rows))
 
 
-ESTIMATE_WORDS = {
+ESTIMATE_WORDS = {  # what a primary interval carries (analysis.primary_estimate)
     "chosen": "seeds, rate choice, test images",
     "crossed": "seeds, test images",
+    "searched": "seeds, test images, the search's pick",
     "seeds": "seeds only",
 }
 SHORT = {"equivalent": "equivalent", "inconclusive": "undecided", "not computed": "n/a"}

@@ -31,7 +31,7 @@ from .design import (
     time_by_part,
 )
 from .markdown import interval, md_table, outcome_words, pts, signed
-from .stats import ALPHA, POWER
+from .stats import ALPHA, POWER, UNREACHABLE
 
 
 def claims_section(epochs: pd.DataFrame, config: dict, out: Path) -> list[str]:
@@ -439,6 +439,7 @@ def seed_section(an: Analysis, budget: int) -> list[str]:
         return []
     enough = plan.used >= plan.needed
     needed = plan.needed if plan.needed <= 1000 else "more than 1,000"
+    needed = "more than any number of" if plan.needed >= UNREACHABLE else needed
     power = achieved_power(an)
     rows = [
         {

@@ -195,6 +195,8 @@ class Crossed(Estimate):
     var_seeds: float  # MS_seeds / nm: the paired t interval's variance (per-seed means on one fixed test set)
     n: int
     m: int
+    var_images: float = 0.0  # (MS_images - MS_residual) / nm: the test images' part, fixed however many seeds
+    df_images: float = math.inf  # its Satterthwaite degrees of freedom
 
 
 def crossed(table: np.ndarray) -> Crossed:
@@ -216,7 +218,8 @@ def crossed(table: np.ndarray) -> Crossed:
         return Crossed(float(grand), var_seeds, float(df_seeds), var_seeds, n, m)
     terms = ((ms[0], df_seeds), (ms[1], df_images), (-ms[2], df_both))
     df = (var * n * m) ** 2 / sum(t * t / k for t, k in terms)
-    return Crossed(float(grand), float(var), float(df), var_seeds, n, m)
+    df_img = (ms[1] - ms[2]) ** 2 / (ms[1] ** 2 / df_images + ms[2] ** 2 / df_both)
+    return Crossed(float(grand), float(var), float(df), var_seeds, n, m, float(var - var_seeds), float(df_img))
 
 
 @dataclass(frozen=True)
@@ -247,13 +250,50 @@ def chosen(
     boot = np.einsum("bs,bs->b", w, acc_a[ra] - acc_b[rb])
     var_seeds = float(boot.var(ddof=1)) * n / (n - 1)
     at = crossed(test_a[ca].astype(np.int8) - test_b[cb].astype(np.int8))
-    var_images = max(at.var - at.var_seeds, 0.0)
+    var_images = at.var_images
     mean = float(acc_a[ca].mean() - acc_b[cb].mean())
     moved = float(np.mean((ra != ca) | (rb != cb)))
     var = var_seeds + var_images
-    m = test_a.shape[2]
-    df = var**2 / (var_seeds**2 / (n - 1) + var_images**2 / (m - 1)) if var > 0 else float(n - 1)  # Satterthwaite
+    parts = var_seeds**2 / (n - 1) + (var_images**2 / at.df_images if var_images > 0 else 0.0)
+    df = var**2 / parts if var > 0 else float(n - 1)  # Satterthwaite, each part with its own degrees of freedom
     return Chosen(mean, var, float(df), (ca, cb), moved, var_seeds, n)
+
+
+@dataclass(frozen=True)
+class Searched(Estimate):
+    """A tuned contrast with the search's pick as a random factor: the crossed estimate at each depth's best trial,
+    plus the variance between the configurations its search ranked at the top (best and runners-up, retrained on
+    common seeds), each depth's part a one-way random-effects (ANOVA moment) estimate over its picks."""
+
+    var_seeds: float
+    var_images: float
+    var_search: float  # both depths' picks
+    n: int
+
+
+def pick_variance(x: np.ndarray) -> tuple[float, float]:
+    """(variance between picks, its Satterthwaite degrees of freedom) of a (picks, seeds) table of test accuracies
+    on common seeds: two-way ANOVA with the picks random, (MS_picks - MS_residual) / seeds, floored at 0."""
+    k, s = x.shape
+    rows, cols, grand = x.mean(axis=1), x.mean(axis=0), x.mean()
+    ms_picks = s * float(np.sum((rows - grand) ** 2)) / (k - 1)
+    resid = x - rows[:, None] - cols[None, :] + grand
+    ms_resid = float(np.sum(resid**2)) / ((k - 1) * (s - 1))
+    var = max(ms_picks - ms_resid, 0.0) / s
+    if var == 0.0:
+        return 0.0, math.inf
+    df = (ms_picks - ms_resid) ** 2 / (ms_picks**2 / (k - 1) + ms_resid**2 / ((k - 1) * (s - 1)))
+    return var, float(df)
+
+
+def searched(base: Crossed, picks_a: np.ndarray, picks_b: np.ndarray) -> Searched:
+    """`base` plus both searches' pick variance (pick_variance of each depth's (picks, seeds) table)."""
+    parts = [(base.var_seeds, base.n - 1), (base.var_images, base.df_images)]
+    parts += [pick_variance(np.asarray(p, float)) for p in (picks_a, picks_b)]
+    var = sum(v for v, _ in parts)
+    denominator = sum(v * v / d for v, d in parts if v > 0 and math.isfinite(d))
+    df = var**2 / denominator if denominator > 0 else float(base.n - 1)
+    return Searched(base.mean, var, float(df), base.var_seeds, base.var_images, parts[2][0] + parts[3][0], base.n)
 
 
 def paired_interval(x: np.ndarray, y: np.ndarray, level: float) -> tuple[float, float]:
@@ -275,6 +315,31 @@ def seeds_to_resolve(sd: float, margin: float, level: float, power: float = POWE
     differ = seeds_for(effect, level, power, "two-sided")
     equal = seeds_for(effect, level, (1 + power) / 2, "larger")
     return max(2, differ, equal)
+
+
+UNREACHABLE = 10**9  # seeds_with_floor's answer where no number of seeds resolves the contrast
+
+
+def seeds_with_floor(
+    sd: float, fixed: float, margin: float, level: float, power: float = POWER, most: int = 10_000
+) -> int:
+    """seeds_to_resolve where part of the variance does not shrink with seeds: Var(mean) = sd**2 / N + `fixed` (the
+    test images' part, fixed by the 10,000 images; a search's pick). The smallest N at which seeds_to_resolve, at
+    the per-seed spread that gives that variance, asks for at most N; UNREACHABLE when none up to `most` does
+    (the fixed part alone is too wide for the margin)."""
+    if fixed <= 0:
+        return seeds_to_resolve(sd, margin, level, power)
+
+    def enough(n: int) -> bool:
+        return seeds_to_resolve(math.sqrt(sd * sd + n * fixed), margin, level, power) <= n
+
+    if not enough(most):
+        return UNREACHABLE
+    lo, hi = 2, most
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(mid) else (mid + 1, hi)
+    return lo
 
 
 def seeds_for(effect: float, level: float, power: float, alternative: str, most: int = 10**7) -> int:

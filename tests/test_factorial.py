@@ -206,3 +206,48 @@ def test_a_band_grows_by_appending_rates_and_keeps_every_run(study, tmp_path):
     reordered = dataclasses.replace(small(), matched=dataclasses.replace(small().matched, band=BAND[::-1]))
     with pytest.raises(StudyError, match="other settings"):
         engine.run_workers(reordered, run)
+
+
+def test_a_factorial_contrast_with_a_rate_missing_is_not_computed_never_narrower(study):
+    """A seed without every rate of both depths cannot carry the choice: the contrast says so (not computed), it
+    never falls back to a seeds-only interval in a study that has predictions."""
+    out, _ = study
+    trials, epochs, final, config = load_results(out)
+    preds = factorial.read_predictions(out / PREDICTIONS_FILE)
+    chosen = factorial.choices(final)
+    point = chosen[("matched", 60_000, "funnel", "", 4)]
+    other = next(p for p in range(len(BAND)) if p != point)  # a rate depth 4 did not choose, for seed 2
+    gone = (final["depth"] == 4) & (final["band_point"] == other) & (final["seed"] == 2) & (final["variant"] == "")
+    an = analysis.analyse(epochs, final[~gone], config, 0.0017, preds)
+    assert all(
+        c.outcome == "not computed" and "band or the predictions are incomplete" in c.reason for c in an.primary[:1]
+    )
+
+
+def test_the_pick_variance_is_the_random_effects_anova_estimate():
+    """stats.pick_variance: (MS_picks - MS_residual) / seeds of a two-way table (picks x seeds), checked against
+    statsmodels' anova_lm; stats.searched adds both depths' parts to the crossed estimate."""
+    import statsmodels.formula.api as smf
+    from statsmodels.stats.anova import anova_lm
+
+    rng = np.random.default_rng(3)
+    x = 0.98 + rng.normal(0, 0.001, (3, 1)) + rng.normal(0, 0.0005, (1, 4)) + rng.normal(0, 0.0007, (3, 4))
+    frame = pd.DataFrame([(i, j, x[i, j]) for i in range(3) for j in range(4)], columns=["pick", "seed", "acc"])
+    table = anova_lm(smf.ols("acc ~ C(pick) + C(seed)", frame).fit())
+    ms_picks, ms_resid = table.loc["C(pick)", "mean_sq"], table.loc["Residual", "mean_sq"]
+    var, df = stats.pick_variance(x)
+    assert var == pytest.approx((ms_picks - ms_resid) / 4, rel=1e-9) and 0 < df < math.inf
+    assert stats.pick_variance(np.tile([0.97, 0.98, 0.975, 0.981], (3, 1))) == (0.0, math.inf)  # picks alike
+    base = stats.crossed(rng.integers(-1, 2, (4, 500)).astype(float) * (rng.random((4, 500)) < 0.05))
+    both = stats.searched(base, x, x[::-1])
+    assert both.var == pytest.approx(base.var + 2 * var) and both.mean == base.mean and both.df < base.df
+
+
+def test_seeds_are_planned_with_the_test_sets_part_fixed():
+    """More seeds shrink the seeds' part only: with a fixed part the plan asks more, and none when the fixed part
+    alone is too wide for the margin."""
+    sd, margin, level = 0.0014, 0.0017, 0.005
+    plain = stats.seeds_to_resolve(sd, margin, level)
+    assert stats.seeds_with_floor(sd, 0.0, margin, level) == plain
+    assert stats.seeds_with_floor(sd, (0.0002) ** 2, margin, level) > plain
+    assert stats.seeds_with_floor(sd, (0.0008) ** 2, margin, level) == stats.UNREACHABLE
