@@ -135,7 +135,8 @@ def grid_scores(means: Mapping[int, float], rule: str) -> dict[int, float]:
 
 def rank_band(scores: Mapping[int, list[float]]) -> list[int]:
     """A factorial cell's band points in order of preference from each point's validation accuracies over the
-    seeds: the highest mean first, ties to the lower rate. The one rule: the workers (a check retrains the first),
+    seeds: the highest mean first, ties to the earlier point of the band as declared (its
+    rates ascend, then any appended ones). The one rule: the workers (a check retrains the first),
     the tables and the analysis (stats.chosen makes the same choice again inside every resample) apply it."""
     means = {i: sum(v) / len(v) for i, v in scores.items() if len(v)}
     return sorted(means, key=lambda i: (-means[i], i))

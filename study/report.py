@@ -297,7 +297,8 @@ def carried(an: Analysis) -> list[str]:
         "sample of the images the answer is about): the seeds x test-images table of per-image differences, its "
         "variance by the two-way random-effects decomposition (seeds, images, their interaction), Satterthwaite's "
         "degrees of freedom. In a factorial setting also the rate choice: each depth at its own best rate, chosen "
-        "on validation again inside every bootstrap resample of the seeds. Everything is recomputed from "
+        "on validation again inside every bootstrap resample of the seeds; in the tuned setting the search's pick "
+        "(each depth's best trial and runners-up as a random factor). Everything is recomputed from "
         f"`{PREDICTIONS_FILE}`, every final run's predicted class of each test image.",
         "- *Equivalence bound*: the smallest margin at which the two one-sided tests pass at the contrast's Holm "
         "level: the answer as a number, whatever margin a reader holds. The columns *at ±0.10* ... *at ±0.25* give "
@@ -455,6 +456,9 @@ def caveats(config: dict) -> list[str]:
         "seconds depend on the machine and its load and are shown only beside them",
         "- the primary intervals carry the test set's sampling where the tables hold per-image predictions; every "
         "other interval is over seeds on this one test set (10,000 images)",
+        "- the training images are one pool: a seed's hold-out varies which of them train, not the pool, so the "
+        "answer is conditional on this dataset's 60,000 training images; and the margin, band, seeds and epochs "
+        "were declared from earlier runs on the same test set (docs/method.md, what the answer is about)",
         "",
     ]
 

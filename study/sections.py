@@ -138,8 +138,10 @@ def search_section(every: pd.DataFrame, trials: pd.DataFrame, an: Analysis) -> l
     return [
         "The search's own variance: each search's best trial is one pick among near-ties (its top three lie within "
         + (", ".join(gaps) if gaps else "n/a")
-        + " points of validation accuracy), so its two runners-up were retrained too, with fewer seeds each. Each "
-        "tuned primary contrast at every pick of both searches (each difference over the seeds both picks trained):",
+        + " points of validation accuracy), so its two runners-up were retrained too, with fewer seeds each, and the "
+        "variance between each depth's picks is inside the tuned intervals above (where the primary table says the "
+        "interval carries the search's pick). Each tuned primary contrast at every pick of both searches (each "
+        "difference over the seeds both picks trained):",
         "",
         *lines,
         "",
@@ -278,8 +280,8 @@ def band_section(every: pd.DataFrame, out: Path, band: list[float], an: Analysis
     doc += [
         f"Every matched cell trains every rate of the band ({', '.join(f'{x:.3g}' for x in sorted(band))}) with each "
         "of its "
-        "seeds; a depth's rate is the one with the highest mean validation accuracy over its seeds (ties to the lower "
-        "rate). The test set plays no part in the choice. The primary contrasts make the choice again inside every "
+        "seeds; a depth's rate is the one with the highest mean validation accuracy over its seeds (ties to the "
+        "earlier point of the band as declared). The test set plays no part in the choice. The primary contrasts make the choice again inside every "
         "resample of the seeds, so their intervals carry it"
         + (
             f": a contrast's depths chose another rate in {100 * min(c.moved for c in moved):.0f}% to "
