@@ -281,8 +281,8 @@ def band_section(every: pd.DataFrame, out: Path, band: list[float], an: Analysis
         f"Every matched cell trains every rate of the band ({', '.join(f'{x:.3g}' for x in sorted(band))}) with each "
         "of its "
         "seeds; a depth's rate is the one with the highest mean validation accuracy over its seeds (ties to the "
-        "earlier point of the band as declared). The test set plays no part in the choice. The primary contrasts make the choice again inside every "
-        "resample of the seeds, so their intervals carry it"
+        "earlier point of the band as declared). The test set plays no part in the choice. The primary contrasts "
+        "make the choice again inside every resample of the seeds, so their intervals carry it"
         + (
             f": a contrast's depths chose another rate in {100 * min(c.moved for c in moved):.0f}% to "
             f"{100 * max(c.moved for c in moved):.0f}% of resamples"
