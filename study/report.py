@@ -248,9 +248,11 @@ def how_to_read(an: Analysis) -> list[str]:
         "**How to read it.**",
         "",
         f"- *Margin* ±{m:.2f} points of test accuracy (`--margin`): {margin_reason(an)}.",
-        "- *Paired by seed*: seed k fixes initialisation and batch order for every depth (common random numbers), "
-        "so each contrast takes the per-seed differences of the seeds both depths trained: a paired t interval, "
-        "n, and the correlation r of the two depths over seeds.",
+        "- *Paired by seed*: seed k fixes initialisation and batch order for every depth (common random numbers)"
+        + (", and in the factorial design the validation hold-out too" if factorial_design(an) else "")
+        + ", so each contrast takes the per-seed differences of the seeds both depths trained: n, and the "
+        "correlation r of the two depths over seeds; a secondary contrast's interval is the paired t interval, a "
+        "primary one's is read as below.",
         "- *Primary contrasts*: depth 4 minus 3 and depth 4 minus 5 in each setting, one Holm family. Every other "
         "pair is exploratory, in its own Holm family per setting.",
         "- *Better* or *worse*: the interval, drawn at the contrast's Holm-consistent level (the level shown), "
@@ -269,6 +271,10 @@ def how_to_read(an: Analysis) -> list[str]:
         *carried(an),
         "",
     ]
+
+
+def factorial_design(an: Analysis) -> bool:
+    return any(c.estimate == "chosen" for c in an.primary)
 
 
 def margin_reason(an: Analysis) -> str:
