@@ -290,13 +290,44 @@ def run_spans(trials: pd.DataFrame, final: pd.DataFrame) -> list[tuple]:
 
 
 def most_at_once(trials: pd.DataFrame, final: pd.DataFrame) -> int:
-    """The most runs that were training at the same moment: the workers the study ran with."""
-    events = sorted((t, step) for a, b in run_spans(trials, final) for t, step in ((a, 1), (b, -1)))
+    """The most workers that were training at the same moment: the workers the study ran with. A pack's runs share
+    one worker (tables with a `worker` column count each worker's overlapping runs once)."""
+    if all("worker" in df for df in (trials, final) if len(df)):
+        events = []
+        for spans in _worker_spans(trials, final).values():
+            events += [(t, step) for a, b in spans for t, step in ((a, 1), (b, -1))]
+        events.sort()
+    else:
+        events = sorted((t, step) for a, b in run_spans(trials, final) for t, step in ((a, 1), (b, -1)))
     most = now = 0
     for _, step in events:  # a finish sorts before a start at the same instant (-1 < 1)
         now += step
         most = max(most, now)
     return most
+
+
+def _worker_spans(trials: pd.DataFrame, final: pd.DataFrame) -> dict:
+    """{worker: its runs' start-to-finish intervals, overlapping ones merged}."""
+    out: dict = {}
+    for df in (trials, final):
+        if not len(df) or not {"started", "finished", "worker"} <= set(df.columns):
+            continue
+        start = pd.to_datetime(df["started"], utc=True, errors="coerce")
+        end = pd.to_datetime(df["finished"], utc=True, errors="coerce")
+        for w, a, b in zip(df["worker"], start, end):
+            if pd.notna(a) and pd.notna(b) and b >= a:
+                out.setdefault(w, []).append((a, b))
+    merged = {}
+    for w, spans in out.items():
+        spans.sort()
+        m = [list(spans[0])]
+        for a, b in spans[1:]:
+            if a <= m[-1][1]:
+                m[-1][1] = max(m[-1][1], b)
+            else:
+                m.append([a, b])
+        merged[w] = [tuple(x) for x in m]
+    return merged
 
 
 def busy_minutes(trials: pd.DataFrame, final: pd.DataFrame) -> float:

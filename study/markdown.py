@@ -58,7 +58,7 @@ def outcome_words(c: Contrast) -> str:
         return "equivalent within the margin"
     if c.outcome == "inconclusive":
         if c.seeds_needed >= UNREACHABLE:
-            return "inconclusive (no number of seeds resolves it: the test set's part alone is too wide)"
+            return "inconclusive (no number of seeds resolves it: the part more seeds do not shrink is too wide)"
         seeds = f"{c.seeds_needed}" if c.seeds_needed <= 1000 else "more than 1,000"
         return f"inconclusive (planning: {seeds} paired seeds)"
     if math.isfinite(c.p_equivalence_holm) and c.p_equivalence_holm <= ALPHA:
