@@ -421,12 +421,13 @@ def checks_section(an: Analysis, final: pd.DataFrame, budget: int) -> list[str]:
             if runner_up
             else " (the factorial trains every rate of its band: no runner-up check)"
         )
-        + ", with the seeds the primary contrasts also ran. Whether a primary contrast changes is tested on its "
-        "per-seed change (the check's difference minus the primary one, paired by seed), one Holm family over every check "
-        "contrast: *horizon-dependent* or *rate-sensitive* when the change's interval excludes 0 or the direction "
-        "flips; *holds* when two one-sided tests put the change inside the margin; *uninformative* when the "
-        "primary contrast is itself undecided; otherwise *unresolved*, with the change the check could have "
-        "found (80% power). The other settings' contrasts are not checked this way.",
+        + ", with the seeds the primary contrasts also ran. Whether a primary contrast changes is tested on its"
+        " per-seed change (the check's difference minus the primary one, paired by seed), one Holm family "
+        "over every check contrast: *horizon-dependent* or *rate-sensitive* when the change's interval "
+        "excludes 0 or the direction flips; *holds* when two one-sided tests put the change inside the "
+        "margin; *uninformative* when the primary contrast is itself undecided; otherwise *unresolved*, with "
+        "the change the check could have found (80% power). The other settings' contrasts are not checked "
+        "this way.",
         "",
         md_table(pd.DataFrame(rows)),
         "",
