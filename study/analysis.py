@@ -222,42 +222,21 @@ def contrast_family(
             outcome = "equivalent"
         else:
             outcome = "inconclusive"
-        if est is not None:
+        level_eq = min(2 * levels_eq[i], 1.0)
+        if est is not None:  # the whole-uncertainty estimate: its own interval, and seeds planned with a fixed part
             kind, e = est
-            ci_eq = clip(e.interval(min(2 * levels_eq[i], 1.0)), 1.0)
-            extra = {
-                "estimate": kind,
-                "var": e.var,
-                "var_seeds": getattr(e, "var_seeds", math.nan),
-                "moved": getattr(e, "moved", math.nan),
-                "bound": max(abs(ci_eq[0]), abs(ci_eq[1])),
-            }
-            seeds_var = getattr(e, "var_seeds", e.var)
-            plan = stats.seeds_with_floor(math.sqrt(seeds_var * t.n), e.var - seeds_var, margin, strictest)
-            out.append(
-                Contrast(
-                    setting,
-                    ga.depth,
-                    gb.depth,
-                    outcome,
-                    t.n,
-                    e.mean,
-                    t.sd,
-                    t.corr,
-                    clip(e.interval(levels[i]), 1.0),
-                    levels[i],
-                    p[i],
-                    p_holm[i],
-                    ci_eq,
-                    p_eq_holm[i],
-                    t.p_wilcoxon,
-                    plan if outcome == "inconclusive" else None,
-                    None,
-                    **extra,
-                )
+            ci, ci_eq = clip(e.interval(levels[i]), 1.0), clip(e.interval(level_eq), 1.0)
+            var, var_seeds = e.var, getattr(e, "var_seeds", e.var)
+            moved = getattr(e, "moved", math.nan)
+            plan = stats.seeds_with_floor(math.sqrt(var_seeds * t.n), var - var_seeds, margin, strictest)
+        else:  # the seeds alone: the paired t
+            kind, moved = "seeds", math.nan
+            ci, ci_eq = (
+                clip(stats.paired_interval(x, y, levels[i]), 1.0),
+                clip(stats.paired_interval(x, y, level_eq), 1.0),
             )
-            continue
-        ci_eq = clip(stats.paired_interval(x, y, min(2 * levels_eq[i], 1.0)), 1.0)
+            var = var_seeds = t.sd**2 / t.n
+            plan = stats.seeds_to_resolve(t.sd, margin, strictest)
         out.append(
             Contrast(
                 setting,
@@ -265,21 +244,23 @@ def contrast_family(
                 gb.depth,
                 outcome,
                 t.n,
-                t.mean,
+                mean,
                 t.sd,
                 t.corr,
-                clip(stats.paired_interval(x, y, levels[i]), 1.0),
+                ci,
                 levels[i],
-                t.p,
+                p[i],
                 p_holm[i],
                 ci_eq,
                 p_eq_holm[i],
                 t.p_wilcoxon,
-                stats.seeds_to_resolve(t.sd, margin, strictest) if outcome == "inconclusive" else None,
+                plan if outcome == "inconclusive" else None,
                 None,
-                var=t.sd**2 / t.n,
-                var_seeds=t.sd**2 / t.n,
+                estimate=kind,
+                var=var,
+                var_seeds=var_seeds if est is None or hasattr(est[1], "var_seeds") else math.nan,
                 bound=max(abs(ci_eq[0]), abs(ci_eq[1])),
+                moved=moved,
             )
         )
     return out

@@ -135,20 +135,21 @@ def chosen_estimate(a: pd.DataFrame, b: pd.DataFrame, preds: Predictions) -> sta
     """Depth a minus depth b, each at its own best rate, from every run of both factorial cells (`a`, `b`): the
     seeds with every band point of both depths trained and predicted (raises ValueError when fewer than two)."""
     points = sorted(set(a["band_point"].astype(int)) | set(b["band_point"].astype(int)))
-    seeds = []
-    for s in sorted(set(a["seed"]) & set(b["seed"])):
-        rows = [_run(g, p, s) for g in (a, b) for p in points]
-        if all(r is not None and preds.of(r) is not None for r in rows):
-            seeds.append(int(s))
+    runs = [_runs(g) for g in (a, b)]  # {(band point, seed): its row}, the first where a cell lists one twice
+    seeds = [
+        int(s)
+        for s in sorted(set(a["seed"]) & set(b["seed"]))
+        if all((p, s) in r and preds.of(r[(p, s)]) is not None for r in runs for p in points)
+    ]
     if len(seeds) < 2:
         raise ValueError(f"{len(seeds)} seed(s) with every rate of both depths predicted: an interval needs 2")
 
-    def arrays(g: pd.DataFrame):
-        val = np.array([[val_score(_run(g, p, s)) for s in seeds] for p in points])
-        test = np.stack([np.stack([preds.of(_run(g, p, s)) for s in seeds]) for p in points])
+    def arrays(r: dict):
+        val = np.array([[val_score(r[(p, s)]) for s in seeds] for p in points])
+        test = np.stack([np.stack([preds.of(r[(p, s)]) for s in seeds]) for p in points])
         return val, test
 
-    (val_a, test_a), (val_b, test_b) = arrays(a), arrays(b)
+    (val_a, test_a), (val_b, test_b) = (arrays(r) for r in runs)
     return stats.chosen(val_a, val_b, test_a, test_b)
 
 
@@ -163,9 +164,11 @@ def crossed_estimate(a: pd.DataFrame, b: pd.DataFrame, preds: Predictions) -> st
     return stats.crossed(table)
 
 
-def _run(g: pd.DataFrame, point: int, seed: int):
-    rows = g[(g["band_point"] == point) & (g["seed"] == seed)]
-    return rows.iloc[0] if len(rows) else None
+def _runs(g: pd.DataFrame) -> dict:
+    out = {}
+    for _, row in g.iterrows():
+        out.setdefault((int(row["band_point"]), row["seed"]), row)
+    return out
 
 
 def band_runs(final: pd.DataFrame) -> pd.DataFrame:
@@ -216,14 +219,21 @@ def band_summary(final: pd.DataFrame, band: list[float]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def _tuned_trained(final: pd.DataFrame) -> pd.DataFrame | None:
+    """The tuned cells' trained (not failed) final runs of every pick, or None for tables without picks."""
+    tuned = final[(final["experiment"] == "tuned") & (final["variant"].fillna("") == "")]
+    if "place" not in tuned:
+        return None
+    return tuned[~tuned["failed"].fillna(False).astype(bool)] if "failed" in tuned else tuned
+
+
 def search_picks(final: pd.DataFrame, a: int, b: int) -> pd.DataFrame:
     """The tuned contrast a minus b at every pick of each depth's search (place 0 its best trial, 1 and 2 its
     runners-up by validation): the mean per-seed difference over the seeds both picks trained (failed runs left
     out). How much the answer hangs on which near-tied configuration each search happened to rank first."""
-    tuned = final[(final["experiment"] == "tuned") & (final["variant"].fillna("") == "")]
-    if "place" not in tuned:
+    ok = _tuned_trained(final)
+    if ok is None:
         return pd.DataFrame(columns=["place_a", "place_b", "n", "diff"])
-    ok = tuned[~tuned["failed"].fillna(False).astype(bool)] if "failed" in tuned else tuned
     rows = []
     for pa, ga in ok[ok["depth"] == a].groupby("place"):
         for pb, gb in ok[ok["depth"] == b].groupby("place"):
@@ -240,10 +250,9 @@ def with_search(base: stats.Crossed, final: pd.DataFrame, a: int, b: int) -> sta
     """A tuned contrast's crossed estimate with the search's pick added as a random factor (stats.searched), from
     each depth's best trial and runners-up retrained on common seeds; `base` as it is where a depth has fewer
     than two picks or two common seeds (tables from before runners-up)."""
-    tuned = final[(final["experiment"] == "tuned") & (final["variant"].fillna("") == "")]
-    if "place" not in tuned:
+    ok = _tuned_trained(final)
+    if ok is None:
         return base
-    ok = tuned[~tuned["failed"].fillna(False).astype(bool)] if "failed" in tuned else tuned
     tables = []
     for depth in (a, b):
         runs = ok[ok["depth"] == depth].pivot_table(index="place", columns="seed", values="test_accuracy")
