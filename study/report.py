@@ -3,7 +3,6 @@
     python -m study.report --results results                # from trials/epochs/final.csv
     python -m study.report --storage URL --out DIR          # from an Optuna storage (any worker)
     python -m study.report --results results --compare results/fashion-mnist   # plus the other dataset
-    python -m study.report --results results --replicate results/replicate      # plus the same study run again
 
 The question is declared before looking: per setting (the recipe after its last epoch, each matched
 budget, the tuned depths), depth 4 minus depth 3 and depth 4 minus depth 5, paired by seed, one Holm
@@ -32,7 +31,7 @@ from mnist_bench.files import write_file
 from mnist_bench.interrupt import Interrupted
 from mnist_bench.redact import redact
 
-from . import factorial, figures, replication
+from . import factorial, figures
 from .analysis import (
     DATASET_NAMES,
     SOURCE_DEPTH,
@@ -355,8 +354,8 @@ def cost_section(trials: pd.DataFrame, epochs: pd.DataFrame) -> list[str]:
     return doc
 
 
-def cross_dataset_section(out: Path, first: Analysis, second: Analysis, rules: tuple[str, str] = ()) -> list[str]:
-    """`rules`: the two studies' learning-rate rules, named in the section where they differ."""
+def cross_dataset_section(out: Path, first: Analysis, second: Analysis) -> list[str]:
+    """Each primary contrast's difference between two datasets' studies (the interaction), paired by seed."""
     inter = interactions(first, second)
     if not inter:
         return []
@@ -391,13 +390,7 @@ def cross_dataset_section(out: Path, first: Analysis, second: Analysis, rules: t
         f"per-seed differences are paired by seed (r below): paired t and TOST on the difference-in-differences, "
         f"one Holm family. *Differs* only when its interval excludes 0; *carries over* only when two one-sided "
         f"tests put it inside ±{100 * first.margin:.2f} points; otherwise *inconclusive*. A contrast significant "
-        f"on one dataset and not on the other is not, by itself, a difference between datasets."
-        + (
-            f" The two studies chose their learning rates by different rules ({names[0]}: {rules[0]}; {names[1]}: "
-            f"{rules[1]}): an interaction may come from the rule rather than the dataset."
-            if len(rules) == 2 and rules[0] != rules[1]
-            else ""
-        ),
+        f"on one dataset and not on the other is not, by itself, a difference between datasets.",
         "",
         "![cross-dataset](cross-dataset.png)",
         "",
@@ -498,31 +491,29 @@ def render(
     out: Path | None = None,
     compare_with: Path | None = None,
     margin: float | None = None,
-    replicate_of: Path | None = None,
 ) -> Path:
     """Render report.md and the figures from the tables in `results` into `out` (default: the same
     folder); with `compare_with`, another dataset's results folder, add the cross-dataset section.
     `margin` is the equivalence margin as an accuracy fraction (0.002 = 0.2 points). A report is rendered
     again as it was: an option left out (None) is the one recorded in `out`'s report-options.json, if any,
-    so a plain rerender never drops the sections a --compare or --replicate added. A figure or the
-    report that cannot be written ends in one line; the tables are never touched."""
+    so a plain rerender never drops the section a --compare added. A figure or the report that cannot be
+    written ends in one line; the tables are never touched."""
     out = out or results
-    compare_with, margin, replicate_of = recorded_options(out, compare_with, margin, replicate_of)
+    compare_with, margin = recorded_options(out, compare_with, margin)
     try:
-        path, margin = _render(results, out, compare_with, margin, replicate_of)
-        pairs = (("compare", compare_with), ("replicate", replicate_of))
-        relative = {k: None if v is None else os.path.relpath(v, out) for k, v in pairs}
-        write_file(out / OPTIONS, json.dumps({**relative, "margin_points": round(100 * margin, 6)}, indent=1) + "\n")
+        path, margin = _render(results, out, compare_with, margin)
+        compare = None if compare_with is None else os.path.relpath(compare_with, out)
+        options = {"compare": compare, "margin_points": round(100 * margin, 6)}
+        write_file(out / OPTIONS, json.dumps(options, indent=1) + "\n")
         return path
     except OSError as e:
         where = e.filename or out or results
         raise UserError(f"cannot write {where} ({e.strerror or e}); the tables it comes from are kept") from None
 
 
-def recorded_options(
-    out: Path, compare_with: Path | None, margin: float | None, replicate_of: Path | None
-) -> tuple[Path | None, float | None, Path | None]:
-    """(compare, margin, replicate): each as given, or else as recorded beside the report in `out`."""
+def recorded_options(out: Path, compare_with: Path | None, margin: float | None) -> tuple[Path | None, float | None]:
+    """(compare, margin): each as given, or else as recorded beside the report in `out`. An options file that
+    records a --replicate folder (the run-again comparison, no longer rendered) is refused in one line."""
     path = out / OPTIONS
     recorded: dict = {}
     if path.is_file():
@@ -534,21 +525,21 @@ def recorded_options(
             raise UserError(f"cannot read {path} ({e.strerror or e})") from None
         if not isinstance(recorded, dict):
             raise UsageError(f"{path} is not the options file this command writes; move it aside")
+    if recorded.get("replicate") is not None:
+        raise UsageError(
+            f"{path} records --replicate {recorded['replicate']}, a comparison this version no longer renders: remove "
+            f"{path.name} (and pass --compare or --margin again if the report had them)"
+        )
     reused = []
-
-    def folder(given: Path | None, key: str) -> Path | None:
-        if given is not None or not recorded.get(key):
-            return given
-        found = out / str(recorded[key])
-        if not found.is_dir():
+    compare = recorded.get("compare")
+    if compare_with is None and compare:
+        compare_with = out / str(compare)
+        if not compare_with.is_dir():
             raise UsageError(
-                f"{path} records --{key} {recorded[key]} (relative to {out}), which is not a folder: pass --{key}, "
+                f"{path} records --compare {compare} (relative to {out}), which is not a folder: pass --compare, "
                 f"or remove {path.name} to render without it"
             )
-        reused.append(f"--{key} {found}")
-        return found
-
-    compare_with, replicate_of = folder(compare_with, "compare"), folder(replicate_of, "replicate")
+        reused.append(f"--compare {compare_with}")
     if margin is None:  # else the one the study declares (config.json), read with the tables
         points = recorded.get("margin_points")
         valid = isinstance(points, (int, float)) and 0 < points < 100
@@ -557,7 +548,7 @@ def recorded_options(
             reused.append(f"--margin {points:g}")
     if reused:
         print(f"as {path} records: {' '.join(reused)}")
-    return compare_with, margin, replicate_of
+    return compare_with, margin
 
 
 def _render(
@@ -565,7 +556,6 @@ def _render(
     out: Path,
     compare_with: Path | None = None,
     margin: float | None = None,
-    replicate_of: Path | None = None,
 ) -> tuple[Path, float]:
     """Render report.md and the figures from the tables in `results` into `out` (default: the same
     folder); with `compare_with`, another dataset's results folder, add the cross-dataset section.
@@ -576,17 +566,6 @@ def _render(
     final = factorial.retrained(every)  # one run per cell and seed: each factorial cell at its chosen rate
     margin = margin if margin is not None else declared_margin(config)
     other = load_results(compare_with) if compare_with is not None else None
-    again = None
-    if replicate_of is not None:
-        if replicate_of.resolve() == results.resolve():
-            raise UsageError(f"--replicate {replicate_of} is this study itself: give the results of a second run")
-        try:
-            again = load_results(replicate_of)
-        except UsageError as e:
-            raise UsageError(f"--replicate: {e}") from None
-        differs = replication.refuse_other_design(config, again[3], replicate_of)
-        if final["test_accuracy"].sort_values().tolist() == again[2]["test_accuracy"].sort_values().tolist():
-            raise UsageError(f"--replicate {replicate_of} holds the same runs as {results} (a copy, not a second run)")
     if out.resolve() != results.resolve():
         refuse_other_study(out, config.get("name"))
     throughput = read_throughput(results / "throughput.csv")
@@ -611,13 +590,6 @@ def _render(
         pictured = [an] + ([second] if second and second.primary else [])
         doc += ["![answer](answer.png)", "", figures.answer_figure(out / "answer.png", pictured), ""]
         doc += [setting_table(an.primary), "", opening_sentence(an), ""]
-    rerun = (
-        replication.Replicate(analyse(again[1], again[2], again[3], margin), again[0], again[2], replicate_of, differs)
-        if again is not None
-        else None
-    )
-    pairs = replication.pair_runs(an, rerun.analysis) if rerun is not None else []
-    doc += replication.summary(pairs, rerun.final, rerun.differs, final) if rerun is not None else []
     if fragile:
         doc += [
             f"{len(fragile)} of these contrasts {'changes' if len(fragile) == 1 else 'change'} under a design check, "
@@ -771,18 +743,7 @@ def _render(
         if curves:
             doc += ["![curves](curves.png)", "", curves, ""]
     if second is not None:
-        doc += cross_dataset_section(out, an, second, (replication.lr_rule(config), replication.lr_rule(other[3])))
-    if again is not None:
-        thin = exps.get("matched", {}).get("thin_budgets", [])
-        doc += replication.section(
-            pairs,
-            trials,
-            final,
-            rerun,
-            replication.lr_rule(config),
-            tuple(thin),
-            exps.get("matched", {}).get("check_budget", SOURCE_PARAMS),
-        )
+        doc += cross_dataset_section(out, an, second)
     doc += time_section(trials, every)
     doc += sanity_checks(trials, config)
     if throughput is not None and not throughput.empty:
@@ -824,12 +785,6 @@ def main(argv: list[str] | None = None) -> int:
         help="results folder of the same study on another dataset: adds the cross-dataset section",
     )
     p.add_argument(
-        "--replicate",
-        type=cli.path_arg,
-        default=None,
-        help="results folder of the same study run again (another machine, say): adds whether the answer reproduces",
-    )
-    p.add_argument(
         "--margin",
         type=cli.margin_points,
         default=None,
@@ -842,9 +797,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give --results (saved tables) or --storage (an Optuna storage), not both")
     margin = None if args.margin is None else args.margin / 100
     try:
-        for flag, folder in (("--compare", args.compare), ("--replicate", args.replicate)):
-            if folder is not None and not folder.is_dir():
-                raise UsageError(f"{flag} {folder} is not a folder")
+        if args.compare is not None and not args.compare.is_dir():
+            raise UsageError(f"--compare {args.compare} is not a folder")
         if args.storage:
             path = from_storage(
                 args.storage,
@@ -852,14 +806,13 @@ def main(argv: list[str] | None = None) -> int:
                 args.out or args.results or cli.RESULTS_DIR,
                 args.compare,
                 margin,
-                args.replicate,
             )
         else:
             results = args.results or cli.RESULTS_DIR
             if not results.is_dir():
                 raise UsageError(f"--results {results} is not a folder")
             cli.prepare_out(args.out or results, files=OUTPUT_FILES)
-            path = render(results, args.out, args.compare, margin, args.replicate)
+            path = render(results, args.out, args.compare, margin)
     except KeyboardInterrupt:
         raise Interrupted("interrupted: report.md was not rewritten (tables written so far are kept)") from None
     print(f"wrote {path}")
@@ -872,7 +825,6 @@ def from_storage(
     out: Path,
     compare_with: Path | None = None,
     margin: float | None = None,
-    replicate_of: Path | None = None,
 ) -> Path:
     """Write the tables of study `name` (the only one when None) from the storage into `out`, then render."""
     from study import tables
@@ -895,7 +847,7 @@ def from_storage(
         tables.write_tables(storage, chosen, names[chosen], out)
 
     guarded(write, url)
-    return render(out, compare_with=compare_with, margin=margin, replicate_of=replicate_of)
+    return render(out, compare_with=compare_with, margin=margin)
 
 
 if __name__ == "__main__":

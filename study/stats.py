@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
-from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestPower
 from statsmodels.stats.weightstats import ttost_paired
@@ -400,12 +399,3 @@ def detectable(sd: float, n: int, level: float, power: float = POWER) -> float:
 def fisher(failed_a: int, runs_a: int, failed_b: int, runs_b: int) -> float:
     """Two-sided p of Fisher's exact test that two failure rates are equal (scipy)."""
     return float(stats.fisher_exact([[failed_a, runs_a - failed_a], [failed_b, runs_b - failed_b]]).pvalue)
-
-
-def mcnemar_exact(only_first: int, only_second: int) -> float:
-    """Two-sided p of the exact McNemar test (statsmodels) on paired yes/no outcomes: `only_first` pairs
-    where only the first procedure said yes, `only_second` where only the second did (the concordant
-    pairs do not enter the exact test)."""
-    if only_first + only_second == 0:
-        return 1.0
-    return float(mcnemar(np.array([[0, only_first], [only_second, 0]]), exact=True).pvalue)

@@ -76,12 +76,6 @@ def test_statistics_figures_and_document_each_have_their_module():
     assert study["markdown"] <= {"analysis", "stats"}  # how numbers print; no document logic
     assert study["design"] <= {"analysis", "config", "stats"}  # the checks computed: no words, no figures
     assert study["sections"] <= {"analysis", "config", "design", "factorial", "figures", "markdown", "stats"}
-    assert study["replication"] <= {
-        "analysis",
-        "config",
-        "markdown",
-        "stats",
-    }  # the rerun comparison; the document places it
     assert "design" not in study["analysis"] and "report" not in study["design"] | study["sections"]
     assert study["serve"] <= {"config", "storage"}  # the proxy knows storages, not studies or claims
     assert study["tables"] <= {"config", "coord", "storage"}  # tables from the storage: no statistics

@@ -99,13 +99,6 @@ def test_wilcoxon_p_is_scipys_in_every_branch():
         assert stats.wilcoxon_p(counts / 10_000) == expected, counts
 
 
-def test_mcnemar_exact_is_a_two_sided_sign_test_on_the_discordant_pairs():
-    # 6 discordant pairs, all one way: 2 / 2**6; 5 against 1: 2 * P(X <= 1 | 6, 1/2) = 2 * 7 / 64.
-    assert stats.mcnemar_exact(6, 0) == pytest.approx(0.03125)
-    assert stats.mcnemar_exact(1, 5) == pytest.approx(14 / 64)
-    assert stats.mcnemar_exact(0, 0) == 1.0
-
-
 def test_fisher_exact_lady_tasting_tea():
     # Fisher (1935): 3 of 4 cups right either way, two-sided p = 0.4857 (R: fisher.test).
     assert stats.fisher(3, 4, 1, 4) == pytest.approx(0.4857, abs=1e-4)
@@ -480,148 +473,6 @@ def test_cross_dataset_is_judged_by_the_interaction_paired_by_seed():
     assert x.diff == pytest.approx(x.diff_first - x.diff_second) and x.ci[0] > 0
 
 
-def test_a_rerun_is_compared_contrast_by_contrast_and_a_moved_rate_is_named(tmp_path: Path):
-    trials, epochs, final = study_tables(FOUR_WINS, FOUR_WINS, TUNED)
-    (tmp_path / "a").mkdir()
-    first = write(tmp_path / "a", trials, epochs, final)
-    # The same runs again, each seed moved by its own 0.01 points, depth 5 at 242,762 retrained at another rate.
-    jitter = np.random.default_rng(2).normal(0, 1e-4, len(final))
-    again = final.assign(test_accuracy=final.test_accuracy + jitter)
-    moved = (again.experiment == "matched") & (again.depth == 5)
-    again.loc[moved, "param_lr"] = 0.1
-    (tmp_path / "b").mkdir()
-    text = render(first, replicate_of=write(tmp_path / "b", trials, epochs, again)).read_text()
-    section = text.split("## Run again: does the answer reproduce?")[1].split("\n## ")[0]
-    assert "- *decided alike* (6): recipe, 10 epochs, depth 4 minus 3;" in section
-    assert section.count("| reproduces within the margin | decided alike |") == 6
-    assert "| matched, 242,762 parameters | depth 4 minus 5 |" in section
-    row = next(x for x in section.splitlines() if x.startswith("| matched, 242,762 parameters | depth 4 minus 5 |"))
-    assert "| depth 5 |" in row  # the moved rate is named on the contrast it touches
-    assert "chose a different one in 1 of 6 (funnel 242,762 depth 5: 0.1 there, 0.03 here)" in section
-    assert "of the 6 contrasts, 6 decided alike" in text.split("## ")[0]  # said under the answer too
-    # Both tables name the same processor: the same kind of machine, and no rounding story.
-    assert "Run again on the same kind of machine" in text and "determinism, not replication" in section
-    assert "Rounding differs between processors" not in section
-    (tmp_path / "d").mkdir()
-    elsewhere = write(tmp_path / "d", trials, epochs, again.assign(cpu="Another CPU"))
-    text = render(first, replicate_of=elsewhere).read_text()
-    assert "Run again on another machine (Another CPU)" in text and "Rounding differs between processors" in text
-    # A flipped answer differs between the runs.
-    flipped = {1: 0.92, 2: 0.96, 3: 0.97, 4: 0.96, 5: 0.975, 6: 0.96}
-    (tmp_path / "c").mkdir()
-    other = write(tmp_path / "c", *study_tables(flipped, flipped, {3: 0.97, 4: 0.96, 5: 0.975}, seed=1))
-    section = render(first, replicate_of=other).read_text().split("## Run again")[1].split("\n## ")[0]
-    assert "- *conflicting* (6):" in section and section.count("| differs | conflicting |") == 6
-
-
-@pytest.mark.parametrize(
-    "first, second, between, expected",
-    [
-        ("better", "better", "carries over", "decided alike"),
-        ("equivalent", "equivalent", "differs", "conflicting"),  # both decided, yet the runs differ
-        ("better", "equivalent", "inconclusive", "conflicting"),
-        ("better", "inconclusive", "inconclusive", "decided in one run only"),
-        ("inconclusive", "inconclusive", "carries over", "undecided in both"),  # not an agreement
-        ("not computed", "worse", "inconclusive", "decided in one run only"),
-    ],
-)
-def test_two_runs_agree_only_where_both_decided_alike(first, second, between, expected):
-    from study.replication import agreement
-
-    a, b = (Contrast("s", 4, 3, o) for o in (first, second))
-    assert agreement(a, b, between) == expected
-
-
-def grid_trials(points: list[tuple[float, float]], retrained: float) -> pd.DataFrame:
-    """A matched grid per depth (one replicate) at 242,762 parameters, as the synthetic final runs have it."""
-    return pd.DataFrame(
-        [
-            {
-                "experiment": "matched",
-                "budget": 242762,
-                "depth": d,
-                "trial": i,
-                "state": "complete",
-                "retrained": lr == retrained,
-                "param_lr": lr,
-                "grid_point": i,
-                "replicate": 0,
-                "val_accuracy": acc,
-                "best_epoch_val_accuracy": acc,
-                "n_params": PARAMS[d],
-                "train_flops": 1e11,
-                "epochs_run": 10,
-            }
-            for d in range(1, 7)
-            for i, (lr, acc) in enumerate(points)
-        ]
-    )
-
-
-def test_a_rerun_with_other_tuning_seeds_and_the_old_rule_is_compared_by_what_this_rule_picks_from_its_grid(
-    tmp_path: Path,
-):
-    trials, epochs, final = study_tables(FOUR_WINS, FOUR_WINS, TUNED)
-    matched = {**CONFIG["experiments"]["matched"], "lr_rule": "smoothed"}
-    config = {**CONFIG, "tuning_seed": -2, "experiments": {**CONFIG["experiments"], "matched": matched}}
-    others = trials[trials.experiment != "matched"]
-    # This run's grids: both rules pick 0.03, which every final run retrained.
-    here = grid_trials([(0.01, 0.976), (0.03, 0.979), (0.1, 0.978), (0.3, 0.95)], retrained=0.03)
-    (tmp_path / "a").mkdir()
-    first = write(tmp_path / "a", pd.concat([others, here], ignore_index=True), epochs, final, config)
-    # The replicate's grids (old rule, tuning seeds 0, -1): the mean picks the lucky 0.1, next to a poor 0.3;
-    # smoothed, the neighbourhood of 0.03 wins: (0.975 + 2 * 0.978 + 0.979) / 4 = 0.9775.
-    there = grid_trials([(0.01, 0.975), (0.03, 0.978), (0.1, 0.979), (0.3, 0.90)], retrained=0.1)
-    again = final.assign(test_accuracy=final.test_accuracy + np.random.default_rng(3).normal(0, 1e-4, len(final)))
-    again.loc[(again.experiment == "matched") & (again.depth == 5), "param_lr"] = 0.1  # its mean rule's choice
-    (tmp_path / "b").mkdir()
-    other_trials = pd.concat([others, there], ignore_index=True)
-    text = render(first, replicate_of=write(tmp_path / "b", other_trials, epochs, again)).read_text()
-    section = text.split("## Run again: does the answer reproduce?")[1].split("\n## ")[0]
-    differs = (
-        "the same final seeds and the same design except: tuning seeds from 0 there, from -2 here; learning "
-        "rates chosen by the mean rule there, the smoothed rule here"
-    )
-    assert differs in section and differs in text.split("## ")[0]
-    assert (
-        "This run's rule (smoothed) applied to the other run's own grid chooses the rate this run retrained in "
-        "**6 of 6** cells that choose their own rate (3 of 3 at depths 3-5)." in section
-    )
-    assert "The mean rule on the same two grids agrees in 0 of 6." in section
-    assert "(6 cells for smoothed, 0 for the mean), an exact McNemar test gives p = 0.031" in section
-    row = next(x for x in section.splitlines() if x.startswith("| matched, 242,762 parameters | depth 4 minus 5 |"))
-    assert "| depth 5 (by the rule) |" in row  # the old rule moved it, not the draw
-    assert "is not a failure to reproduce the rerun's choice" in section
-    # Any other difference is still another design.
-    (tmp_path / "c").mkdir()
-    other = write(tmp_path / "c", other_trials, epochs, again, {**config, "tuning_seed": 0, "momentum": 0.0})
-    with pytest.raises(UsageError, match="setting 'momentum' differs"):
-        render(first, replicate_of=other)
-    # Another dataset's study under the old rule: the cross-dataset section says the rules differ.
-    (tmp_path / "f").mkdir()
-    fashion = write(tmp_path / "f", other_trials, epochs, again, {**CONFIG, "dataset": "fashion-mnist"})
-    text = render(first, compare_with=fashion).read_text()
-    assert "chose their learning rates by different rules (MNIST: smoothed; Fashion-MNIST: mean)" in text
-
-
-def test_a_rerun_of_another_design_is_refused(tmp_path: Path):
-    trials, epochs, final = study_tables(FOUR_WINS, FOUR_WINS, TUNED)
-    for name in "ab":
-        (tmp_path / name).mkdir()
-    first = write(tmp_path / "a", trials, epochs, final)
-    other = write(tmp_path / "b", trials, epochs, final, {**CONFIG, "momentum": 0.0})
-    with pytest.raises(UsageError, match="not the same study run again: setting 'momentum' differs"):
-        render(first, replicate_of=other)
-    with pytest.raises(UsageError, match="is this study itself"):
-        render(first, replicate_of=first)
-    (tmp_path / "copy").mkdir()
-    with pytest.raises(UsageError, match="holds the same runs"):
-        render(first, replicate_of=write(tmp_path / "copy", trials, epochs, final))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(UsageError, match="--replicate: .* has no trials.csv"):
-        render(first, replicate_of=tmp_path / "empty")
-
-
 def test_cost_ranges_over_thresholds_from_each_trials_curve():
     trials, epochs, _ = study_tables(FOUR_WINS, FOUR_WINS, TUNED)
     ths = cost_thresholds(trials)
@@ -930,7 +781,7 @@ def test_the_answer_sentence_names_its_settings_and_the_table_has_one_row_per_se
 
 
 def test_a_plain_rerender_is_the_report_as_it_was_rendered(tmp_path: Path, capsys):
-    """The options a report was rendered with (--compare, --replicate, --margin) are recorded beside it and
+    """The options a report was rendered with (--compare, --margin) are recorded beside it and
     reused when they are left out, so `python -m study.report` on a committed folder never drops sections."""
     trials, epochs, final = study_tables(FOUR_WINS, FOUR_WINS, TUNED)
     for name in "af":
@@ -940,11 +791,7 @@ def test_a_plain_rerender_is_the_report_as_it_was_rendered(tmp_path: Path, capsy
                     {**CONFIG, "dataset": "fashion-mnist"})  # fmt: skip
     full = render(first, compare_with=fashion, margin=0.003).read_text()
     assert "## Does the answer carry over" in full and "±0.30 points" in full
-    assert json.loads((first / "report-options.json").read_text()) == {
-        "compare": "../f",
-        "replicate": None,
-        "margin_points": 0.3,
-    }
+    assert json.loads((first / "report-options.json").read_text()) == {"compare": "../f", "margin_points": 0.3}
     capsys.readouterr()
     assert render(first).read_text() == full  # nothing given: as recorded
     said = capsys.readouterr().out
@@ -952,6 +799,19 @@ def test_a_plain_rerender_is_the_report_as_it_was_rendered(tmp_path: Path, capsy
     assert "±0.20 points" in render(first, margin=0.002).read_text()  # given: as given, and recorded
     shutil.rmtree(fashion)
     with pytest.raises(UsageError, match="records --compare ../f .* which is not a folder"):
+        render(first)
+
+
+def test_an_options_file_that_records_a_replicate_is_refused_unless_it_is_empty(tmp_path: Path):
+    """The run-again comparison (--replicate) is gone: an options file recording none renders as before; one
+    recording a folder is refused in one line that says to remove the file, never rendered without a section."""
+    first = write(tmp_path, *study_tables(FOUR_WINS, FOUR_WINS, TUNED))
+    options = tmp_path / "report-options.json"
+    options.write_text(json.dumps({"compare": None, "replicate": None, "margin_points": 0.3}))
+    assert "±0.30 points" in render(first).read_text()
+    assert json.loads(options.read_text()) == {"compare": None, "margin_points": 0.3}  # the key is not written again
+    options.write_text(json.dumps({"compare": None, "replicate": "replicate", "margin_points": 0.3}))
+    with pytest.raises(UsageError, match="records --replicate replicate, .*no longer renders: remove report-options"):
         render(first)
 
 
