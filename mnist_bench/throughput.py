@@ -12,7 +12,7 @@ count. The source pipeline (torchvision `datasets.MNIST` + `ToTensor` per item +
 figure has a ratio beside it.
 
 Packs (pipeline "pack"): K copies of the text's depth-4 network at batch 64 trained in one pass, with
-one shared batch order (a learning-rate grid at one seed) or a batch order each (one rate's seeds),
+one shared batch order (a band of learning rates at one seed) or a batch order each (one rate's seeds),
 K in 1, 3, 6, 12, 24. Model-samples per second (K x batch / step time) is timed alternately with the
 pack of one in the same process, round after round, and `speedup` is the median of the rounds' ratios:
 a ratio taken in one run, robust to a machine whose speed drifts.

@@ -4,7 +4,7 @@ It trains a *pack* of K networks of one shape in one pass (K = 1 is a pack of on
 training loop). Each network keeps its own config: seed (initialisation and batch order), learning
 rate, momentum, weight decay, schedule and epochs. The pack's weights are stacked, layer by layer,
 into (K, in, out) tensors; a step is one forward and one backward for the whole pack, every layer one
-batched product (`torch.baddbmm`): networks with one batch order (one seed's learning-rate grid) read
+batched product (`torch.baddbmm`): networks with one batch order (one seed's band of learning rates) read
 one batch per step, networks with their own orders (one rate's seeds) gather one each.
 
 Every network's update is torch.optim.SGD's arithmetic on its slice of the stack, with its own step

@@ -40,7 +40,7 @@ def alone(small):
 
 @pytest.mark.parametrize("size", [3, 7])
 def test_shared_batch_pack_of_rates_is_bit_identical_to_training_alone(small, alone, size):
-    """One seed's learning-rate grid: every network sees the same batches (the first layer one product)."""
+    """One seed's band of learning rates: every network sees the same batches (the first layer one product)."""
     rates = [0.01 * (i + 1) for i in range(size)]
     rates[1], rates[-1] = BASE.lr, 0.2
     models, results = run([dataclasses.replace(BASE, lr=r) for r in rates], small)
