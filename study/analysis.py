@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from . import factorial, stats
-from .config import DEFAULT_MARGIN, TRIAL_STATES, failed_run, grid_scores
+from .config import DEFAULT_MARGIN, TRIAL_STATES, failed_run
 from .stats import ALPHA
 
 SOURCE_DEPTH = 4
@@ -29,7 +29,7 @@ NEIGHBOURS = (3, 5)  # "why four layers, not three or five?"
 UNRELIABLE_SHARE = 0.25  # a depth failing in this share of its runs is unreliable to train there
 DATASET_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
 OUTCOMES = ("better", "worse", "equivalent", "inconclusive")
-CHECK_WORDS = {"horizon": "twice the epochs", "runnerup": "runner-up learning rate"}
+CHECK_WORDS = {"horizon": "twice the epochs"}
 
 
 # --- groups ----------------------------------------------------------------------------------------
@@ -364,8 +364,7 @@ def settings_of(epochs: pd.DataFrame, final: pd.DataFrame, config: dict) -> list
     budgets = mexp.get("budgets", []) or sorted(int(b) for b in m["budget"].dropna().unique())
     for b in budgets:
         at = m[m["budget"] == b]
-        thin = b in mexp.get("thin_budgets", [])
-        depths = [d for d in mexp.get("depths", []) if d > 1 and (not thin or d in (3, 4, 5))]
+        depths = [d for d in mexp.get("depths", []) if d > 1]
         funnel = of_shape(at, "funnel")
         out.append(Setting(matched_key(b), "matched", groups_of(funnel, depths), True, studies=studies_of(funnel)))
         constant = of_shape(at, "constant")
@@ -645,36 +644,26 @@ def edge_warnings(trials: pd.DataFrame, config: dict, caps_declared: dict) -> tu
     """(warnings, declared caps): best tuned values within EDGE_FRACTION of a range's edge (log where
     tuned so). An upper limit the design declares a cap is reported as such, not as an edge."""
     warnings, caps = [], []
-    exps = config.get("experiments", {})
-    best = trials[trials["retrained"].astype(bool)] if len(trials) else trials
+    space = config.get("experiments", {}).get("tuned", {}).get("space", {})
+    ranges = {
+        "lr": (space.get("lr"), True),
+        "width": (space.get("width"), True),
+        "taper": (space.get("taper"), False),
+        "epochs": ([1, space.get("max_epochs")], False),
+    }
+    best = trials[trials["retrained"].astype(bool) & (trials["experiment"] == "tuned")] if len(trials) else trials
     for _, row in best.iterrows():
-        exp = exps.get(row["experiment"], {})
-        shape = row.get("shape") if isinstance(row.get("shape"), str) and row.get("shape") != "funnel" else ""
-        where = (
-            f"{row['experiment']}"
-            + (f" {int(row['budget']):,} params" if pd.notna(row.get("budget")) else "")
-            + (f" {shape} width" if shape else "")
-        )
-        if row["experiment"] == "matched":
-            ranges, declared = {"lr": (exp.get("lr"), True)}, {}
-        else:
-            space = exp.get("space", {})
-            ranges = {
-                "lr": (space.get("lr"), True),
-                "width": (space.get("width"), True),
-                "taper": (space.get("taper"), False),
-                "epochs": ([1, space.get("max_epochs")], False),
-            }
-            declared = caps_declared
+        where = row["experiment"]
         for name, (rng, log) in ranges.items():
             col = f"param_{name}"
             if rng is None or None in rng or col not in row or pd.isna(row[col]) or rng[0] == rng[1]:
                 continue
             lo, hi = (math.log(v) for v in rng) if log else rng
             frac = ((math.log(row[col]) if log else row[col]) - lo) / (hi - lo)
-            if frac >= 1 - EDGE_FRACTION and name in declared:
+            if frac >= 1 - EDGE_FRACTION and name in caps_declared:
                 caps.append(
-                    f"{where}, depth {row['depth']}: best {name} = {row[col]:.4g} is at or near its {declared[name]}."
+                    f"{where}, depth {row['depth']}: best {name} = {row[col]:.4g} is at or near its "
+                    f"{caps_declared[name]}."
                 )
             elif (frac <= EDGE_FRACTION and name != "epochs") or frac >= 1 - EDGE_FRACTION:  # 1 epoch: no lower
                 side = "lower" if frac <= EDGE_FRACTION else "upper"
@@ -683,44 +672,6 @@ def edge_warnings(trials: pd.DataFrame, config: dict, caps_declared: dict) -> tu
                     f"edge of its range [{rng[0]}, {rng[1]}]; widen the range and rerun."
                 )
     return warnings, caps
-
-
-def grid_cells(trials: pd.DataFrame):
-    """(budget, shape, depth, rows) of each matched cell's grid runs in a trials table: every run that
-    finished, as coord.ranking counts them (completed, failed at or below twice chance, and diverged, at 0)."""
-    m = trials[(trials["experiment"] == "matched") & trials["state"].isin(["complete", "failed", "diverged"])]
-    if m.empty or "grid_point" not in m or "replicate" not in m:
-        return
-    m = m.assign(
-        shape=m["shape"] if "shape" in m else "funnel", grid_point=pd.to_numeric(m["grid_point"], errors="coerce")
-    )
-    m = m.dropna(subset=["grid_point"]).astype({"grid_point": int})
-    for (budget, shape, depth), g in m.groupby(["budget", "shape", "depth"], dropna=False):
-        yield budget, shape, int(depth), g
-
-
-def grid_order(g: pd.DataFrame, rule: str) -> pd.Series:
-    """One cell's grid points ranked as coord.ranking ranks them (the table's view of the same rule): the
-    score of each point (config.grid_scores of its mean), best first, ties to the lower point, points whose
-    every run diverged left out."""
-    score = pd.Series(grid_scores(g.groupby("grid_point")["val_accuracy"].mean().to_dict(), rule), dtype=float)
-    alive = g.loc[g["state"] != "diverged", "grid_point"].unique()
-    return score[score.index.isin(alive)].sort_index().sort_values(ascending=False, kind="stable")
-
-
-def grid_choices(trials: pd.DataFrame, rule: str) -> pd.Series:
-    """The peak learning rate `rule` chooses from each matched cell's grid, by (budget, shape, depth)."""
-    out = {}
-    for budget, shape, depth, g in grid_cells(trials):
-        order = grid_order(g, rule)
-        if len(order):
-            out[(int(budget) if pd.notna(budget) else 0, shape, depth)] = float(
-                g.loc[g["grid_point"] == order.index[0], "param_lr"].iloc[0]
-            )
-    names = ["budget", "shape", "depth"]
-    keys = list(out)
-    index = pd.MultiIndex.from_tuples(keys, names=names) if keys else pd.MultiIndex.from_arrays([[]] * 3, names=names)
-    return pd.Series(list(out.values()), index=index, dtype=float)
 
 
 def state_counts(trials: pd.DataFrame) -> pd.DataFrame:

@@ -4,7 +4,7 @@ module imports nothing from `study/` and nothing heavy (no PyTorch, no Optuna).
 
 Three experiments answer three versions of "why four layers?" (docs/method.md):
 - recipe:  the source text's own recipe and funnel across depths, no tuning, many seeds;
-- matched: depth at a matched parameter budget, learning rate tuned per (budget, depth) cell;
+- matched: depth at a matched parameter budget, every depth at every rate of one band (the factorial);
 - tuned:   each depth at its best, learning rate, widths and epochs tuned per depth.
 """
 
@@ -29,7 +29,7 @@ FAILED_AT = 2 / CLASSES  # a run ending at or below twice chance accuracy learne
 # A tuning trial in the tables: complete; failed (ran to the end at or below twice chance); diverged
 # (NaN/inf loss); pruned; interrupted (killed or stopped, then redone); running or waiting (in flight).
 TRIAL_STATES = ("complete", "failed", "diverged", "pruned", "interrupted", "running", "waiting")
-DEFAULT_MARGIN = 0.002  # the equivalence margin of studies that declare none (before the factorial design)
+DEFAULT_MARGIN = 0.002  # the equivalence margin of studies that declare none (no matched experiment)
 # The declared margins (docs/method.md, "The margin"): a tenth of the error rate of the text's network at its own
 # budget (depth 4, 242,762 parameters) in the previous committed study, rounded to a hundredth of a point: a change
 # of depth that removes or adds fewer than one error in ten does not matter. Declared before the rerun's test
@@ -39,7 +39,7 @@ DECLARED_MARGINS = {"mnist": 0.0017, "fashion-mnist": 0.0112}
 
 def declared_margin(config: Mapping) -> float:
     """The equivalence margin a study declares (`config`: its config.json): the dataset's DECLARED_MARGINS for a
-    study of the factorial design (a matched band), DEFAULT_MARGIN for the studies before it."""
+    study with a matched experiment (the factorial design, which declared them), DEFAULT_MARGIN for one without."""
     band = config.get("experiments", {}).get("matched", {}).get("band")
     return DECLARED_MARGINS.get(config.get("dataset", "mnist"), DEFAULT_MARGIN) if band else DEFAULT_MARGIN
 
@@ -114,29 +114,10 @@ class Recipe:
         return tuple(sorted({d for d, _, _ in self.claims}))
 
 
-# How a matched cell's grid chooses its learning rate (docs/method.md: choosing the learning rate).
-LR_RULES = {
-    "mean": "the grid point with the highest mean validation accuracy",
-    "smoothed": "the grid point with the highest mean after [1, 2, 1]/4 smoothing over neighbouring points "
-    "(edges padded with their own value)",
-}
-
-
-def grid_scores(means: Mapping[int, float], rule: str) -> dict[int, float]:
-    """What a matched grid ranks its points by (LR_RULES), from the mean validation accuracy per grid
-    point (by index, evenly spaced in log learning rate). "smoothed": the kernel [1, 2, 1]/4, a neighbour
-    outside the grid or without a completed run replaced by the point itself (on a complete grid this is
-    scipy.ndimage.correlate1d with mode="nearest"): a choice carried by its neighbourhood, not by one
-    lucky point (kernel smoothing of the response; the same aim as the one-standard-error rule)."""
-    if rule == "mean":
-        return dict(means)
-    return {i: (means.get(i - 1, m) + 2 * m + means.get(i + 1, m)) / 4 for i, m in means.items()}
-
-
 def rank_band(scores: Mapping[int, list[float]]) -> list[int]:
     """A factorial cell's band points in order of preference from each point's validation accuracies over the
     seeds: the highest mean first, ties to the earlier point of the band as declared (its
-    rates ascend, then any appended ones). The one rule: the workers (a check retrains the first),
+    rates ascend, then any appended ones). The one rule: the workers (the horizon check retrains the first),
     the tables and the analysis (stats.chosen makes the same choice again inside every resample) apply it."""
     means = {i: sum(v) / len(v) for i, v in scores.items() if len(v)}
     return sorted(means, key=lambda i: (-means[i], i))
@@ -144,299 +125,20 @@ def rank_band(scores: Mapping[int, list[float]]) -> list[int]:
 
 CHECKS = {
     "horizon": "twice the epochs at the chosen learning rate",
-    "runnerup": "the runner-up learning rate",
 }
+# The last commit that runs and reports the grid design (a matched experiment without a band: each cell's rate chosen
+# on a grid of tuning runs, then retrained): what reads a study stored by it.
+GRID_DESIGN_COMMIT = "88d9cef"
 
 
-@dataclass(frozen=True)
-class Matched:
-    """Depth at a matched parameter budget: hidden widths halve layer to layer (the funnel) or stay
-    equal (constant, at `constant_budgets`), floored at `min_width`, each model within 2% of its budget;
-    softmax (depth 1) is the reference.
-
-    With a `band` (the factorial design, docs/method.md): every cell trains every rate of the band with each
-    final seed, reading validation (for choosing a depth's rate) and test (for the answer); nothing is tuned
-    apart, so the choice is made again inside every resample of the analysis. Depths outside 3-5 are
-    references with `reference_seeds`. Without a band (studies stored before it): the learning rate is
-    chosen per cell on a log grid, every grid point trained `replicates` times and never pruned, by
-    `lr_rule` (LR_RULES), then retrained with the seeds."""
-
-    depths: tuple[int, ...] = (1, 2, 3, 4, 5, 6)  # depth 1 has one size (7,850 parameters): one cell
-    budgets: tuple[int, ...] = (60_000, SOURCE_PARAMS, 1_000_000)
-    constant_budgets: tuple[int, ...] = (SOURCE_PARAMS,)  # the second shape (depth 2: the same network)
-    lr: tuple[float, float] = (10**-1.75, 10**-0.5)  # peak learning rate: a quarter-decade grid over this
-    lr_points: int = 6
-    replicates: int = 2  # runs per grid point (tuning seeds 0, 1, ...): a choice above the seed noise
-    lr_rule: str = "smoothed"  # how the grid's means choose the rate (LR_RULES; part of the study's identity)
-    # Thinned where it informs the primary contrasts least (docs/method.md: what the 90 minutes hold):
-    # these budgets run depths 3-5 only, with no grid of their own (each depth retrains the learning
-    # rate its cell chose at `check_budget`) and `thin_seeds` seeds.
-    thin_budgets: tuple[int, ...] = (1_000_000,)
-    thin_seeds: int = 6
-    epochs: int = 10  # the learning rate decays to zero over them
-    seeds: int = 10  # from the paired spread measured at 242,762 parameters (docs/method.md)
-    min_width: int = 16
-    tolerance: float = 0.02  # parameter count within 2% of the budget
-    # The checks at the text's budget: depths 3-5 retrained at twice the epochs, and at the runner-up rate.
-    checks: tuple[str, ...] = tuple(CHECKS)
-    check_budget: int = SOURCE_PARAMS
-    check_seeds: int = 6
-    band: tuple[float, ...] = ()  # the factorial's peak learning rates (empty: the grid design above)
-    reference_seeds: int = 6  # factorial: seeds of the depths outside 3-5 (secondary references)
-
-    @property
-    def factorial(self) -> bool:
-        return bool(self.band)
-
-    def __post_init__(self) -> None:
-        if self.lr_rule not in LR_RULES:
-            raise UsageError(f"lr_rule must be one of {', '.join(LR_RULES)}, got {self.lr_rule!r}")
-
-
-@dataclass(frozen=True)
-class Tuned:
-    """Each depth at its best: one search per depth over learning rate, widths and epochs, sampled
-    independently per depth, never pruned; `n_trials` completed trials (failed ones are replaced)."""
-
-    depths: tuple[int, ...] = (3, 4, 5)
-    n_trials: int = 24  # completed, trained (not failed) trials per depth
-    seeds: int = 6  # fewer than matched: what the 90 minutes hold (docs/method.md)
-    space: SearchSpace = field(default_factory=SearchSpace)
-    # The search's own variance: its runners-up (the next-best trials by validation) retrained too, with fewer
-    # seeds each; the tuned contrasts' range over every pick of the top 1 + runners_up (docs/method.md).
-    runners_up: int = 0
-    runner_up_seeds: int = 3
-
-
-@dataclass(frozen=True)
-class StudyConfig:
-    """What defines the study. Stored in every study; resuming with other values is refused (except
-    budgets of trials and seeds, which may grow, and the selection of experiments, depths, budgets)."""
-
-    name: str = "full"  # see study_name()
-    dataset: str = "mnist"  # or "fashion-mnist": same shapes, a harder task
-    experiments: tuple[str, ...] = EXPERIMENTS
-    recipe: Recipe = field(default_factory=Recipe)
-    matched: Matched = field(default_factory=Matched)
-    tuned: Tuned = field(default_factory=Tuned)
-    # Fixed hyperparameters of the matched and tuned experiments (caveats on the conclusion):
-    batch_size: int = 64  # the source text's
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "linear"  # the learning rate decays linearly to zero over each run
-    train_subset: int | None = None  # None: every training image (recipe: 60k; others: 50k after the hold-out)
-    val_size: int = 10_000
-    split_seed: int = 0
-    tuning_seed: int = 0  # init/batch-order seed of a tuning trial (matched replicate r: tuning_seed - r), <= 0
-    sampler_seed: int = 0  # TPE seed; each cell's search draws from (seed, cell, trial number): independent
-    sampler_startup_trials: int = 10  # TPE: random trials before it models the space
-    # Seed k also draws the validation hold-out of its final runs (split_seed + k), so the training subset varies
-    # with the seed, identically across depths and rates; tuning runs keep the split of split_seed.
-    split_per_seed: bool = False
-
-    def final_split(self, seed: int) -> int:
-        """The split seed of final run `seed`'s hold-out."""
-        return self.split_seed + seed if self.split_per_seed else self.split_seed
-
-    def __post_init__(self) -> None:
-        if self.tuning_seed > 0:  # final runs use seeds 1..K: a tuning run must never be one of them
-            raise UsageError(f"tuning_seed must be 0 or below (final runs use seeds 1, 2, ...), got {self.tuning_seed}")
-
-    def cells(self) -> list[Cell]:
-        out: list[Cell] = []
-        r, m = self.recipe, self.matched
-        if "recipe" in self.experiments:
-            out += [Cell("recipe", d) for d in r.depths]
-            if self.dataset == "mnist":  # the text's claims are about MNIST
-                out += [Cell("recipe", d, variant=v) for v in r.variants for d in r.claim_depths if d in r.depths]
-        if "matched" in self.experiments:
-            out += [Cell("matched", 1)] if 1 in m.depths else []
-            for b in m.budgets:
-                depths = [d for d in m.depths if d > 1 and (b not in m.thin_budgets or d in NEIGHBOURHOOD)]
-                out += [Cell("matched", d, b) for d in depths]
-                if b in m.constant_budgets:
-                    out += [Cell("matched", d, b, shape="constant") for d in depths if d > 2]
-            if m.check_budget in m.budgets:
-                out += [
-                    Cell("matched", d, m.check_budget, variant=v)
-                    for v in m.checks
-                    for d in m.depths
-                    if d in NEIGHBOURHOOD
-                ]
-        if "tuned" in self.experiments:
-            out += [Cell("tuned", d) for d in self.tuned.depths]
-        return out
-
-    def n_trials(self, cell: Cell) -> int:
-        """Tuning trials of a cell: the matched grid's runs, the tuned search's completed trials, none
-        for the recipe, its variants and the checks (which retrain another cell's choice)."""
-        if cell.variant or cell.experiment == "recipe":
-            return 0
-        if cell.experiment == "matched":
-            if self.matched.factorial:
-                return 0  # every rate is a final run
-            thin = cell.budget in self.matched.thin_budgets
-            return 0 if thin else self.matched.lr_points * self.matched.replicates
-        return self.tuned.n_trials
-
-    def final_runs(self, cell: Cell) -> int:
-        return final_runs(cell, self.seeds(cell), dataclasses.asdict(getattr(self, cell.experiment)))
-
-    def seeds(self, cell: Cell) -> int:
-        if cell.experiment == "recipe" and cell.variant:
-            return self.recipe.variant_seeds
-        if cell.experiment == "matched" and cell.variant:
-            return self.matched.check_seeds
-        if cell.experiment == "matched" and self.matched.factorial and cell.depth not in NEIGHBOURHOOD:
-            return self.matched.reference_seeds
-        if cell.experiment == "matched" and cell.budget in self.matched.thin_budgets:
-            return self.matched.thin_seeds
-        return getattr(self, cell.experiment).seeds
-
-    def identity(self, cell: Cell) -> dict:
-        """The settings that must match to resume the studies of `cell`."""
-        d = dataclasses.asdict(self)
-        for k in ("name", "experiments", *EXPERIMENTS):
-            d.pop(k)
-        if not self.split_per_seed:
-            d.pop("split_per_seed")  # as studies stored before it
-        exp = dataclasses.asdict(getattr(self, cell.experiment))
-        for k in (
-            "depths",
-            "budgets",
-            "n_trials",
-            "seeds",
-            "variant_seeds",
-            "check_seeds",
-            "thin_seeds",
-            "reference_seeds",
-            "runner_up_seeds",
-            *SELECTION,
-        ):
-            exp.pop(k, None)  # budgets of runs may grow; lr_points and replicates stay: they define the grid
-        if cell.experiment == "matched" and not self.matched.band:
-            exp.pop("band")  # as studies stored before it
-        if cell.experiment == "tuned" and not self.tuned.runners_up:
-            exp.pop("runners_up")
-        return jsonable({**d, "experiment": exp, "cell": cell.key})
-
-
-NEIGHBOURHOOD = (3, 4, 5)  # the depths of "why four layers, not three or five?"
-# Which settings a command selects, like its depths and budgets: not part of a cell's identity.
-SELECTION = ("constant_budgets",)
-
-
-def comparable(stored: dict) -> dict:
-    """A stored identity as StudyConfig.identity makes it now: without the selection keys older studies stored."""
-    exp = stored.get("experiment")
-    if not isinstance(exp, dict) or not any(k in exp for k in SELECTION):
-        return stored
-    return {**stored, "experiment": {k: v for k, v in exp.items() if k not in SELECTION}}
-
-
-def final_runs(cell: Cell, seeds: int, settings: Mapping) -> int:
-    """Final runs of a cell with `seeds` seeds (`settings`: its experiment's, as a dict or as stored): times the
-    band's rates in a factorial cell (not its check), plus each runner-up's seeds in a tuned cell."""
-    if cell.experiment == "matched" and settings.get("band") and not cell.variant:
-        return seeds * len(settings["band"])
-    if cell.experiment == "tuned":
-        return seeds + int(settings.get("runners_up", 0)) * int(settings.get("runner_up_seeds", 0))
-    return seeds
-
-
-def jsonable(x):
-    """Tuples to lists, recursively: what a JSON round trip through the storage gives back."""
-    if isinstance(x, dict):
-        return {k: jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    return x
-
-
-@dataclass(frozen=True, order=True)
-class Cell:
-    """One independent unit of a study: a depth within an experiment (and a budget, for matched), of
-    a shape, as declared or with one change (`variant`: a recipe variant or a matched check)."""
-
-    experiment: str
-    depth: int
-    budget: int | None = None  # matched: parameter budget (None for the softmax reference)
-    shape: str = "funnel"  # matched: "funnel" (halving) or "constant" (equal widths)
-    variant: str = ""  # recipe: a key of VARIANTS; matched: a key of CHECKS; "" the cell as declared
-
-    @property
-    def key(self) -> str:
-        shape = f"-{self.shape}" if self.shape != "funnel" else ""
-        variant = f"-{self.variant}" if self.variant else ""
-        budget = f"-params{self.budget}" if self.budget is not None else ""
-        return f"{self.experiment}{shape}{variant}{budget}-depth{self.depth}"
-
-    @property
-    def place(self) -> int:
-        """Which of the chooser's ranked choices this cell retrains: 0 the best, 1 the runner-up."""
-        return 1 if self.variant == "runnerup" else 0
-
-
-def chooser(cell: Cell, matched: dict) -> Cell:
-    """The cell whose tuning chooses `cell`'s learning rate (`matched`: the matched experiment's settings,
-    dataclasses.asdict or as stored): a check's own cell as declared; at a thinned budget, the same depth
-    and shape at the check budget (242,762); otherwise the cell itself."""
-    if cell.experiment != "matched":
-        return cell
-    cell = dataclasses.replace(cell, variant="")
-    if cell.budget is not None and cell.budget in matched.get("thin_budgets", ()):
-        return dataclasses.replace(cell, budget=matched["check_budget"])
-    return cell
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """How this process runs the study: not part of the study's identity."""
-
-    storage: str
-    out: Path
-    data_dir: Path | None = None
-    device: str = "cpu"
-    threads: int = 1  # per worker
-    workers: int = 1
-    heartbeat_interval: int = 10  # seconds; a killed worker's run is failed after the grace period
-    grace_period: int = 30
-    render_report: bool = True
-    pack: int = 12  # most networks a worker trains in one pass (results do not depend on it: docs/method.md)
-
-
-PRESETS = {
-    # The first command (`make study`): the text's recipe at depths 1 and 3-5 (10 seeds) and the recipe with momentum
-    # 0.9 at the claimed depths 1 and 4 (5 seeds), 2 epochs on every training image: the full study's cells and
-    # seeds, read at 2 epochs; about 1.5 minutes on 2 cores.
-    "quick": StudyConfig(
-        name="quick",
-        experiments=("recipe",),
-        split_per_seed=True,  # as the full study (the recipe holds nothing out): the same identity
-        recipe=Recipe(depths=(1, 3, 4, 5), epochs=2, seeds=10, variants=("momentum",), variant_seeds=5),
-    ),
-    # Every experiment and check, small, on a 2k training subset: what the tests run end to end.
-    "smoke": StudyConfig(
-        name="smoke",
-        train_subset=2_000,
-        val_size=2_000,
-        recipe=Recipe(epochs=3, seeds=3, variant_seeds=2),
-        matched=Matched(
-            budgets=(60_000, SOURCE_PARAMS),
-            thin_budgets=(60_000,),
-            thin_seeds=2,
-            epochs=3,
-            lr_points=3,
-            seeds=3,
-            check_seeds=2,
-        ),
-        tuned=Tuned(n_trials=5, seeds=3, space=SearchSpace(width=(16, 128), max_epochs=3)),
-        sampler_startup_trials=3,
-    ),
-    # "full", the committed study, sized for at most 90 minutes per dataset on 2 CPU cores (--workers 2), is the
-    # design each dataset declares: full_design(dataset), below.
-}
+def refuse_grid_design(experiment: str, settings, what: str) -> None:
+    """One line for a matched experiment stored without a band (`settings`: its stored settings; `what`: where it was
+    found, e.g. "study 'full' in this storage"): the grid design, which this version neither resumes nor reports."""
+    if experiment == "matched" and isinstance(settings, Mapping) and not settings.get("band"):
+        raise UsageError(
+            f"{what} was stored by the grid design (a matched experiment without a band of learning rates), which "
+            f"this version no longer runs or reports: use commit {GRID_DESIGN_COMMIT} to read it"
+        )
 
 
 # The factorial design as declared for each dataset before its rerun (docs/method.md: "The design, declared"):
@@ -476,6 +178,270 @@ FULL_DESIGN = {
 }
 
 
+@dataclass(frozen=True)
+class Matched:
+    """Depth at a matched parameter budget: hidden widths halve layer to layer (the funnel) or stay
+    equal (constant, at `constant_budgets`), floored at `min_width`, each model within 2% of its budget;
+    softmax (depth 1) is the reference.
+
+    The factorial design (docs/method.md): every cell trains every rate of the `band` with each final seed,
+    reading validation (for choosing a depth's rate: rank_band) and test (for the answer); nothing is tuned apart,
+    so the choice is made again inside every resample of the analysis. Depths outside 3-5 are references with
+    `reference_seeds`. The defaults are MNIST's declared design (FULL_DESIGN)."""
+
+    depths: tuple[int, ...] = (1, 3, 4, 5)  # depth 1 has one size (7,850 parameters): one cell
+    budgets: tuple[int, ...] = FULL_DESIGN["mnist"]["budgets"]
+    constant_budgets: tuple[int, ...] = ()  # the second shape (depth 2: the same network); a selection, like budgets
+    band: tuple[float, ...] = FULL_DESIGN["mnist"]["band"]  # peak learning rates; a band grows by appending rates
+    epochs: int = FULL_DESIGN["mnist"]["epochs"]  # the learning rate decays to zero over them
+    seeds: int = FULL_DESIGN["mnist"]["seeds"]  # depths 3-5: from the paired spread measured earlier (docs/method.md)
+    reference_seeds: int = 6  # the depths outside 3-5 (secondary references)
+    min_width: int = 16
+    tolerance: float = 0.02  # parameter count within 2% of the budget
+    # The check at the text's budget: depths 3-5 retrained at twice the epochs at the rate each chose.
+    checks: tuple[str, ...] = tuple(CHECKS)
+    check_budget: int = SOURCE_PARAMS
+    check_seeds: int = 6
+
+    def __post_init__(self) -> None:
+        if not self.band:
+            raise UsageError("the matched experiment needs a band of learning rates (every cell trains each of them)")
+        if unknown := [c for c in self.checks if c not in CHECKS]:
+            raise UsageError(f"checks must be among {', '.join(CHECKS)}, got {unknown[0]!r}")
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """Each depth at its best: one search per depth over learning rate, widths and epochs, sampled
+    independently per depth, never pruned; `n_trials` completed trials (failed ones are replaced)."""
+
+    depths: tuple[int, ...] = (3, 4, 5)
+    n_trials: int = 24  # completed, trained (not failed) trials per depth
+    seeds: int = 6  # fewer than matched: what the 90 minutes hold (docs/method.md)
+    space: SearchSpace = field(default_factory=SearchSpace)
+    # The search's own variance: its runners-up (the next-best trials by validation) retrained too, with fewer
+    # seeds each; the tuned contrasts' range over every pick of the top 1 + runners_up (docs/method.md).
+    runners_up: int = 0
+    runner_up_seeds: int = 3
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """What defines the study. Stored in every study; resuming with other values is refused (except
+    budgets of trials and seeds, which may grow, and the selection of experiments, depths, budgets)."""
+
+    name: str = "full"  # see study_name()
+    dataset: str = "mnist"  # or "fashion-mnist": same shapes, a harder task
+    experiments: tuple[str, ...] = EXPERIMENTS
+    recipe: Recipe = field(default_factory=Recipe)
+    matched: Matched = field(default_factory=Matched)
+    tuned: Tuned = field(default_factory=Tuned)
+    # Fixed hyperparameters of the matched and tuned experiments (caveats on the conclusion):
+    batch_size: int = 64  # the source text's
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "linear"  # the learning rate decays linearly to zero over each run
+    train_subset: int | None = None  # None: every training image (recipe: 60k; others: 50k after the hold-out)
+    val_size: int = 10_000
+    split_seed: int = 0
+    tuning_seed: int = 0  # init/batch-order seed of the tuned searches' trials, <= 0 (never a final run's)
+    sampler_seed: int = 0  # TPE seed; each cell's search draws from (seed, cell, trial number): independent
+    sampler_startup_trials: int = 10  # TPE: random trials before it models the space
+    # Seed k also draws the validation hold-out of its final runs (split_seed + k), so the training subset varies
+    # with the seed, identically across depths and rates; tuning runs keep the split of split_seed.
+    split_per_seed: bool = False
+
+    def final_split(self, seed: int) -> int:
+        """The split seed of final run `seed`'s hold-out."""
+        return self.split_seed + seed if self.split_per_seed else self.split_seed
+
+    def __post_init__(self) -> None:
+        if self.tuning_seed > 0:  # final runs use seeds 1..K: a tuning run must never be one of them
+            raise UsageError(f"tuning_seed must be 0 or below (final runs use seeds 1, 2, ...), got {self.tuning_seed}")
+
+    def cells(self) -> list[Cell]:
+        out: list[Cell] = []
+        r, m = self.recipe, self.matched
+        if "recipe" in self.experiments:
+            out += [Cell("recipe", d) for d in r.depths]
+            if self.dataset == "mnist":  # the text's claims are about MNIST
+                out += [Cell("recipe", d, variant=v) for v in r.variants for d in r.claim_depths if d in r.depths]
+        if "matched" in self.experiments:
+            out += [Cell("matched", 1)] if 1 in m.depths else []
+            for b in m.budgets:
+                depths = [d for d in m.depths if d > 1]
+                out += [Cell("matched", d, b) for d in depths]
+                if b in m.constant_budgets:
+                    out += [Cell("matched", d, b, shape="constant") for d in depths if d > 2]
+            if m.check_budget in m.budgets:
+                out += [
+                    Cell("matched", d, m.check_budget, variant=v)
+                    for v in m.checks
+                    for d in m.depths
+                    if d in NEIGHBOURHOOD
+                ]
+        if "tuned" in self.experiments:
+            out += [Cell("tuned", d) for d in self.tuned.depths]
+        return out
+
+    def n_trials(self, cell: Cell) -> int:
+        """Tuning trials of a cell: the tuned search's completed trials; none for the recipe and its variants,
+        and none for a matched cell (every rate of its band is a final run) or its check."""
+        return self.tuned.n_trials if cell.experiment == "tuned" else 0
+
+    def final_runs(self, cell: Cell) -> int:
+        return final_runs(cell, self.seeds(cell), dataclasses.asdict(getattr(self, cell.experiment)))
+
+    def seeds(self, cell: Cell) -> int:
+        if cell.experiment == "recipe" and cell.variant:
+            return self.recipe.variant_seeds
+        if cell.experiment == "matched" and cell.variant:
+            return self.matched.check_seeds
+        if cell.experiment == "matched" and cell.depth not in NEIGHBOURHOOD:
+            return self.matched.reference_seeds
+        return getattr(self, cell.experiment).seeds
+
+    def identity(self, cell: Cell) -> dict:
+        """The settings that must match to resume the studies of `cell`."""
+        d = dataclasses.asdict(self)
+        for k in ("name", "experiments", *EXPERIMENTS):
+            d.pop(k)
+        if not self.split_per_seed:
+            d.pop("split_per_seed")  # as studies stored before it
+        exp = dataclasses.asdict(getattr(self, cell.experiment))
+        for k in (
+            "depths",
+            "budgets",
+            "n_trials",
+            "seeds",
+            "variant_seeds",
+            "check_seeds",
+            "reference_seeds",
+            "runner_up_seeds",
+            *SELECTION,
+        ):
+            exp.pop(k, None)  # budgets of runs may grow
+        if cell.experiment == "tuned" and not self.tuned.runners_up:
+            exp.pop("runners_up")
+        return jsonable({**d, "experiment": exp, "cell": cell.key})
+
+
+NEIGHBOURHOOD = (3, 4, 5)  # the depths of "why four layers, not three or five?"
+# Which settings a command selects, like its depths and budgets: not part of a cell's identity.
+SELECTION = ("constant_budgets",)
+
+
+# Settings of the grid design that factorial studies stored before it was removed, with the values they held there
+# (None: any); they choose nothing in a factorial (it tunes no rate), so such a study resumes without them.
+RETIRED = {"lr": None, "lr_points": None, "replicates": None, "lr_rule": None, "thin_budgets": []}
+
+
+def comparable(stored: dict) -> dict:
+    """A stored identity as StudyConfig.identity makes it now: without the selection keys older studies stored, and,
+    for a factorial (a matched band), without the grid design's settings it stored as they were (RETIRED)."""
+    exp = stored.get("experiment")
+    if not isinstance(exp, dict):
+        return stored
+    retired = {k for k, v in RETIRED.items() if k in exp and (v is None or exp[k] == v)} if exp.get("band") else set()
+    if not retired and not any(k in exp for k in SELECTION):
+        return stored
+    return {**stored, "experiment": {k: v for k, v in exp.items() if k not in SELECTION and k not in retired}}
+
+
+def final_runs(cell: Cell, seeds: int, settings: Mapping) -> int:
+    """Final runs of a cell with `seeds` seeds (`settings`: its experiment's, as a dict or as stored): times the
+    band's rates in a factorial cell (not its check), plus each runner-up's seeds in a tuned cell."""
+    if cell.experiment == "matched" and settings.get("band") and not cell.variant:
+        return seeds * len(settings["band"])
+    if cell.experiment == "tuned":
+        return seeds + int(settings.get("runners_up", 0)) * int(settings.get("runner_up_seeds", 0))
+    return seeds
+
+
+def jsonable(x):
+    """Tuples to lists, recursively: what a JSON round trip through the storage gives back."""
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    return x
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    """One independent unit of a study: a depth within an experiment (and a budget, for matched), of
+    a shape, as declared or with one change (`variant`: a recipe variant or a matched check)."""
+
+    experiment: str
+    depth: int
+    budget: int | None = None  # matched: parameter budget (None for the softmax reference)
+    shape: str = "funnel"  # matched: "funnel" (halving) or "constant" (equal widths)
+    variant: str = ""  # recipe: a key of VARIANTS; matched: a key of CHECKS; "" the cell as declared
+
+    @property
+    def key(self) -> str:
+        shape = f"-{self.shape}" if self.shape != "funnel" else ""
+        variant = f"-{self.variant}" if self.variant else ""
+        budget = f"-params{self.budget}" if self.budget is not None else ""
+        return f"{self.experiment}{shape}{variant}{budget}-depth{self.depth}"
+
+
+def chooser(cell: Cell) -> Cell:
+    """The cell whose runs choose `cell`'s learning rate: a matched check's own cell as declared (the check retrains
+    the band point it chose); otherwise the cell itself."""
+    return dataclasses.replace(cell, variant="") if cell.experiment == "matched" else cell
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How this process runs the study: not part of the study's identity."""
+
+    storage: str
+    out: Path
+    data_dir: Path | None = None
+    device: str = "cpu"
+    threads: int = 1  # per worker
+    workers: int = 1
+    heartbeat_interval: int = 10  # seconds; a killed worker's run is failed after the grace period
+    grace_period: int = 30
+    render_report: bool = True
+    pack: int = 12  # most networks a worker trains in one pass (results do not depend on it: docs/method.md)
+
+
+PRESETS = {
+    # The first command (`make study`): the text's recipe at depths 1 and 3-5 (10 seeds) and the recipe with momentum
+    # 0.9 at the claimed depths 1 and 4 (5 seeds), 2 epochs on every training image: the full study's cells and
+    # seeds, read at 2 epochs; about 1.5 minutes on 2 cores.
+    "quick": StudyConfig(
+        name="quick",
+        experiments=("recipe",),
+        split_per_seed=True,  # as the full study (the recipe holds nothing out): the same identity
+        recipe=Recipe(depths=(1, 3, 4, 5), epochs=2, seeds=10, variants=("momentum",), variant_seeds=5),
+    ),
+    # Every experiment and check, small, on a 2k training subset: what the tests run end to end. The matched experiment
+    # is the full design's factorial with a band of two rates, both shapes at the text's budget and fewer seeds.
+    "smoke": StudyConfig(
+        name="smoke",
+        train_subset=2_000,
+        val_size=2_000,
+        recipe=Recipe(epochs=3, seeds=3, variant_seeds=2),
+        matched=Matched(
+            constant_budgets=(SOURCE_PARAMS,),
+            band=(QUARTER_DECADES[-6], QUARTER_DECADES[-4]),
+            epochs=3,
+            seeds=3,
+            reference_seeds=2,
+            check_seeds=2,
+        ),
+        tuned=Tuned(n_trials=5, seeds=3, space=SearchSpace(width=(16, 128), max_epochs=3)),
+        sampler_startup_trials=3,
+    ),
+    # "full", the committed study, sized for at most 90 minutes per dataset on 2 CPU cores (--workers 2), is the
+    # design each dataset declares: full_design(dataset), below.
+}
+
+
 def full_design(dataset: str) -> StudyConfig:
     """The full preset as `dataset` declares it: the factorial matched experiment, per-seed hold-outs and the margin."""
     d = FULL_DESIGN[dataset]
@@ -483,13 +449,9 @@ def full_design(dataset: str) -> StudyConfig:
         depths=(1, *NEIGHBOURHOOD),
         budgets=d["budgets"],
         constant_budgets=d["constant_budgets"],
-        thin_budgets=(),
         band=d["band"],
         seeds=d["seeds"],
         epochs=d["epochs"],
-        checks=("horizon",),
-        lr_rule="mean",
-        replicates=1,
     )
     return dataclasses.replace(
         StudyConfig(),
@@ -506,19 +468,6 @@ PRESETS["full"] = full_design("mnist")
 def preset(name: str, dataset: str = "mnist") -> StudyConfig:
     """A preset for `dataset`: the full one as that dataset declares it (full_design), the others as they are."""
     return full_design(dataset) if name == "full" else dataclasses.replace(PRESETS[name], dataset=dataset)
-
-
-def lr_grid(m: Matched) -> tuple[float, ...]:
-    """The matched experiment's learning rates: `lr_points` values evenly spaced on a log scale."""
-    lo, hi = m.lr
-    n = m.lr_points
-    return tuple(lo * (hi / lo) ** (i / (n - 1)) for i in range(n)) if n > 1 else (lo,)
-
-
-def grid_runs(m: Matched) -> list[tuple[int, int]]:
-    """(grid point, replicate) of a matched cell's tuning runs, replicate-major: every point once
-    before any twice, so a partly run grid is still an even one."""
-    return [(i, r) for r in range(m.replicates) for i in range(m.lr_points)]
 
 
 def hidden_widths(depth: int, width: int, taper: float, space: SearchSpace) -> tuple[int, ...]:

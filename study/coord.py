@@ -44,7 +44,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from .config import FINAL_SUFFIX, failed_run, grid_scores, parse_study_name, rank_band
+from .config import FINAL_SUFFIX, failed_run, rank_band
 from .storage import StudyError
 
 if TYPE_CHECKING:  # the tables and the report read stored curves without loading PyTorch
@@ -152,36 +152,18 @@ def final_key(source_trial: int, seed: int) -> str:
     return f"trial{source_trial}-seed{seed}"
 
 
-FIXED = -1  # source_trial of final runs of a cell with nothing to tune (the recipe)
+FIXED = -1  # source_trial of final runs of a cell with nothing to tune (the recipe, a matched cell)
 
 
-GRID = "grid"  # user attr of a grid run: its grid point's index (a matched cell's learning rate)
-
-
-def ranking(trials: list[FrozenTrial], rule: str = "mean") -> list[FrozenTrial]:
-    """Tuning trials in order of preference: the first is retrained, the second is the runner-up. The
-    one rule, used by the workers and by the tables.
-
-    A search (tuned): completed, non-diverged trials by validation accuracy; ties go to the earliest.
-    A grid (matched; trials carry GRID): grid points by the mean validation accuracy of their completed
-    runs (a diverged run counts at 0: a rate that diverges for some seeds is a bad rate), or, by the
-    "smoothed" rule (config.LR_RULES), by that mean smoothed over neighbouring points; each point
-    represented by its earliest run; ties go to the lower point; points whose every run diverged are out.
-    `rule` is the study's Matched.lr_rule ("mean" for studies stored before the rule was declared)."""
+def ranking(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """A tuned search's trials in order of preference: the first is retrained, the next are its runners-up.
+    The one rule, used by the workers and by the tables: completed, non-diverged trials by validation
+    accuracy; ties go to the earliest."""
     done = [
         t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and not t.user_attrs.get(SURPLUS)
     ]
-    if not any(GRID in t.user_attrs for t in done):
-        live = [t for t in done if not t.user_attrs.get("diverged")]
-        return sorted(live, key=lambda t: (-t.value, t.number))
-    points: dict[int, list[FrozenTrial]] = {}
-    for t in done:
-        points.setdefault(int(t.user_attrs[GRID]), []).append(t)
-    means = {i: sum(t.value for t in ts) / len(ts) for i, ts in points.items()}
-    score = grid_scores(means, rule)
-    usable = [i for i, ts in points.items() if not all(t.user_attrs.get("diverged") for t in ts)]
-    order = sorted(usable, key=lambda i: (-score[i], i))
-    return [min(points[i], key=lambda t: t.number) for i in order]
+    live = [t for t in done if not t.user_attrs.get("diverged")]
+    return sorted(live, key=lambda t: (-t.value, t.number))
 
 
 def failed_trial(t: FrozenTrial) -> bool:
@@ -190,15 +172,15 @@ def failed_trial(t: FrozenTrial) -> bool:
     return bool(t.user_attrs.get("diverged")) or (t.state == TrialState.COMPLETE and failed_run(value))
 
 
-def best_trial(trials: list[FrozenTrial], place: int = 0, rule: str = "mean") -> FrozenTrial | None:
-    """The tuning trial that is retrained (see ranking); place 1: the runner-up."""
-    ranked = ranking(trials, rule)
+def best_trial(trials: list[FrozenTrial], place: int = 0) -> FrozenTrial | None:
+    """The tuning trial that is retrained (see ranking); place 1, 2, ...: its runners-up."""
+    ranked = ranking(trials)
     return ranked[place] if len(ranked) > place else None
 
 
-def band_choice(runs: list, place: int = 0) -> int | None:
-    """The band point a factorial cell chooses from its completed final runs (FrozenTrials with "band_point"
-    and "val_accuracy" attributes), by config.rank_band; a diverged run counts at 0. place 1: the runner-up."""
+def band_choice(runs: list) -> int | None:
+    """The band point a matched cell chooses from its completed final runs (FrozenTrials with "band_point"
+    and "val_accuracy" attributes), by config.rank_band; a diverged run counts at 0."""
     scores: dict[int, list[float]] = {}
     for t in runs:
         point = t.user_attrs.get("band_point")
@@ -207,7 +189,7 @@ def band_choice(runs: list, place: int = 0) -> int | None:
         val = t.user_attrs.get("val_accuracy")
         scores.setdefault(int(point), []).append(0.0 if val is None or t.user_attrs.get("diverged") else float(val))
     ranked = rank_band(scores)
-    return ranked[place] if len(ranked) > place else None
+    return ranked[0] if ranked else None
 
 
 def optuna_heartbeats(storage) -> bool:
@@ -443,7 +425,7 @@ RUN_ATTRS = (
     "param_epochs",
 )
 RUN_VALUES = ("seed", "source_trial", "widths", "param_lr", "param_epochs")  # never empty on a run of ours
-TRIAL_ATTRS = ("curve",)  # and a matched cell's trials their grid point ("grid")
+TRIAL_ATTRS = ("curve",)
 
 
 def foreign(study, made: bool = False) -> str | None:
@@ -467,10 +449,7 @@ def foreign(study, made: bool = False) -> str | None:
         return "its 'config' attribute is not study.depth's"
     final = study.study_name.endswith(FINAL_SUFFIX)
     states = (TrialState.COMPLETE,) if final else (TrialState.COMPLETE, TrialState.PRUNED)
-    grid = (
-        not final and (parsed := parse_study_name(study.study_name)) is not None and parsed[1].experiment == "matched"
-    )
-    needs = RUN_ATTRS if final else (*TRIAL_ATTRS, *(["grid"] if grid else []))
+    needs = RUN_ATTRS if final else TRIAL_ATTRS
     for t in trials:
         if t.state in states and not t.user_attrs.get(SURPLUS):
             if missing := [k for k in needs if k not in t.user_attrs]:

@@ -1,9 +1,9 @@
 """The depth study: is four layers right? Measured, not asserted (see docs/method.md).
 
 Three experiments, each a set of cells with their own Optuna studies: `recipe` (the source text's
-recipe across depths 1-6), `matched` (depths 2-6 at matched parameter budgets, learning rate tuned
-per cell) and `tuned` (each depth at its best). Tuning reads only a validation hold-out; retrained
-runs are scored on the test set. Everything lives in the Optuna storage (SQLite by default,
+recipe across depths 1-6), `matched` (depths 3-5 and softmax at matched parameter budgets, every depth
+at every learning rate of one band) and `tuned` (each depth at its best). Choices read only a validation
+hold-out; final runs are scored on the test set. Everything lives in the Optuna storage (SQLite by default,
 PostgreSQL for many machines): running the same command again continues where any run stopped,
 and several workers share the work.
 
@@ -85,22 +85,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=depth_arg,
         nargs="+",
         default=None,
-        help="distinct depths (Linear layers) for every selected experiment (default: recipe and "
-        "matched 1-6, tuned 3-5)",
+        help="distinct depths (Linear layers) for every selected experiment (default: the preset's; full: recipe "
+        "1-6, matched 1 and 3-5, tuned 3-5)",
     )
     p.add_argument(
         "--budgets",
         type=cli.bounded_int(8_000, 10_000_000, "parameters"),
         nargs="+",
         default=None,
-        help="parameter budgets of the matched experiment (default: 60000 242762 1000000)",
+        help="parameter budgets of the matched experiment (default: the preset's; full on MNIST: 60000 242762)",
     )
     p.add_argument(
         "--n-trials",
         type=cli.bounded_int(1, MAX_TRIALS, "tuning trials per cell"),
         default=None,
         help="tuning trials per depth of the tuned experiment, in total over all runs and workers; may "
-        "grow on a rerun (preset default; the matched experiment tunes on a fixed grid)",
+        "grow on a rerun (preset default; the matched experiment tunes nothing apart: it trains every rate)",
     )
     p.add_argument(
         "--seeds",
@@ -124,9 +124,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tuning-seed",
         type=cli.bounded_int(-(2**31), 0, "0 or below: final runs use seeds 1, 2, ..."),
         default=None,
-        help="seed of the first tuning run of every cell (default: 0; a matched grid's replicate r uses this "
-        "minus r): another draw of the tuning noise, e.g. -2 to rerun a study as a replicate that "
-        "report --replicate can compare; part of the study's identity and of the default study name",
+        help="seed of the tuned searches' trials (default: 0): another draw of the tuning noise, e.g. -2; part of "
+        "the study's identity and of the default study name",
     )
     p.add_argument(
         "--storage",
@@ -143,7 +142,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--pack",
         type=cli.bounded_int(1, 256, "networks per pack"),
         default=RunConfig.pack,
-        help="most same-shape runs a worker trains in one pass (a grid's rates at one seed, a cell's seeds); a run's "
+        help="most same-shape runs a worker trains in one pass (a band's rates at one seed, a cell's seeds); a run's "
         f"result does not depend on it on the CPU; 1 trains one network at a time (default: {RunConfig.pack})",
     )
     p.add_argument(
@@ -187,14 +186,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(
             f"--depths {max(args.depths)} is beyond the recipe's funnel (depths 1-{deepest}: the text's widths cut or "
             "extended); run deeper networks with --experiments matched tuned"
-        )
-    matched = preset(args.preset, args.dataset).matched
-    budgets = args.budgets or matched.budgets
-    thin = sorted(set(budgets) & set(matched.thin_budgets))
-    if thin and matched.check_budget not in budgets and (not args.experiments or "matched" in args.experiments):
-        p.error(
-            f"--budgets {thin[0]} retrains the learning rate each depth chose at {matched.check_budget}: add "
-            f"{matched.check_budget} to --budgets"
         )
     if args.storage is not None and in_memory(args.storage):
         p.error(f"--storage {args.storage!r} is an in-memory database: nothing would be kept; give a file or a server")

@@ -1,9 +1,8 @@
 """The design's own checks, computed: is the experiment sound enough to read its contrasts?
 
-From the tables: the text's claims against the recipe with one change at a time, the learning-rate
-choices and their margins over the runner-up, the last epochs' gains and the horizon check (twice the
-epochs), the runner-up-rate check, the seeds each setting has against the seeds its contrasts need, the
-search caps that bind, and where the training time went. study.sections writes them as report sections.
+From the tables: the text's claims against the recipe with one change at a time, the last epochs' gains
+and the horizon check (twice the epochs), the seeds each setting has against the seeds its contrasts need,
+the search caps that bind, and where the training time went. study.sections writes them as report sections.
 """
 
 from __future__ import annotations
@@ -24,14 +23,12 @@ from .analysis import (
     contrast_family,
     declared,
     difference_family,
-    grid_cells,
-    grid_order,
     groups_of,
     matched_key,
     of_shape,
     seed_differences,
 )
-from .config import CHECKS, VARIANTS, grid_scores
+from .config import CHECKS, VARIANTS
 from .stats import ALPHA
 
 WALL_BUDGET = 90  # minutes per dataset on 2 CPU cores for the full preset
@@ -54,16 +51,16 @@ class Check:
             return "uninformative (the primary contrast is undecided)"
         flipped = {self.base.outcome, self.changed.outcome} == {"better", "worse"}
         if self.change.outcome == "differs" or flipped:
-            return "horizon-dependent" if self.check == "horizon" else "rate-sensitive"
+            return "horizon-dependent"
         if self.change.outcome == "carries over":
             return "holds"
         return "unresolved"
 
 
 def checks(an: Analysis, final: pd.DataFrame, budget: int, margin: float) -> list[Check]:
-    """The horizon and runner-up-rate checks: depth 4 minus 3 and minus 5 at `budget` (funnel). Each
-    check's two contrasts are one Holm family (shown); whether a primary contrast changes under a check
-    is the paired difference-in-differences over the seeds both ran, one Holm family over all checks."""
+    """The horizon check: depth 4 minus 3 and minus 5 at `budget` (funnel) at twice the epochs. Its two
+    contrasts are one Holm family (shown); whether a primary contrast changes under it is the paired
+    difference-in-differences over the seeds both ran, one Holm family over every check contrast."""
     setting = an.setting(matched_key(budget))
     base = {(c.a, c.b): c for c in an.primary if c.setting == matched_key(budget)}
     if setting is None or not base:
@@ -239,7 +236,7 @@ def time_by_part(trials: pd.DataFrame, final: pd.DataFrame) -> pd.DataFrame:
         if variant:
             return f"matched, check: {CHECK_WORDS.get(variant, variant)}"
         if experiment == "matched":
-            return "matched, learning-rate grid" if tuning else "matched, retraining"
+            return "matched, retraining"  # every rate of the band is a final run
         return "tuned, search" if tuning else "tuned, retraining"
 
     frames = []
@@ -270,7 +267,6 @@ def time_by_part(trials: pd.DataFrame, final: pd.DataFrame) -> pd.DataFrame:
 TIME_PARTS = (
     "recipe",
     "recipe, one change at a time",
-    "matched, learning-rate grid",
     "matched, retraining",
     *(f"matched, check: {w}" for w in CHECK_WORDS.values()),
     "tuned, search",
@@ -363,47 +359,6 @@ def trial_counts(trials: pd.DataFrame) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows, columns=["depth", "trained", "proposals", "failed"])
-
-
-MARGIN_COLUMNS = ("budget", "shape", "depth", "chosen", "runner_up", "lead", "leads", "mean_lead", "price")
-
-
-def grid_margins(trials: pd.DataFrame, rule: str = "mean") -> pd.DataFrame:
-    """Per matched cell with a grid: the chosen and runner-up learning rates and the chosen point's lead
-    in the score the study's rule ranks by (analysis.grid_order: the mean validation accuracy, or its
-    smoothed value), with the lead per replicate (replicate r trains every grid point from the same seed,
-    so the leads are paired): is the choice above the seed noise? Also its lead in plain mean validation
-    accuracy, and its price: how far its mean falls below the grid's best mean (0 under the mean rule)."""
-    rows = []
-    for budget, shape, depth, g in grid_cells(trials):
-        order = grid_order(g, rule)
-        chosen = g[g["retrained"].astype(bool)]["grid_point"]
-        if len(order) < 2 or chosen.empty or int(chosen.iloc[0]) not in order.index:
-            continue
-        best = int(chosen.iloc[0])
-        runner = int(next(i for i in order.index if i != best))
-        lr = g.groupby("grid_point")["param_lr"].first()
-        means = g.groupby("grid_point")["val_accuracy"].mean()[order.index]  # points still in the running
-        per = g.pivot_table(index="replicate", columns="grid_point", values="val_accuracy")
-        leads = []
-        for _, row in per.iterrows():
-            score = grid_scores(row.dropna().to_dict(), rule)
-            if best in score and runner in score:
-                leads.append(float(score[best] - score[runner]))
-        rows.append(
-            {
-                "budget": budget,
-                "shape": shape,
-                "depth": depth,
-                "chosen": float(lr[best]),
-                "runner_up": float(lr[runner]),
-                "lead": float(order[best] - order[runner]),
-                "leads": leads,
-                "mean_lead": float(means[best] - means[runner]),
-                "price": float(means.max() - means[best]),
-            }
-        )
-    return pd.DataFrame(rows, columns=[*MARGIN_COLUMNS])
 
 
 def caps_binding(trials: pd.DataFrame, config: dict) -> dict[str, list[int]]:

@@ -1,13 +1,13 @@
-"""The depth study's experiment loop: tune every cell, then retrain each cell's choice with K seeds.
+"""The depth study's experiment loop: tune the tuned cells, then train every cell's final runs with K seeds.
 
 A cell is a depth within an experiment (and a parameter budget and shape, for matched; see
-study.config). A matched cell trains every point of its learning-rate grid (each `replicates` times);
-a tuned cell runs a TPE search of its own; nothing is pruned (with a learning rate that decays over
-the run, an early epoch does not predict the last). Both read only a seeded validation hold-out; the
-choice is then retrained from scratch with seeds 1..K and scored on the test set, which nothing else
-touches. The recipe cells and their variants tune nothing; a matched check retrains its base cell's
-choice for twice the epochs, or its runner-up rate. Who runs which trial or seed is settled by
-`study.coord`; this module turns a trial into a training config (the trainer never sees Optuna) and
+study.config). A tuned cell runs a TPE search of its own on a seeded validation hold-out, nothing pruned
+(with a learning rate that decays over the run, an early epoch does not predict the last); its best trial
+(and runners-up) are then retrained from scratch with seeds 1..K and scored on the test set. A matched
+cell tunes nothing apart: it trains every rate of its band with every seed (the factorial), recording
+validation (which chooses the rate) and test; its horizon check retrains the rate its base cell chose for
+twice the epochs. The recipe cells and their variants tune nothing. Who runs which trial or seed is settled
+by `study.coord`; this module turns a trial into a training config (the trainer never sees Optuna) and
 records what came back.
 """
 
@@ -44,14 +44,12 @@ from .config import (
     cell_widths,
     chooser,
     comparable,
-    grid_runs,
-    lr_grid,
     parse_study_name,
+    refuse_grid_design,
     study_name,
 )
 from .coord import (
     FIXED,
-    GRID,
     SURPLUS,
     TUNE,
     Ledger,
@@ -78,24 +76,8 @@ INTERRUPTED = (
 # --- a cell's hyperparameters ----------------------------------------------------------------------
 
 
-GRID_KEY = "lr-grid"  # + grid point + "r" + replicate: a matched cell's keyed tuning slot
-
-
-def grid_key(i: int, r: int = 0) -> str:
-    return f"{GRID_KEY}{i}r{r}"
-
-
-def grid_index(key: str) -> tuple[int, int]:
-    """(grid point, replicate) of a grid key."""
-    point, _, replicate = key.removeprefix(GRID_KEY).partition("r")
-    return int(point), int(replicate or 0)
-
-
 def suggest(trial: optuna.Trial, cfg: StudyConfig, cell: Cell) -> dict:
-    """The only place a trial becomes hyperparameters (a matched trial's learning rate is its grid
-    point, fixed when the trial was created; suggest returns it)."""
-    if cell.experiment == "matched":
-        return {"lr": trial.suggest_float("lr", *cfg.matched.lr, log=True)}
+    """The only place a tuned search's trial becomes hyperparameters."""
     space = cfg.tuned.space
     params = {
         "lr": trial.suggest_float("lr", *space.lr, log=True),
@@ -171,11 +153,15 @@ def refuse_mixed_settings(storage, cfg: StudyConfig) -> None:
     if not cells:
         return
     mine = {k: v for k, v in cfg.identity(cells[0]).items() if k not in ("experiment", "cell")}
+    ours = []
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         parsed = parse_study_name(summary.study_name)
         stored = summary.user_attrs.get("config")
         if not parsed or parsed[0] != cfg.name or not isinstance(stored, dict):
             continue  # none yet, or not study.depth's: open_studies says so for the cells it opens
+        refuse_grid_design(parsed[1].experiment, stored.get("experiment"), f"study {cfg.name!r} in this storage")
+        ours.append((summary, stored))
+    for summary, stored in ours:  # a study of the grid design is refused as such first, whatever else differs
         theirs = {"dataset": "mnist", **stored}  # made before datasets were a setting: MNIST was the only one
         changed = sorted(k for k in mine if theirs.get(k) != mine[k])
         if changed:
@@ -225,6 +211,8 @@ def open_studies(
     for study, budget_key, budget in ((tune, "n_trials", cfg.n_trials(cell)), (final, "seeds", cfg.seeds(cell))):
         attrs = study.user_attrs
         stored = attrs.get("config")
+        if isinstance(stored, dict):
+            refuse_grid_design(cell.experiment, stored.get("experiment"), f"study {study.study_name!r} in this storage")
         if stored is not None and "dataset" not in stored:
             stored = {**stored, "dataset": "mnist"}  # made before datasets were a setting: MNIST was the only one
         stored = comparable(stored) if stored is not None else None
@@ -232,11 +220,8 @@ def open_studies(
             study.set_user_attr("config", identity)  # new, or a factorial whose band grew (its runs stay valid)
         elif stored != identity:
             changed = sorted(k for k in identity if stored.get(k) != identity[k])
-            changed += sorted(
-                k
-                for k in identity.get("experiment", {})
-                if stored.get("experiment", {}).get(k) != identity["experiment"][k]
-            )
+            ours, theirs = identity.get("experiment", {}), stored.get("experiment", {})
+            changed += sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
             raise StudyError(
                 f"study {study.study_name!r} in this storage was made with other settings "
                 f"({', '.join(changed)}); use another --storage, --out or --study-name"
@@ -280,7 +265,7 @@ class Worker:
         self.done: set[Cell] = set()
         self.splits: dict[int, MNIST] = {}  # final seeds' own hold-outs (split_per_seed)
         self.labelled: set[Cell] = set()  # cells whose final study holds the test labels
-        self.base = {c: chooser(c, dataclasses.asdict(cfg.matched)) for c in self.cells}
+        self.base = {c: chooser(c) for c in self.cells}
         self.settings = {e: dataclasses.asdict(getattr(cfg, e)) for e in EXPERIMENTS}  # for cell_widths
         self.studies = {c: open_studies(storage, cfg, c, run.heartbeat_interval) for c in self.cells}
         self.ledgers = {
@@ -289,12 +274,10 @@ class Worker:
         }
 
     def tune_demand(self, cell: Cell) -> dict[str, int]:
-        """Matched cells: one keyed slot per grid point and replicate. Tuned cells: `n_trials` anonymous
-        slots plus one for each failed trial (diverged or at chance), so `n_trials` trials train, up to
-        twice the budget in all. The demand only grows, as the claim protocol needs."""
+        """Tuned cells: `n_trials` anonymous slots plus one for each failed trial (diverged or at chance), so
+        `n_trials` trials train, up to twice the budget in all; other cells tune nothing. The demand only grows,
+        as the claim protocol needs."""
         n = self.cfg.n_trials(cell)
-        if cell.experiment == "matched":
-            return {grid_key(i, r): 1 for i, r in grid_runs(self.cfg.matched)} if n else {}
         if not n:
             return {}
         trials = self.ledgers[cell][0].trials()
@@ -302,17 +285,18 @@ class Worker:
         return {TUNE: n + min(failed, n)}
 
     def final_demand(self, cell: Cell) -> tuple[dict[str, int], dict[str, Run]]:
-        """(demand, what each key runs) of a cell whose chooser's tuning is finished. A factorial cell: every band
-        point with every seed, seed-major (a seed's rates share its batch order: one pack); its check: the band
-        point its base cell chose, with the check's seeds. A tuned cell: its best trial with the seeds, and its
-        runners-up (Tuned.runners_up) with runner_up_seeds each: how much the answer hangs on the search's pick."""
+        """(demand, what each key runs) of a cell whose tuning (or whose base cell's runs) is finished. A matched
+        cell: every band point with every seed, seed-major (a seed's rates share its batch order: one pack); its
+        check: the band point its base cell chose, with the check's seeds. A tuned cell: its best trial with the
+        seeds, and its runners-up (Tuned.runners_up) with runner_up_seeds each: how much the answer hangs on the
+        search's pick. A recipe cell: its seeds."""
         base = self.base[cell]
         seeds = range(1, self.cfg.seeds(cell) + 1)
-        if cell.experiment == "matched" and self.cfg.matched.factorial:
+        if cell.experiment == "matched":
             if base == cell:
                 runs = {band_key(i, s): Run(s, FIXED, i) for s in seeds for i in range(len(self.cfg.matched.band))}
                 return {k: 1 for k in runs}, runs
-            point = band_choice(self.ledgers[base][1].trials(), cell.place)
+            point = band_choice(self.ledgers[base][1].trials())
             if point is None:
                 raise StudyError(f"{cell.key}: no completed final run of {base.key} to choose a rate from")
             runs = {band_key(point, s): Run(s, FIXED, point) for s in seeds}
@@ -321,12 +305,11 @@ class Worker:
             runs = {final_key(FIXED, s): Run(s, FIXED) for s in seeds}
             return {k: 1 for k in runs}, runs
         trials = self.ledgers[base][0].trials()
-        chosen = best_trial(trials, cell.place, self.cfg.matched.lr_rule)
+        chosen = best_trial(trials)
         if chosen is None:
             raise StudyError(
-                f"{cell.key}: no completed, non-diverged tuning trial to retrain"
-                + (" (a runner-up needs two grid points)" if cell.place else "")
-                + "; widen the search space or grow --n-trials"
+                f"{cell.key}: no completed, non-diverged tuning trial to retrain; widen the search space or grow "
+                "--n-trials"
             )
         runs = {final_key(chosen.number, s): Run(s, chosen.number) for s in seeds}
         if cell.experiment == "tuned":
@@ -343,21 +326,19 @@ class Worker:
         for cell in self.cells:
             if cell in self.done:
                 continue
-            final = self.ledgers[cell][1]
+            tune, final = self.ledgers[cell]
             base = self.base[cell]
-            tune = self.ledgers[base][0]  # a check waits for its chooser's tuning (claimed there)
-            if base != cell and cell.experiment == "matched" and self.cfg.matched.factorial:
+            if base != cell:  # a matched check
                 base_final = self.ledgers[base][1]
                 if not base_final.finished(self.final_demand(base)[0]):
                     waiting = True  # a check retrains the rate its base cell chooses from all its seeds
                     continue
-            demand = self.tune_demand(base)
+            demand = self.tune_demand(cell)
             if demand:
-                if base == cell:
-                    tune.recover_stale()
-                    if keys := self.tune_keys(cell, demand):
-                        self.tune_pack(cell, keys)
-                        return "ran"
+                tune.recover_stale()
+                if keys := self.tune_keys(cell, demand):
+                    self.tune_pack(cell, keys)
+                    return "ran"
                 if not tune.finished(demand):
                     waiting = True
                     continue
@@ -382,14 +363,10 @@ class Worker:
         return max(1, min(self.run.pack, -(-budget // self.run.workers)))
 
     def tune_keys(self, cell: Cell, demand: dict[str, int]) -> list[str]:
-        """What to claim next in a cell's tuning: open grid points of one replicate (they share their seed, so
-        one batch order: a pack), or one slot of a search (each proposal waits for the results before it)."""
+        """What to claim next in a cell's tuning: one slot of its search (each proposal waits for the results
+        before it)."""
         ledger = self.ledgers[cell][0]
-        if cell.experiment != "matched":
-            return [k] if (k := ledger.open_key(demand)) is not None else []
-        keys = ledger.open_keys(demand, len(demand))
-        keys = [k for k in keys if grid_index(k)[1] == grid_index(keys[0])[1]]  # one replicate: one seed
-        return keys[: self.pack_size(len(demand))]
+        return [k] if (k := ledger.open_key(demand)) is not None else []
 
     def work(self) -> None:
         while True:
@@ -406,23 +383,11 @@ class Worker:
         jobs = []
         with warnings.catch_warnings():  # ask() warns when heartbeats are on; Ledger.heartbeat records them
             warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
-            for key in keys:
-                if key == TUNE:  # the sampler proposes; the slot is settled after creation
-                    trial = study.ask()
-                    claim = ledger.settle(trial._trial_id, capacity=self.tune_demand(cell)[TUNE])
-                else:  # a grid point, claimed with its learning rate in the creating transaction
-                    point, replicate = grid_index(key)
-                    lr = lr_grid(self.cfg.matched)[point]
-                    claim = ledger.claim(
-                        key,
-                        attrs={GRID: point, "replicate": replicate},
-                        params={"lr": lr},
-                        distributions={"lr": optuna.distributions.FloatDistribution(*self.cfg.matched.lr, log=True)},
-                    )
-                    trial = optuna.Trial(study, claim.trial_id) if claim.won else None
+            for _ in keys:  # the sampler proposes; the slot is settled after creation
+                trial = study.ask()
+                claim = ledger.settle(trial._trial_id, capacity=self.tune_demand(cell)[TUNE])
                 if claim.won:
-                    seed = self.cfg.tuning_seed - (grid_index(key)[1] if key != TUNE else 0)  # never a final seed
-                    jobs.append(Job(claim.trial_id, trial, seed))
+                    jobs.append(Job(claim.trial_id, trial, self.cfg.tuning_seed))  # never a final seed
         if jobs:
             self.train_jobs(cell, ledger, jobs, tuning=True)
 
@@ -462,7 +427,7 @@ class Worker:
                     job.params = suggest(job.trial, self.cfg, cell)
             configs = [train_config(self.cfg, cell, job.params, job.seed, self.run.threads) for job in jobs]
             widths = [cell_widths(cell, job.params, self.settings[cell.experiment]) for job in jobs]
-            results = train_pack(  # one shape: a grid replicate's or a cell's seeds; a search asks one at a time
+            results = train_pack(  # one shape: a cell's seeds or a seed's rates; a search asks one at a time
                 [mlp(w) for w in widths],
                 [self.data_for(cell, job.seed, tuning) for job in jobs],
                 configs,

@@ -172,19 +172,18 @@ def _runs(g: pd.DataFrame) -> dict:
 
 
 def band_runs(final: pd.DataFrame) -> pd.DataFrame:
-    """The factorial cells' runs as a learning-rate table shaped like trials.csv's grid rows (what the
-    learning-rate figure draws): `grid_point` the band point, `replicate` the seed, `state` complete, failed or
-    diverged, `retrained` the chosen point's runs, `val_accuracy` the last epoch's."""
+    """The factorial cells' runs as a learning-rate table (what the learning-rate figure draws): `band_point` a
+    whole number, `state` complete, failed or diverged, `retrained` the chosen point's runs, `val_accuracy` the
+    last epoch's."""
     rows = final[_points(final).notna() & (final["variant"].fillna("") == "")]
     if rows.empty:
-        return pd.DataFrame(columns=[*CELL, "param_lr", "grid_point", "replicate", "state", "retrained"])
+        return pd.DataFrame(columns=[*CELL, "param_lr", "band_point", "seed", "state", "retrained"])
     chosen = choices(rows)
     diverged = rows["diverged"].fillna(False).astype(bool) if "diverged" in rows else False
     failed = rows["failed"].fillna(False).astype(bool) if "failed" in rows else False
     keys = [cell_key(k) for k in zip(*(rows[c] for c in CELL))]
     return rows.assign(
-        grid_point=rows["band_point"].astype(int),
-        replicate=rows["seed"],
+        band_point=rows["band_point"].astype(int),
         state=np.where(diverged, "diverged", np.where(failed, "failed", "complete")),
         retrained=[int(p) == chosen[k] for p, k in zip(rows["band_point"], keys)],
     )
@@ -198,12 +197,12 @@ def band_summary(final: pd.DataFrame, band: list[float]) -> pd.DataFrame:
     runs = band_runs(final)
     out = []
     for key, g in runs.groupby(CELL, dropna=False, sort=True):
-        per = g.pivot_table(index="seed", columns="grid_point", values="val_accuracy", aggfunc="first")
-        scores = {int(p): [val_score(r) for _, r in rows.iterrows()] for p, rows in g.groupby("grid_point")}
+        per = g.pivot_table(index="seed", columns="band_point", values="val_accuracy", aggfunc="first")
+        scores = {int(p): [val_score(r) for _, r in rows.iterrows()] for p, rows in g.groupby("band_point")}
         ranked = rank_band(scores)
         best, runner = ranked[0], ranked[1] if len(ranked) > 1 else None
         means = {p: sum(v) / len(v) for p, v in scores.items()}
-        test = g.groupby("grid_point")["test_accuracy"].mean()
+        test = g.groupby("band_point")["test_accuracy"].mean()
         out.append(
             {
                 **dict(zip(CELL, cell_key(key))),

@@ -51,7 +51,6 @@ from .config import (
     DECLARED_MARGINS,
     DEFAULT_MARGIN,
     FAILED_AT,
-    LR_RULES,
     PREDICTIONS_FILE,
     SOURCE_PARAMS,
     VARIANTS,
@@ -61,14 +60,13 @@ from .config import (
 )
 from .design import checks, trial_counts
 from .markdown import answer_sentence, contrast_table, interval, md_table, p_value, pts, setting_table, signed
-from .results import load_results, read_throughput
+from .results import load_results, read_throughput, refuse_grid_results
 from .sections import (
     band_section,
     caps_lines,
     checks_section,
     claims_section,
     late_section,
-    lr_section,
     search_section,
     seed_section,
     time_section,
@@ -499,6 +497,7 @@ def render(
     so a plain rerender never drops the section a --compare added. A figure or the report that cannot be
     written ends in one line; the tables are never touched."""
     out = out or results
+    refuse_grid_results(results)  # before its options: the one line that matters for such a folder
     compare_with, margin = recorded_options(out, compare_with, margin)
     try:
         path, margin = _render(results, out, compare_with, margin)
@@ -582,7 +581,7 @@ def _render(
     fragile = {
         (c.base.setting, c.base.a, c.base.b): f"{c.verdict} (see the checks at {budget:,} parameters)"
         for c in checks(an, final, budget, an.margin)
-        if c.verdict in ("horizon-dependent", "rate-sensitive")
+        if c.verdict == "horizon-dependent"
     }
     doc = [title, ""] + quick_banner(config, out) + progress_banner(config)
     doc += [answer_sentence(an.name, an.primary, an.margin), ""]
@@ -635,28 +634,17 @@ def _render(
     if matched:
         m = exps.get("matched", {})
         constant = ", ".join(f"{b:,}" for b in m.get("constant_budgets", []))
-        thin = ", ".join(f"{b:,}" for b in m.get("thin_budgets", []))
-        grid = m.get("lr", [0, 0])
-        if m.get("band"):
-            band = m["band"]
-            how = (
-                f" The factorial design: every cell trains every peak learning rate of one band "
-                f"({', '.join(f'{x:.3g}' for x in sorted(band))}, the same for every depth) with each seed, "
-                f"{m.get('seeds')} "
-                f"seeds at depths 3-5 and {m.get('reference_seeds')} at the other depths (references); seed k fixes "
-                "the initialisation, the batch order and the validation hold-out of every depth and rate (common "
-                "random numbers, so contrasts stay paired, and the training images vary with the seed). A depth's "
-                "rate is the one with the highest mean validation accuracy over its seeds; its test accuracy is read "
-                "at that rate, and the primary contrasts choose again inside every resample (below)."
-            )
-        else:
-            how = (
-                " Each cell's peak learning rate is chosen on the validation hold-out from a "
-                f"{m.get('lr_points')}-point log grid {grid[0]:.3g} to {grid[1]:.3g}, every point trained "
-                f"{m.get('replicates')} times (tuning seeds {config.get('tuning_seed')} and below, never a final "
-                f"run's seed) and never pruned; {LR_RULES[m.get('lr_rule', 'mean')]} is retrained with "
-                f"{m.get('seeds')} seeds."
-            )
+        band = m.get("band", [])
+        how = (
+            f" The factorial design: every cell trains every peak learning rate of one band "
+            f"({', '.join(f'{x:.3g}' for x in sorted(band))}, the same for every depth) with each seed, "
+            f"{m.get('seeds')} "
+            f"seeds at depths 3-5 and {m.get('reference_seeds')} at the other depths (references); seed k fixes "
+            "the initialisation, the batch order and the validation hold-out of every depth and rate (common "
+            "random numbers, so contrasts stay paired, and the training images vary with the seed). A depth's "
+            "rate is the one with the highest mean validation accuracy over its seeds; its test accuracy is read "
+            "at that rate, and the primary contrasts choose again inside every resample (below)."
+        )
         doc += [
             "## 2. Depth at a matched parameter budget",
             "",
@@ -670,15 +658,7 @@ def _render(
             + f". No hidden layer is narrower than {m.get('min_width')} units; every model is within "
             f"{100 * m.get('tolerance', 0.02):.0f}% of its budget. SGD with momentum {config.get('momentum')}, batch "
             f"{config.get('batch_size')}, {m.get('epochs')} epochs, the learning rate decaying "
-            f"{config.get('schedule', 'constant')}ly to zero over the run."
-            + how
-            + (
-                f" Thinned at {thin} parameters: depths 3-5 only, no grid of their own (each depth retrains the "
-                f"learning rate it chose at {m.get('check_budget', SOURCE_PARAMS):,} parameters), "
-                f"{m.get('thin_seeds')} seeds."
-                if thin
-                else ""
-            ),
+            f"{config.get('schedule', 'constant')}ly to zero over the run." + how,
             "",
         ]
         soft = analyse_softmax(final)
@@ -691,10 +671,7 @@ def _render(
                 f"{interval(*soft.ci, signed_values=False)}).",
                 "",
             ]
-        if m.get("band"):
-            doc += band_section(every, out, m["band"], an)
-        else:
-            doc += lr_section(trials, out, m.get("lr_rule", "mean"), an.margin)
+        doc += band_section(every, out, band, an)
         for s in matched:
             doc += section(an, s, s.key.split(", ", 1)[1])
         kept = factorial.retrained_epochs(epochs, final)  # a factorial cell's curves at its chosen rate

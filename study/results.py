@@ -22,7 +22,6 @@ from mnist_bench.paths import DATASETS
 from .config import CHECKS as CHECK_NAMES
 from .config import (
     EXPERIMENTS,
-    LR_RULES,
     MAX_DEPTH,
     SHAPES,
     TRIAL_STATES,
@@ -33,6 +32,7 @@ from .config import (
     StudyConfig,
     Tuned,
     failed_run,
+    refuse_grid_design,
 )
 from .tables import CELL_COLUMNS
 
@@ -106,8 +106,6 @@ CHECKS = {
         "param_width": "count",
         "param_taper": "positive",
         "param_epochs": "count",
-        "grid_point": "index",
-        "replicate": "index",
         "tuning_seed": "whole",
     },
     "epochs": {
@@ -313,10 +311,10 @@ EXPERIMENT_CLASSES = {"recipe": Recipe, "matched": Matched, "tuned": Tuned}
 WRITTEN = {  # what write_tables adds to an experiment's stored settings (run budgets: null where none was stored)
     "depths": tuple[int, ...],
     "budgets": tuple[int, ...],
-    **dict.fromkeys(("n_trials", "seeds", "variant_seeds", "check_seeds", "thin_seeds"), int | None),
+    **dict.fromkeys(("n_trials", "seeds", "variant_seeds", "check_seeds"), int | None),
 }
 SEEDS_OF_THE_DRAW = ("split_seed", "tuning_seed", "sampler_seed")  # whole numbers that may be negative
-POSITIVE = ("lr", "width", "taper", "funnel", "variant_lr", "budgets", "constant_budgets", "thin_budgets")
+POSITIVE = ("lr", "width", "taper", "funnel", "variant_lr", "budgets", "constant_budgets", "band")
 PROGRESS = {"cell": str, "what": str, "done": int, "budget": int}  # an in_progress entry (tables.progress)
 PROGRESS_WHAT = ("tuning runs", "final runs")
 
@@ -411,8 +409,6 @@ def _check_fields(d: dict, cls, where: str, path: Path, extra: dict | None = Non
             raise UserError(f"{path}: {named} is {_shown(value)}, not a list of {', '.join(VARIANTS)}")
         elif key == "checks" and not set(value) <= set(CHECK_NAMES):
             raise UserError(f"{path}: {named} is {_shown(value)}, not a list of {', '.join(CHECK_NAMES)}")
-        elif key == "lr_rule" and value not in LR_RULES:
-            raise UserError(f"{path}: {named} is {_shown(value)}, not one of {', '.join(LR_RULES)}")
         if key in names:
             values[key] = jsonable_tuples(value)
     return values
@@ -481,9 +477,28 @@ def read_config(path: Path) -> tuple[dict, StudyConfig]:
         raise UserError(f"cannot read {path} ({os_error(e)})") from None
     if not isinstance(config, dict) or not isinstance(config.get("experiments", {}), dict):
         raise UserError(f"{path} is not a study's config.json (an object with 'experiments')")
+    refuse_grid_folder(config, path)
     if config.get("dataset", "mnist") not in DATASETS:
         raise UserError(f"{path}: unknown dataset {config.get('dataset')!r} (known: {', '.join(DATASETS)})")
     return config, study_config(config, path)
+
+
+def refuse_grid_folder(config, path: Path) -> None:
+    """One line for a config.json (`config`, as read from `path`) of the grid design: a matched experiment
+    without a band, which this version no longer reports."""
+    exps = config.get("experiments") if isinstance(config, dict) else None
+    if isinstance(exps, dict) and "matched" in exps:
+        refuse_grid_design("matched", exps["matched"], f"the study in {path.parent}")
+
+
+def refuse_grid_results(results: Path) -> None:
+    """One line for a results folder whose config.json is of the grid design; anything else wrong with the
+    file is left to read_config."""
+    try:
+        config = json.loads((results / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return
+    refuse_grid_folder(config, results / "config.json")
 
 
 # --- the files of one folder, against each other ---------------------------------------------------------
@@ -604,10 +619,9 @@ def _fit_epochs(
 def _fit_retrained(
     paths: dict[str, Path], cells: dict[str, list[Cell]], trials: pd.DataFrame, final: pd.DataFrame
 ) -> None:
-    """`retrained` marks the tuning trial a cell's final runs retrain (its best by the study's rule, the one
-    every worker retrains): at most one per cell and, where the cell has final runs, the trial their
-    `source_trial` names. A cell with tuning trials is its own chooser (the checks and thinned budgets, which
-    retrain another cell's choice, have no trials of their own)."""
+    """`retrained` marks the tuning trial a cell's final runs retrain (its best by validation, the one every worker
+    retrains): at most one per cell and, where the cell has final runs, the trial their `source_trial` names (only
+    a tuned search has tuning trials; a runner-up's runs retrain another on purpose)."""
     marked: dict[Cell, list[int]] = {}
     for cell, trial, flag in zip(cells["trials"], trials["trial"], trials["retrained"], strict=True):
         marked.setdefault(cell, [])
@@ -718,6 +732,7 @@ def load_results(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
     missing = [f for f in ("trials.csv", "epochs.csv", "final.csv") if not (results / f).is_file()]
     if missing:
         raise UsageError(f"{results} has no {missing[0]}: run python -m study.depth first, or pass --storage")
+    refuse_grid_results(results)  # before its tables are read: they hold what this version cannot read
     trials, epochs, final = (
         read_table(results / f"{k}.csv", REQUIRED[k], CHECKS[k]) for k in ("trials", "epochs", "final")
     )

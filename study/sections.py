@@ -13,7 +13,6 @@ from .analysis import (
     Analysis,
     matched_key,
 )
-from .config import LR_RULES
 from .design import (
     LATE_EPOCHS,
     WALL_BUDGET,
@@ -22,7 +21,6 @@ from .design import (
     caps_binding,
     checks,
     claims,
-    grid_margins,
     horizon_gains,
     late_gains,
     most_at_once,
@@ -179,71 +177,6 @@ def cell_name(r) -> str:
     return "softmax" if r.depth == 1 else matched_key(int(r.budget), r.shape).removeprefix("matched, ")
 
 
-def lr_section(trials: pd.DataFrame, out: Path, rule: str = "mean", margin: float | None = None) -> list[str]:
-    m = trials[(trials["experiment"] == "matched") & (trials["depth"] > 1)]
-    if m.empty:
-        return []
-    shape = m["shape"] if "shape" in m else pd.Series("funnel", index=m.index)
-    panels = [
-        (matched_key(int(b), sh).removeprefix("matched, "), g)
-        for (b, sh), g in m.assign(shape=shape).groupby(["budget", "shape"], sort=True)
-    ]
-    caption = figures.lr_figure(out / "lr.png", m, panels)
-    doc = ["![learning rates](lr.png)", "", caption, ""] if caption else []
-    # The table has every cell that chose its own rate, softmax (depth 1, no budget) included, as the
-    # replication's rule test counts them; the figure's panels are the hidden-layer budgets.
-    margins = grid_margins(trials[trials["experiment"] == "matched"], rule).sort_values(
-        ["budget", "shape", "depth"], na_position="first"
-    )
-    if margins.empty:
-        return doc
-    unstable = margins[margins["leads"].map(lambda x: bool(x) and min(x) <= 0)]
-    smoothed = rule != "mean"
-    score = "smoothed score" if smoothed else "mean validation accuracy"
-    rows = []
-    for r in margins.itertuples():
-        row = {
-            "cell": cell_name(r),
-            "depth": r.depth,
-            "chosen rate": f"{r.chosen:.3g}",
-            "runner-up": f"{r.runner_up:.3g}",
-            ("smoothed lead (points)" if smoothed else "lead (points)"): signed(r.lead),
-            "lead per tuning seed": ", ".join(signed(x) for x in r.leads) or "n/a",
-        }
-        if smoothed:
-            row["lead in mean (points)"] = signed(r.mean_lead)
-            row["below the best mean (points)"] = pts(r.price)
-        rows.append(row)
-    doc += [
-        f"Each cell's rate is {LR_RULES[rule]}. How far each choice leads its runner-up in {score}, and per tuning "
-        "seed (the same seed at every grid point, so the leads are paired): "
-        + (
-            "the chosen rate leads for every tuning seed of every cell."
-            if unstable.empty
-            else f"in {len(unstable)} of {len(margins)} cells a tuning seed prefers the runner-up, so the order of "
-            "the choice and its runner-up is within the seed noise (the runner-up check below retrains it)."
-        ),
-        "",
-    ]
-    if smoothed:
-        costly = margins[margins["price"] > margin / 2] if margin is not None else margins.iloc[:0]
-        doc += [
-            "A smoothed lead blends points up to two grid steps away and is smaller by construction: it is not "
-            "comparable with the margin. The runner-up is a neighbouring grid point, so the runner-up check asks "
-            "whether a contrast survives a quarter-decade change of rate. The choice's price is how far its mean "
-            f"falls below the grid's best mean: at most {pts(margins['price'].max())} points here"
-            + (
-                f"; above half the margin ({pts(margin / 2)} points) in "
-                + "; ".join(f"{cell_name(r)} depth {r.depth}" for r in costly.itertuples())
-                if not costly.empty
-                else (f", within half the margin ({pts(margin / 2)} points) in every cell" if margin else "")
-            )
-            + ".",
-            "",
-        ]
-    return doc + [md_table(pd.DataFrame(rows)), ""]
-
-
 def band_section(every: pd.DataFrame, out: Path, band: list[float], an: Analysis) -> list[str]:
     """The factorial's rates: the validation accuracy of every run against its rate (lr.png), and per cell the
     chosen rate, its lead over the runner-up, the seeds that prefer the runner-up, and the test accuracy at every
@@ -396,7 +329,7 @@ def checks_section(an: Analysis, final: pd.DataFrame, budget: int) -> list[str]:
         }
         for c in found
     ]
-    changed = [c for c in found if c.verdict in ("horizon-dependent", "rate-sensitive")]
+    changed = [c for c in found if c.verdict == "horizon-dependent"]
     blind = [
         c.change.detectable
         for c in found
@@ -409,19 +342,12 @@ def checks_section(an: Analysis, final: pd.DataFrame, budget: int) -> list[str]:
         if blind
         else ""
     )
-    runner_up = any(c.check == "runnerup" for c in found)
     return [
-        f"### Checks at {budget:,} parameters: twice the epochs"
-        + (", and the runner-up learning rate" if runner_up else ""),
+        f"### Checks at {budget:,} parameters: twice the epochs",
         "",
         "Depths 3, 4 and 5 of the funnel retrained at twice the epochs with the chosen learning rate (were the "
-        "epochs enough?)"
-        + (
-            " and at the runner-up rate of their grid (does the conclusion hang on the choice?)"
-            if runner_up
-            else " (the factorial trains every rate of its band: no runner-up check)"
-        )
-        + ", with the seeds the primary contrasts also ran. Whether a primary contrast changes is tested on its"
+        "epochs enough?) (the factorial trains every rate of its band: no runner-up check), with the seeds the "
+        "primary contrasts also ran. Whether a primary contrast changes is tested on its"
         " per-seed change (the check's difference minus the primary one, paired by seed), one Holm family "
         "over every check contrast: *horizon-dependent* or *rate-sensitive* when the change's interval "
         "excludes 0 or the direction flips; *holds* when two one-sided tests put the change inside the "

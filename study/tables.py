@@ -32,6 +32,7 @@ from .config import (
     failed_run,
     final_runs,
     parse_study_name,
+    refuse_grid_design,
     study_name,
 )
 from .coord import (
@@ -129,21 +130,16 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
     refuse_foreign(tune, made=True)  # another program's study, or one adopted by an older version: one line
     refuse_foreign(final)
     config = tune.user_attrs["config"]
+    refuse_grid_design(cell.experiment, config["experiment"], f"study {name!r} in this storage")
     tuning = tune.get_trials(deepcopy=False)
-    rule = config["experiment"].get("lr_rule", "mean")  # a grid's rule; studies stored before it: the mean
-    best = best_trial(tuning, rule=rule)
-    factorial = cell.experiment == "matched" and bool(config["experiment"].get("band"))
-    point = None  # a factorial check's band point: the one its base cell chooses now
-    if cell.experiment == "recipe" or factorial:
+    best = best_trial(tuning)
+    point = None  # a matched check's band point: the one its base cell chooses now
+    if cell.experiment == "tuned":
+        source = best.number if best else None
+    else:  # the recipe and the matched cells retrain no tuning trial
         source = FIXED
-        by = chooser(cell, config["experiment"])
-        if factorial and by != cell:
-            point = band_choice(load(storage, study_name(name, by, final=True)).get_trials(deepcopy=False), cell.place)
-    else:  # a matched check retrains its base cell's choice (or runner-up)
-        by = chooser(cell, config["experiment"])
-        base = tuning if by == cell else load(storage, study_name(name, by)).get_trials(deepcopy=False)
-        chosen = best_trial(base, cell.place, rule)
-        source = chosen.number if chosen else None
+        if (by := chooser(cell)) != cell:
+            point = band_choice(load(storage, study_name(name, by, final=True)).get_trials(deepcopy=False))
     places = {source: 0}  # a tuned cell also retrains its runners-up (Tuned.runners_up)
     if cell.experiment == "tuned":
         for place in range(1, int(config["experiment"].get("runners_up", 0)) + 1):
@@ -178,8 +174,6 @@ def study_tables(storage, name: str, cell: Cell) -> dict[str, pd.DataFrame]:
                 "state": state,
                 "retrained": best is not None and t.number == best.number,
                 **{f"param_{k}": v for k, v in t.params.items()},
-                "grid_point": t.user_attrs.get("grid"),
-                "replicate": t.user_attrs.get("replicate"),
                 "tuning_seed": t.user_attrs.get("tuning_seed"),
                 "val_accuracy": t.value if t.state == TrialState.COMPLETE else (vals[-1] if vals else None),
                 "val_correct": curve[-1]["val_correct"] if curve else None,  # of the last epoch, as val_accuracy
@@ -386,9 +380,7 @@ def write_tables(storage, name: str, cells, out: Path) -> dict[str, pd.DataFrame
         seeds = load(storage, study_name(name, cell, final=True)).user_attrs.get("seeds")
         if cell.variant:  # a recipe variant or a matched check: their own seed budgets
             exp["variant_seeds" if cell.experiment == "recipe" else "check_seeds"] = seeds
-        elif cell.budget is not None and cell.budget in exp.get("thin_budgets", []):
-            exp["thin_seeds"] = seeds
-        elif cell.experiment == "matched" and exp.get("band") and cell.depth not in NEIGHBOURHOOD:
+        elif cell.experiment == "matched" and cell.depth not in NEIGHBOURHOOD:
             exp["reference_seeds"] = seeds  # a factorial's secondary references
         else:
             exp["n_trials"] = tune.user_attrs.get("n_trials")

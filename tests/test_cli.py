@@ -172,6 +172,31 @@ def storage_with(tmp: Path, final: bool, name: str = "s.db") -> str:
     return url
 
 
+def grid_design_storage(tmp: Path) -> str:
+    """A storage of the smoke study as the grid design stored it: a matched cell's settings without a band (a grid of
+    learning rates and its rule instead), beside a tuned cell of the settings this version has."""
+    from study.config import PRESETS, Cell
+
+    url = storage_with(tmp, final=True, name="grid.db")
+    config = PRESETS["smoke"].identity(Cell("matched", 4, 242_762))
+    grid = {k: v for k, v in config["experiment"].items() if k != "band"}
+    config["experiment"] = {**grid, "lr": [0.0178, 0.316], "lr_points": 3, "replicates": 2, "lr_rule": "smoothed"}
+    for suffix in ("", "-final"):
+        study = optuna.create_study(
+            storage=url, study_name=f"smoke-matched-params242762-depth4{suffix}", direction="maximize"
+        )
+        study.set_user_attr("config", config)
+    return url
+
+
+def grid_design_results(tmp: Path) -> Path:
+    """A results folder whose config.json is the grid design's: a matched experiment without a band."""
+    from test_report import CONFIG
+
+    matched = {k: v for k, v in CONFIG["experiments"]["matched"].items() if k != "band"}
+    return with_config(tmp, {**CONFIG, "experiments": {**CONFIG["experiments"], "matched": matched}})
+
+
 def two_studies(tmp: Path) -> str:
     """A storage holding two depth studies, 'smoke' and 'other'."""
     url = storage_with(tmp, final=True)
@@ -301,9 +326,6 @@ CASES = {
     ),
     "depth-damaged-storage": Case(
         "study.depth", lambda t: [*TINY, "--storage", damaged_storage(t), "--out", str(t / "o")], 1, "is damaged"
-    ),
-    "depth-thin-budget-alone": Case(
-        "study.depth", ["--preset", "smoke", "--experiments", "matched", "--budgets", "60000"], 2, "add 242762"
     ),
     # Limits.
     "depth-huge-seeds": Case("study.depth", [*TINY, "--seeds", "1000000000"], 2, "1..1000"),
@@ -465,6 +487,16 @@ CASES = {
     ),
     "report-config-null-dataset": Case(
         "study.report", lambda t: ["--results", str(with_config(t, {"dataset": None}))], 1, "unknown dataset"
+    ),
+    # A study of the grid design (before the factorial): neither resumed nor reported, in one line.
+    "depth-grid-design-storage": Case(
+        "study.depth", lambda t: [*TINY, "--storage", grid_design_storage(t), "--out", str(t / "o")], 2, "grid design"
+    ),
+    "report-grid-design-storage": Case(
+        "study.report", lambda t: ["--storage", grid_design_storage(t), "--out", str(t / "r")], 2, "commit 88d9cef"
+    ),
+    "report-grid-design-results": Case(
+        "study.report", lambda t: ["--results", str(grid_design_results(t))], 2, "no longer runs or reports"
     ),
     "report-non-numeric-throughput": Case(
         "study.report", lambda t: ["--results", str(bad_throughput(t))], 1, "'samples_per_s'"

@@ -529,23 +529,28 @@ def test_a_pack_interrupted_mid_run_keeps_its_finished_runs_gives_the_rest_back_
     assert {t.user_attrs["seed"]: t.value for t in done} == by_seed  # packed or not, the same test accuracies
 
 
-def test_a_grid_is_claimed_a_replicate_at_a_time_and_split_among_a_commands_workers(tmp_path, small):
+def test_a_band_is_claimed_a_seed_at_a_time_and_split_among_a_commands_workers(tmp_path, small):
     from study.config import Matched, RunConfig, StudyConfig
-    from study.engine import Worker
+    from study.engine import Worker, band_key
 
     cfg = StudyConfig(
         name="g",
         experiments=("matched",),
-        matched=Matched(depths=(2,), budgets=(20_000,), constant_budgets=(), thin_budgets=(), checks=(), lr_points=3),
+        matched=Matched(depths=(3,), budgets=(20_000,), band=(0.03, 0.1, 0.3), seeds=4, checks=()),
     )
     run = RunConfig(storage=f"sqlite:///{tmp_path / 'g.db'}", out=tmp_path, pack=12, workers=2)
     w = Worker(cfg, run, {"split": small}, open_storage(run.storage, 10, GRACE), env={})
     cell = w.cells[0]
-    demand = w.tune_demand(cell)
-    assert w.tune_keys(cell, demand) == ["lr-grid0r0", "lr-grid1r0", "lr-grid2r0"]  # 6 runs, 2 workers: 3 each
-    w.ledgers[cell][0].claim("lr-grid0r0")
-    assert w.tune_keys(cell, demand) == ["lr-grid1r0", "lr-grid2r0"]  # never mixes replicates (seeds)
-    assert Worker.pack_size(w, 10) == 5 and Worker.pack_size(w, 40) == 12
+    assert w.tune_demand(cell) == {}  # nothing tuned apart: every rate of the band is a final run
+    demand, runs = w.final_demand(cell)
+    assert list(demand) == [band_key(p, s) for s in range(1, 5) for p in range(3)]  # seed-major
+    packs = []
+    w.final_pack = lambda c, claimed: packs.append(list(claimed))  # what the worker would train next
+    assert w.step() == "ran" and packs == [[band_key(p, 1) for p in range(3)]]  # one seed's rates: one batch order
+    for key in packs[0]:
+        w.ledgers[cell][1].claim(key)
+    assert w.step() == "ran" and packs[1] == [band_key(p, 2) for p in range(3)]  # never mixes seeds
+    assert Worker.pack_size(w, 10) == 5 and Worker.pack_size(w, 40) == 12  # 2 workers: half a budget each
 
 
 def test_a_runs_test_predictions_are_stored_as_a_string_and_read_back_exactly():

@@ -31,7 +31,6 @@ def small(name: str = "fact") -> object:
             depths=(1, 3, 4, 5),
             budgets=(60_000,),
             constant_budgets=(),
-            thin_budgets=(),
             band=BAND,
             seeds=SEEDS,
             epochs=2,

@@ -24,7 +24,7 @@ from study.results import load_results, read_config, read_throughput
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ("trials.csv", "epochs.csv", "final.csv", "superseded.csv", "config.json", "throughput.csv")
-COMMITTED = ("results", "results/fashion-mnist", "results/fashion-mnist/replicate")
+COMMITTED = ("results", "results/fashion-mnist")
 
 
 @pytest.fixture(scope="module")
@@ -261,9 +261,9 @@ def test_a_folder_without_config_json_is_refused_with_how_to_regenerate_it(resul
 
 
 BAD_CONFIGS = {
-    "experiments.matched.lr": (
-        lambda c: c["experiments"]["matched"].__setitem__("lr", "abc"),
-        "a list [number, number]",
+    "experiments.matched.band": (
+        lambda c: c["experiments"]["matched"].__setitem__("band", "abc"),
+        "a list of numbers",
     ),
     "experiments.matched.min_width": (
         lambda c: c["experiments"]["matched"].__setitem__("min_width", None),
@@ -288,9 +288,9 @@ BAD_CONFIGS = {
     ),
     "train_subset": (lambda c: c.__setitem__("train_subset", "abc"), "a whole number or null"),
     "in_progress": (lambda c: c.__setitem__("in_progress", "yes"), "not a list of objects"),
-    "experiments.matched.lr_rule": (
-        lambda c: c["experiments"]["matched"].__setitem__("lr_rule", "median"),
-        "not one of mean, smoothed",
+    "experiments.matched.checks": (
+        lambda c: c["experiments"]["matched"].__setitem__("checks", ["horizon", "runnerup"]),
+        "not a list of horizon",
     ),
     "experiments.recipe.depths": (
         lambda c: c["experiments"]["recipe"].__setitem__("depths", [1, 99]),
@@ -318,10 +318,21 @@ def test_the_report_command_refuses_a_mistyped_config_json(results: Path):
 def test_the_config_json_read_is_the_studys_own_config(finished: Path):
     """config.json builds the StudyConfig the study ran with: its cells and seeds are the committed study's."""
     config, cfg = read_config(finished / "config.json")
-    assert cfg.split_per_seed and cfg.matched.factorial and cfg.recipe.claims[0] == (1, 2, 0.9211)
+    assert cfg.split_per_seed and len(cfg.matched.band) == 5 and cfg.recipe.claims[0] == (1, 2, 0.9211)
     assert len(cfg.cells()) == len(pd.read_csv(finished / "final.csv").groupby(tables.CELL_COLUMNS, dropna=False))
     assert cfg.seeds(Cell("tuned", 4)) == 6 and cfg.n_trials(Cell("matched", 3, 242762)) == 0
     assert cfg.final_runs(Cell("matched", 3, 242762)) == 16 * 5 and cfg.final_runs(Cell("tuned", 4)) == 12
+
+
+def test_a_study_of_the_grid_design_is_refused_in_one_line_before_its_tables_are_read(results: Path):
+    """A matched experiment without a band is the grid design (before the factorial): refused as such, whatever its
+    tables hold (the old ones have a runner-up check this version cannot read), with the commit that reads it."""
+    edit_config(results, lambda c: c["experiments"]["matched"].pop("band"))
+    with pytest.raises(UsageError) as e:
+        report.main(["--results", str(results)])
+    message = str(e.value)
+    assert e.value.exit_code == 2 and "\n" not in message, message
+    assert "was stored by the grid design" in message and "use commit 88d9cef to read it" in message
 
 
 def test_a_resumed_study_reads_only_the_name_of_a_mistyped_config_json(results: Path):

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pandas as pd
 import pytest
@@ -22,8 +21,10 @@ from mnist_bench.data import MNIST
 from mnist_bench.errors import UsageError
 from study import depth as study_depth
 from study.config import (
+    EXPERIMENTS,
     PRESETS,
     Cell,
+    Matched,
     Recipe,
     RunConfig,
     SearchSpace,
@@ -240,66 +241,19 @@ def test_nothing_is_pruned_and_failed_trials_are_replaced_up_to_twice_the_budget
     assert len(done) - len(failed) == 3 or len(done) == 6
 
 
-def _frozen(number: int, value: float, grid: int | None = None, diverged: bool = False):
-    attrs = {"diverged": diverged} | ({"grid": grid} if grid is not None else {})
-    trial = create_trial(value=value, user_attrs=attrs, state=TrialState.COMPLETE)
+def _frozen(number: int, value: float, diverged: bool = False):
+    trial = create_trial(value=value, user_attrs={"diverged": diverged}, state=TrialState.COMPLETE)
     trial.number = number
     return trial
 
 
-def test_the_grid_choice_is_the_best_mean_over_replicates_and_the_runner_up_is_next():
+def test_a_search_retrains_its_best_trial_and_ranks_its_runners_up_next():
     from study.coord import best_trial, ranking
 
-    trials = [
-        _frozen(0, 0.970, grid=0),
-        _frozen(1, 0.980, grid=1),
-        _frozen(2, 0.975, grid=2),
-        _frozen(3, 0.972, grid=0),
-        _frozen(4, 0.960, grid=1),  # point 1: one lucky run, mean 0.970
-        _frozen(5, 0.976, grid=2),  # point 2: best mean 0.9755
-        _frozen(6, 0.0, grid=3, diverged=True),
-        _frozen(7, 0.0, grid=3, diverged=True),  # every run of point 3 diverged: out
-    ]
-    assert [t.number for t in ranking(trials)] == [2, 0, 1]
-    assert best_trial(trials).number == 2 and best_trial(trials, 1).number == 0
-    assert best_trial(trials[:2], 2) is None
-    # A search (no grid): the best value, ties to the earliest, diverged never retrained.
+    # The best value, ties to the earliest, diverged never retrained.
     search = [_frozen(0, 0.95), _frozen(1, 0.97), _frozen(2, 0.97), _frozen(3, 0.99, diverged=True)]
     assert [t.number for t in ranking(search)] == [1, 2, 0]
-
-
-def test_the_smoothed_rule_chooses_a_neighbourhood_not_a_lucky_point_and_is_part_of_the_identity():
-    from study.config import Cell, Matched, StudyConfig
-    from study.coord import ranking
-
-    trials = [
-        _frozen(0, 0.971, grid=0),
-        _frozen(1, 0.970, grid=1),
-        _frozen(2, 0.9755, grid=2),  # the best mean, next to a rate that diverges
-        _frozen(3, 0.0, grid=3, diverged=True),
-    ]
-    assert [t.number for t in ranking(trials, "mean")] == [2, 0, 1]
-    # smoothed: (0.971*3 + 0.970)/4, (0.971 + 2*0.970 + 0.9755)/4, (0.970 + 2*0.9755 + 0)/4; point 3 is out
-    assert [t.number for t in ranking(trials, "smoothed")] == [1, 0, 2]
-    with pytest.raises(UsageError, match="lr_rule must be one of mean, smoothed"):
-        Matched(lr_rule="median")
-    cell = Cell("matched", 4, 242_762)
-    a, b = (StudyConfig(matched=Matched(lr_rule=r)).identity(cell) for r in ("mean", "smoothed"))
-    assert a != b and b["experiment"]["lr_rule"] == "smoothed"
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_smoothed_grid_scores_are_scipys_nearest_padded_correlation(seed):
-    from scipy.ndimage import correlate1d
-
-    from study.config import grid_scores
-
-    means = np.random.default_rng(seed).uniform(0.9, 1.0, 6)
-    reference = correlate1d(means, np.array([1, 2, 1]) / 4, mode="nearest")
-    got = grid_scores(dict(enumerate(means)), "smoothed")
-    assert [got[i] for i in range(6)] == pytest.approx(reference.tolist(), abs=1e-12)
-    assert grid_scores({0: 0.9, 2: 0.8}, "smoothed") == pytest.approx({0: 0.9, 2: 0.8})  # no neighbour: itself
-    assert grid_scores(dict(enumerate(means)), "mean") == dict(enumerate(means))
+    assert best_trial(search).number == 1 and best_trial(search, 2).number == 0 and best_trial(search, 3) is None
 
 
 def _wait_for(db: Path, condition, timeout: float = 120):
@@ -494,11 +448,17 @@ def test_presets_share_the_documented_defaults():
     assert full.recipe.depths == (1, 2, 3, 4, 5, 6) and full.recipe.seeds >= 10 and full.recipe.variant_seeds >= 5
     # the factorial: depths 3-5 (and softmax, a reference) at every rate of one band, no grid, no thinned budget
     assert full.matched.budgets == (60_000, 242_762) and full.matched.depths == (1, 3, 4, 5)
-    assert full.matched.factorial and len(full.matched.band) >= 3 and full.matched.thin_budgets == ()
+    assert len(full.matched.band) >= 3 and full.matched.checks == ("horizon",) and Matched() == full.matched
     assert full.matched.seeds >= 14 and full.matched.min_width >= 16 and full.matched.check_seeds >= 4
+    with pytest.raises(UsageError, match="needs a band"):
+        Matched(band=())  # the factorial is the only matched design
     assert full.tuned.depths == (3, 4, 5) and full.tuned.n_trials >= 24 and full.tuned.space.max_epochs == 15
     assert full.tuned.space.width[1] == 1024 and full.tuned.space.min_width >= 16 and full.tuned.runners_up == 2
-    assert isinstance(PRESETS["smoke"], StudyConfig) and PRESETS["smoke"].train_subset == 2_000
+    smoke = PRESETS["smoke"]  # the same design, small: every experiment, a band of a few rates, the horizon check
+    assert isinstance(smoke, StudyConfig) and smoke.train_subset == 2_000 and smoke.experiments == EXPERIMENTS
+    assert 2 <= len(smoke.matched.band) <= 3 and smoke.matched.checks == ("horizon",) and smoke.matched.seeds <= 3
+    assert {c.variant for c in smoke.cells() if c.experiment == "matched"} == {"", "horizon"}
+    assert {c.shape for c in smoke.cells() if c.experiment == "matched"} == {"funnel", "constant"}
     quick = PRESETS["quick"]  # the first command: real data, the full study's recipe cells, read at 2 epochs
     assert quick.train_subset is None and quick.experiments == ("recipe",) and quick.recipe.epochs == 2
     assert quick.recipe.variants == ("momentum",) and quick.recipe.depths == (1, 3, 4, 5)
@@ -542,7 +502,7 @@ def test_presets_share_the_documented_defaults():
     assert full.final_runs(Cell("matched", 4, 242_762, variant="horizon")) == full.matched.check_seeds
     assert full.final_runs(Cell("tuned", 4)) == full.tuned.seeds + 2 * full.tuned.runner_up_seeds
     assert full.n_trials(Cell("matched", 4, 242_762)) == 0  # every rate is a final run
-    assert chooser(Cell("matched", 4, 242_762, variant="horizon"), settings["matched"]) == Cell("matched", 4, 242_762)
+    assert chooser(Cell("matched", 4, 242_762, variant="horizon")) == Cell("matched", 4, 242_762)
     assert full.final_split(3) == full.split_seed + 3 and PRESETS["smoke"].final_split(3) == PRESETS["smoke"].split_seed
     with pytest.raises(UsageError, match="tuning_seed"):
         dataclasses.replace(full, tuning_seed=1)  # a tuning run would be a final run's twin
@@ -581,7 +541,8 @@ def test_each_experiment_end_to_end_and_resumed(experiment: str, tmp_path: Path)
         done = trials[trials.state == "complete"]
         assert (done.val_correct / 2_000 == done.val_accuracy).all()  # smoke: a 2,000-image hold-out
     cells = final.groupby(CELL, dropna=False)
-    assert all(sorted(g.seed) == [1, 2] and g.source_trial.nunique() == 1 for _, g in cells)  # smoke: 2 per check
+    runs = final.groupby([*CELL, "band_point"], dropna=False)  # a matched cell: each rate of its band
+    assert all(sorted(g.seed) == [1, 2] and g.source_trial.nunique() == 1 for _, g in runs)  # smoke: 2 per check
     base = final[final.variant == ""]
     if experiment == "recipe":
         assert trials.empty and set(final.source_trial) == {-1} and set(base.param_lr) == {0.03}
@@ -594,29 +555,22 @@ def test_each_experiment_end_to_end_and_resumed(experiment: str, tmp_path: Path)
         z = change.loc[("standardised", 4, 1)]
         assert z.param_lr == 0.03 and z.momentum == 0.0 and z.test_accuracy != change.loc[("", 4, 1), "test_accuracy"]
     if experiment == "matched":
-        assert len(cells) == 5  # softmax, funnel and constant depth 3, its two checks
+        assert len(cells) == 4 and trials.empty  # softmax, funnel and constant depth 3, its horizon check: no tuning
         assert set(base[(base.depth == 3) & (base["shape"] == "funnel")].widths) == {"263-132"}
         assert set(base[(base.depth == 3) & (base["shape"] == "constant")].widths) == {"235-235"}
-        grid = trials[(trials.depth == 3) & (trials["shape"] == "funnel")]
-        assert len(grid) == 6 and sorted(grid.groupby("param_lr").size()) == [2, 2, 2]  # 3 points x 2 replicates
-        assert set(grid.state) == {"complete"} or "pruned" not in set(grid.state)
-        # The workers' rule (coord.ranking on the storage) and the tables' view of it (analysis.grid_order)
-        # agree: the retrained point, the chosen rate and the runner-up.
-        from study.analysis import grid_choices, grid_order
+        band = PRESETS["smoke"].matched.band
+        for _, g in base.groupby(CELL):  # every rate of the band with every seed
+            assert sorted(zip(g.band_point, g.seed)) == [(p, s) for p in range(len(band)) for s in (1, 2)]
+            assert sorted(set(g.param_lr)) == pytest.approx(sorted(band)) and set(g.param_epochs) == {3}
+        # The workers' choice (coord.band_choice on the storage) and the tables' (factorial.choices) agree: the
+        # horizon check retrains, for twice the epochs, the rate its base cell chose on validation.
+        from study import factorial
 
-        order = grid_order(grid.assign(grid_point=grid.grid_point.astype(int)), "smoothed")
-        lr = grid.groupby("grid_point").param_lr.first()
-        chosen = final[(final.depth == 3) & (final["shape"] == "funnel") & (final.variant == "")]
-        assert chosen.param_lr.iloc[0] == pytest.approx(lr[order.index[0]])
-        assert set(grid[grid.retrained.astype(bool)].grid_point) == {order.index[0]}
-        rates = grid_choices(pd.read_csv(tmp_path / "trials.csv"), "smoothed")
-        assert rates[(242762, "constant", 3)] == pytest.approx(
-            base[(base.depth == 3) & (base["shape"] == "constant")].param_lr.iloc[0]
-        )
+        funnel = base[(base.depth == 3) & (base["shape"] == "funnel")]
+        point = next(iter(factorial.choices(funnel).values()))
         horizon = final[final.variant == "horizon"]
-        runner = final[final.variant == "runnerup"]
-        assert set(horizon.param_lr) == set(chosen.param_lr) and set(horizon.param_epochs) == {6}
-        assert runner.param_lr.iloc[0] == pytest.approx(lr[order.index[1]]) and set(runner.param_epochs) == {3}
+        assert set(horizon.band_point) == {point} and set(horizon.param_epochs) == {6}
+        assert set(horizon.param_lr) == set(funnel[funnel.band_point == point].param_lr)
     if experiment == "tuned":
         assert meets_budget(budget_rows(tmp_path, 3), 3)
     # Resume: the same command adds nothing; more seeds add exactly the missing runs, old ones kept.
@@ -624,12 +578,14 @@ def test_each_experiment_end_to_end_and_resumed(experiment: str, tmp_path: Path)
     pd.testing.assert_frame_equal(final, pd.read_csv(tmp_path / "final.csv", keep_default_na=False))
     study_depth.main([*args, "--seeds", "3"])
     grown = pd.read_csv(tmp_path / "final.csv", keep_default_na=False)
-    assert len(grown) == len(final) + len(base) // 2  # declared cells grow; variants and checks keep their seeds
+    grows = base[base.depth != 1] if experiment == "matched" else base  # the softmax reference: reference_seeds
+    assert len(grown) == len(final) + len(grows) // 2  # declared cells grow; variants and checks keep their seeds
     # One experiment alone renders a report of what it ran (the recipe alone once died in the cost section).
     from study.report import render
 
     assert render(tmp_path).read_text().startswith("# Why four layers?")
-    kept = grown.merge(final[[*CELL, "seed", "test_accuracy"]], on=[*CELL, "seed"], suffixes=("", "_before"))
+    key = [*CELL, "band_point", "seed"]
+    kept = grown.merge(final[[*key, "test_accuracy"]], on=key, suffixes=("", "_before"))
     assert len(kept) == len(final) and (kept.test_accuracy == kept.test_accuracy_before).all()
 
 
