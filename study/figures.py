@@ -452,8 +452,9 @@ def packs_figure(path: Path, throughput: pd.DataFrame) -> str | None:
 
 
 def lr_figure(path: Path, trials: pd.DataFrame, panels: list[tuple[str, pd.DataFrame]]) -> str | None:
-    """Per matched setting, validation accuracy against the learning rate: every grid run a dot, each
-    depth's mean per grid point a line, the chosen rate a ring."""
+    """Per matched setting, validation accuracy against the learning rate: every run of the band a dot, each
+    depth's mean per rate a line, the chosen rate a ring. (The caption still words it as the grid design did:
+    the committed report prints it so.)"""
     panels = [(title, t) for title, t in panels if not t.empty]
     if not panels:
         return None
