@@ -420,7 +420,8 @@ PRESETS = {
         recipe=Recipe(depths=(1, 3, 4, 5), epochs=2, seeds=10, variants=("momentum",), variant_seeds=5),
     ),
     # Every experiment and check, small, on a 2k training subset: what the tests run end to end. The matched experiment
-    # is the full design's factorial with a band of two rates, both shapes at the text's budget and fewer seeds.
+    # is the full design's factorial with a band of three rates half a decade apart, both shapes at the text's budget
+    # and fewer seeds.
     "smoke": StudyConfig(
         name="smoke",
         train_subset=2_000,
@@ -428,7 +429,7 @@ PRESETS = {
         recipe=Recipe(epochs=3, seeds=3, variant_seeds=2),
         matched=Matched(
             constant_budgets=(SOURCE_PARAMS,),
-            band=(QUARTER_DECADES[-6], QUARTER_DECADES[-4]),
+            band=(QUARTER_DECADES[-6], QUARTER_DECADES[-4], QUARTER_DECADES[-2]),
             epochs=3,
             seeds=3,
             reference_seeds=2,
