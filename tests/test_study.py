@@ -434,6 +434,31 @@ def test_help():
     assert p.returncode == 0 and "--storage" in p.stdout and "--preset" in p.stdout
 
 
+def test_a_factorial_stored_with_the_grid_designs_settings_resumes_without_them(tmp_path: Path):
+    """The factorial studies stored before the grid design was removed (the committed MNIST study, Fashion-MNIST's
+    rerun) hold its settings (lr, lr_points, replicates, lr_rule, an empty thin_budgets), which chose nothing there:
+    they resume; a thinned budget, which changed the cells that ran, does not."""
+    from study.config import comparable
+    from study.engine import open_studies
+
+    cfg, cell = PRESETS["full"], Cell("matched", 4, 242_762)
+    now = cfg.identity(cell)
+    grid = {"lr": [0.0178, 0.316], "lr_points": 6, "replicates": 1, "lr_rule": "mean", "thin_budgets": []}
+    before = {**now, "experiment": {**now["experiment"], **grid}}
+    assert comparable(before) == now
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    for final in (False, True):
+        study = optuna.create_study(storage=url, study_name=study_name(cfg.name, cell, final), direction="maximize")
+        study.set_user_attr("config", before)
+    open_studies(open_storage(url), cfg, cell)  # resumes, and leaves the stored settings as they were
+    assert optuna.load_study(study_name=study_name(cfg.name, cell), storage=url).user_attrs["config"] == before
+    thinned = {**before, "experiment": {**before["experiment"], "thin_budgets": [1_000_000]}}
+    assert comparable(thinned) != now
+    optuna.load_study(study_name=study_name(cfg.name, cell), storage=url).set_user_attr("config", thinned)
+    with pytest.raises(StudyError, match="made with other settings \\(experiment, thin_budgets\\)"):
+        open_studies(open_storage(url), cfg, cell)
+
+
 def test_widths_taper_and_floor():
     space = SearchSpace()
     assert hidden_widths(4, 256, 0.5, space) == (256, 128, 64)
