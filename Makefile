@@ -44,7 +44,7 @@ throughput: $(VENV)/.installed  ## training-step throughput sweep into results/t
 	$(PY) -m mnist_bench.throughput
 
 # A study slice timed packed and unpacked, one after the other: the matched experiment at the text's budget
-# (242,762 parameters), depth 4, its full grid and seeds (both shapes and the checks), 2 workers. Appends
+# (242,762 parameters), depth 4, every rate of its band with every seed, and its horizon check, 2 workers. Appends
 # "pack,seconds,machine" rows to SLICE_OUT; the runs' tables go to runs/slice-pack<K>/ (ignored by git).
 SLICE_OUT ?= results/slice.csv
 SLICE_PACKS ?= 12 1
