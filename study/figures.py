@@ -483,9 +483,9 @@ def lr_figure(path: Path, trials: pd.DataFrame, panels: list[tuple[str, pd.DataF
         ax.legend(fontsize=7, loc="lower center")
     _save(plt, fig, path)
     return (
-        "The learning-rate choice of every matched cell: validation accuracy of every grid run (dots; each grid "
-        "point trained with more than one seed where the grid has replicates), each depth's mean per grid point "
-        "(line), the chosen rate ringed. Runs below the panel's floor are off the axis (see the state counts)."
+        "The learning-rate choice of every matched cell: validation accuracy of every run at every rate of the "
+        "band (dots: one per seed), each depth's mean per rate (line), the rate each depth chooses from all its "
+        "seeds ringed. Runs below the panel's floor are off the axis (see the state counts)."
     )
 
 

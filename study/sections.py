@@ -346,10 +346,10 @@ def checks_section(an: Analysis, final: pd.DataFrame, budget: int) -> list[str]:
         f"### Checks at {budget:,} parameters: twice the epochs",
         "",
         "Depths 3, 4 and 5 of the funnel retrained at twice the epochs with the chosen learning rate (were the "
-        "epochs enough?) (the factorial trains every rate of its band: no runner-up check), with the seeds the "
-        "primary contrasts also ran. Whether a primary contrast changes is tested on its"
+        "epochs enough?), with the seeds the primary contrasts also ran (the factorial trains every rate of its "
+        "band, so no check retrains another rate). Whether a primary contrast changes is tested on its"
         " per-seed change (the check's difference minus the primary one, paired by seed), one Holm family "
-        "over every check contrast: *horizon-dependent* or *rate-sensitive* when the change's interval "
+        "over every check contrast: *horizon-dependent* when the change's interval "
         "excludes 0 or the direction flips; *holds* when two one-sided tests put the change inside the "
         "margin; *uninformative* when the primary contrast is itself undecided; otherwise *unresolved*, with "
         "the change the check could have found (80% power). The other settings' contrasts are not checked "
@@ -358,7 +358,7 @@ def checks_section(an: Analysis, final: pd.DataFrame, budget: int) -> list[str]:
         md_table(pd.DataFrame(rows)),
         "",
         (
-            "No primary contrast at this budget changes detectably under either check."
+            "No primary contrast at this budget changes detectably under the check."
             if not changed
             else "Changes under a check: "
             + "; ".join(f"{c.base.setting}, depth {c.base.label} ({c.verdict})" for c in changed)
