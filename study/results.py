@@ -477,28 +477,22 @@ def read_config(path: Path) -> tuple[dict, StudyConfig]:
         raise UserError(f"cannot read {path} ({os_error(e)})") from None
     if not isinstance(config, dict) or not isinstance(config.get("experiments", {}), dict):
         raise UserError(f"{path} is not a study's config.json (an object with 'experiments')")
-    refuse_grid_folder(config, path)
     if config.get("dataset", "mnist") not in DATASETS:
         raise UserError(f"{path}: unknown dataset {config.get('dataset')!r} (known: {', '.join(DATASETS)})")
     return config, study_config(config, path)
 
 
-def refuse_grid_folder(config, path: Path) -> None:
-    """One line for a config.json (`config`, as read from `path`) of the grid design: a matched experiment
-    without a band, which this version no longer reports."""
-    exps = config.get("experiments") if isinstance(config, dict) else None
-    if isinstance(exps, dict) and "matched" in exps:
-        refuse_grid_design("matched", exps["matched"], f"the study in {path.parent}")
-
-
 def refuse_grid_results(results: Path) -> None:
-    """One line for a results folder whose config.json is of the grid design; anything else wrong with the
-    file is left to read_config."""
+    """One line for a results folder whose config.json is of the grid design (a matched experiment without a
+    band, which this version no longer reports); anything else wrong with the file is left to read_config,
+    which load_results calls after this."""
     try:
         config = json.loads((results / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return
-    refuse_grid_folder(config, results / "config.json")
+    exps = config.get("experiments") if isinstance(config, dict) else None
+    if isinstance(exps, dict) and "matched" in exps:
+        refuse_grid_design("matched", exps["matched"], f"the study in {results}")
 
 
 # --- the files of one folder, against each other ---------------------------------------------------------
