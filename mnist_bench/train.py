@@ -153,99 +153,112 @@ def shape_of(model: nn.Module) -> tuple[tuple[int, int], ...]:
     return tuple((m.in_features, m.out_features) for m in linears(model))
 
 
-def forward(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Logits (K, B, 10) of a pack whose weights are stacked transposed, (K, in, out), so every product and
-    its weight gradient is a plain batched product of contiguous blocks (no transposed copy per step).
-    `x` is (B, 784), one batch for every network, or (K, B, 784), a batch each."""
-    h = x.expand(len(weights[0]), *x.shape) if x.dim() == 2 else x
+def forward(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer's input (ReLU applied) and, last, the logits (K, B, 10) of a pack whose weights are stacked
+    transposed, (K, in, out), so every product and its weight gradient is a plain batched product of contiguous
+    blocks (no transposed copy per step). `x` is (B, 784), one batch for every network, or (K, B, 784), a batch
+    each."""
+    outputs = [x.expand(len(weights[0]), *x.shape) if x.dim() == 2 else x]
     for i, (w, b) in enumerate(zip(weights, biases)):
-        h = torch.baddbmm(b.unsqueeze(1), torch.relu(h) if i else h, w)
-    return h
+        z = torch.baddbmm(b.unsqueeze(1), outputs[-1], w)
+        outputs.append(z.relu_() if i < len(weights) - 1 else z)
+    return outputs
 
 
 class Pack:
-    """K networks of one shape as stacked leaf tensors, weights transposed, (K, in, out). SGD updates the
-    whole stack in a few elementwise operations, each network with its own step size, momentum and weight
-    decay broadcast along its slice (an element's arithmetic never depends on the pack); Adam runs torch's
-    own Adam on each network's slice. `step` is the unit the benchmarks time."""
+    """K networks of one shape as stacked tensors, weights transposed, (K, in, out). A step is one forward and
+    one hand-written backward for the whole pack (no autograd: the network is a fixed stack of linear layers
+    and ReLUs, so its gradient is three batched products a layer). SGD's update is fused into the weight
+    gradient's product: the product accumulates straight into the weights (plain SGD) or into the momentum
+    buffer (`baddbmm_`), so no gradient tensor is written and read back. Each network keeps its own step size;
+    an element's arithmetic never depends on the pack. Adam runs torch's own Adam on each network's slice.
+    `step` is the unit the benchmarks time."""
 
     def __init__(self, models: Sequence[nn.Module], configs: Sequence[TrainConfig], device: torch.device):
         if len({shape_of(m) for m in models}) != 1:
             raise UsageError("a pack trains networks of one shape")
-        if len({c.optimizer for c in configs}) != 1:
-            raise UsageError("the networks of a pack share their optimizer")
+        if len({(c.optimizer, c.momentum, c.weight_decay) for c in configs}) != 1:
+            raise UsageError("the networks of a pack share their optimizer, momentum and weight decay")
         layers = [linears(m) for m in models]
         depth = len(layers[0])
         with torch.no_grad():
             self.weights = [torch.stack([ls[i].weight.t() for ls in layers]).to(device) for i in range(depth)]
             self.biases = [torch.stack([ls[i].bias for ls in layers]).to(device) for i in range(depth)]
-        for p in self.parameters():
-            p.requires_grad_(True)
         self.configs = list(configs)
         self.device = device
-        self.momentum: list[torch.Tensor | None] = [None] * len(self.parameters())  # SGD buffers, stacked
+        first = self.configs[0]
+        self.momentum, self.weight_decay = first.momentum, first.weight_decay
+        # SGD with momentum or weight decay keeps a buffer per parameter (stacked): torch's momentum buffer,
+        # which with momentum 0 holds this step's gradient
+        self.buffers: list[torch.Tensor] | None = None
+        if first.optimizer == "sgd" and (self.momentum or self.weight_decay):
+            self.buffers = [torch.zeros_like(p) for p in self.parameters()]
         self.adam: list[dict] = [{} for _ in configs]  # Adam's state, one network at a time
-        self.constants()
 
     def parameters(self) -> list[torch.Tensor]:
         return [*self.weights, *self.biases]
 
+    @torch.no_grad()
     def step(self, x: torch.Tensor, y: torch.Tensor, lrs: Sequence[float]) -> torch.Tensor:
-        """One training step of every network: (K,) detached mean batch losses (no host sync). `x` is
-        (B, 784) with `y` (B,) for one shared batch, or (K, B, 784) with `y` (K, B); `lrs` the step sizes."""
-        logits = forward(self.weights, self.biases, x)
-        k, b = logits.shape[:2]
-        target = y.expand(k, b) if y.dim() == 1 else y
-        losses = F.cross_entropy(logits.reshape(k * b, -1), target.reshape(-1), reduction="none").view(k, b).mean(1)
-        for p in self.parameters():
-            p.grad = None
-        losses.sum().backward()  # each network's gradient is that of its own mean loss
-        with torch.no_grad():
-            if self.configs[0].optimizer == "sgd":
-                self.sgd(lrs)
+        """One training step of every network: (K,) mean batch losses (no host sync). `x` is (B, 784) with
+        `y` (B,) for one shared batch, or (K, B, 784) with `y` (K, B); `lrs` the step sizes.
+
+        The backward runs from the last layer down; each layer's upstream gradient is taken before that
+        layer's weights change, so the update is the one torch.optim.SGD/Adam makes after a full backward."""
+        k, depth = len(self.configs), len(self.weights)
+        inputs = forward(self.weights, self.biases, x)
+        logits = inputs.pop()
+        batch = logits.shape[1]
+        target = (y.expand(k, batch) if y.dim() == 1 else y).unsqueeze(2)
+        log_p = torch.log_softmax(logits, dim=2)
+        losses = log_p.gather(2, target).squeeze(2).mean(1).neg_()  # F.cross_entropy, one mean per network
+        grad = log_p.exp_().scatter_add_(2, target, torch.full_like(target, -1, dtype=log_p.dtype)).div_(batch)
+        rates = torch.tensor(lrs, dtype=logits.dtype, device=self.device).neg_().view(k, 1, 1)  # -lr each
+        uses_adam = self.configs[0].optimizer == "adam"
+        weight_grads: list[torch.Tensor] = [grad] * depth  # Adam's gradients, layer by layer
+        bias_grads: list[torch.Tensor] = [grad] * depth
+        for i in reversed(range(depth)):
+            a = inputs[i]
+            upstream = torch.bmm(grad, self.weights[i].transpose(1, 2)).mul_(a > 0) if i else grad
+            if uses_adam:
+                weight_grads[i], bias_grads[i] = torch.bmm(a.transpose(1, 2), grad), grad.sum(1)
             else:
-                for i, (config, state, lr) in enumerate(zip(self.configs, self.adam, lrs)):
-                    adam(config, state, [p[i] for p in self.parameters()], [p.grad[i] for p in self.parameters()], lr)
-        return losses.detach()
+                self.sgd(i, a, grad, rates)
+            grad = upstream
+        if uses_adam:
+            grads = [*weight_grads, *bias_grads]
+            for j, (config, state, lr) in enumerate(zip(self.configs, self.adam, lrs)):
+                adam(config, state, [p[j] for p in self.parameters()], [g[j] for g in grads], lr)
+        return losses
 
-    def per_network(self, values: Sequence[float]) -> dict[int, torch.Tensor]:
-        """{dimensions: (K, 1, ...) tensor} of one value per network, broadcastable against each parameter."""
-        column = torch.tensor(values, dtype=self.weights[0].dtype, device=self.device)
-        return {d: column.view(-1, *[1] * (d - 1)) for d in {p.dim() for p in self.parameters()}}
-
-    def constants(self) -> None:
-        """Each network's weight decay and momentum as broadcastable tensors (None where all are 0), made when
-        the pack's membership changes rather than at every step."""
-        decay, momentum = [c.weight_decay for c in self.configs], [c.momentum for c in self.configs]
-        self.decay = self.per_network(decay) if any(decay) else None
-        self.beta = self.per_network(momentum) if any(momentum) else None
-
-    def sgd(self, lrs: Sequence[float]) -> None:
-        """torch.optim.SGD's update (dampening 0, no Nesterov), every network with its own constants:
-        g = grad + wd * p; buf = g at the first step, else momentum * buf + g; p = p - lr * buf."""
-        step = self.per_network([-lr for lr in lrs])
-        for i, p in enumerate(self.parameters()):
-            g = p.grad
-            if self.decay is not None:
-                g = g.addcmul(p, self.decay[p.dim()])
-            if self.beta is not None:
-                if self.momentum[i] is None:
-                    self.momentum[i] = g.clone()
-                else:
-                    self.momentum[i].mul_(self.beta[p.dim()]).add_(g)
-                g = self.momentum[i]
-            p.addcmul_(g, step[p.dim()])
+    def sgd(self, i: int, a: torch.Tensor, grad: torch.Tensor, rates: torch.Tensor) -> None:
+        """torch.optim.SGD's update of layer `i` (dampening 0, no Nesterov) from its input `a` and the gradient
+        `grad` of the loss at its output: g = a^T grad + wd * p; buf = momentum * buf + g; p = p - lr * buf."""
+        w, b = self.weights[i], self.biases[i]
+        if self.buffers is None:  # plain SGD: p = p - lr * g, the product accumulating into the weights
+            step = grad * rates
+            w.baddbmm_(a.transpose(1, 2), step)
+            b.add_(step.sum(1))
+            return
+        w_buf, b_buf = self.buffers[i], self.buffers[len(self.weights) + i]
+        w_buf.baddbmm_(a.transpose(1, 2), grad, beta=self.momentum)
+        b_buf.mul_(self.momentum).add_(grad.sum(1))
+        if self.weight_decay:
+            w_buf.add_(w, alpha=self.weight_decay)
+            b_buf.add_(b, alpha=self.weight_decay)
+        w.addcmul_(w_buf, rates)
+        b.addcmul_(b_buf, rates.view(-1, 1))
 
     def keep(self, indices: Sequence[int]) -> None:
         """Drop every network but `indices` (in that order) from the pack."""
         index = torch.tensor(list(indices), device=self.device)
         with torch.no_grad():
-            self.weights = [w.index_select(0, index).requires_grad_(True) for w in self.weights]
-            self.biases = [b.index_select(0, index).requires_grad_(True) for b in self.biases]
-            self.momentum = [None if m is None else m.index_select(0, index) for m in self.momentum]
+            self.weights = [w.index_select(0, index) for w in self.weights]
+            self.biases = [b.index_select(0, index) for b in self.biases]
+            if self.buffers is not None:
+                self.buffers = [m.index_select(0, index) for m in self.buffers]
         self.configs = [self.configs[i] for i in indices]
         self.adam = [self.adam[i] for i in indices]
-        self.constants()
 
     @torch.no_grad()
     def evaluate(self, i: int, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Evaluation:
@@ -255,7 +268,7 @@ class Pack:
         loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
         predictions = []
         for j in range(0, len(x), batch_size):
-            logits = forward(weights, biases, x[j : j + batch_size])[0]
+            logits = forward(weights, biases, x[j : j + batch_size])[-1][0]
             loss_sum += F.cross_entropy(logits, y[j : j + batch_size], reduction="sum").double()
             predictions.append(logits.argmax(dim=1))
         predicted = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long, device=x.device)
@@ -320,11 +333,15 @@ def slices_compute_alone() -> bool:
             torch.randn(k, n, p, generator=g),
         )
         forward_all, gradient_all = torch.bmm(a, w), torch.bmm(a.transpose(1, 2), grad)
+        update_all = w.clone().baddbmm_(a.transpose(1, 2), grad, beta=0.9)  # the fused update
         for i in range(k):
             alone = a[i : i + 1].clone()  # a fresh allocation, as a network trained alone has
             if not torch.equal(forward_all[i], torch.bmm(alone, w[i : i + 1].clone())[0]):
                 return False
             if not torch.equal(gradient_all[i], torch.bmm(alone.transpose(1, 2), grad[i : i + 1].clone())[0]):
+                return False
+            update = w[i : i + 1].clone().baddbmm_(alone.transpose(1, 2), grad[i : i + 1], beta=0.9)
+            if not torch.equal(update_all[i], update[0]):
                 return False
     return True
 

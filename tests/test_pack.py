@@ -60,6 +60,23 @@ def test_separate_batch_pack_of_seeds_is_bit_identical_to_training_alone(small, 
     assert not torch.equal(results[0].test_predictions, results[1].test_predictions)  # they are different runs
 
 
+@pytest.mark.parametrize("size, shared", [(3, True), (7, False)])
+def test_plain_sgd_packs_are_pack_invariant_too(small, size, shared):
+    """The text's recipe (no momentum, no decay, constant rate): the update accumulates straight into the
+    weights, through the same products."""
+    recipe = TrainConfig(lr=0.2, epochs=2, batch_size=50, seed=5)
+    (alone_model,), (alone_result,) = run([recipe], small)
+    if shared:
+        configs = [dataclasses.replace(recipe, lr=r) for r in (0.1, 0.2, 0.4)[:size]]
+    else:
+        configs = [dataclasses.replace(recipe, seed=s) for s in (11, 5, *range(20, 20 + size - 2))]
+    models, results = run(configs, small)
+    assert all(r.pack == size for r in results)
+    same_run(alone_model, alone_result, models[1], results[1])
+    assert results[0].test_loss != results[1].test_loss  # they are different runs
+    assert results[1].test_accuracy > 0.5
+
+
 def test_a_pack_of_one_is_the_single_network_trainer(small, alone):
     model = mlp(WIDTHS)
     result = train(model, small, BASE)
@@ -114,6 +131,8 @@ def test_networks_of_a_pack_may_train_on_their_own_splits(small, alone):
         ([mlp((8,)), mlp((9,))], [BASE, BASE], "one shape"),
         ([mlp((8,)), mlp((8,))], [BASE, dataclasses.replace(BASE, batch_size=64)], "batch size"),
         ([mlp((8,)), mlp((8,))], [BASE, dataclasses.replace(BASE, optimizer="adam")], "optimizer"),
+        ([mlp((8,)), mlp((8,))], [BASE, dataclasses.replace(BASE, momentum=0.5)], "momentum"),
+        ([mlp((8,)), mlp((8,))], [BASE, dataclasses.replace(BASE, weight_decay=0.0)], "weight decay"),
         ([mlp((8,))], [BASE, BASE], "one config"),
     ],
 )
