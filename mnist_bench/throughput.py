@@ -381,11 +381,12 @@ def profile(
             step()
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm"))
+    products = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::baddbmm_")  # the step's: batched
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in products)
     return (
         events.table(sort_by="self_cpu_time_total", row_limit=12)
         + f"\nmlp{depth}, batch {batch_size}, {threads} thread(s): {total / steps / 1e3:.3f} ms profiled per step, "
-        f"of which matrix products (aten::mm, aten::addmm) {matmul / steps / 1e3:.3f} ms = {matmul / total:.0%}"
+        f"of which matrix products ({', '.join(products)}) {matmul / steps / 1e3:.3f} ms = {matmul / total:.0%}"
     )
 
 

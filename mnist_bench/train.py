@@ -1,19 +1,24 @@
 """The one trainer every part of mnist-bench uses: explicit configs in, result objects out.
 
 It trains a *pack* of K networks of one shape in one pass (K = 1 is a pack of one: there is no other
-training loop). Each network keeps its own config: seed (initialisation and batch order), learning
-rate, momentum, weight decay, schedule and epochs. The pack's weights are stacked, layer by layer,
-into (K, in, out) tensors; a step is one forward and one backward for the whole pack, every layer one
-batched product (`torch.baddbmm`): networks with one batch order (one seed's band of learning rates) read
-one batch per step, networks with their own orders (one rate's seeds) gather one each.
+training loop). Each network keeps its own config: seed (initialisation and batch order), learning rate,
+schedule and epochs; optimizer, momentum and weight decay are the pack's. The pack's weights are
+stacked, layer by layer, into (K, in, out) tensors; a step is one forward and one backward for the whole
+pack, every layer one batched product (`torch.baddbmm`): networks with one batch order (one seed's band
+of learning rates) read one batch per step, networks with their own orders (one rate's seeds) gather one
+each.
 
-Every network's update is torch.optim.SGD's arithmetic on its slice of the stack, with its own step
-size (Adam: torch's own Adam, slice by slice), so its arithmetic does not depend on its pack: on the
-CPU a network's weights, epoch metrics and test predictions are bit-identical alone or in any pack
-(tests/test_pack.py). That needs a BLAS whose products do not depend on where a slice sits in memory:
-MKL in its strict reproducibility mode (MKL_CBWR, set by `mnist_bench` before the first product), which
-`slices_compute_alone` checks once per process; where it fails, a pack trains one network at a time.
-On CUDA other pack sizes may pick other kernels: the same pack reproduces, another may differ in rounding.
+A step has no autograd: the network is a fixed stack of linear layers and ReLUs, so the backward is
+written out, three batched products a layer, and SGD's update is fused into the weight gradient's
+product (it accumulates straight into the weights, or into the momentum buffer), so no gradient tensor
+is written and read back. Every network's update is torch.optim.SGD's (Adam: torch's own Adam, slice by
+slice) up to float32 rounding, with its own step size. An element's arithmetic does not depend on its
+pack, so on the CPU a network's weights, epoch metrics and test predictions are bit-identical alone or
+in any pack (tests/test_pack.py). That needs a BLAS whose products do not depend on where a slice sits
+in memory: MKL in its strict reproducibility mode (MKL_CBWR, set by `mnist_bench` before the first
+product), which `slices_compute_alone` checks once per process; where it fails, a pack trains one
+network at a time. On CUDA other pack sizes may pick other kernels: the same pack reproduces, another
+may differ in rounding.
 Measured in results/throughput.csv (`python -m mnist_bench.throughput`).
 
 The trainer never sees argparse or Optuna objects. A study reports and prunes through `on_epoch`,
