@@ -13,6 +13,7 @@ records what came back.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import faulthandler
@@ -135,6 +136,16 @@ def data_of(data: dict[str, MNIST | Source], cell: Cell) -> MNIST:
 
 
 BAND_KEY = "rate"  # + band point + "-seed" + seed: a factorial cell's final run
+
+
+def one_seeds_rates(keys: list[str], runs: dict[str, Run]) -> list[str]:
+    """A factorial cell's next pack: the first seed's rates (one batch order and hold-out) when it has several
+    open, else the open seeds that have one run each (a check's chosen rate: each seed its own order)."""
+    by_seed = collections.Counter(runs[k].seed for k in keys)
+    first = runs[keys[0]].seed
+    if by_seed[first] > 1:
+        return [k for k in keys if runs[k].seed == first]
+    return [k for k in keys if by_seed[runs[k].seed] == 1]
 
 
 def band_key(point: int, seed: int) -> str:
@@ -347,7 +358,7 @@ class Worker:
             if keys := final.open_keys(demand, self.pack_size(len(demand))):
                 first = runs[keys[0]]
                 if first.point is not None:  # a factorial: one seed's rates, one batch order and hold-out
-                    keys = [k for k in keys if runs[k].seed == first.seed]
+                    keys = one_seeds_rates(keys, runs)
                 keys = [k for k in keys if runs[k].source == first.source]  # one configuration: one shape
                 self.final_pack(cell, {k: runs[k] for k in keys})
                 return "ran"
