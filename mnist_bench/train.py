@@ -170,6 +170,12 @@ def forward(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], x: 
     return outputs
 
 
+def relu_backward(grad: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """The gradient through a ReLU from its output: `grad` where the output is positive, else 0 (the kernel
+    autograd runs for it: one pass, no float copy of a mask)."""
+    return torch.ops.aten.threshold_backward(grad, output, 0.0)
+
+
 class Pack:
     """K networks of one shape as stacked tensors, weights transposed, (K, in, out). A step is one forward and
     one hand-written backward for the whole pack (no autograd: the network is a fixed stack of linear layers
@@ -224,7 +230,7 @@ class Pack:
         bias_grads: list[torch.Tensor] = [grad] * depth
         for i in reversed(range(depth)):
             a = inputs[i]
-            upstream = torch.bmm(grad, self.weights[i].transpose(1, 2)).mul_(a > 0) if i else grad
+            upstream = relu_backward(torch.bmm(grad, self.weights[i].transpose(1, 2)), a) if i else grad
             if uses_adam:
                 weight_grads[i], bias_grads[i] = torch.bmm(a.transpose(1, 2), grad), grad.sum(1)
             else:
