@@ -295,7 +295,23 @@ def sweep(
                 )
             if packs:
                 rows += pack_rows(data, device, threads, timing, peak, packs, log)
+            settle_peak(rows, device, threads, timing, peak, log)
     return pd.DataFrame(rows)
+
+
+def settle_peak(
+    rows: list[dict], device: torch.device, threads: int, timing: Timing, before: float, log: Callable[[str], None]
+) -> None:
+    """Measure the setting's peak again after its rows and keep the larger of the two for all of them: a ceiling
+    is best estimated by its fastest measurement, and a peak timed at a moment the shared machine was busy
+    would otherwise put every fraction of that setting above the truth (or above 1)."""
+    after = peak_gflops(device, timing)
+    peak = max(before, after)
+    if after > before:
+        log(f"{device.type} {threads} thread(s): float32 matmul peak {after:.1f} GFLOP/s after the rows (kept)")
+    for r in rows:
+        if r["device"] == device.type and r["threads"] == threads:
+            r["peak_gflops"], r["fraction_of_peak"] = peak, r["gflops"] / peak
 
 
 def pack_rows(
