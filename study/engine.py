@@ -13,7 +13,6 @@ records what came back.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import faulthandler
@@ -139,13 +138,13 @@ BAND_KEY = "rate"  # + band point + "-seed" + seed: a factorial cell's final run
 
 
 def one_seeds_rates(keys: list[str], runs: dict[str, Run]) -> list[str]:
-    """A factorial cell's next pack: the first seed's rates (one batch order and hold-out) when it has several
-    open, else the open seeds that have one run each (a check's chosen rate: each seed its own order)."""
-    by_seed = collections.Counter(runs[k].seed for k in keys)
-    first = runs[keys[0]].seed
-    if by_seed[first] > 1:
+    """A factorial cell's next pack from the claim window `keys`: in a band cell (several rates per seed), the
+    first seed's rates, which share its batch order and hold-out; in a check cell (one chosen rate at every
+    seed), the whole window, each seed with its own order. `runs` is every run of the cell."""
+    if len({r.point for r in runs.values()}) > 1:
+        first = runs[keys[0]].seed
         return [k for k in keys if runs[k].seed == first]
-    return [k for k in keys if by_seed[runs[k].seed] == 1]
+    return keys
 
 
 def band_key(point: int, seed: int) -> str:

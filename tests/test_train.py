@@ -109,9 +109,11 @@ def test_the_linear_schedule_decays_from_the_peak_to_zero_step_by_step():
     [
         TrainConfig(lr=0.1, epochs=2, batch_size=50, seed=3),
         TrainConfig(lr=0.05, momentum=0.9, weight_decay=1e-3, schedule="linear", epochs=2, batch_size=50, seed=3),
+        TrainConfig(lr=0.05, momentum=0.9, epochs=2, batch_size=50, seed=3),
+        TrainConfig(lr=0.1, weight_decay=1e-3, epochs=2, batch_size=50, seed=3),
         TrainConfig(lr=0.003, optimizer="adam", weight_decay=1e-3, epochs=1, batch_size=50, seed=3),
     ],
-    ids=["sgd", "momentum-decay-linear", "adam"],
+    ids=["sgd", "momentum-decay-linear", "momentum", "decay", "adam"],
 )
 def test_the_trainer_does_what_torch_optim_and_lambdalr_do(small, config):
     """The stacked update is torch.optim.SGD/Adam with LambdaLR's linear decay: a module trained the textbook
