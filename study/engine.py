@@ -137,7 +137,7 @@ def data_of(data: dict[str, MNIST | Source], cell: Cell) -> MNIST:
 BAND_KEY = "rate"  # + band point + "-seed" + seed: a factorial cell's final run
 
 
-def one_seeds_rates(keys: list[str], runs: dict[str, Run]) -> list[str]:
+def factorial_pack(keys: list[str], runs: dict[str, Run]) -> list[str]:
     """A factorial cell's next pack from the claim window `keys`: in a band cell (several rates per seed), the
     first seed's rates, which share its batch order and hold-out; in a check cell (one chosen rate at every
     seed), the whole window, each seed with its own order. `runs` is every run of the cell."""
@@ -357,7 +357,7 @@ class Worker:
             if keys := final.open_keys(demand, self.pack_size(len(demand))):
                 first = runs[keys[0]]
                 if first.point is not None:  # a factorial: one seed's rates, one batch order and hold-out
-                    keys = one_seeds_rates(keys, runs)
+                    keys = factorial_pack(keys, runs)
                 keys = [k for k in keys if runs[k].source == first.source]  # one configuration: one shape
                 self.final_pack(cell, {k: runs[k] for k in keys})
                 return "ran"

@@ -553,18 +553,18 @@ def test_a_band_is_claimed_a_seed_at_a_time_and_split_among_a_commands_workers(t
     assert Worker.pack_size(w, 10) == 5 and Worker.pack_size(w, 40) == 12  # 2 workers: half a budget each
 
 
-def test_a_band_cell_packs_one_seeds_rates_and_a_check_cell_its_seeds():
+def test_a_band_cell_packs_factorial_pack_and_a_check_cell_its_seeds():
     """A band cell packs one seed's rates (one batch order); a check retrains one chosen rate per seed, so
     its seeds pack together, each with its own order, instead of one network at a time."""
-    from study.engine import Run, band_key, one_seeds_rates
+    from study.engine import Run, band_key, factorial_pack
 
     band = {band_key(p, s): Run(seed=s, source=-1, point=p) for s in (1, 2, 3) for p in range(3)}
-    assert one_seeds_rates(list(band)[:3], band) == [band_key(p, 1) for p in range(3)]
+    assert factorial_pack(list(band)[:3], band) == [band_key(p, 1) for p in range(3)]
     window = [band_key(2, 1), *[band_key(p, 2) for p in range(3)], band_key(0, 3)]  # a window cut mid-seed
-    assert one_seeds_rates(window, band) == [band_key(2, 1)]  # never another seed's rates beside it
-    assert one_seeds_rates(window[1:], band) == [band_key(p, 2) for p in range(3)]
+    assert factorial_pack(window, band) == [band_key(2, 1)]  # never another seed's rates beside it
+    assert factorial_pack(window[1:], band) == [band_key(p, 2) for p in range(3)]
     check = {band_key(2, s): Run(seed=s, source=-1, point=2) for s in range(1, 7)}
-    assert one_seeds_rates(list(check)[:4], check) == list(check)[:4]
+    assert factorial_pack(list(check)[:4], check) == list(check)[:4]
 
 
 def test_a_runs_test_predictions_are_stored_as_a_string_and_read_back_exactly():
